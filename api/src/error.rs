@@ -1,0 +1,94 @@
+//! THE mapping from failures to HTTP answers. Every error body is JSON `{"error": "..."}`;
+//! 5xx bodies never carry internals (those go to the log).
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use shared::broker::BrokerError;
+use shared::domain::ValidationError;
+use shared::storage::StorageError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(&'static str),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error(transparent)]
+    Validation(#[from] ValidationError),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    LengthRequired(&'static str),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    NotImplemented(&'static str),
+    /// The broker did not durably queue the command.
+    #[error("broker: {0}")]
+    Broker(#[from] BrokerError),
+    #[error("database: {0}")]
+    Storage(#[from] StorageError),
+    /// The worker did not answer in time.
+    #[error("the worker did not answer in time")]
+    ReplyTimeout,
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::BadRequest(_) | ApiError::Validation(_) => StatusCode::BAD_REQUEST,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::LengthRequired(_) => StatusCode::LENGTH_REQUIRED,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            ApiError::Broker(_) | ApiError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::ReplyTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// What the client may read. Server-side failures get a fixed sentence.
+    fn public_message(&self) -> String {
+        match self {
+            ApiError::Broker(_) => {
+                "The service cannot queue commands right now; retry later".into()
+            }
+            ApiError::Storage(_) => {
+                "The service cannot reach its database right now; retry later".into()
+            }
+            ApiError::ReplyTimeout => {
+                "The command was queued but not applied in time; retry with the same request".into()
+            }
+            ApiError::Internal(_) => "Internal error".into(),
+            other => other.to_string(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::warn!(error = %self, %status, "request failed");
+            if let ApiError::Broker(error) = &self {
+                metrics::counter!("sessions_api_publish_failures_total", "reason" => error.reason())
+                    .increment(1);
+            }
+        }
+        (
+            status,
+            axum::Json(json!({ "error": self.public_message() })),
+        )
+            .into_response()
+    }
+}

@@ -1,0 +1,128 @@
+//! The api: speaks HTTP, authenticates, validates, turns requests into commands and publishes
+//! them; serves reads straight from the database. It never writes stream state itself.
+//!
+//! - [`routes`]: THE list of routes and their handlers.
+//! - [`auth`]: who is calling.
+//! - [`error`]: THE mapping from failures to statuses and JSON bodies.
+//! - [`publisher`]: group commit to the partition queues, confirms, replies.
+//!
+//! [`Application::build`] binds the listener (port 0 works, for tests) and connects the
+//! database; the broker connects lazily and reconnects on demand, so the api starts (and
+//! answers 503 on writes) while the broker is down.
+
+pub mod auth;
+pub mod error;
+pub mod publisher;
+pub mod routes;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use shared::broker::{BrokerConfig, BrokerLink, BrokerNames};
+use shared::cache::Cache;
+use shared::config::Settings;
+use shared::storage::Store;
+use tokio::net::TcpListener;
+
+use publisher::Publisher;
+
+/// What every handler can reach.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub store: Store,
+    pub publisher: Arc<Publisher>,
+    pub cache: Arc<Cache>,
+}
+
+/// Why the api could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot bind SESSIONS_HTTP_ADDR: {0}")]
+    Bind(std::io::Error),
+    #[error(transparent)]
+    Storage(#[from] shared::storage::StorageError),
+    #[error(transparent)]
+    Cache(#[from] shared::cache::CacheError),
+}
+
+/// A built api: bound, connected, not yet serving.
+#[derive(Debug)]
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        let listener = TcpListener::bind(settings.http_addr)
+            .await
+            .map_err(StartError::Bind)?;
+        let store = Store::connect(&settings.database_url, settings.db_max_connections).await?;
+        let cache = Arc::new(Cache::new(&settings.redis_url, &settings.redis_prefix)?);
+        let instance = uuid::Uuid::now_v7().simple().to_string();
+        let names = BrokerNames {
+            prefix: settings.broker_prefix.clone(),
+            partitions: settings.partitions,
+        };
+        let reply_queue = names.reply_queue(&instance);
+        let (reply_sink, replies) = tokio::sync::mpsc::unbounded_channel();
+        let link = Arc::new(BrokerLink::new(
+            BrokerConfig {
+                url: settings.amqp_url.clone(),
+                names,
+                delivery_limit: settings.delivery_limit,
+                queue_expires: settings.queue_expires,
+                confirm_timeout: settings.confirm_timeout,
+                connection_name: format!("api-{instance}"),
+            },
+            Some((reply_queue.clone(), reply_sink)),
+        ));
+        if let Err(error) = link.ensure_connected().await {
+            tracing::warn!(%error, "broker not reachable yet; writes answer 503 until it is");
+        }
+        let publisher = Arc::new(Publisher::start(
+            link,
+            reply_queue,
+            replies,
+            settings.publish_batch_max,
+            settings.reply_timeout,
+        ));
+        Ok(Self {
+            listener,
+            state: AppState {
+                settings: Arc::new(settings),
+                store,
+                publisher,
+                cache,
+            },
+        })
+    }
+
+    /// The bound address (the real port when configured with port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests finish.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let link = self.state.publisher.clone();
+        let router = routes::router(self.state);
+        tracing::info!(addr = %self.listener.local_addr()?, "api listening");
+        let served = axum::serve(self.listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await;
+        link.link().close().await;
+        served
+    }
+}

@@ -1,0 +1,144 @@
+//! `sessions-api`: the HTTP server, and the admin CLI.
+//!
+//! ```text
+//! sessions-api                                   serve HTTP on SESSIONS_HTTP_ADDR
+//! sessions-api admin create-environment --project <slug> --environment <slug>
+//! ```
+
+use std::process::ExitCode;
+
+use serde_json::json;
+use shared::config::Settings;
+use shared::storage::Store;
+
+const USAGE: &str = "usage:\n  sessions-api\n  sessions-api admin create-environment --project <slug> --environment <slug>";
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    shared::telemetry::init_logging();
+    let settings = match Settings::from_env() {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("sessions-api: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let arguments: Vec<String> = std::env::args().skip(1).collect();
+    match arguments.first().map(String::as_str) {
+        None => serve(settings).await,
+        Some("admin") => admin(settings, &arguments[1..]).await,
+        Some(_) => {
+            eprintln!("{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn serve(settings: Settings) -> ExitCode {
+    shared::telemetry::prometheus();
+    let application = match api::Application::build(settings).await {
+        Ok(application) => application,
+        Err(error) => {
+            eprintln!("sessions-api: cannot start: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    eprintln!(
+        "sessions-api listening on http://{}",
+        application.local_addr()
+    );
+    match application.run_until_stopped(shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("sessions-api: server error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A slug: 1–64 characters of `[a-z0-9-]`.
+fn slug<'a>(flag: &str, value: Option<&'a String>) -> Result<&'a str, String> {
+    let value = value.ok_or_else(|| format!("{flag} is required"))?;
+    let valid = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if valid {
+        Ok(value)
+    } else {
+        Err(format!("{flag} must be 1–64 characters of [a-z0-9-]"))
+    }
+}
+
+fn flag_value<'a>(arguments: &'a [String], flag: &str) -> Option<&'a String> {
+    arguments
+        .iter()
+        .position(|argument| argument == flag)
+        .and_then(|index| arguments.get(index + 1))
+}
+
+async fn admin(settings: Settings, arguments: &[String]) -> ExitCode {
+    if arguments.first().map(String::as_str) != Some("create-environment") {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    }
+    let (project, environment) = match (
+        slug("--project", flag_value(arguments, "--project")),
+        slug("--environment", flag_value(arguments, "--environment")),
+    ) {
+        (Ok(project), Ok(environment)) => (project, environment),
+        (Err(error), _) | (_, Err(error)) => {
+            eprintln!("sessions-api admin: {error}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let store = match Store::connect(&settings.database_url, 2).await {
+        Ok(store) => store,
+        Err(error) => {
+            eprintln!("sessions-api admin: cannot open the database: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match store.create_environment(project, environment).await {
+        Ok(created) => {
+            println!(
+                "{}",
+                json!({
+                    "project": project,
+                    "environment": environment,
+                    "environmentId": created.environment.public_id,
+                    "created": created.secret_key.is_some(),
+                    "secretKey": created.secret_key,
+                })
+            );
+            if created.secret_key.is_none() {
+                eprintln!(
+                    "the environment already existed; its secret key was shown when it was created"
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("sessions-api admin: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(_) => {
+                let _ = interrupt.await;
+                return;
+            }
+        };
+    tokio::select! {
+        _ = interrupt => {}
+        _ = terminate.recv() => {}
+    }
+    tracing::info!("shutdown requested; finishing in-flight requests");
+}

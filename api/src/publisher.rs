@@ -1,0 +1,215 @@
+//! Command → partition → broker, with group commit, confirms and replies.
+//!
+//! Each partition has one task and one queue of pending commands. The task takes everything
+//! that is waiting (up to `SESSIONS_PUBLISH_BATCH_MAX` commands or 4 MiB), publishes it as ONE
+//! broker message, waits for the publisher confirm, and only then answers every request in the
+//! batch. While a publish is in flight new commands accumulate, so batches grow with load
+//! without any timer. Order within a partition is the order commands were queued.
+//!
+//! Commands that need the worker's result register a waiter under their command id before they
+//! are published; the reply listener completes it when the worker's reply arrives.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use shared::broker::{BrokerError, BrokerLink};
+use shared::commands::{Command, Envelope, Outcome, Reply};
+use shared::domain::partition::partition_of;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use crate::error::ApiError;
+
+/// Largest payload of one batched broker message (a single larger command still goes alone).
+const MAX_BATCH_BYTES: usize = 4 << 20;
+/// Commands waiting per partition before submitters wait (backpressure).
+const PARTITION_QUEUE_CAPACITY: usize = 4_096;
+
+/// Why a batch was not durably queued, shared by every request in it.
+#[derive(Clone, Debug)]
+struct PublishFailure {
+    reason: &'static str,
+    message: String,
+}
+
+struct Pending {
+    command: Command,
+    done: oneshot::Sender<Result<(), PublishFailure>>,
+}
+
+type Waiters = Arc<Mutex<HashMap<Uuid, oneshot::Sender<Outcome>>>>;
+
+/// Publishes commands to their session's partition.
+pub struct Publisher {
+    partitions: Vec<mpsc::Sender<Pending>>,
+    waiters: Waiters,
+    reply_timeout: Duration,
+    link: Arc<BrokerLink>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("partitions", &self.partitions.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Publisher {
+    /// Starts one task per partition and the reply listener. `replies` receives the payloads of
+    /// this instance's reply queue (named `reply_queue`).
+    pub fn start(
+        link: Arc<BrokerLink>,
+        reply_queue: String,
+        replies: mpsc::UnboundedReceiver<Vec<u8>>,
+        publish_batch_max: usize,
+        reply_timeout: Duration,
+    ) -> Self {
+        let partition_count = link.names().partitions;
+        let mut partitions = Vec::with_capacity(usize::from(partition_count));
+        for partition in 0..partition_count {
+            let (sender, receiver) = mpsc::channel(PARTITION_QUEUE_CAPACITY);
+            partitions.push(sender);
+            tokio::spawn(publish_partition(
+                link.clone(),
+                partition,
+                receiver,
+                publish_batch_max,
+                reply_queue.clone(),
+            ));
+        }
+        let waiters: Waiters = Arc::default();
+        tokio::spawn(listen_for_replies(replies, waiters.clone()));
+        Self {
+            partitions,
+            waiters,
+            reply_timeout,
+            link,
+        }
+    }
+
+    pub fn link(&self) -> &BrokerLink {
+        &self.link
+    }
+
+    /// Publishes `command` and returns once the broker confirmed the message that carries it.
+    pub async fn submit(&self, command: Command) -> Result<(), ApiError> {
+        let partition = partition_of(command.session_id, self.link.names().partitions);
+        let sender = self
+            .partitions
+            .get(usize::from(partition))
+            .ok_or_else(|| ApiError::Internal(format!("no publisher for partition {partition}")))?;
+        let (done, confirmed) = oneshot::channel();
+        sender
+            .send(Pending { command, done })
+            .await
+            .map_err(|_| ApiError::Internal("publisher stopped".into()))?;
+        match confirmed.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(failure)) => Err(ApiError::Broker(BrokerError::Unavailable(format!(
+                "{}: {}",
+                failure.reason, failure.message
+            )))),
+            Err(_) => Err(ApiError::Internal("publisher dropped a command".into())),
+        }
+    }
+
+    /// Publishes `command` (marked as wanting a reply) and waits for the worker's outcome.
+    pub async fn submit_and_wait(&self, mut command: Command) -> Result<Outcome, ApiError> {
+        command.wants_reply = true;
+        let command_id = command.id;
+        let (reply_sender, reply) = oneshot::channel();
+        self.lock_waiters().insert(command_id, reply_sender);
+        let result = async {
+            self.submit(command).await?;
+            match tokio::time::timeout(self.reply_timeout, reply).await {
+                Ok(Ok(outcome)) => Ok(outcome),
+                Ok(Err(_)) | Err(_) => Err(ApiError::ReplyTimeout),
+            }
+        }
+        .await;
+        self.lock_waiters().remove(&command_id);
+        result
+    }
+
+    fn lock_waiters(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, oneshot::Sender<Outcome>>> {
+        // A poisoned lock only means another request panicked mid-insert; the map is still valid.
+        self.waiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+async fn publish_partition(
+    link: Arc<BrokerLink>,
+    partition: u16,
+    mut receiver: mpsc::Receiver<Pending>,
+    publish_batch_max: usize,
+    reply_queue: String,
+) {
+    while let Some(first) = receiver.recv().await {
+        let mut bytes = first.command_size();
+        let mut batch = vec![first];
+        while batch.len() < publish_batch_max && bytes < MAX_BATCH_BYTES {
+            match receiver.try_recv() {
+                Ok(next) => {
+                    bytes += next.command_size();
+                    batch.push(next);
+                }
+                Err(_) => break,
+            }
+        }
+        let wants_reply = batch.iter().any(|pending| pending.command.wants_reply);
+        let (commands, done): (Vec<Command>, Vec<_>) = batch
+            .into_iter()
+            .map(|pending| (pending.command, pending.done))
+            .unzip();
+        let count = commands.len();
+        let payload = Envelope::new(commands).encode();
+        let started = Instant::now();
+        let result = link
+            .publish_commands(
+                partition,
+                &Uuid::now_v7().to_string(),
+                wants_reply.then_some(reply_queue.as_str()),
+                &payload,
+            )
+            .await
+            .map_err(|error| PublishFailure {
+                reason: error.reason(),
+                message: error.to_string(),
+            });
+        metrics::histogram!("sessions_api_publish_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("sessions_api_publish_batch_size").record(count as f64);
+        for done in done {
+            let _ = done.send(result.clone());
+        }
+    }
+}
+
+impl Pending {
+    fn command_size(&self) -> usize {
+        match &self.command.body {
+            shared::commands::CommandBody::Append(append) => append.body.len() + 256,
+            _ => 1024,
+        }
+    }
+}
+
+async fn listen_for_replies(mut replies: mpsc::UnboundedReceiver<Vec<u8>>, waiters: Waiters) {
+    while let Some(payload) = replies.recv().await {
+        let Ok(replies) = serde_json::from_slice::<Vec<Reply>>(&payload) else {
+            tracing::warn!("ignoring an unreadable reply message");
+            continue;
+        };
+        let mut waiters = waiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for reply in replies {
+            if let Some(waiter) = waiters.remove(&reply.command_id) {
+                let _ = waiter.send(reply.outcome);
+            }
+        }
+    }
+}

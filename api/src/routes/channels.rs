@@ -1,0 +1,167 @@
+//! The channel routes: append (`POST …/{io}/append`) and records (`GET …/{io}/records`).
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, header};
+use chrono::Utc;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use shared::commands::{AppendCommand, Command, CommandBody};
+use shared::domain::session::{SessionState, session_state};
+use shared::domain::{Io, SessionAddress, validation};
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::auth::SecretKeyCaller;
+use crate::error::ApiError;
+
+/// Most records one `records` response carries; callers page with `afterEventId`.
+const MAX_RECORDS_PER_RESPONSE: u64 = 10_000;
+
+fn parse_path(
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<(SessionAddress, Io), ApiError> {
+    let Path((segment, io)) =
+        path.map_err(|error| ApiError::BadRequest(format!("Invalid path: {error}")))?;
+    let io: Io = io
+        .parse()
+        .map_err(|error: shared::domain::channel::UnknownIo| {
+            ApiError::BadRequest(error.to_string())
+        })?;
+    validation::session_segment(&segment)?;
+    Ok((SessionAddress::parse(&segment), io))
+}
+
+/// The declared body length; appends must declare it (411) and stay within the limit (413).
+fn declared_length(headers: &HeaderMap, limit: usize) -> Result<usize, ApiError> {
+    let length = headers
+        .get(header::CONTENT_LENGTH)
+        .ok_or(ApiError::LengthRequired(
+            "content-length header is required",
+        ))?
+        .to_str()
+        .ok()
+        .and_then(|value| value.trim().parse::<usize>().ok())
+        .ok_or_else(|| ApiError::BadRequest("content-length header is invalid".into()))?;
+    if length > limit {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "Request body is {length} bytes; the limit is {limit}"
+        )));
+    }
+    Ok(length)
+}
+
+fn part_id(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("x-part-id") else {
+        return Ok(None);
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| ApiError::BadRequest("X-Part-Id: must be visible ASCII".into()))?;
+    validation::part_id(value)?;
+    Ok(Some(value.to_owned()))
+}
+
+/// Appends raw text to a channel; answers once the command is durably queued.
+pub async fn append(
+    State(state): State<AppState>,
+    caller: SecretKeyCaller,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let (address, io) = parse_path(path)?;
+    let limit = state.settings.max_append_bytes;
+    declared_length(&headers, limit)?;
+    let part_id = part_id(&headers)?;
+    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        ApiError::PayloadTooLarge(format!("Request body exceeds the limit of {limit} bytes"))
+    })?;
+    let text = String::from_utf8(bytes.to_vec())
+        .map_err(|_| ApiError::BadRequest("Body must be UTF-8 text".into()))?;
+    let session = state
+        .store
+        .find_session(caller.environment.id, &address)
+        .await?
+        .ok_or(ApiError::NotFound("Session not found"))?;
+    let accepted_at = Utc::now();
+    match session_state(session.closed_at, session.expires_at, accepted_at) {
+        SessionState::Closed => return Err(ApiError::BadRequest("Session is closed".into())),
+        SessionState::Expired => return Err(ApiError::BadRequest("Session has expired".into())),
+        SessionState::Open => {}
+    }
+    let command = Command {
+        id: Uuid::now_v7(),
+        environment_id: caller.environment.id,
+        session_id: session.id,
+        accepted_at,
+        wants_reply: false,
+        body: CommandBody::Append(AppendCommand {
+            io,
+            part_id,
+            body: text,
+        }),
+    };
+    state.publisher.submit(command).await?;
+    metrics::counter!("sessions_api_appends_accepted_total", "io" => io.as_str()).increment(1);
+    Ok(Json(json!({ "ok": true })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RecordsQuery {
+    after_event_id: Option<String>,
+}
+
+/// Records of a channel after `afterEventId`, in order.
+pub async fn records(
+    State(state): State<AppState>,
+    caller: SecretKeyCaller,
+    path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<RecordsQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let (address, io) = parse_path(path)?;
+    let Query(query) =
+        query.map_err(|error| ApiError::BadRequest(format!("Invalid query: {error}")))?;
+    let after =
+        match query.after_event_id.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(value) => Some(value.parse::<i64>().ok().filter(|n| *n >= -1).ok_or_else(
+                || ApiError::BadRequest("afterEventId: must be an integer ≥ -1".into()),
+            )?),
+        };
+    let Some(session) = state
+        .store
+        .find_session(caller.environment.id, &address)
+        .await?
+    else {
+        return match address {
+            // A session known only by externalId with no row yet has no records.
+            SessionAddress::ExternalId(_) => Ok(Json(json!({ "records": [] }))),
+            SessionAddress::FriendlyId(_) => Err(ApiError::NotFound("Session not found")),
+        };
+    };
+    let rows = state
+        .store
+        .list_records(
+            caller.environment.id,
+            session.id,
+            io,
+            after,
+            MAX_RECORDS_PER_RESPONSE,
+        )
+        .await?;
+    let records: Vec<Value> = rows
+        .into_iter()
+        .map(|row| {
+            json!({
+                "data": row.body,
+                "id": row.part_id.unwrap_or_default(),
+                "seqNum": row.seq_num,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "records": records })))
+}

@@ -1,0 +1,74 @@
+//! THE list of routes. Handlers live in the sibling modules; every one of them authenticates
+//! before it reads or writes anything.
+
+mod channels;
+mod health;
+mod sessions;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderName, Method, header};
+use axum::routing::{get, post};
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::AppState;
+use crate::error::ApiError;
+
+pub fn router(state: AppState) -> Router {
+    let max_json_bytes = state.settings.max_json_bytes;
+    Router::new()
+        .route("/healthz", get(health::healthz))
+        .route("/readyz", get(health::readyz))
+        .route("/metrics", get(health::metrics))
+        .route("/api/v1/sessions", post(sessions::create))
+        .route("/api/v1/sessions/{session}/close", post(sessions::close))
+        .route(
+            "/realtime/v1/sessions/{session}/{io}/append",
+            // The append route enforces its own limit from content-length, before reading.
+            post(channels::append).layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/realtime/v1/sessions/{session}/{io}/records",
+            get(channels::records),
+        )
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_json_bytes))
+        .layer(cors())
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("No such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::BadRequest("Method not allowed on this route".into())
+}
+
+/// Browsers call these routes directly: any origin, the methods and headers the client uses.
+fn cors() -> CorsLayer {
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::any())
+        .allow_methods([
+            Method::GET,
+            Method::HEAD,
+            Method::POST,
+            Method::PUT,
+            Method::PATCH,
+            Method::OPTIONS,
+        ])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("x-part-id"),
+            HeaderName::from_static("last-event-id"),
+            HeaderName::from_static("timeout-seconds"),
+            HeaderName::from_static("prefer"),
+        ])
+        .expose_headers([
+            header::CONTENT_TYPE,
+            HeaderName::from_static("x-stream-version"),
+            header::RETRY_AFTER,
+        ])
+}

@@ -1,0 +1,224 @@
+//! `POST /api/v1/sessions` (create or return) and `POST /api/v1/sessions/{session}/close`.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use shared::commands::{CloseSessionCommand, Command, CommandBody, CreateSessionCommand, Outcome};
+use shared::domain::ids::{self, RUN_PREFIX, SESSION_PREFIX};
+use shared::domain::session::SessionItem;
+use shared::domain::tokens::{PublicTokenClaims, mint_public_token, session_token_scopes};
+use shared::domain::{SessionAddress, validation};
+use uuid::Uuid;
+
+use crate::AppState;
+use crate::auth::SecretKeyCaller;
+use crate::error::ApiError;
+
+/// Lifetime of the token returned by create.
+const SESSION_TOKEN_SECONDS: i64 = 3600;
+
+/// `expiresAt` as the client sends it: an ISO date string or epoch milliseconds.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum DateInput {
+    Text(String),
+    Millis(i64),
+}
+
+impl DateInput {
+    fn parse(&self) -> Result<DateTime<Utc>, ApiError> {
+        let parsed = match self {
+            DateInput::Text(text) => DateTime::parse_from_rfc3339(text)
+                .map(|date| date.with_timezone(&Utc))
+                .ok(),
+            DateInput::Millis(millis) => DateTime::from_timestamp_millis(*millis),
+        };
+        parsed.ok_or_else(|| {
+            ApiError::BadRequest("expiresAt: must be an ISO 8601 date or epoch milliseconds".into())
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CreateSessionBody {
+    #[serde(rename = "type")]
+    session_type: String,
+    external_id: Option<String>,
+    task_identifier: String,
+    trigger_config: serde_json::Map<String, Value>,
+    tags: Option<Vec<String>>,
+    metadata: Option<serde_json::Map<String, Value>>,
+    expires_at: Option<DateInput>,
+}
+
+/// Parses a JSON body with a 400 that says what is wrong.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|error| ApiError::BadRequest(format!("Invalid JSON body: {error}")))
+}
+
+/// Validates the `:session` segment and classifies it.
+pub(crate) fn session_address(
+    path: Result<Path<String>, PathRejection>,
+) -> Result<SessionAddress, ApiError> {
+    let Path(segment) =
+        path.map_err(|error| ApiError::BadRequest(format!("Invalid path: {error}")))?;
+    validation::session_segment(&segment)?;
+    Ok(SessionAddress::parse(&segment))
+}
+
+fn created_response(
+    state: &AppState,
+    caller: &SecretKeyCaller,
+    session: &SessionItem,
+    run_friendly_id: &str,
+    cached: bool,
+) -> Result<Response, ApiError> {
+    let now = Utc::now().timestamp();
+    let claims = PublicTokenClaims {
+        iss: state.settings.jwt_issuer.clone(),
+        aud: state.settings.jwt_audience.clone(),
+        sub: caller.environment.public_id.clone(),
+        public: true,
+        scopes: session_token_scopes(session.addressing_key()),
+        iat: now,
+        exp: now + SESSION_TOKEN_SECONDS,
+    };
+    let token = mint_public_token(&claims, &caller.secret_key)
+        .map_err(|error| ApiError::Internal(format!("token minting failed: {error}")))?;
+    let mut body =
+        serde_json::to_value(session).map_err(|error| ApiError::Internal(error.to_string()))?;
+    if let Value::Object(fields) = &mut body {
+        fields.insert("runId".into(), json!(run_friendly_id));
+        fields.insert("publicAccessToken".into(), json!(token));
+        fields.insert("isCached".into(), json!(cached));
+    }
+    let status = if cached {
+        StatusCode::OK
+    } else {
+        StatusCode::CREATED
+    };
+    Ok((status, Json(body)).into_response())
+}
+
+/// Create-or-return by `(environment, externalId)`.
+pub async fn create(
+    State(state): State<AppState>,
+    caller: SecretKeyCaller,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let body: CreateSessionBody = parse_json(&body)?;
+    validation::session_type(&body.session_type)?;
+    validation::task_identifier(&body.task_identifier)?;
+    let tags = body.tags.unwrap_or_default();
+    validation::tags(&tags)?;
+    if !body
+        .trigger_config
+        .get("basePayload")
+        .is_some_and(Value::is_object)
+    {
+        return Err(ApiError::BadRequest(
+            "triggerConfig.basePayload: must be an object".into(),
+        ));
+    }
+    let external_id = body
+        .external_id
+        .as_deref()
+        .map(validation::external_id)
+        .transpose()?;
+    let accepted_at = Utc::now();
+    let expires_at = body.expires_at.as_ref().map(DateInput::parse).transpose()?;
+    if expires_at.is_some_and(|expiry| expiry <= accepted_at) {
+        return Err(ApiError::Conflict("expiresAt is in the past".into()));
+    }
+    let environment_id = caller.environment.id;
+    let session_id = match &external_id {
+        Some(external_id) => ids::session_id_for_external_id(environment_id, external_id),
+        None => Uuid::now_v7(),
+    };
+    let command = Command {
+        id: Uuid::now_v7(),
+        environment_id,
+        session_id,
+        accepted_at,
+        wants_reply: true,
+        body: CommandBody::CreateSession(Box::new(CreateSessionCommand {
+            friendly_id: ids::new_friendly_id(SESSION_PREFIX),
+            environment_public_id: caller.environment.public_id.clone(),
+            external_id,
+            session_type: body.session_type,
+            task_identifier: body.task_identifier,
+            trigger_config: Value::Object(body.trigger_config),
+            tags,
+            metadata: body.metadata.map(Value::Object),
+            expires_at,
+            run_id: Uuid::now_v7(),
+            run_friendly_id: ids::new_friendly_id(RUN_PREFIX),
+        })),
+    };
+    match state.publisher.submit_and_wait(command).await? {
+        Outcome::SessionCreated {
+            session,
+            run_friendly_id,
+            cached,
+        } => created_response(&state, &caller, &session, &run_friendly_id, cached),
+        Outcome::SessionClosed => Err(ApiError::Conflict("Session is closed".into())),
+        Outcome::SessionExpired => Err(ApiError::Conflict("expiresAt is in the past".into())),
+        other => Err(ApiError::Internal(format!(
+            "unexpected create outcome {other:?}"
+        ))),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CloseSessionBody {
+    reason: Option<String>,
+}
+
+/// Closes a session. Idempotent: closing a closed session returns it unchanged.
+pub async fn close(
+    State(state): State<AppState>,
+    caller: SecretKeyCaller,
+    path: Result<Path<String>, PathRejection>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let address = session_address(path)?;
+    let body: CloseSessionBody = if body.is_empty() {
+        CloseSessionBody::default()
+    } else {
+        parse_json(&body)?
+    };
+    if let Some(reason) = &body.reason {
+        validation::close_reason(reason)?;
+    }
+    let session = state
+        .store
+        .find_session(caller.environment.id, &address)
+        .await?
+        .ok_or(ApiError::NotFound("Session not found"))?;
+    let command = Command {
+        id: Uuid::now_v7(),
+        environment_id: caller.environment.id,
+        session_id: session.id,
+        accepted_at: Utc::now(),
+        wants_reply: true,
+        body: CommandBody::CloseSession(CloseSessionCommand {
+            reason: body.reason,
+        }),
+    };
+    match state.publisher.submit_and_wait(command).await? {
+        Outcome::SessionClosedNow { session } => Ok(Json(session).into_response()),
+        Outcome::SessionNotFound => Err(ApiError::NotFound("Session not found")),
+        other => Err(ApiError::Internal(format!(
+            "unexpected close outcome {other:?}"
+        ))),
+    }
+}

@@ -1,0 +1,612 @@
+//! The RabbitMQ adapter: the only module that names `lapin`.
+//!
+//! - [`BrokerNames`]: every exchange and queue name of a deployment, from one prefix.
+//! - [`BrokerLink`]: a connection that is rebuilt on demand, with a confirm-mode channel for
+//!   publishing commands, events, replies and dead letters (each publish awaits its confirm
+//!   under a timeout), and an optional reply queue whose messages are forwarded to a channel.
+//! - [`consume_partitions`]: one channel per partition, prefetch 1, deliveries forwarded as
+//!   [`Incoming`] values that the worker acks or dead-letters.
+//!
+//! Topology (declared idempotently by every process at connect): a direct exchange
+//! `<prefix>.commands` routing to `P` quorum queues `<prefix>.p<NNN>` (single active consumer,
+//! delivery limit, dead-lettering to the quorum queue `<prefix>.dead`), and a topic exchange
+//! `<prefix>.events` for runners.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
+use tokio::sync::{Mutex, mpsc};
+
+/// Names of everything a deployment declares on the broker.
+#[derive(Clone, Debug)]
+pub struct BrokerNames {
+    pub prefix: String,
+    pub partitions: u16,
+}
+
+impl BrokerNames {
+    pub fn commands_exchange(&self) -> String {
+        format!("{}.commands", self.prefix)
+    }
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+    pub fn partition_queue(&self, partition: u16) -> String {
+        format!("{}.p{partition:03}", self.prefix)
+    }
+    pub fn dead_letter_queue(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+    pub fn reply_queue(&self, instance: &str) -> String {
+        format!("{}.reply.{instance}", self.prefix)
+    }
+}
+
+/// What a broker operation can fail with. All of them mean "not durably queued".
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    #[error("publisher confirm timed out")]
+    ConfirmTimeout,
+    #[error("broker refused the message (nack)")]
+    Nacked,
+    #[error("message was unroutable (returned)")]
+    Unroutable,
+}
+
+impl From<lapin::Error> for BrokerError {
+    fn from(error: lapin::Error) -> Self {
+        BrokerError::Unavailable(error.to_string())
+    }
+}
+
+impl BrokerError {
+    /// A low-cardinality label for metrics.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            BrokerError::Unavailable(_) => "unavailable",
+            BrokerError::ConfirmTimeout => "confirm_timeout",
+            BrokerError::Nacked => "nacked",
+            BrokerError::Unroutable => "unroutable",
+        }
+    }
+}
+
+/// How to reach and shape the broker.
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    pub url: String,
+    pub names: BrokerNames,
+    pub delivery_limit: u32,
+    pub queue_expires: Option<Duration>,
+    pub confirm_timeout: Duration,
+    /// Shown in the broker's connection list.
+    pub connection_name: String,
+}
+
+fn quorum_arguments() -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    arguments
+}
+
+fn expires_argument(arguments: &mut FieldTable, expires: Option<Duration>) {
+    if let Some(expires) = expires {
+        let millis = i64::try_from(expires.as_millis()).unwrap_or(i64::MAX);
+        arguments.insert("x-expires".into(), AMQPValue::LongLongInt(millis));
+    }
+}
+
+/// Declares the whole topology. Idempotent; every process calls it when it connects.
+async fn declare_topology(channel: &Channel, config: &BrokerConfig) -> Result<(), BrokerError> {
+    let names = &config.names;
+    let durable = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    let mut dead_arguments = quorum_arguments();
+    expires_argument(&mut dead_arguments, config.queue_expires);
+    channel
+        .queue_declare(names.dead_letter_queue().into(), durable, dead_arguments)
+        .await?;
+    let durable_exchange = ExchangeDeclareOptions {
+        durable: true,
+        ..ExchangeDeclareOptions::default()
+    };
+    channel
+        .exchange_declare(
+            names.commands_exchange().into(),
+            ExchangeKind::Direct,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .exchange_declare(
+            names.events_exchange().into(),
+            ExchangeKind::Topic,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
+    for partition in 0..names.partitions {
+        let queue = names.partition_queue(partition);
+        let mut arguments = quorum_arguments();
+        arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        arguments.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(i32::try_from(config.delivery_limit).unwrap_or(i32::MAX)),
+        );
+        arguments.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        arguments.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(names.dead_letter_queue().as_str().into()),
+        );
+        expires_argument(&mut arguments, config.queue_expires);
+        channel
+            .queue_declare(queue.as_str().into(), durable, arguments)
+            .await?;
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                names.commands_exchange().into(),
+                queue.as_str().into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+    }
+    Ok(())
+}
+
+async fn connect(config: &BrokerConfig) -> Result<Connection, BrokerError> {
+    let properties = ConnectionProperties::default()
+        .with_connection_name(config.connection_name.as_str().into());
+    let connection = tokio::time::timeout(
+        Duration::from_secs(5),
+        Connection::connect(&config.url, properties),
+    )
+    .await
+    .map_err(|_| BrokerError::Unavailable("connect timed out".into()))??;
+    Ok(connection)
+}
+
+/// Where the messages of a reply queue go.
+type ReplySink = mpsc::UnboundedSender<Vec<u8>>;
+
+struct Live {
+    connection: Connection,
+    channel: Channel,
+}
+
+/// A connection to the broker that is rebuilt on demand, with a confirm-mode publishing channel.
+pub struct BrokerLink {
+    config: BrokerConfig,
+    reply_queue: Option<(String, ReplySink)>,
+    live: Mutex<Option<Arc<Live>>>,
+}
+
+impl std::fmt::Debug for BrokerLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerLink")
+            .field("names", &self.config.names)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Properties of every persistent message.
+fn persistent(message_id: Option<&str>) -> BasicProperties {
+    let properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into());
+    match message_id {
+        Some(id) => properties.with_message_id(id.into()),
+        None => properties,
+    }
+}
+
+impl BrokerLink {
+    /// A link that connects lazily. With `reply_queue`, every (re)connect declares that queue
+    /// (classic, expiring when unused) and forwards its messages to the sink.
+    pub fn new(config: BrokerConfig, reply_queue: Option<(String, ReplySink)>) -> Self {
+        Self {
+            config,
+            reply_queue,
+            live: Mutex::new(None),
+        }
+    }
+
+    pub fn names(&self) -> &BrokerNames {
+        &self.config.names
+    }
+
+    /// Connects now (declaring the topology) if not connected.
+    pub async fn ensure_connected(&self) -> Result<(), BrokerError> {
+        self.live().await.map(|_| ())
+    }
+
+    async fn live(&self) -> Result<Arc<Live>, BrokerError> {
+        let mut guard = self.live.lock().await;
+        if let Some(live) = guard.as_ref()
+            && live.connection.status().connected()
+            && live.channel.status().connected()
+        {
+            return Ok(live.clone());
+        }
+        if let Some(old) = guard.take() {
+            // Best effort: the old connection is broken or half-open.
+            let _ = old.connection.close(320, "rebuilding".into()).await;
+        }
+        let connection = connect(&self.config).await?;
+        let channel = connection.create_channel().await?;
+        declare_topology(&channel, &self.config).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        if let Some((queue, sink)) = &self.reply_queue {
+            start_reply_consumer(&connection, queue, sink.clone()).await?;
+        }
+        let live = Arc::new(Live {
+            connection,
+            channel,
+        });
+        *guard = Some(live.clone());
+        tracing::info!(connection = %self.config.connection_name, "broker connected");
+        Ok(live)
+    }
+
+    async fn forget(&self, failed: &Arc<Live>) {
+        let mut guard = self.live.lock().await;
+        if guard.as_ref().is_some_and(|live| Arc::ptr_eq(live, failed)) {
+            *guard = None;
+        }
+    }
+
+    /// Publishes one message with `mandatory` and waits for its confirm (bounded by the
+    /// configured timeout). Ok means the broker durably queued it.
+    async fn publish_confirmed(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        mandatory: bool,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), BrokerError> {
+        let live = self.live().await?;
+        let result = async {
+            let pending = live
+                .channel
+                .basic_publish(
+                    exchange.into(),
+                    routing_key.into(),
+                    BasicPublishOptions {
+                        mandatory,
+                        ..BasicPublishOptions::default()
+                    },
+                    payload,
+                    properties,
+                )
+                .await?;
+            let confirmation = tokio::time::timeout(self.config.confirm_timeout, pending)
+                .await
+                .map_err(|_| BrokerError::ConfirmTimeout)??;
+            if !confirmation.is_ack() {
+                return Err(BrokerError::Nacked);
+            }
+            if confirmation.take_message().is_some() {
+                return Err(BrokerError::Unroutable);
+            }
+            Ok(())
+        }
+        .await;
+        if matches!(
+            result,
+            Err(BrokerError::Unavailable(_) | BrokerError::ConfirmTimeout)
+        ) {
+            self.forget(&live).await;
+        }
+        result
+    }
+
+    /// Publishes an encoded command envelope to `partition`.
+    pub async fn publish_commands(
+        &self,
+        partition: u16,
+        message_id: &str,
+        reply_to: Option<&str>,
+        payload: &[u8],
+    ) -> Result<(), BrokerError> {
+        let mut properties = persistent(Some(message_id));
+        if let Some(reply_to) = reply_to {
+            properties = properties.with_reply_to(reply_to.into());
+        }
+        self.publish_confirmed(
+            &self.config.names.commands_exchange(),
+            &self.config.names.partition_queue(partition),
+            true,
+            payload,
+            properties,
+        )
+        .await
+    }
+
+    /// Publishes an event (e.g. `run.requested`) on the events exchange. Unrouted events are
+    /// dropped by the broker: runners bind their own queues.
+    pub async fn publish_event(
+        &self,
+        routing_key: &str,
+        payload: &[u8],
+    ) -> Result<(), BrokerError> {
+        self.publish_confirmed(
+            &self.config.names.events_exchange(),
+            routing_key,
+            false,
+            payload,
+            persistent(None),
+        )
+        .await
+    }
+
+    /// Sends a reply to an api instance's reply queue.
+    pub async fn publish_reply(&self, reply_to: &str, payload: &[u8]) -> Result<(), BrokerError> {
+        let properties = BasicProperties::default().with_content_type("application/json".into());
+        self.publish_confirmed("", reply_to, false, payload, properties)
+            .await
+    }
+
+    /// Moves a command message to the dead-letter queue with the reason in a header.
+    pub async fn publish_dead_letter(
+        &self,
+        payload: &[u8],
+        message_id: Option<&str>,
+        partition: u16,
+        reason: &str,
+    ) -> Result<(), BrokerError> {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "x-sessions-dead-letter-reason".into(),
+            AMQPValue::LongString(LongString::from(reason)),
+        );
+        headers.insert(
+            "x-sessions-partition".into(),
+            AMQPValue::LongInt(i32::from(partition)),
+        );
+        let properties = persistent(message_id).with_headers(headers);
+        self.publish_confirmed(
+            "",
+            &self.config.names.dead_letter_queue(),
+            true,
+            payload,
+            properties,
+        )
+        .await
+    }
+
+    /// Whether the broker answers (connecting if needed).
+    pub async fn ping(&self) -> Result<(), BrokerError> {
+        self.ensure_connected().await
+    }
+
+    /// Deletes every queue and exchange of this deployment's prefix. For tests and teardown.
+    pub async fn delete_topology(&self) -> Result<(), BrokerError> {
+        let live = self.live().await?;
+        let names = &self.config.names;
+        for partition in 0..names.partitions {
+            live.channel
+                .queue_delete(
+                    names.partition_queue(partition).into(),
+                    QueueDeleteOptions::default(),
+                )
+                .await?;
+        }
+        live.channel
+            .queue_delete(
+                names.dead_letter_queue().into(),
+                QueueDeleteOptions::default(),
+            )
+            .await?;
+        for exchange in [names.commands_exchange(), names.events_exchange()] {
+            live.channel
+                .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Closes the connection (graceful shutdown).
+    pub async fn close(&self) {
+        if let Some(live) = self.live.lock().await.take() {
+            let _ = live.connection.close(200, "shutdown".into()).await;
+        }
+    }
+
+    /// Counts messages ready in the dead-letter queue. For tests and operators.
+    pub async fn dead_letter_count(&self) -> Result<u32, BrokerError> {
+        let live = self.live().await?;
+        let queue = live
+            .channel
+            .queue_declare(
+                self.config.names.dead_letter_queue().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(queue.message_count())
+    }
+}
+
+async fn start_reply_consumer(
+    connection: &Connection,
+    queue: &str,
+    sink: ReplySink,
+) -> Result<(), BrokerError> {
+    let channel = connection.create_channel().await?;
+    let mut arguments = FieldTable::default();
+    // The queue outlives a short reconnect but disappears a while after its api instance died.
+    arguments.insert("x-expires".into(), AMQPValue::LongLongInt(300_000));
+    channel
+        .queue_declare(queue.into(), QueueDeclareOptions::default(), arguments)
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    tokio::spawn(async move {
+        // Ends with the connection; the next publish rebuilds both.
+        while let Some(Ok(delivery)) = consumer.next().await {
+            if sink.send(delivery.data).is_err() {
+                break;
+            }
+        }
+        drop(channel);
+    });
+    Ok(())
+}
+
+/// One command message taken from a partition queue, not yet acknowledged.
+pub struct Incoming {
+    pub partition: u16,
+    pub payload: Vec<u8>,
+    pub message_id: Option<String>,
+    pub reply_to: Option<String>,
+    pub redelivered: bool,
+    delivery: lapin::message::Delivery,
+}
+
+impl std::fmt::Debug for Incoming {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Incoming")
+            .field("partition", &self.partition)
+            .field("message_id", &self.message_id)
+            .field("redelivered", &self.redelivered)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Incoming {
+    /// Acknowledges the message: it will not be delivered again.
+    pub async fn ack(&self) -> Result<(), BrokerError> {
+        self.delivery.ack(BasicAckOptions::default()).await?;
+        Ok(())
+    }
+}
+
+/// Opens one channel per partition with prefetch 1 and forwards deliveries to `sink` until the
+/// connection breaks. Returns the connection so that the caller can watch or close it.
+pub async fn consume_partitions(
+    config: &BrokerConfig,
+    partitions: &[u16],
+    consumer_name: &str,
+    sink: mpsc::Sender<Incoming>,
+) -> Result<ConsumerConnection, BrokerError> {
+    let connection = connect(config).await?;
+    let setup = connection.create_channel().await?;
+    declare_topology(&setup, config).await?;
+    let _ = setup.close(200, "topology declared".into()).await;
+    let (broken_tx, broken_rx) = mpsc::channel::<()>(1);
+    for &partition in partitions {
+        let channel = connection.create_channel().await?;
+        // Strict order on quorum queues needs prefetch 1 (DESIGN §2).
+        channel.basic_qos(1, BasicQosOptions::default()).await?;
+        let queue = config.names.partition_queue(partition);
+        let tag = ShortString::try_new(format!("{consumer_name}.{queue}"))
+            .unwrap_or_else(|_| ShortString::from(""));
+        let mut consumer = channel
+            .basic_consume(
+                queue.as_str().into(),
+                tag,
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let sink = sink.clone();
+        let broken = broken_tx.clone();
+        tokio::spawn(async move {
+            loop {
+                match consumer.next().await {
+                    Some(Ok(delivery)) => {
+                        let incoming = Incoming {
+                            partition,
+                            message_id: delivery
+                                .properties
+                                .message_id()
+                                .as_ref()
+                                .map(|id| id.as_str().to_owned()),
+                            reply_to: delivery
+                                .properties
+                                .reply_to()
+                                .as_ref()
+                                .map(|queue| queue.as_str().to_owned()),
+                            redelivered: delivery.redelivered,
+                            payload: delivery.data.clone(),
+                            delivery,
+                        };
+                        if sink.send(incoming).await.is_err() {
+                            break;
+                        }
+                    }
+                    Some(Err(error)) => {
+                        tracing::warn!(partition, %error, "partition consumer failed");
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            let _ = broken.try_send(());
+            drop(channel);
+        });
+    }
+    Ok(ConsumerConnection {
+        connection,
+        broken: broken_rx,
+    })
+}
+
+/// The connection of a set of partition consumers.
+pub struct ConsumerConnection {
+    connection: Connection,
+    broken: mpsc::Receiver<()>,
+}
+
+impl std::fmt::Debug for ConsumerConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConsumerConnection").finish_non_exhaustive()
+    }
+}
+
+impl ConsumerConnection {
+    /// Resolves when any partition consumer stopped (the connection or a channel broke).
+    pub async fn broken(&mut self) {
+        let _ = self.broken.recv().await;
+    }
+
+    /// Closes every channel; unacknowledged messages go back to their queues in order.
+    pub async fn close(&self) {
+        let _ = self.connection.close(200, "worker closing".into()).await;
+    }
+}

@@ -1,0 +1,245 @@
+//! The command envelope: what the api publishes and the worker applies.
+//!
+//! One broker message carries an [`Envelope`]: a batch of commands of one partition, in
+//! acceptance order (group commit). The envelope carries a version so that old and new processes
+//! can run side by side during a deploy: new fields are optional, and the worker decodes every
+//! version still in flight. Version 1 is the first published version.
+//!
+//! Replies ([`Reply`]) travel back to the api instance that asked (its reply queue), correlated by
+//! command id.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::domain::Io;
+use crate::domain::session::SessionItem;
+
+pub const ENVELOPE_VERSION: u16 = 1;
+
+/// One broker message: commands of one partition, in acceptance order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    pub version: u16,
+    pub commands: Vec<Command>,
+}
+
+/// Why an envelope could not be decoded. Such messages are dead-lettered with this reason.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvelopeError {
+    #[error("envelope is not valid JSON of a known shape: {0}")]
+    Malformed(#[from] serde_json::Error),
+    #[error("envelope version {0} is newer than this worker understands ({ENVELOPE_VERSION})")]
+    UnsupportedVersion(u16),
+    #[error("envelope carries no commands")]
+    Empty,
+}
+
+impl Envelope {
+    pub fn new(commands: Vec<Command>) -> Self {
+        Self {
+            version: ENVELOPE_VERSION,
+            commands,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        // Serializing plain data with string keys cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Self, EnvelopeError> {
+        let envelope: Envelope = serde_json::from_slice(bytes)?;
+        if envelope.version > ENVELOPE_VERSION || envelope.version == 0 {
+            return Err(EnvelopeError::UnsupportedVersion(envelope.version));
+        }
+        if envelope.commands.is_empty() {
+            return Err(EnvelopeError::Empty);
+        }
+        Ok(envelope)
+    }
+}
+
+/// One write to one session.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Command {
+    /// Unique per command; the worker's redelivery fence.
+    pub id: Uuid,
+    pub environment_id: Uuid,
+    /// Internal id of the target session (also decides the partition).
+    pub session_id: Uuid,
+    /// When the api accepted the command; expiry is judged by this time.
+    pub accepted_at: DateTime<Utc>,
+    /// Whether the api waits for a [`Reply`].
+    #[serde(default)]
+    pub wants_reply: bool,
+    pub body: CommandBody,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum CommandBody {
+    Append(AppendCommand),
+    CreateSession(Box<CreateSessionCommand>),
+    CloseSession(CloseSessionCommand),
+}
+
+impl CommandBody {
+    /// A low-cardinality name for logs and metrics.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            CommandBody::Append(_) => "append",
+            CommandBody::CreateSession(_) => "create_session",
+            CommandBody::CloseSession(_) => "close_session",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AppendCommand {
+    pub io: Io,
+    pub part_id: Option<String>,
+    /// The raw appended text.
+    pub body: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CreateSessionCommand {
+    /// Used only if the session is new.
+    pub friendly_id: String,
+    /// The environment's public id, for the `run.requested` event.
+    pub environment_public_id: String,
+    pub external_id: Option<String>,
+    pub session_type: String,
+    pub task_identifier: String,
+    pub trigger_config: serde_json::Value,
+    pub tags: Vec<String>,
+    pub metadata: Option<serde_json::Value>,
+    pub expires_at: Option<DateTime<Utc>>,
+    /// The first run, used only if the session is new.
+    pub run_id: Uuid,
+    pub run_friendly_id: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CloseSessionCommand {
+    pub reason: Option<String>,
+}
+
+/// The worker's answer to one command.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Reply {
+    pub command_id: Uuid,
+    pub outcome: Outcome,
+}
+
+/// What applying a command did. Deterministic rejections are outcomes, not errors.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// A new record was persisted.
+    Appended {
+        seq_num: i64,
+    },
+    /// The part id was already used with the same body; nothing was written.
+    Duplicate {
+        seq_num: i64,
+    },
+    /// The part id was already used with another body; nothing was written.
+    Conflict {
+        seq_num: i64,
+    },
+    SessionClosed,
+    SessionExpired,
+    SessionNotFound,
+    /// Create: the session (new or existing) and its current run.
+    SessionCreated {
+        session: Box<SessionItem>,
+        run_friendly_id: String,
+        cached: bool,
+    },
+    /// Close: the session after the command (unchanged if it was closed already).
+    SessionClosedNow {
+        session: Box<SessionItem>,
+    },
+}
+
+impl Outcome {
+    /// A low-cardinality name for logs and metrics.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Outcome::Appended { .. } => "applied",
+            Outcome::Duplicate { .. } => "duplicate",
+            Outcome::Conflict { .. } => "conflict",
+            Outcome::SessionClosed => "rejected_closed",
+            Outcome::SessionExpired => "rejected_expired",
+            Outcome::SessionNotFound => "rejected_not_found",
+            Outcome::SessionCreated { cached: false, .. } => "applied",
+            Outcome::SessionCreated { cached: true, .. } => "cached",
+            Outcome::SessionClosedNow { .. } => "applied",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn append(part_id: Option<&str>) -> Command {
+        Command {
+            id: Uuid::from_u128(7),
+            environment_id: Uuid::from_u128(1),
+            session_id: Uuid::from_u128(2),
+            accepted_at: DateTime::from_timestamp(1_900_000_000, 0).unwrap_or_default(),
+            wants_reply: false,
+            body: CommandBody::Append(AppendCommand {
+                io: Io::In,
+                part_id: part_id.map(str::to_owned),
+                body: "{\"text\":\"hi\"}".into(),
+            }),
+        }
+    }
+
+    #[test]
+    fn envelope_round_trips() {
+        let envelope = Envelope::new(vec![append(Some("p1")), append(None)]);
+        let decoded = Envelope::decode(&envelope.encode()).expect("decode");
+        assert_eq!(decoded, envelope);
+    }
+
+    /// The first published envelope version: workers must keep decoding it.
+    #[test]
+    fn decodes_the_version_1_fixture() {
+        let fixture = include_str!("../fixtures/envelope_v1.json");
+        let decoded = Envelope::decode(fixture.as_bytes()).expect("decode v1 fixture");
+        assert_eq!(decoded.version, 1);
+        assert_eq!(decoded.commands.len(), 3);
+        assert!(matches!(decoded.commands[0].body, CommandBody::Append(_)));
+        assert!(matches!(
+            decoded.commands[1].body,
+            CommandBody::CreateSession(_)
+        ));
+        assert!(matches!(
+            decoded.commands[2].body,
+            CommandBody::CloseSession(_)
+        ));
+    }
+
+    #[test]
+    fn rejects_unknown_versions_and_empty_batches() {
+        let mut envelope = Envelope::new(vec![append(None)]);
+        envelope.version = 99;
+        assert!(matches!(
+            Envelope::decode(&envelope.encode()),
+            Err(EnvelopeError::UnsupportedVersion(99))
+        ));
+        assert!(matches!(
+            Envelope::decode(&Envelope::new(vec![]).encode()),
+            Err(EnvelopeError::Empty)
+        ));
+        assert!(matches!(
+            Envelope::decode(b"not json"),
+            Err(EnvelopeError::Malformed(_))
+        ));
+    }
+}

@@ -1,0 +1,315 @@
+//! Typed configuration from environment variables, with loopback defaults.
+//!
+//! Every variable is listed in the README. A bad value fails at start with a message that names
+//! the variable. Tests build [`Settings`] from a map through [`Settings::from_lookup`].
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// A configuration variable that could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("configuration variable {variable} is invalid: {message}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub message: String,
+}
+
+/// Settings shared by the api and the worker.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// `DATABASE_URL`: Postgres (`postgres://…`) or SQLite (`sqlite://…`).
+    pub database_url: String,
+    /// `AMQP_URL`.
+    pub amqp_url: String,
+    /// `REDIS_URL`.
+    pub redis_url: String,
+    /// `SESSIONS_HTTP_ADDR`: where the api listens.
+    pub http_addr: SocketAddr,
+    /// `SESSIONS_PARTITIONS`: number of partition queues; fixed per deployment.
+    pub partitions: u16,
+    /// `SESSIONS_BROKER_PREFIX`: prefix of every exchange and queue name.
+    pub broker_prefix: String,
+    /// `SESSIONS_REDIS_PREFIX`: prefix of every Redis key.
+    pub redis_prefix: String,
+    /// `SESSIONS_CONFIRM_TIMEOUT_MS`: how long the api waits for a publisher confirm.
+    pub confirm_timeout: Duration,
+    /// `SESSIONS_REPLY_TIMEOUT_MS`: how long the api waits for the worker's reply.
+    pub reply_timeout: Duration,
+    /// `SESSIONS_MAX_APPEND_BYTES`: largest append body.
+    pub max_append_bytes: usize,
+    /// `SESSIONS_MAX_JSON_BYTES`: largest JSON request body of the other routes.
+    pub max_json_bytes: usize,
+    /// `SESSIONS_DELIVERY_LIMIT`: redeliveries before the broker dead-letters a command.
+    pub delivery_limit: u32,
+    /// `SESSIONS_PUBLISH_BATCH_MAX`: most commands in one broker message.
+    pub publish_batch_max: usize,
+    /// `SESSIONS_WORKER_BATCH_MAX`: most broker messages applied in one transaction.
+    pub worker_batch_max: usize,
+    /// `SESSIONS_CLAIM_TTL_MS`: lifetime of a dedup claim in Redis.
+    pub claim_ttl: Duration,
+    /// `SESSIONS_RETRY_BUDGET_MS`: how long the worker retries a transient failure while holding
+    /// a delivery, before it gives the partition back.
+    pub retry_budget: Duration,
+    /// `SESSIONS_DB_MAX_CONNECTIONS`.
+    pub db_max_connections: u32,
+    /// `SESSIONS_JWT_ISSUER`.
+    pub jwt_issuer: String,
+    /// `SESSIONS_JWT_AUDIENCE`.
+    pub jwt_audience: String,
+    /// `SESSIONS_QUEUE_EXPIRES_MS`: optional `x-expires` on partition queues (tests and
+    /// throw-away deployments; unset in production).
+    pub queue_expires: Option<Duration>,
+}
+
+fn parse<T: FromStr>(
+    variable: &'static str,
+    raw: Option<String>,
+    default: T,
+) -> Result<T, ConfigError>
+where
+    T::Err: std::fmt::Display,
+{
+    match raw {
+        None => Ok(default),
+        Some(value) => value.trim().parse().map_err(|error: T::Err| ConfigError {
+            variable,
+            message: format!("{value:?}: {error}"),
+        }),
+    }
+}
+
+fn in_range<T: PartialOrd + std::fmt::Display + Copy>(
+    variable: &'static str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<T, ConfigError> {
+    if value < min || value > max {
+        return Err(ConfigError {
+            variable,
+            message: format!("{value} is outside {min}..={max}"),
+        });
+    }
+    Ok(value)
+}
+
+fn url_with_scheme(
+    variable: &'static str,
+    value: String,
+    schemes: &[&str],
+) -> Result<String, ConfigError> {
+    if schemes.iter().any(|scheme| value.starts_with(scheme)) {
+        Ok(value)
+    } else {
+        Err(ConfigError {
+            variable,
+            message: format!("must start with one of {schemes:?}"),
+        })
+    }
+}
+
+fn name_prefix(variable: &'static str, value: String) -> Result<String, ConfigError> {
+    let valid = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
+    if valid {
+        Ok(value)
+    } else {
+        Err(ConfigError {
+            variable,
+            message: "must be 1–64 characters of [A-Za-z0-9_.-]".into(),
+        })
+    }
+}
+
+fn millis(
+    variable: &'static str,
+    raw: Option<String>,
+    default_ms: u64,
+) -> Result<Duration, ConfigError> {
+    let ms = in_range(
+        variable,
+        parse(variable, raw, default_ms)?,
+        1,
+        24 * 3600 * 1000,
+    )?;
+    Ok(Duration::from_millis(ms))
+}
+
+impl Settings {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads variables through `lookup` (the environment, or a map in tests).
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let get = |name: &str| lookup(name).filter(|value| !value.trim().is_empty());
+        Ok(Self {
+            database_url: url_with_scheme(
+                "DATABASE_URL",
+                get("DATABASE_URL")
+                    .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/sessions".into()),
+                &["postgres://", "postgresql://", "sqlite:"],
+            )?,
+            amqp_url: url_with_scheme(
+                "AMQP_URL",
+                get("AMQP_URL")
+                    .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=10".into()),
+                &["amqp://"],
+            )?,
+            redis_url: url_with_scheme(
+                "REDIS_URL",
+                get("REDIS_URL").unwrap_or_else(|| "redis://127.0.0.1:6379/".into()),
+                &["redis://"],
+            )?,
+            http_addr: parse(
+                "SESSIONS_HTTP_ADDR",
+                get("SESSIONS_HTTP_ADDR"),
+                SocketAddr::from(([127, 0, 0, 1], 3030)),
+            )?,
+            partitions: in_range(
+                "SESSIONS_PARTITIONS",
+                parse("SESSIONS_PARTITIONS", get("SESSIONS_PARTITIONS"), 64)?,
+                1,
+                1024,
+            )?,
+            broker_prefix: name_prefix(
+                "SESSIONS_BROKER_PREFIX",
+                get("SESSIONS_BROKER_PREFIX").unwrap_or_else(|| "sessions".into()),
+            )?,
+            redis_prefix: name_prefix(
+                "SESSIONS_REDIS_PREFIX",
+                get("SESSIONS_REDIS_PREFIX").unwrap_or_else(|| "sessions".into()),
+            )?,
+            confirm_timeout: millis(
+                "SESSIONS_CONFIRM_TIMEOUT_MS",
+                get("SESSIONS_CONFIRM_TIMEOUT_MS"),
+                5_000,
+            )?,
+            reply_timeout: millis(
+                "SESSIONS_REPLY_TIMEOUT_MS",
+                get("SESSIONS_REPLY_TIMEOUT_MS"),
+                15_000,
+            )?,
+            max_append_bytes: in_range(
+                "SESSIONS_MAX_APPEND_BYTES",
+                parse(
+                    "SESSIONS_MAX_APPEND_BYTES",
+                    get("SESSIONS_MAX_APPEND_BYTES"),
+                    1 << 20,
+                )?,
+                1,
+                16 << 20,
+            )?,
+            max_json_bytes: in_range(
+                "SESSIONS_MAX_JSON_BYTES",
+                parse(
+                    "SESSIONS_MAX_JSON_BYTES",
+                    get("SESSIONS_MAX_JSON_BYTES"),
+                    256 << 10,
+                )?,
+                1024,
+                16 << 20,
+            )?,
+            delivery_limit: in_range(
+                "SESSIONS_DELIVERY_LIMIT",
+                parse(
+                    "SESSIONS_DELIVERY_LIMIT",
+                    get("SESSIONS_DELIVERY_LIMIT"),
+                    20,
+                )?,
+                1,
+                1000,
+            )?,
+            publish_batch_max: in_range(
+                "SESSIONS_PUBLISH_BATCH_MAX",
+                parse(
+                    "SESSIONS_PUBLISH_BATCH_MAX",
+                    get("SESSIONS_PUBLISH_BATCH_MAX"),
+                    200,
+                )?,
+                1,
+                10_000,
+            )?,
+            worker_batch_max: in_range(
+                "SESSIONS_WORKER_BATCH_MAX",
+                parse(
+                    "SESSIONS_WORKER_BATCH_MAX",
+                    get("SESSIONS_WORKER_BATCH_MAX"),
+                    64,
+                )?,
+                1,
+                1024,
+            )?,
+            claim_ttl: millis(
+                "SESSIONS_CLAIM_TTL_MS",
+                get("SESSIONS_CLAIM_TTL_MS"),
+                30_000,
+            )?,
+            retry_budget: millis(
+                "SESSIONS_RETRY_BUDGET_MS",
+                get("SESSIONS_RETRY_BUDGET_MS"),
+                60_000,
+            )?,
+            db_max_connections: in_range(
+                "SESSIONS_DB_MAX_CONNECTIONS",
+                parse(
+                    "SESSIONS_DB_MAX_CONNECTIONS",
+                    get("SESSIONS_DB_MAX_CONNECTIONS"),
+                    10,
+                )?,
+                1,
+                1000,
+            )?,
+            jwt_issuer: get("SESSIONS_JWT_ISSUER")
+                .unwrap_or_else(|| "https://id.trigger.dev".into()),
+            jwt_audience: get("SESSIONS_JWT_AUDIENCE")
+                .unwrap_or_else(|| "https://api.trigger.dev".into()),
+            queue_expires: match get("SESSIONS_QUEUE_EXPIRES_MS") {
+                None => None,
+                raw => Some(millis("SESSIONS_QUEUE_EXPIRES_MS", raw, 0)?),
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn settings(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Settings::from_lookup(|name| map.get(name).cloned())
+    }
+
+    #[test]
+    fn defaults_are_loopback() {
+        let settings = settings(&[]).expect("defaults");
+        assert_eq!(settings.http_addr.to_string(), "127.0.0.1:3030");
+        assert!(settings.database_url.contains("127.0.0.1"));
+        assert_eq!(settings.partitions, 64);
+        assert_eq!(settings.max_append_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn errors_name_the_variable() {
+        let error = settings(&[("SESSIONS_PARTITIONS", "zero")]).expect_err("bad");
+        assert_eq!(error.variable, "SESSIONS_PARTITIONS");
+        let error = settings(&[("SESSIONS_PARTITIONS", "0")]).expect_err("bad");
+        assert_eq!(error.variable, "SESSIONS_PARTITIONS");
+        let error = settings(&[("AMQP_URL", "http://x")]).expect_err("bad");
+        assert!(error.to_string().contains("AMQP_URL"));
+        let error = settings(&[("SESSIONS_HTTP_ADDR", "nowhere")]).expect_err("bad");
+        assert_eq!(error.variable, "SESSIONS_HTTP_ADDR");
+        let error = settings(&[("SESSIONS_BROKER_PREFIX", "a b")]).expect_err("bad");
+        assert_eq!(error.variable, "SESSIONS_BROKER_PREFIX");
+    }
+}

@@ -1,0 +1,14 @@
+//! Pure domain rules: identifiers, channels, validation, dedup key encoding, partitioning,
+//! body fingerprints and token minting. Nothing in here performs IO; everything is unit-tested.
+
+pub mod channel;
+pub mod dedup;
+pub mod ids;
+pub mod partition;
+pub mod session;
+pub mod tokens;
+pub mod validation;
+
+pub use channel::Io;
+pub use ids::SessionAddress;
+pub use validation::ValidationError;

@@ -1,0 +1,130 @@
+//! Input validation rules of SPEC §3, §4 and §10. Each failure names the field.
+
+use super::ids::SESSION_PREFIX;
+
+/// A client input that breaks a rule. Always answered with a 4xx that carries the message.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct ValidationError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl ValidationError {
+    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+pub const MAX_EXTERNAL_ID_CHARS: usize = 256;
+pub const MAX_PART_ID_BYTES: usize = 255;
+pub const MAX_TYPE_CHARS: usize = 64;
+pub const MAX_TASK_IDENTIFIER_CHARS: usize = 128;
+pub const MAX_TAGS: usize = 10;
+pub const MAX_TAG_CHARS: usize = 128;
+pub const MAX_CLOSE_REASON_CHARS: usize = 256;
+/// A `:session` path segment longer than this cannot name anything (ids and externalIds are shorter).
+pub const MAX_SESSION_SEGMENT_CHARS: usize = 256;
+
+fn char_len_between(
+    field: &'static str,
+    value: &str,
+    min: usize,
+    max: usize,
+) -> Result<(), ValidationError> {
+    let len = value.chars().count();
+    if len < min || len > max {
+        return Err(ValidationError::new(
+            field,
+            format!("must be {min}–{max} characters, got {len}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Trims and checks an `externalId` (1–256 chars after trim, not starting with `session_`).
+pub fn external_id(value: &str) -> Result<String, ValidationError> {
+    let trimmed = value.trim();
+    char_len_between("externalId", trimmed, 1, MAX_EXTERNAL_ID_CHARS)?;
+    if trimmed.starts_with(SESSION_PREFIX) {
+        return Err(ValidationError::new(
+            "externalId",
+            "must not start with 'session_' (reserved for friendly ids)",
+        ));
+    }
+    Ok(trimmed.to_owned())
+}
+
+/// Checks an `X-Part-Id` header value: 1–255 bytes.
+pub fn part_id(value: &str) -> Result<(), ValidationError> {
+    if value.is_empty() || value.len() > MAX_PART_ID_BYTES {
+        return Err(ValidationError::new(
+            "X-Part-Id",
+            format!("must be 1–{MAX_PART_ID_BYTES} bytes, got {}", value.len()),
+        ));
+    }
+    Ok(())
+}
+
+pub fn session_type(value: &str) -> Result<(), ValidationError> {
+    char_len_between("type", value, 1, MAX_TYPE_CHARS)
+}
+
+pub fn task_identifier(value: &str) -> Result<(), ValidationError> {
+    char_len_between("taskIdentifier", value, 1, MAX_TASK_IDENTIFIER_CHARS)
+}
+
+pub fn tags(values: &[String]) -> Result<(), ValidationError> {
+    if values.len() > MAX_TAGS {
+        return Err(ValidationError::new(
+            "tags",
+            format!("at most {MAX_TAGS} tags, got {}", values.len()),
+        ));
+    }
+    for tag in values {
+        char_len_between("tags", tag, 0, MAX_TAG_CHARS)?;
+    }
+    Ok(())
+}
+
+pub fn close_reason(value: &str) -> Result<(), ValidationError> {
+    char_len_between("reason", value, 0, MAX_CLOSE_REASON_CHARS)
+}
+
+/// Checks the `:session` path segment before any lookup.
+pub fn session_segment(value: &str) -> Result<(), ValidationError> {
+    char_len_between("session", value, 1, MAX_SESSION_SEGMENT_CHARS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn external_id_is_trimmed_and_bounded() {
+        assert_eq!(external_id("  chat-1 ").as_deref(), Ok("chat-1"));
+        assert!(external_id("   ").is_err());
+        assert!(external_id(&"x".repeat(257)).is_err());
+        assert!(external_id(&"é".repeat(256)).is_ok());
+        assert!(external_id("session_abc").is_err());
+    }
+
+    #[test]
+    fn part_id_is_bounded_in_bytes() {
+        assert!(part_id("p").is_ok());
+        assert!(part_id("").is_err());
+        assert!(part_id(&"x".repeat(255)).is_ok());
+        assert!(part_id(&"x".repeat(256)).is_err());
+        assert!(part_id(&"é".repeat(128)).is_err());
+    }
+
+    #[test]
+    fn tags_are_bounded() {
+        assert!(tags(&vec!["a".to_owned(); 10]).is_ok());
+        assert!(tags(&vec!["a".to_owned(); 11]).is_err());
+        assert!(tags(&["x".repeat(129)]).is_err());
+    }
+}

@@ -1,0 +1,199 @@
+//! Schema migrations, portable across Postgres and SQLite. Each migration is frozen once
+//! published: later changes are new migrations.
+
+use sea_orm_migration::prelude::*;
+use sea_orm_migration::schema::*;
+
+pub struct Migrator;
+
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(InitialSchema)]
+    }
+}
+
+struct InitialSchema;
+
+impl MigrationName for InitialSchema {
+    fn name(&self) -> &str {
+        "m20261127_000001_initial_schema"
+    }
+}
+
+fn unique_index(
+    name: &'static str,
+    table: &'static str,
+    columns: &[&'static str],
+) -> IndexCreateStatement {
+    let mut index = Index::create();
+    index.name(name).table(table).unique().if_not_exists();
+    for column in columns {
+        index.col(*column);
+    }
+    index.to_owned()
+}
+
+fn plain_index(
+    name: &'static str,
+    table: &'static str,
+    columns: &[&'static str],
+) -> IndexCreateStatement {
+    let mut index = Index::create();
+    index.name(name).table(table).if_not_exists();
+    for column in columns {
+        index.col(*column);
+    }
+    index.to_owned()
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for InitialSchema {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table("projects")
+                    .if_not_exists()
+                    .col(pk_uuid("id"))
+                    .col(string_uniq("slug"))
+                    .col(timestamp_with_time_zone("created_at"))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table("environments")
+                    .if_not_exists()
+                    .col(pk_uuid("id"))
+                    .col(string_uniq("public_id"))
+                    .col(uuid("project_id"))
+                    .col(string("slug"))
+                    .col(timestamp_with_time_zone("created_at"))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(unique_index(
+                "environments_project_slug",
+                "environments",
+                &["project_id", "slug"],
+            ))
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table("secret_keys")
+                    .if_not_exists()
+                    .col(pk_uuid("id"))
+                    .col(uuid("environment_id"))
+                    .col(string_uniq("digest"))
+                    .col(timestamp_with_time_zone("created_at"))
+                    .col(timestamp_with_time_zone_null("revoked_at"))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table("sessions")
+                    .if_not_exists()
+                    .col(pk_uuid("id"))
+                    .col(string_uniq("friendly_id"))
+                    .col(uuid("environment_id"))
+                    .col(text_null("external_id"))
+                    .col(string("session_type"))
+                    .col(string("task_identifier"))
+                    .col(json_binary("trigger_config"))
+                    .col(json_binary("tags"))
+                    .col(json_binary_null("metadata"))
+                    .col(timestamp_with_time_zone_null("expires_at"))
+                    .col(timestamp_with_time_zone_null("closed_at"))
+                    .col(text_null("closed_reason"))
+                    .col(uuid_null("current_run_id"))
+                    .col(big_integer("next_seq_in"))
+                    .col(big_integer("next_seq_out"))
+                    .col(timestamp_with_time_zone("created_at"))
+                    .col(timestamp_with_time_zone("updated_at"))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(unique_index(
+                "sessions_environment_external_id",
+                "sessions",
+                &["environment_id", "external_id"],
+            ))
+            .await?;
+        manager
+            .create_index(plain_index(
+                "sessions_environment_created_at",
+                "sessions",
+                &["environment_id", "created_at"],
+            ))
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table("runs")
+                    .if_not_exists()
+                    .col(pk_uuid("id"))
+                    .col(string_uniq("friendly_id"))
+                    .col(uuid("environment_id"))
+                    .col(uuid("session_id"))
+                    .col(timestamp_with_time_zone("created_at"))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table("records")
+                    .if_not_exists()
+                    .col(uuid("session_id"))
+                    .col(string_len("io", 8))
+                    .col(big_integer("seq_num"))
+                    .col(uuid("environment_id"))
+                    .col(text_null("part_id"))
+                    .col(text("body"))
+                    .col(string_len("body_fingerprint", 64))
+                    .col(uuid_uniq("command_id"))
+                    .col(timestamp_with_time_zone("created_at"))
+                    .primary_key(Index::create().col("session_id").col("io").col("seq_num"))
+                    .to_owned(),
+            )
+            .await?;
+        // The permanent X-Part-Id fence (SPEC §5). NULL part ids never collide.
+        manager
+            .create_index(unique_index(
+                "records_part_id_fence",
+                "records",
+                &["environment_id", "session_id", "io", "part_id"],
+            ))
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table("applied_commands")
+                    .if_not_exists()
+                    .col(pk_uuid("command_id"))
+                    .col(json_binary("outcome"))
+                    .col(timestamp_with_time_zone("applied_at"))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_table(
+                Table::create()
+                    .table("outbox_events")
+                    .if_not_exists()
+                    .col(pk_uuid("id"))
+                    .col(string("routing_key"))
+                    .col(json_binary("payload"))
+                    .col(timestamp_with_time_zone("created_at"))
+                    .to_owned(),
+            )
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,402 @@
+//! Persistence: sea-orm entities, migrations and every query of the service.
+//!
+//! The rest of the workspace sees [`Store`], plain row types and [`StorageError`]; sea-orm's
+//! `Entity`, `ActiveModel` and `Column` types never leave this module. Postgres is the production
+//! backend; SQLite (same entities, same migrations) serves the embedded default.
+
+mod apply;
+mod entities;
+mod migrations;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
+    DbBackend, DbErr, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Statement,
+    TransactionTrait,
+};
+use sea_orm_migration::MigratorTrait;
+use uuid::Uuid;
+
+use crate::domain::ids::{self, ENVIRONMENT_PREFIX};
+use crate::domain::session::SessionItem;
+use crate::domain::{Io, SessionAddress};
+
+pub use apply::{BatchWrites, LoadedState, NewOutboxEvent, PartOwner};
+pub use entities::environments::Model as EnvironmentRow;
+pub use entities::outbox_events::Model as OutboxEventRow;
+pub use entities::records::Model as RecordRow;
+pub use entities::runs::Model as RunRow;
+pub use entities::sessions::Model as SessionRow;
+
+use entities::{environments, outbox_events, projects, records, runs, secret_keys, sessions};
+
+/// A storage failure. [`StorageError::is_transient`] tells the worker whether to retry.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("database error: {0}")]
+    Database(#[from] DbErr),
+    #[error("DATABASE_URL {0}")]
+    InvalidUrl(String),
+    #[error("stored data is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+impl StorageError {
+    /// Connection loss, timeouts, and constraint races between concurrent appliers are
+    /// transient: retrying the whole transaction is safe and will succeed or see the winner.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StorageError::Database(error) => matches!(
+                error,
+                DbErr::Conn(_)
+                    | DbErr::ConnectionAcquire(_)
+                    | DbErr::Exec(_)
+                    | DbErr::Query(_)
+                    | DbErr::RecordNotInserted
+            ),
+            StorageError::InvalidUrl(_) | StorageError::Inconsistent(_) => false,
+        }
+    }
+}
+
+/// An environment that the admin CLI created or found.
+#[derive(Clone, Debug)]
+pub struct CreatedEnvironment {
+    pub environment: EnvironmentRow,
+    /// The new secret key, shown once. `None` if the environment existed and kept its keys.
+    pub secret_key: Option<String>,
+}
+
+/// The handle on the database. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Store {
+    db: DatabaseConnection,
+}
+
+/// Splits `postgres://…/name?opts` into the URL of the maintenance database and `name`.
+fn postgres_database_name(url: &str) -> Result<(String, String), StorageError> {
+    let (without_query, query) = match url.split_once('?') {
+        Some((base, query)) => (base, Some(query)),
+        None => (url, None),
+    };
+    let (server, name) = without_query
+        .rsplit_once('/')
+        .filter(|(server, _)| server.contains("://") && !server.ends_with('/'))
+        .ok_or_else(|| StorageError::InvalidUrl("must name a database".into()))?;
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if !valid {
+        return Err(StorageError::InvalidUrl(format!(
+            "database name {name:?} must be 1–63 characters of [A-Za-z0-9_-]"
+        )));
+    }
+    let maintenance = match query {
+        Some(query) => format!("{server}/postgres?{query}"),
+        None => format!("{server}/postgres"),
+    };
+    Ok((maintenance, name.to_owned()))
+}
+
+/// Postgres advisory lock key that serializes migrations of concurrently starting processes.
+const MIGRATION_LOCK_KEY: i64 = 0x5e55_1035;
+
+impl Store {
+    /// Connects, creates the database if it does not exist (Postgres), and runs migrations.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self, StorageError> {
+        if url.starts_with("postgres") {
+            Self::create_postgres_database_if_missing(url).await?;
+        }
+        let mut options = ConnectOptions::new(url.to_owned());
+        options
+            .max_connections(max_connections)
+            .min_connections(1)
+            .connect_timeout(Duration::from_secs(5))
+            .acquire_timeout(Duration::from_secs(5))
+            .sqlx_logging(false);
+        let db = Database::connect(options).await?;
+        let store = Self { db };
+        store.migrate(url).await?;
+        Ok(store)
+    }
+
+    async fn create_postgres_database_if_missing(url: &str) -> Result<(), StorageError> {
+        let (maintenance_url, name) = postgres_database_name(url)?;
+        let mut options = ConnectOptions::new(maintenance_url);
+        options
+            .max_connections(1)
+            .connect_timeout(Duration::from_secs(5))
+            .sqlx_logging(false);
+        let maintenance = Database::connect(options).await?;
+        let exists = maintenance
+            .query_one_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                "SELECT 1 FROM pg_database WHERE datname = $1",
+                [name.clone().into()],
+            ))
+            .await?
+            .is_some();
+        if !exists {
+            // The name was validated to [A-Za-z0-9_-]; quoting keeps its case.
+            let created = maintenance
+                .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
+                .await;
+            if let Err(error) = created {
+                // Another process may have created it at the same moment (42P04).
+                if !error.to_string().contains("already exists") {
+                    return Err(error.into());
+                }
+            }
+        }
+        maintenance.close().await?;
+        Ok(())
+    }
+
+    /// Runs pending migrations. On Postgres an advisory lock on a dedicated connection makes
+    /// concurrent starts wait for each other instead of racing on DDL.
+    async fn migrate(&self, url: &str) -> Result<(), StorageError> {
+        if self.db.get_database_backend() != DbBackend::Postgres {
+            migrations::Migrator::up(&self.db, None).await?;
+            return Ok(());
+        }
+        let mut options = ConnectOptions::new(url.to_owned());
+        options.max_connections(1).sqlx_logging(false);
+        let locked = Database::connect(options).await?;
+        locked
+            .execute_unprepared(&format!("SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})"))
+            .await?;
+        let result = migrations::Migrator::up(&locked, None).await;
+        locked
+            .execute_unprepared(&format!("SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})"))
+            .await?;
+        locked.close().await?;
+        result.map_err(StorageError::from)
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> Result<(), StorageError> {
+        self.db.ping().await.map_err(StorageError::from)
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        self.db.get_database_backend() == DbBackend::Postgres
+    }
+
+    // ---------------------------------------------------------------- admin
+
+    /// Creates the project and the environment if they do not exist. A new environment gets a
+    /// new secret key (returned once); an existing one keeps its keys.
+    pub async fn create_environment(
+        &self,
+        project_slug: &str,
+        environment_slug: &str,
+    ) -> Result<CreatedEnvironment, StorageError> {
+        let txn = self.db.begin().await?;
+        let now = Utc::now();
+        let project = match projects::Entity::find()
+            .filter(projects::Column::Slug.eq(project_slug))
+            .one(&txn)
+            .await?
+        {
+            Some(project) => project,
+            None => {
+                projects::ActiveModel {
+                    id: sea_orm::Set(Uuid::now_v7()),
+                    slug: sea_orm::Set(project_slug.to_owned()),
+                    created_at: sea_orm::Set(now),
+                }
+                .insert(&txn)
+                .await?
+            }
+        };
+        if let Some(environment) = environments::Entity::find()
+            .filter(environments::Column::ProjectId.eq(project.id))
+            .filter(environments::Column::Slug.eq(environment_slug))
+            .one(&txn)
+            .await?
+        {
+            txn.commit().await?;
+            return Ok(CreatedEnvironment {
+                environment,
+                secret_key: None,
+            });
+        }
+        let environment = environments::ActiveModel {
+            id: sea_orm::Set(Uuid::now_v7()),
+            public_id: sea_orm::Set(ids::new_friendly_id(ENVIRONMENT_PREFIX)),
+            project_id: sea_orm::Set(project.id),
+            slug: sea_orm::Set(environment_slug.to_owned()),
+            created_at: sea_orm::Set(now),
+        }
+        .insert(&txn)
+        .await?;
+        let secret_key = ids::new_secret_key();
+        secret_keys::ActiveModel {
+            id: sea_orm::Set(Uuid::now_v7()),
+            environment_id: sea_orm::Set(environment.id),
+            digest: sea_orm::Set(crate::domain::tokens::secret_key_digest(&secret_key)),
+            created_at: sea_orm::Set(now),
+            revoked_at: sea_orm::Set(None),
+        }
+        .insert(&txn)
+        .await?;
+        txn.commit().await?;
+        Ok(CreatedEnvironment {
+            environment,
+            secret_key: Some(secret_key),
+        })
+    }
+
+    // ---------------------------------------------------------------- auth
+
+    /// The environment that owns the unrevoked key with this digest.
+    pub async fn environment_for_key_digest(
+        &self,
+        digest: &str,
+    ) -> Result<Option<EnvironmentRow>, StorageError> {
+        let Some(key) = secret_keys::Entity::find()
+            .filter(secret_keys::Column::Digest.eq(digest))
+            .filter(secret_keys::Column::RevokedAt.is_null())
+            .one(&self.db)
+            .await?
+        else {
+            return Ok(None);
+        };
+        Ok(environments::Entity::find_by_id(key.environment_id)
+            .one(&self.db)
+            .await?)
+    }
+
+    // ---------------------------------------------------------------- reads
+
+    /// The session `address` names in `environment_id`, if any.
+    pub async fn find_session(
+        &self,
+        environment_id: Uuid,
+        address: &SessionAddress,
+    ) -> Result<Option<SessionRow>, StorageError> {
+        let query =
+            sessions::Entity::find().filter(sessions::Column::EnvironmentId.eq(environment_id));
+        let query = match address {
+            SessionAddress::FriendlyId(id) => {
+                query.filter(sessions::Column::FriendlyId.eq(id.as_str()))
+            }
+            SessionAddress::ExternalId(id) => {
+                query.filter(sessions::Column::ExternalId.eq(id.as_str()))
+            }
+        };
+        Ok(query.one(&self.db).await?)
+    }
+
+    /// The wire form of a session, with its current run's friendly id resolved in the same
+    /// environment (a pointer to another environment's run resolves to `null`).
+    pub async fn session_item(&self, session: &SessionRow) -> Result<SessionItem, StorageError> {
+        let run_friendly_id = match session.current_run_id {
+            None => None,
+            Some(run_id) => runs::Entity::find_by_id(run_id)
+                .filter(runs::Column::EnvironmentId.eq(session.environment_id))
+                .one(&self.db)
+                .await?
+                .map(|run| run.friendly_id),
+        };
+        Ok(apply::session_item(session, run_friendly_id))
+    }
+
+    /// Records of one channel with `seq_num > after` (all if `None`), in order, at most `limit`.
+    pub async fn list_records(
+        &self,
+        environment_id: Uuid,
+        session_id: Uuid,
+        io: Io,
+        after: Option<i64>,
+        limit: u64,
+    ) -> Result<Vec<RecordRow>, StorageError> {
+        let mut query = records::Entity::find()
+            .filter(records::Column::EnvironmentId.eq(environment_id))
+            .filter(records::Column::SessionId.eq(session_id))
+            .filter(records::Column::Io.eq(io.as_str()));
+        if let Some(after) = after {
+            query = query.filter(records::Column::SeqNum.gt(after));
+        }
+        Ok(query
+            .order_by_asc(records::Column::SeqNum)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
+    }
+
+    // ---------------------------------------------------------------- outbox
+
+    /// Outbox events older than `older_than` (left behind by a crash between commit and
+    /// publish), oldest first.
+    pub async fn stale_outbox_events(
+        &self,
+        older_than: DateTime<Utc>,
+        limit: u64,
+    ) -> Result<Vec<OutboxEventRow>, StorageError> {
+        Ok(outbox_events::Entity::find()
+            .filter(outbox_events::Column::CreatedAt.lt(older_than))
+            .order_by_asc(outbox_events::Column::CreatedAt)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// Removes published outbox events.
+    pub async fn delete_outbox_events(&self, ids: &[Uuid]) -> Result<(), StorageError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        outbox_events::Entity::delete_many()
+            .filter(outbox_events::Column::Id.is_in(ids.iter().copied()))
+            .exec(&self.db)
+            .await?;
+        Ok(())
+    }
+
+    /// Counts rows of a table; used by tests and operators to check that refused input wrote
+    /// nothing.
+    pub async fn count_rows(&self, table: CountedTable) -> Result<u64, StorageError> {
+        let count = match table {
+            CountedTable::Sessions => sessions::Entity::find().count(&self.db).await?,
+            CountedTable::Runs => runs::Entity::find().count(&self.db).await?,
+            CountedTable::Records => records::Entity::find().count(&self.db).await?,
+        };
+        Ok(count)
+    }
+
+    pub(crate) fn connection(&self) -> &DatabaseConnection {
+        &self.db
+    }
+}
+
+/// Tables whose size [`Store::count_rows`] reports.
+#[derive(Clone, Copy, Debug)]
+pub enum CountedTable {
+    Sessions,
+    Runs,
+    Records,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_postgres_urls() {
+        let (maintenance, name) =
+            postgres_database_name("postgres://u@127.0.0.1:5432/sessions_t1?sslmode=disable")
+                .expect("split");
+        assert_eq!(
+            maintenance,
+            "postgres://u@127.0.0.1:5432/postgres?sslmode=disable"
+        );
+        assert_eq!(name, "sessions_t1");
+        assert!(postgres_database_name("postgres://127.0.0.1:5432").is_err());
+        assert!(postgres_database_name("postgres://h/bad;name").is_err());
+    }
+}

@@ -1,0 +1,320 @@
+//! THE apply logic: what each command kind does to a session, decided in one pure function over
+//! the state the batch transaction loaded. No IO here; [`crate::consumer`] runs it inside
+//! `Store::apply_batch`.
+//!
+//! Rules (SPEC §5, DESIGN §2–§3):
+//! - commands are applied in the order given (one partition contributes one message, whose
+//!   commands are in acceptance order), so each session's writes keep acceptance order;
+//! - every `(session, io)` gets seqNums 0, 1, 2… without gaps;
+//! - a part id that already owns a record makes a retry a duplicate (same body) or a conflict
+//!   (other body), permanently; neither writes anything;
+//! - a redelivered command returns its first outcome and writes nothing again.
+
+use std::collections::{HashMap, HashSet};
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use shared::commands::{
+    AppendCommand, CloseSessionCommand, Command, CommandBody, CreateSessionCommand, Outcome,
+};
+use shared::domain::Io;
+use shared::domain::dedup::{DedupKey, body_fingerprint};
+use shared::domain::session::{SessionState, session_state};
+use shared::storage::{
+    BatchWrites, LoadedState, NewOutboxEvent, PartOwner, RecordRow, RunRow, SessionRow,
+};
+use uuid::Uuid;
+
+/// Routing key of the event that asks runners to start a run.
+pub const RUN_REQUESTED: &str = "run.requested";
+
+struct Planner {
+    state: LoadedState,
+    writes: BatchWrites,
+    inserted_sessions: Vec<Uuid>,
+    updated_sessions: HashSet<Uuid>,
+    outcomes_so_far: HashMap<Uuid, Outcome>,
+}
+
+/// Decides the writes and the outcome of every command, in order.
+pub fn plan_batch(commands: &[Command], state: LoadedState) -> (BatchWrites, Vec<Outcome>) {
+    let mut planner = Planner {
+        state,
+        writes: BatchWrites::default(),
+        inserted_sessions: Vec::new(),
+        updated_sessions: HashSet::new(),
+        outcomes_so_far: HashMap::new(),
+    };
+    let mut outcomes = Vec::with_capacity(commands.len());
+    for command in commands {
+        // The same command twice in one batch (a redelivery racing its original) applies once.
+        let outcome = match planner.outcomes_so_far.get(&command.id) {
+            Some(earlier) => earlier.clone(),
+            None => {
+                let outcome = planner.apply(command);
+                planner.outcomes_so_far.insert(command.id, outcome.clone());
+                outcome
+            }
+        };
+        outcomes.push(outcome);
+    }
+    (planner.finish(), outcomes)
+}
+
+impl Planner {
+    fn apply(&mut self, command: &Command) -> Outcome {
+        match &command.body {
+            CommandBody::Append(append) => self.append(command, append),
+            CommandBody::CreateSession(create) => {
+                let outcome = self
+                    .state
+                    .applied_outcomes
+                    .get(&command.id)
+                    .cloned()
+                    .unwrap_or_else(|| self.create_session(command, create));
+                self.remember(command, &outcome);
+                outcome
+            }
+            CommandBody::CloseSession(close) => {
+                let outcome = self
+                    .state
+                    .applied_outcomes
+                    .get(&command.id)
+                    .cloned()
+                    .unwrap_or_else(|| self.close_session(command, close));
+                self.remember(command, &outcome);
+                outcome
+            }
+        }
+    }
+
+    /// Stores a non-append outcome so that a redelivery replays it.
+    fn remember(&mut self, command: &Command, outcome: &Outcome) {
+        if !self.state.applied_outcomes.contains_key(&command.id) {
+            self.writes
+                .applied_outcomes
+                .push((command.id, outcome.clone()));
+            self.state
+                .applied_outcomes
+                .insert(command.id, outcome.clone());
+        }
+    }
+
+    fn session_mut(&mut self, command: &Command) -> Option<&mut SessionRow> {
+        self.state
+            .sessions
+            .get_mut(&command.session_id)
+            .filter(|session| session.environment_id == command.environment_id)
+    }
+
+    fn append(&mut self, command: &Command, append: &AppendCommand) -> Outcome {
+        if let Some(seq_num) = self.state.recorded_appends.get(&command.id) {
+            return Outcome::Appended { seq_num: *seq_num };
+        }
+        let now = self.state.now;
+        let Some(session) = self
+            .state
+            .sessions
+            .get(&command.session_id)
+            .filter(|session| session.environment_id == command.environment_id)
+        else {
+            return Outcome::SessionNotFound;
+        };
+        // Expiry is judged by the time the command was accepted (SPEC §5); closing is ordered
+        // with the appends on the partition, so a close applied earlier rejects this append.
+        match session_state(session.closed_at, session.expires_at, command.accepted_at) {
+            SessionState::Closed => return Outcome::SessionClosed,
+            SessionState::Expired => return Outcome::SessionExpired,
+            SessionState::Open => {}
+        }
+        let fingerprint = body_fingerprint(&append.body);
+        let key = append.part_id.as_ref().map(|part_id| DedupKey {
+            environment_id: command.environment_id,
+            session_id: command.session_id,
+            io: append.io,
+            part_id: part_id.clone(),
+        });
+        if let Some(owner) = key.as_ref().and_then(|key| self.state.parts.get(key)) {
+            return if owner.body_fingerprint == fingerprint {
+                Outcome::Duplicate {
+                    seq_num: owner.seq_num,
+                }
+            } else {
+                Outcome::Conflict {
+                    seq_num: owner.seq_num,
+                }
+            };
+        }
+        let Some(session) = self.session_mut(command) else {
+            return Outcome::SessionNotFound;
+        };
+        let counter = match append.io {
+            Io::In => &mut session.next_seq_in,
+            Io::Out => &mut session.next_seq_out,
+        };
+        let seq_num = *counter;
+        *counter += 1;
+        session.updated_at = now;
+        let session_id = session.id;
+        self.updated_sessions.insert(session_id);
+        if let Some(key) = key {
+            self.state.parts.insert(
+                key,
+                PartOwner {
+                    seq_num,
+                    body_fingerprint: fingerprint.clone(),
+                },
+            );
+        }
+        self.writes.records.push(RecordRow {
+            session_id,
+            io: append.io.as_str().to_owned(),
+            seq_num,
+            environment_id: command.environment_id,
+            part_id: append.part_id.clone(),
+            body: append.body.clone(),
+            body_fingerprint: fingerprint,
+            command_id: command.id,
+            created_at: now,
+        });
+        self.state.recorded_appends.insert(command.id, seq_num);
+        Outcome::Appended { seq_num }
+    }
+
+    fn current_run_friendly_id(&self, session: &SessionRow) -> Option<String> {
+        session
+            .current_run_id
+            .and_then(|run_id| self.state.run_friendly_ids.get(&run_id).cloned())
+    }
+
+    fn create_session(&mut self, command: &Command, create: &CreateSessionCommand) -> Outcome {
+        let now = self.state.now;
+        if let Some(existing) = self.state.sessions.get(&command.session_id) {
+            if existing.environment_id != command.environment_id {
+                return Outcome::SessionNotFound;
+            }
+            if existing.closed_at.is_some() {
+                return Outcome::SessionClosed;
+            }
+            let run = self.current_run_friendly_id(existing);
+            return Outcome::SessionCreated {
+                session: Box::new(existing.to_item(run.clone())),
+                run_friendly_id: run.unwrap_or_default(),
+                cached: true,
+            };
+        }
+        if create
+            .expires_at
+            .is_some_and(|expiry| expiry <= command.accepted_at)
+        {
+            return Outcome::SessionExpired;
+        }
+        let session = SessionRow {
+            id: command.session_id,
+            friendly_id: create.friendly_id.clone(),
+            environment_id: command.environment_id,
+            external_id: create.external_id.clone(),
+            session_type: create.session_type.clone(),
+            task_identifier: create.task_identifier.clone(),
+            trigger_config: create.trigger_config.clone(),
+            tags: json!(create.tags),
+            metadata: create.metadata.clone(),
+            expires_at: create.expires_at,
+            closed_at: None,
+            closed_reason: None,
+            current_run_id: Some(create.run_id),
+            next_seq_in: 0,
+            next_seq_out: 0,
+            created_at: now,
+            updated_at: now,
+        };
+        self.writes.runs.push(RunRow {
+            id: create.run_id,
+            friendly_id: create.run_friendly_id.clone(),
+            environment_id: command.environment_id,
+            session_id: command.session_id,
+            created_at: now,
+        });
+        self.writes.outbox.push(run_requested_event(
+            create,
+            &session,
+            "session_created",
+            now,
+        ));
+        self.state
+            .run_friendly_ids
+            .insert(create.run_id, create.run_friendly_id.clone());
+        let item = session.to_item(Some(create.run_friendly_id.clone()));
+        self.state.sessions.insert(session.id, session);
+        self.inserted_sessions.push(command.session_id);
+        Outcome::SessionCreated {
+            session: Box::new(item),
+            run_friendly_id: create.run_friendly_id.clone(),
+            cached: false,
+        }
+    }
+
+    fn close_session(&mut self, command: &Command, close: &CloseSessionCommand) -> Outcome {
+        let now = self.state.now;
+        let Some(session) = self.session_mut(command) else {
+            return Outcome::SessionNotFound;
+        };
+        if session.closed_at.is_none() {
+            session.closed_at = Some(now);
+            session.closed_reason = close.reason.clone();
+            session.updated_at = now;
+            let id = session.id;
+            self.updated_sessions.insert(id);
+        }
+        let Some(session) = self.state.sessions.get(&command.session_id) else {
+            return Outcome::SessionNotFound;
+        };
+        let run = self.current_run_friendly_id(session);
+        Outcome::SessionClosedNow {
+            session: Box::new(session.to_item(run)),
+        }
+    }
+
+    fn finish(mut self) -> BatchWrites {
+        for id in &self.inserted_sessions {
+            if let Some(session) = self.state.sessions.get(id) {
+                self.writes.inserted_sessions.push(session.clone());
+            }
+        }
+        let inserted: HashSet<Uuid> = self.inserted_sessions.iter().copied().collect();
+        for id in &self.updated_sessions {
+            if inserted.contains(id) {
+                continue;
+            }
+            if let Some(session) = self.state.sessions.get(id) {
+                self.writes.updated_sessions.push(session.clone());
+            }
+        }
+        self.writes
+    }
+}
+
+fn run_requested_event(
+    create: &CreateSessionCommand,
+    session: &SessionRow,
+    reason: &str,
+    at: DateTime<Utc>,
+) -> NewOutboxEvent {
+    NewOutboxEvent {
+        routing_key: RUN_REQUESTED.to_owned(),
+        payload: json!({
+            "type": RUN_REQUESTED,
+            "runId": create.run_friendly_id,
+            "sessionId": session.friendly_id,
+            "externalId": session.external_id,
+            "environmentId": create.environment_public_id,
+            "taskIdentifier": session.task_identifier,
+            "triggerConfig": session.trigger_config,
+            "reason": reason,
+            "requestedAt": at,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,263 @@
+use super::*;
+use chrono::TimeDelta;
+use shared::commands::AppendCommand;
+
+const ENV: Uuid = Uuid::from_u128(1);
+const SESSION: Uuid = Uuid::from_u128(2);
+
+fn now() -> DateTime<Utc> {
+    DateTime::from_timestamp(1_900_000_000, 0).unwrap_or_default()
+}
+
+fn session_row() -> SessionRow {
+    SessionRow {
+        id: SESSION,
+        friendly_id: "session_a".into(),
+        environment_id: ENV,
+        external_id: Some("chat".into()),
+        session_type: "chat.agent".into(),
+        task_identifier: "agent".into(),
+        trigger_config: json!({"basePayload": {}}),
+        tags: json!([]),
+        metadata: None,
+        expires_at: None,
+        closed_at: None,
+        closed_reason: None,
+        current_run_id: None,
+        next_seq_in: 0,
+        next_seq_out: 0,
+        created_at: now(),
+        updated_at: now(),
+    }
+}
+
+fn state_with(session: Option<SessionRow>) -> LoadedState {
+    let mut state = LoadedState {
+        now: now(),
+        ..LoadedState::default()
+    };
+    if let Some(session) = session {
+        state.sessions.insert(session.id, session);
+    }
+    state
+}
+
+fn append(id: u128, io: Io, part_id: Option<&str>, body: &str) -> Command {
+    Command {
+        id: Uuid::from_u128(id),
+        environment_id: ENV,
+        session_id: SESSION,
+        accepted_at: now(),
+        wants_reply: false,
+        body: CommandBody::Append(AppendCommand {
+            io,
+            part_id: part_id.map(str::to_owned),
+            body: body.into(),
+        }),
+    }
+}
+
+#[test]
+fn seq_nums_are_gapless_per_channel_in_order() {
+    let commands = vec![
+        append(10, Io::In, None, "a"),
+        append(11, Io::Out, None, "b"),
+        append(12, Io::In, None, "c"),
+    ];
+    let (writes, outcomes) = plan_batch(&commands, state_with(Some(session_row())));
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Appended { seq_num: 0 },
+            Outcome::Appended { seq_num: 0 },
+            Outcome::Appended { seq_num: 1 },
+        ]
+    );
+    assert_eq!(writes.records.len(), 3);
+    assert_eq!(writes.updated_sessions.len(), 1);
+    assert_eq!(writes.updated_sessions[0].next_seq_in, 2);
+    assert_eq!(writes.updated_sessions[0].next_seq_out, 1);
+}
+
+#[test]
+fn part_id_retries_are_duplicates_or_conflicts_and_write_nothing() {
+    let commands = vec![
+        append(10, Io::In, Some("p"), "first"),
+        append(11, Io::In, Some("p"), "first"),
+        append(12, Io::In, Some("p"), "other"),
+        append(13, Io::Out, Some("p"), "first"),
+    ];
+    let (writes, outcomes) = plan_batch(&commands, state_with(Some(session_row())));
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Appended { seq_num: 0 },
+            Outcome::Duplicate { seq_num: 0 },
+            Outcome::Conflict { seq_num: 0 },
+            Outcome::Appended { seq_num: 0 },
+        ]
+    );
+    assert_eq!(writes.records.len(), 2);
+}
+
+#[test]
+fn stored_part_owner_decides_across_batches() {
+    let mut state = state_with(Some(session_row()));
+    state.parts.insert(
+        DedupKey {
+            environment_id: ENV,
+            session_id: SESSION,
+            io: Io::In,
+            part_id: "p".into(),
+        },
+        PartOwner {
+            seq_num: 4,
+            body_fingerprint: body_fingerprint("first"),
+        },
+    );
+    let commands = vec![
+        append(10, Io::In, Some("p"), "first"),
+        append(11, Io::In, Some("p"), "second"),
+    ];
+    let (writes, outcomes) = plan_batch(&commands, state);
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Duplicate { seq_num: 4 },
+            Outcome::Conflict { seq_num: 4 }
+        ]
+    );
+    assert!(writes.records.is_empty());
+    assert!(writes.updated_sessions.is_empty());
+}
+
+#[test]
+fn redelivered_and_repeated_commands_apply_once() {
+    let mut state = state_with(Some(session_row()));
+    state.recorded_appends.insert(Uuid::from_u128(10), 7);
+    let commands = vec![
+        append(10, Io::In, None, "a"),
+        append(11, Io::In, None, "b"),
+        append(11, Io::In, None, "b"),
+    ];
+    let (writes, outcomes) = plan_batch(&commands, state);
+    assert_eq!(
+        outcomes,
+        vec![
+            Outcome::Appended { seq_num: 7 },
+            Outcome::Appended { seq_num: 0 },
+            Outcome::Appended { seq_num: 0 },
+        ]
+    );
+    assert_eq!(writes.records.len(), 1);
+}
+
+#[test]
+fn closed_expired_and_missing_sessions_reject_appends() {
+    let mut closed = session_row();
+    closed.closed_at = Some(now());
+    let (writes, outcomes) = plan_batch(&[append(10, Io::In, None, "a")], state_with(Some(closed)));
+    assert_eq!(outcomes, vec![Outcome::SessionClosed]);
+    assert!(writes.records.is_empty());
+
+    let mut expired = session_row();
+    expired.expires_at = Some(now() - TimeDelta::seconds(1));
+    let (_, outcomes) = plan_batch(&[append(10, Io::In, None, "a")], state_with(Some(expired)));
+    assert_eq!(outcomes, vec![Outcome::SessionExpired]);
+
+    // Accepted before the expiry: applied even if the worker runs later.
+    let mut expires_later = session_row();
+    expires_later.expires_at = Some(now() + TimeDelta::seconds(1));
+    let mut state = state_with(Some(expires_later));
+    state.now = now() + TimeDelta::seconds(60);
+    let (_, outcomes) = plan_batch(&[append(10, Io::In, None, "a")], state);
+    assert_eq!(outcomes, vec![Outcome::Appended { seq_num: 0 }]);
+
+    let (_, outcomes) = plan_batch(&[append(10, Io::In, None, "a")], state_with(None));
+    assert_eq!(outcomes, vec![Outcome::SessionNotFound]);
+}
+
+#[test]
+fn another_environment_cannot_touch_the_session() {
+    let mut command = append(10, Io::In, None, "a");
+    command.environment_id = Uuid::from_u128(99);
+    let (writes, outcomes) = plan_batch(&[command], state_with(Some(session_row())));
+    assert_eq!(outcomes, vec![Outcome::SessionNotFound]);
+    assert!(writes.records.is_empty());
+}
+
+fn create(id: u128) -> Command {
+    Command {
+        id: Uuid::from_u128(id),
+        environment_id: ENV,
+        session_id: SESSION,
+        accepted_at: now(),
+        wants_reply: true,
+        body: CommandBody::CreateSession(Box::new(CreateSessionCommand {
+            friendly_id: "session_new".into(),
+            environment_public_id: "env_x".into(),
+            external_id: Some("chat".into()),
+            session_type: "chat.agent".into(),
+            task_identifier: "agent".into(),
+            trigger_config: json!({"basePayload": {}}),
+            tags: vec!["t".into()],
+            metadata: None,
+            expires_at: None,
+            run_id: Uuid::from_u128(500),
+            run_friendly_id: "run_first".into(),
+        })),
+    }
+}
+
+#[test]
+fn create_then_append_in_one_batch_inserts_the_final_row() {
+    let commands = vec![create(1), append(10, Io::In, None, "a"), create(2)];
+    let (writes, outcomes) = plan_batch(&commands, state_with(None));
+    assert!(matches!(
+        &outcomes[0],
+        Outcome::SessionCreated { cached: false, run_friendly_id, .. } if run_friendly_id == "run_first"
+    ));
+    assert_eq!(outcomes[1], Outcome::Appended { seq_num: 0 });
+    assert!(matches!(
+        &outcomes[2],
+        Outcome::SessionCreated { cached: true, .. }
+    ));
+    assert_eq!(writes.inserted_sessions.len(), 1);
+    assert_eq!(writes.inserted_sessions[0].next_seq_in, 1);
+    assert!(writes.updated_sessions.is_empty());
+    assert_eq!(writes.runs.len(), 1);
+    assert_eq!(writes.outbox.len(), 1);
+    assert_eq!(writes.outbox[0].routing_key, RUN_REQUESTED);
+    assert_eq!(writes.applied_outcomes.len(), 2);
+}
+
+#[test]
+fn close_is_idempotent_and_blocks_later_appends() {
+    let close = Command {
+        id: Uuid::from_u128(20),
+        environment_id: ENV,
+        session_id: SESSION,
+        accepted_at: now(),
+        wants_reply: true,
+        body: CommandBody::CloseSession(CloseSessionCommand {
+            reason: Some("done".into()),
+        }),
+    };
+    let mut second_close = close.clone();
+    second_close.id = Uuid::from_u128(21);
+    let commands = vec![
+        append(10, Io::In, None, "before"),
+        close,
+        append(11, Io::In, None, "after"),
+        second_close,
+    ];
+    let (writes, outcomes) = plan_batch(&commands, state_with(Some(session_row())));
+    assert_eq!(outcomes[0], Outcome::Appended { seq_num: 0 });
+    let Outcome::SessionClosedNow { session } = &outcomes[1] else {
+        panic!("expected a close outcome, got {:?}", outcomes[1]);
+    };
+    assert_eq!(session.closed_reason.as_deref(), Some("done"));
+    assert_eq!(outcomes[2], Outcome::SessionClosed);
+    assert_eq!(outcomes[3], outcomes[1]);
+    assert_eq!(writes.records.len(), 1);
+}

@@ -1,0 +1,392 @@
+//! Partition consumption and micro-batching.
+//!
+//! One connection carries a channel per partition with prefetch 1, so each partition has at
+//! most one unacknowledged message. The ready messages of all partitions are applied together:
+//! one Redis pipeline of claims, one database transaction, then replies, events and acks.
+//! Per-session order holds because a session lives on one partition and a message keeps its
+//! commands in acceptance order.
+//!
+//! A supervisor loop rebuilds the connection and consumers after any failure. Transient apply
+//! failures are retried with backoff while the deliveries are held; past the retry budget the
+//! connection is closed (the messages return to the head of their queues) and the worker pauses.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use backon::{ExponentialBuilder, Retryable};
+use shared::broker::{BrokerConfig, BrokerLink, BrokerNames, Incoming, consume_partitions};
+use shared::cache::Cache;
+use shared::commands::{Command, CommandBody, Envelope, Outcome, Reply};
+use shared::config::Settings;
+use shared::domain::dedup::DedupKey;
+use shared::storage::{OutboxEventRow, StorageError, Store};
+use tokio::sync::{mpsc, watch};
+
+use crate::apply::plan_batch;
+use crate::outcome::{MessageResult, settle};
+
+/// Why the consume loop returned.
+enum LoopEnd {
+    Shutdown,
+    ConnectionBroken,
+    RetryBudgetExhausted,
+}
+
+/// Everything the worker needs, shared by its tasks.
+pub struct WorkerContext {
+    pub settings: Settings,
+    pub store: Store,
+    pub cache: Cache,
+    pub link: BrokerLink,
+    /// Names this worker in claims and consumer tags.
+    pub instance: String,
+}
+
+impl std::fmt::Debug for WorkerContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerContext")
+            .field("instance", &self.instance)
+            .finish_non_exhaustive()
+    }
+}
+
+pub fn broker_config(settings: &Settings, connection_name: String) -> BrokerConfig {
+    BrokerConfig {
+        url: settings.amqp_url.clone(),
+        names: BrokerNames {
+            prefix: settings.broker_prefix.clone(),
+            partitions: settings.partitions,
+        },
+        delivery_limit: settings.delivery_limit,
+        queue_expires: settings.queue_expires,
+        confirm_timeout: settings.confirm_timeout,
+        connection_name,
+    }
+}
+
+/// Runs until `shutdown` turns true: consume, apply, ack; rebuild on failure.
+pub async fn run(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool>) {
+    let config = broker_config(&context.settings, format!("{}-consumer", context.instance));
+    let partitions: Vec<u16> = (0..context.settings.partitions).collect();
+    let reconnect = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(200))
+        .with_max_delay(Duration::from_secs(5))
+        .with_jitter()
+        .without_max_times();
+    let mut delays = backon::BackoffBuilder::build(reconnect);
+    while !*shutdown.borrow() {
+        let (sink, deliveries) = mpsc::channel(usize::from(context.settings.partitions) * 2);
+        let mut connection =
+            match consume_partitions(&config, &partitions, &context.instance, sink).await {
+                Ok(connection) => connection,
+                Err(error) => {
+                    let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(%error, ?delay, "cannot consume partitions yet");
+                    metrics::counter!("sessions_worker_reconnects_total").increment(1);
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    continue;
+                }
+            };
+        delays = backon::BackoffBuilder::build(reconnect);
+        tracing::info!(partitions = partitions.len(), "consuming partitions");
+        let end = consume_loop(&context, deliveries, &mut connection, &mut shutdown).await;
+        connection.close().await;
+        match end {
+            LoopEnd::Shutdown => break,
+            LoopEnd::ConnectionBroken => {
+                metrics::counter!("sessions_worker_reconnects_total").increment(1);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            LoopEnd::RetryBudgetExhausted => {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+        }
+    }
+    tracing::info!("worker stopped consuming");
+}
+
+async fn consume_loop(
+    context: &WorkerContext,
+    mut deliveries: mpsc::Receiver<Incoming>,
+    connection: &mut shared::broker::ConsumerConnection,
+    shutdown: &mut watch::Receiver<bool>,
+) -> LoopEnd {
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.changed() => return LoopEnd::Shutdown,
+            _ = connection.broken() => return LoopEnd::ConnectionBroken,
+            first = deliveries.recv() => match first {
+                Some(first) => first,
+                None => return LoopEnd::ConnectionBroken,
+            },
+        };
+        let mut batch = vec![first];
+        while batch.len() < context.settings.worker_batch_max {
+            match deliveries.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        if let Err(BudgetExhausted) = process_batch(context, batch).await {
+            return LoopEnd::RetryBudgetExhausted;
+        }
+        if *shutdown.borrow() {
+            return LoopEnd::Shutdown;
+        }
+    }
+}
+
+struct BudgetExhausted;
+
+/// A decoded message and its commands.
+struct Decoded {
+    incoming: Incoming,
+    commands: Vec<Command>,
+}
+
+async fn process_batch(
+    context: &WorkerContext,
+    batch: Vec<Incoming>,
+) -> Result<(), BudgetExhausted> {
+    metrics::histogram!("sessions_worker_batch_size").record(batch.len() as f64);
+    let mut decoded = Vec::with_capacity(batch.len());
+    for incoming in batch {
+        match Envelope::decode(&incoming.payload) {
+            Ok(envelope) => decoded.push(Decoded {
+                incoming,
+                commands: envelope.commands,
+            }),
+            Err(error) => {
+                settle(
+                    &context.link,
+                    &incoming,
+                    MessageResult::Poison(error.to_string()),
+                )
+                .await;
+            }
+        }
+    }
+    if decoded.is_empty() {
+        return Ok(());
+    }
+    match apply_messages(context, &decoded).await {
+        Ok(()) => Ok(()),
+        Err(ApplyFailure::Transient) => {
+            for message in &decoded {
+                settle(&context.link, &message.incoming, MessageResult::Abandoned).await;
+            }
+            Err(BudgetExhausted)
+        }
+        Err(ApplyFailure::Permanent(reason)) if decoded.len() == 1 => {
+            settle(
+                &context.link,
+                &decoded[0].incoming,
+                MessageResult::Poison(reason),
+            )
+            .await;
+            Ok(())
+        }
+        Err(ApplyFailure::Permanent(reason)) => {
+            // Isolate the culprit: apply the messages one by one.
+            tracing::warn!(%reason, "batch failed permanently; applying its messages one by one");
+            for message in decoded {
+                let single = [message];
+                match apply_messages(context, &single).await {
+                    Ok(()) => {}
+                    Err(ApplyFailure::Transient) => {
+                        settle(&context.link, &single[0].incoming, MessageResult::Abandoned).await;
+                        return Err(BudgetExhausted);
+                    }
+                    Err(ApplyFailure::Permanent(reason)) => {
+                        settle(
+                            &context.link,
+                            &single[0].incoming,
+                            MessageResult::Poison(reason),
+                        )
+                        .await;
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+enum ApplyFailure {
+    Transient,
+    Permanent(String),
+}
+
+/// Claims, applies in one transaction (retrying transient failures), then publishes events,
+/// replies, releases claims and acks.
+async fn apply_messages(context: &WorkerContext, messages: &[Decoded]) -> Result<(), ApplyFailure> {
+    let commands: Vec<Command> = messages
+        .iter()
+        .flat_map(|message| message.commands.iter().cloned())
+        .collect();
+    let claims = claim_parts(context, &commands).await;
+
+    let started = Instant::now();
+    let policy = ExponentialBuilder::default()
+        .with_min_delay(Duration::from_millis(50))
+        .with_max_delay(Duration::from_secs(2))
+        .with_jitter()
+        .with_total_delay(Some(context.settings.retry_budget))
+        .without_max_times();
+    let applied = (|| async {
+        context
+            .store
+            .apply_batch(&commands, |state| plan_batch(&commands, state))
+            .await
+    })
+    .retry(policy)
+    .when(StorageError::is_transient)
+    .notify(|error, delay| {
+        metrics::counter!("sessions_worker_apply_retries_total").increment(1);
+        tracing::warn!(%error, ?delay, "apply failed; retrying while holding the deliveries");
+    })
+    .await;
+    release_claims(context, &claims).await;
+    let (outcomes, outbox) = match applied {
+        Ok(result) => result,
+        Err(error) if error.is_transient() => return Err(ApplyFailure::Transient),
+        Err(error) => return Err(ApplyFailure::Permanent(error.to_string())),
+    };
+    metrics::histogram!("sessions_worker_apply_seconds").record(started.elapsed().as_secs_f64());
+
+    publish_outbox(context, outbox).await;
+
+    let mut offset = 0;
+    for message in messages {
+        let outcomes_of_message = &outcomes[offset..offset + message.commands.len()];
+        offset += message.commands.len();
+        send_replies(context, message, outcomes_of_message).await;
+        settle(
+            &context.link,
+            &message.incoming,
+            MessageResult::Applied(outcomes_of_message),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+/// Claims the part ids of the batch's appends in Redis (fast path). Failures only cost the fast
+/// path: the database's unique constraint is the fence.
+async fn claim_parts(context: &WorkerContext, commands: &[Command]) -> Vec<(String, String)> {
+    let claims: Vec<(String, String)> = commands
+        .iter()
+        .filter_map(|command| match &command.body {
+            CommandBody::Append(append) => append.part_id.as_ref().map(|part_id| {
+                let key = DedupKey {
+                    environment_id: command.environment_id,
+                    session_id: command.session_id,
+                    io: append.io,
+                    part_id: part_id.clone(),
+                };
+                (
+                    context.cache.claim_key(&key),
+                    format!("{}:{}", context.instance, command.id),
+                )
+            }),
+            _ => None,
+        })
+        .collect();
+    match context
+        .cache
+        .claim_many(&claims, context.settings.claim_ttl)
+        .await
+    {
+        Ok(results) => {
+            let contended = results.iter().filter(|claimed| !**claimed).count();
+            if contended > 0 {
+                metrics::counter!("sessions_worker_claims_contended_total")
+                    .increment(contended as u64);
+            }
+            claims
+                .into_iter()
+                .zip(results)
+                .filter_map(|(claim, claimed)| claimed.then_some(claim))
+                .collect()
+        }
+        Err(error) => {
+            tracing::warn!(%error, "dedup claims unavailable; relying on the database fence");
+            Vec::new()
+        }
+    }
+}
+
+async fn release_claims(context: &WorkerContext, claims: &[(String, String)]) {
+    if let Err(error) = context.cache.release_many(claims).await {
+        tracing::warn!(%error, "could not release dedup claims; they expire on their own");
+    }
+}
+
+/// Publishes committed outbox events and removes them. Failures leave them to the sweeper.
+pub async fn publish_outbox(context: &WorkerContext, events: Vec<OutboxEventRow>) {
+    let mut published = Vec::with_capacity(events.len());
+    for event in events {
+        let payload = serde_json::to_vec(&event.payload).unwrap_or_default();
+        match context
+            .link
+            .publish_event(&event.routing_key, &payload)
+            .await
+        {
+            Ok(()) => published.push(event.id),
+            Err(error) => {
+                tracing::warn!(%error, routing_key = %event.routing_key, "event publish failed; the outbox sweeper retries");
+                break;
+            }
+        }
+    }
+    if let Err(error) = context.store.delete_outbox_events(&published).await {
+        tracing::warn!(%error, "could not delete published outbox events; they may be published again");
+    }
+}
+
+/// Re-publishes outbox events left behind by a crash between commit and publish.
+pub async fn sweep_outbox(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool>) {
+    let mut interval = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        tokio::select! {
+            _ = interval.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        let older_than = chrono::Utc::now() - chrono::TimeDelta::seconds(10);
+        match context.store.stale_outbox_events(older_than, 500).await {
+            Ok(events) if !events.is_empty() => publish_outbox(&context, events).await,
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "outbox sweep failed"),
+        }
+    }
+}
+
+/// Sends the outcomes of the commands that asked for a reply, as one reply message.
+async fn send_replies(context: &WorkerContext, message: &Decoded, outcomes: &[Outcome]) {
+    let Some(reply_to) = message.incoming.reply_to.as_deref() else {
+        return;
+    };
+    let replies: Vec<Reply> = message
+        .commands
+        .iter()
+        .zip(outcomes)
+        .filter(|(command, _)| command.wants_reply)
+        .map(|(command, outcome)| Reply {
+            command_id: command.id,
+            outcome: outcome.clone(),
+        })
+        .collect();
+    if replies.is_empty() {
+        return;
+    }
+    let payload = serde_json::to_vec(&replies).unwrap_or_default();
+    if let Err(error) = context.link.publish_reply(reply_to, &payload).await {
+        tracing::warn!(%error, "reply lost; the api answers its caller with a timeout");
+    }
+}

@@ -1,0 +1,70 @@
+//! The worker: consumes partition queues and applies commands.
+//!
+//! - [`consumer`]: partitions, micro-batching, the supervisor that rebuilds connections.
+//! - [`apply`]: THE apply logic, pure: command kind → writes and outcome.
+//! - [`outcome`]: the one function that acks, dead-letters or hands back a message.
+//!
+//! [`Worker::build`] connects (and migrates) the database; the broker and Redis connect lazily
+//! and reconnect on their own. [`Worker::run_until_stopped`] runs until the shutdown signal and
+//! then finishes its current batch before returning.
+
+pub mod apply;
+pub mod consumer;
+pub mod outcome;
+
+use std::sync::Arc;
+
+use shared::broker::BrokerLink;
+use shared::cache::{Cache, CacheError};
+use shared::config::Settings;
+use shared::storage::{StorageError, Store};
+use tokio::sync::watch;
+
+use consumer::{WorkerContext, broker_config};
+
+/// Why the worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+}
+
+/// A built worker, ready to run.
+#[derive(Debug)]
+pub struct Worker {
+    context: Arc<WorkerContext>,
+}
+
+impl Worker {
+    pub async fn build(settings: Settings) -> Result<Self, WorkerError> {
+        let store = Store::connect(&settings.database_url, settings.db_max_connections).await?;
+        let cache = Cache::new(&settings.redis_url, &settings.redis_prefix)?;
+        let instance = format!("worker-{}", uuid::Uuid::now_v7().simple());
+        let link = BrokerLink::new(
+            broker_config(&settings, format!("{instance}-publisher")),
+            None,
+        );
+        Ok(Self {
+            context: Arc::new(WorkerContext {
+                settings,
+                store,
+                cache,
+                link,
+                instance,
+            }),
+        })
+    }
+
+    /// Consumes until `shutdown` becomes true, then finishes the current batch and returns.
+    pub async fn run_until_stopped(self, shutdown: watch::Receiver<bool>) {
+        let sweeper = tokio::spawn(consumer::sweep_outbox(
+            self.context.clone(),
+            shutdown.clone(),
+        ));
+        consumer::run(self.context.clone(), shutdown).await;
+        sweeper.abort();
+        self.context.link.close().await;
+    }
+}

@@ -1,0 +1,53 @@
+//! `sessions-worker`: reads configuration, builds the worker, runs it until SIGTERM/SIGINT.
+
+use shared::config::Settings;
+use tokio::sync::watch;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    shared::telemetry::init_logging();
+    let settings = match Settings::from_env() {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("sessions-worker: {error}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    shared::telemetry::prometheus();
+    let worker = match worker::Worker::build(settings).await {
+        Ok(worker) => worker,
+        Err(error) => {
+            eprintln!("sessions-worker: cannot start: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        tracing::info!("shutdown requested; finishing the current batch");
+        let _ = stop.send(true);
+    });
+    worker.run_until_stopped(stopped).await;
+    std::process::ExitCode::SUCCESS
+}
+
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(signal) => signal,
+                Err(_) => {
+                    let _ = interrupt.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = interrupt => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = interrupt.await;
+}
