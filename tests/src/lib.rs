@@ -1,1 +1,478 @@
+//! The shared test harness: spawn the api (in process) and workers (in process or as child
+//! processes) against the real RabbitMQ, Postgres and Redis on 127.0.0.1, each test isolated by
+//! its own database, broker name prefix and Redis key prefix.
+//!
+//! Shape after zero-to-production's `spawn_app`: [`TestApp::spawn`] returns typed helpers.
+//! Call [`TestApp::cleanup`] at the end of a test: it stops the processes, deletes the broker
+//! topology and drops the database. Leftovers of crashed runs are swept: databases older than
+//! two hours at the next start, queues by their `x-expires`.
 
+pub mod proxy;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use serde_json::{Value, json};
+use shared::config::Settings;
+use shared::storage::Store;
+use tokio::sync::{oneshot, watch};
+
+pub const POSTGRES_SERVER: &str = "postgres://postgres@127.0.0.1:5432";
+pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=5";
+pub const REDIS_URL: &str = "redis://127.0.0.1:6379/";
+
+/// A unique, sortable name for one test's resources: `t<unix seconds>_<random>`.
+pub fn unique_name() -> String {
+    let seconds = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs())
+        .unwrap_or(0);
+    let random: String = rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(8)
+        .map(|c| char::from(c).to_ascii_lowercase())
+        .collect();
+    format!("t{seconds}_{random}")
+}
+
+/// Settings for an isolated test deployment named `name`.
+pub fn test_settings(name: &str, overrides: &[(&str, &str)]) -> Settings {
+    let mut variables: HashMap<String, String> = HashMap::from([
+        (
+            "DATABASE_URL".into(),
+            format!("{POSTGRES_SERVER}/sessions_{name}"),
+        ),
+        ("AMQP_URL".into(), AMQP_URL.into()),
+        ("REDIS_URL".into(), REDIS_URL.into()),
+        ("SESSIONS_HTTP_ADDR".into(), "127.0.0.1:0".into()),
+        ("SESSIONS_PARTITIONS".into(), "8".into()),
+        ("SESSIONS_BROKER_PREFIX".into(), name.into()),
+        ("SESSIONS_REDIS_PREFIX".into(), name.into()),
+        ("SESSIONS_QUEUE_EXPIRES_MS".into(), "1800000".into()),
+        ("SESSIONS_CONFIRM_TIMEOUT_MS".into(), "3000".into()),
+        ("SESSIONS_DB_MAX_CONNECTIONS".into(), "5".into()),
+    ]);
+    for (key, value) in overrides {
+        variables.insert((*key).into(), (*value).into());
+    }
+    // Invalid test settings are a bug in the test itself.
+    Settings::from_lookup(|name| variables.get(name).cloned())
+        .unwrap_or_else(|error| panic!("test settings: {error}"))
+}
+
+/// The environment variables that reproduce `settings` in a child process.
+pub fn settings_env(settings: &Settings) -> Vec<(&'static str, String)> {
+    let mut env = vec![
+        ("DATABASE_URL", settings.database_url.clone()),
+        ("AMQP_URL", settings.amqp_url.clone()),
+        ("REDIS_URL", settings.redis_url.clone()),
+        ("SESSIONS_PARTITIONS", settings.partitions.to_string()),
+        ("SESSIONS_BROKER_PREFIX", settings.broker_prefix.clone()),
+        ("SESSIONS_REDIS_PREFIX", settings.redis_prefix.clone()),
+        (
+            "SESSIONS_DB_MAX_CONNECTIONS",
+            settings.db_max_connections.to_string(),
+        ),
+        (
+            "SESSIONS_CONFIRM_TIMEOUT_MS",
+            settings.confirm_timeout.as_millis().to_string(),
+        ),
+    ];
+    if let Some(expires) = settings.queue_expires {
+        env.push(("SESSIONS_QUEUE_EXPIRES_MS", expires.as_millis().to_string()));
+    }
+    env
+}
+
+pub fn init_test_logging() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        if std::env::var_os("RUST_LOG").is_some() {
+            shared::telemetry::init_logging();
+        }
+    });
+}
+
+/// Drops test databases older than two hours (left by crashed runs).
+async fn sweep_stale_databases() {
+    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    SWEPT
+        .get_or_init(|| async {
+            let Ok(maintenance) =
+                sea_orm::Database::connect(format!("{POSTGRES_SERVER}/postgres")).await
+            else {
+                return;
+            };
+            use sea_orm::ConnectionTrait;
+            let Ok(rows) = maintenance
+                .query_all_raw(sea_orm::Statement::from_string(
+                    sea_orm::DbBackend::Postgres,
+                    "SELECT datname FROM pg_database WHERE datname LIKE 'sessions\\_t%'",
+                ))
+                .await
+            else {
+                return;
+            };
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|elapsed| elapsed.as_secs())
+                .unwrap_or(0);
+            for row in rows {
+                let Ok(name) = row.try_get::<String>("", "datname") else {
+                    continue;
+                };
+                let created = name
+                    .trim_start_matches("sessions_t")
+                    .split('_')
+                    .next()
+                    .and_then(|seconds| seconds.parse::<u64>().ok());
+                if created.is_some_and(|created| now.saturating_sub(created) > 7200) {
+                    let _ = maintenance
+                        .execute_unprepared(&format!(
+                            "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                        ))
+                        .await;
+                }
+            }
+        })
+        .await;
+}
+
+/// Drops a test database.
+pub async fn drop_database(database_url: &str) {
+    let Some((_, name)) = database_url.rsplit_once('/') else {
+        return;
+    };
+    if let Ok(maintenance) = sea_orm::Database::connect(format!("{POSTGRES_SERVER}/postgres")).await
+    {
+        use sea_orm::ConnectionTrait;
+        let _ = maintenance
+            .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .await;
+    }
+}
+
+/// An in-process worker.
+pub struct InProcessWorker {
+    stop: watch::Sender<bool>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl InProcessWorker {
+    pub async fn spawn(settings: Settings) -> Self {
+        let worker = worker::Worker::build(settings)
+            .await
+            .expect("worker builds");
+        let (stop, stopped) = watch::channel(false);
+        let handle = tokio::spawn(worker.run_until_stopped(stopped));
+        Self { stop, handle }
+    }
+
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(20), self.handle).await;
+    }
+}
+
+/// Path of a workspace binary next to the test executable, built if needed.
+pub fn workspace_binary(package: &str, binary: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let executable = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>/<binary>
+    let profile_dir = executable
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target profile directory")
+        .to_path_buf();
+    let path = profile_dir.join(binary);
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = std::process::Command::new(cargo)
+            .args(["build", "--quiet", "-p", package, "--bin", binary])
+            .status()
+            .expect("cargo build runs");
+        assert!(status.success(), "building {binary} failed");
+    });
+    assert!(path.exists(), "{} not found", path.display());
+    path
+}
+
+/// A worker running as a child process (so that tests can `kill -9` it).
+pub struct ChildWorker {
+    child: tokio::process::Child,
+}
+
+impl ChildWorker {
+    pub fn spawn(settings: &Settings) -> Self {
+        let binary = workspace_binary("worker", "sessions-worker");
+        let mut command = tokio::process::Command::new(binary);
+        command
+            .envs(settings_env(settings))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        Self {
+            child: command.spawn().expect("worker process starts"),
+        }
+    }
+
+    /// SIGKILL: no chance to finish, ack or clean up.
+    pub async fn kill_9(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// One record as the records route returns it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Record {
+    pub data: String,
+    pub id: String,
+    pub seq_num: i64,
+}
+
+/// A running api (in process) with a worker, a fresh environment and typed request helpers.
+pub struct TestApp {
+    pub name: String,
+    pub settings: Settings,
+    pub address: String,
+    pub client: reqwest::Client,
+    pub secret_key: String,
+    pub environment_id: String,
+    pub store: Store,
+    api_stop: Option<oneshot::Sender<()>>,
+    api_handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+    pub worker: Option<InProcessWorker>,
+}
+
+/// How [`TestApp::spawn_with`] sets things up.
+#[derive(Default)]
+pub struct SpawnOptions<'a> {
+    /// Extra or replaced configuration variables for both api and worker.
+    pub overrides: &'a [(&'a str, &'a str)],
+    /// AMQP URL of the api only (e.g. through a [`proxy::TcpProxy`]).
+    pub api_amqp_url: Option<String>,
+    /// Do not start an in-process worker.
+    pub without_worker: bool,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        Self::spawn_with(SpawnOptions::default()).await
+    }
+
+    pub async fn spawn_with(options: SpawnOptions<'_>) -> Self {
+        init_test_logging();
+        sweep_stale_databases().await;
+        let name = unique_name();
+        let settings = test_settings(&name, options.overrides);
+        let mut api_settings = settings.clone();
+        if let Some(url) = options.api_amqp_url {
+            api_settings.amqp_url = url;
+        }
+        let application = api::Application::build(api_settings)
+            .await
+            .expect("api builds");
+        let address = format!("http://{}", application.local_addr());
+        let store = application.state().store.clone();
+        let created = store
+            .create_environment("test-project", "dev")
+            .await
+            .expect("environment");
+        let (api_stop, stopped) = oneshot::channel::<()>();
+        let api_handle = tokio::spawn(application.run_until_stopped(async move {
+            let _ = stopped.await;
+        }));
+        let worker = if options.without_worker {
+            None
+        } else {
+            Some(InProcessWorker::spawn(settings.clone()).await)
+        };
+        Self {
+            name,
+            settings,
+            address,
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .expect("http client"),
+            secret_key: created.secret_key.expect("a new environment has a key"),
+            environment_id: created.environment.public_id,
+            store,
+            api_stop: Some(api_stop),
+            api_handle: Some(api_handle),
+            worker,
+        }
+    }
+
+    /// A second environment in the same deployment: its secret key.
+    pub async fn create_environment(&self, slug: &str) -> String {
+        self.store
+            .create_environment("test-project", slug)
+            .await
+            .expect("environment")
+            .secret_key
+            .expect("new environment key")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    pub async fn create_session_with(&self, key: &str, body: Value) -> reqwest::Response {
+        self.client
+            .post(self.url("/api/v1/sessions"))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .expect("create request")
+    }
+
+    /// Creates a session with this externalId and returns the response body (asserting 2xx).
+    pub async fn create_session(&self, external_id: &str) -> Value {
+        let response = self
+            .create_session_with(
+                &self.secret_key,
+                json!({
+                    "type": "chat.agent",
+                    "externalId": external_id,
+                    "taskIdentifier": "agent",
+                    "triggerConfig": { "basePayload": { "chatId": external_id } },
+                }),
+            )
+            .await;
+        let status = response.status();
+        let body: Value = response.json().await.expect("json body");
+        assert!(status.is_success(), "create failed: {status} {body}");
+        body
+    }
+
+    pub async fn append_as(
+        &self,
+        key: &str,
+        session: &str,
+        io: &str,
+        body: &str,
+        part_id: Option<&str>,
+    ) -> reqwest::Response {
+        let mut request = self
+            .client
+            .post(self.url(&format!(
+                "/realtime/v1/sessions/{}/{io}/append",
+                encode_segment(session)
+            )))
+            .bearer_auth(key)
+            .body(body.to_owned());
+        if let Some(part_id) = part_id {
+            request = request.header("X-Part-Id", part_id);
+        }
+        request.send().await.expect("append request")
+    }
+
+    pub async fn append(
+        &self,
+        session: &str,
+        io: &str,
+        body: &str,
+        part_id: Option<&str>,
+    ) -> reqwest::Response {
+        self.append_as(&self.secret_key, session, io, body, part_id)
+            .await
+    }
+
+    /// Every record of a channel, paging through the records route.
+    pub async fn records(&self, session: &str, io: &str) -> Vec<Record> {
+        let mut all: Vec<Record> = Vec::new();
+        loop {
+            let mut url = self.url(&format!(
+                "/realtime/v1/sessions/{}/{io}/records",
+                encode_segment(session)
+            ));
+            if let Some(last) = all.last() {
+                url.push_str(&format!("?afterEventId={}", last.seq_num));
+            }
+            let response = self
+                .client
+                .get(url)
+                .bearer_auth(&self.secret_key)
+                .send()
+                .await
+                .expect("records request");
+            assert!(
+                response.status().is_success(),
+                "records: {}",
+                response.status()
+            );
+            let page: Value = response.json().await.expect("records json");
+            let records: Vec<Record> =
+                serde_json::from_value(page["records"].clone()).expect("records shape");
+            if records.is_empty() {
+                return all;
+            }
+            all.extend(records);
+        }
+    }
+
+    /// Waits until a channel holds at least `count` records (or the timeout passes).
+    pub async fn wait_for_records(
+        &self,
+        session: &str,
+        io: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Vec<Record> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let records = self.records(session, io).await;
+            if records.len() >= count || Instant::now() >= deadline {
+                return records;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops the api and worker, deletes the broker topology and drops the database.
+    pub async fn cleanup(mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.stop().await;
+        }
+        if let Some(stop) = self.api_stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(handle) = self.api_handle.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
+        }
+        let link = shared::broker::BrokerLink::new(
+            worker::consumer::broker_config(&self.settings, format!("{}-cleanup", self.name)),
+            None,
+        );
+        let _ = link.delete_topology().await;
+        link.close().await;
+        drop(self.store);
+        drop_database(&self.settings.database_url).await;
+    }
+}
+
+/// Percent-encodes a path segment (the client does `encodeURIComponent`).
+pub fn encode_segment(segment: &str) -> String {
+    let mut encoded = String::with_capacity(segment.len());
+    for byte in segment.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                encoded.push(char::from(byte));
+            }
+            other => encoded.push_str(&format!("%{other:02X}")),
+        }
+    }
+    encoded
+}

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use sea_orm::sea_query::Expr;
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, Condition, DatabaseTransaction, EntityTrait, IntoActiveModel,
@@ -113,7 +113,8 @@ async fn load_state(
     commands: &[Command],
 ) -> Result<LoadedState, StorageError> {
     let mut state = LoadedState {
-        now: Utc::now(),
+        // Postgres keeps microseconds: outcomes computed in memory must equal what a read returns.
+        now: Utc::now().trunc_subsecs(6),
         ..LoadedState::default()
     };
     let mut session_ids: Vec<Uuid> = commands.iter().map(|c| c.session_id).collect();

@@ -13,8 +13,8 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseConnection,
-    DbBackend, DbErr, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Statement,
-    TransactionTrait,
+    DbBackend, DbErr, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, SqlErr,
+    Statement, TransactionTrait,
 };
 use sea_orm_migration::MigratorTrait;
 use uuid::Uuid;
@@ -146,8 +146,11 @@ impl Store {
                 .execute_unprepared(&format!("CREATE DATABASE \"{name}\""))
                 .await;
             if let Err(error) = created {
-                // Another process may have created it at the same moment (42P04).
-                if !error.to_string().contains("already exists") {
+                // Another process may have created it at the same moment: 42P04, or 23505 on
+                // pg_database when both inserts race.
+                let raced = error.to_string().contains("already exists")
+                    || matches!(error.sql_err(), Some(SqlErr::UniqueConstraintViolation(_)));
+                if !raced {
                     return Err(error.into());
                 }
             }

@@ -1,0 +1,56 @@
+//! Adapters against the real services: concurrent migrations, and claim ownership in Redis.
+
+use std::time::Duration;
+
+use shared::cache::Cache;
+use shared::storage::Store;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_starts_migrate_once_and_all_succeed() {
+    let name = tests::unique_name();
+    let url = format!("{}/sessions_{name}", tests::POSTGRES_SERVER);
+    let mut starts = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let url = url.clone();
+        starts.spawn(async move { Store::connect(&url, 2).await.map(|_| ()) });
+    }
+    while let Some(result) = starts.join_next().await {
+        result
+            .expect("task")
+            .expect("every concurrent start succeeds");
+    }
+    tests::drop_database(&url).await;
+}
+
+#[tokio::test]
+async fn an_expired_owners_late_release_keeps_the_new_claim() {
+    let cache = Cache::new(tests::REDIS_URL, &tests::unique_name()).expect("cache");
+    let key = format!("{}:claim:test", tests::unique_name());
+    assert!(
+        cache
+            .claim(&key, "owner-a", Duration::from_millis(100))
+            .await
+            .expect("claim a")
+    );
+    assert!(
+        !cache
+            .claim(&key, "owner-b", Duration::from_secs(30))
+            .await
+            .expect("b waits")
+    );
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    assert!(
+        cache
+            .claim(&key, "owner-b", Duration::from_secs(30))
+            .await
+            .expect("claim b")
+    );
+    // A's late failure path releases "its" claim: it must not remove B's.
+    assert!(!cache.release(&key, "owner-a").await.expect("release a"));
+    assert_eq!(
+        cache.claim_holder(&key).await.expect("get").as_deref(),
+        Some("owner-b")
+    );
+    assert!(cache.release(&key, "owner-b").await.expect("release b"));
+    assert_eq!(cache.claim_holder(&key).await.expect("get"), None);
+}
