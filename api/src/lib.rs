@@ -12,6 +12,7 @@
 
 pub mod auth;
 pub mod error;
+pub mod live;
 pub mod publisher;
 pub mod routes;
 
@@ -34,6 +35,7 @@ pub struct AppState {
     pub store: Store,
     pub publisher: Arc<Publisher>,
     pub cache: Arc<Cache>,
+    pub hub: Arc<live::Hub>,
 }
 
 /// Why the api could not start.
@@ -45,6 +47,17 @@ pub enum StartError {
     Storage(#[from] shared::storage::StorageError),
     #[error(transparent)]
     Cache(#[from] shared::cache::CacheError),
+}
+
+async fn keep_connected(link: std::sync::Weak<BrokerLink>) {
+    let mut interval = tokio::time::interval(std::time::Duration::from_secs(2));
+    loop {
+        interval.tick().await;
+        let Some(link) = link.upgrade() else { return };
+        if let Err(error) = link.ensure_connected().await {
+            tracing::debug!(%error, "broker still unreachable");
+        }
+    }
 }
 
 /// A built api: bound, connected, not yet serving.
@@ -68,20 +81,28 @@ impl Application {
         };
         let reply_queue = names.reply_queue(&instance);
         let (reply_sink, replies) = tokio::sync::mpsc::unbounded_channel();
-        let link = Arc::new(BrokerLink::new(
-            BrokerConfig {
-                url: settings.amqp_url.clone(),
-                names,
-                delivery_limit: settings.delivery_limit,
-                queue_expires: settings.queue_expires,
-                confirm_timeout: settings.confirm_timeout,
-                connection_name: format!("api-{instance}"),
-            },
-            Some((reply_queue.clone(), reply_sink)),
-        ));
+        let (notification_sink, notifications) = tokio::sync::mpsc::unbounded_channel();
+        let link = Arc::new(
+            BrokerLink::new(
+                BrokerConfig {
+                    url: settings.amqp_url.clone(),
+                    names,
+                    delivery_limit: settings.delivery_limit,
+                    queue_expires: settings.queue_expires,
+                    confirm_timeout: settings.confirm_timeout,
+                    connection_name: format!("api-{instance}"),
+                },
+                Some((reply_queue.clone(), reply_sink)),
+            )
+            .with_notifications(notification_sink),
+        );
         if let Err(error) = link.ensure_connected().await {
             tracing::warn!(%error, "broker not reachable yet; writes answer 503 until it is");
         }
+        // Keeps the link (and with it the reply and notification consumers) up even when no
+        // request publishes, so live readers hear about new records.
+        tokio::spawn(keep_connected(Arc::downgrade(&link)));
+        let hub = live::Hub::start(store.clone(), notifications);
         let publisher = Arc::new(Publisher::start(
             link,
             reply_queue,
@@ -96,6 +117,7 @@ impl Application {
                 store,
                 publisher,
                 cache,
+                hub,
             },
         })
     }

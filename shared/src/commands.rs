@@ -181,6 +181,48 @@ impl Outcome {
     }
 }
 
+/// A worker's notice to every api instance: these channels have records up to `last_seq_num`.
+/// Readers then read the new records from the database; the notice carries no record data.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewRecords {
+    pub channels: Vec<ChannelHead>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChannelHead {
+    pub environment_id: Uuid,
+    pub session_id: Uuid,
+    pub io: Io,
+    pub last_seq_num: i64,
+}
+
+impl NewRecords {
+    /// The highest new seqNum per channel among `commands` and their `outcomes`.
+    pub fn from_outcomes(commands: &[Command], outcomes: &[Outcome]) -> Self {
+        let mut channels: Vec<ChannelHead> = Vec::new();
+        for (command, outcome) in commands.iter().zip(outcomes) {
+            let (CommandBody::Append(append), Outcome::Appended { seq_num }) =
+                (&command.body, outcome)
+            else {
+                continue;
+            };
+            match channels
+                .iter_mut()
+                .find(|head| head.session_id == command.session_id && head.io == append.io)
+            {
+                Some(head) => head.last_seq_num = head.last_seq_num.max(*seq_num),
+                None => channels.push(ChannelHead {
+                    environment_id: command.environment_id,
+                    session_id: command.session_id,
+                    io: append.io,
+                    last_seq_num: *seq_num,
+                }),
+            }
+        }
+        Self { channels }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@
 //! two hours at the next start, queues by their `x-expires`.
 
 pub mod proxy;
+pub mod sse;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -302,7 +303,7 @@ impl TestApp {
             settings,
             address,
             client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
+                .connect_timeout(Duration::from_secs(10))
                 .build()
                 .expect("http client"),
             secret_key: created.secret_key.expect("a new environment has a key"),
@@ -439,6 +440,38 @@ impl TestApp {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Opens an SSE tail with extra headers (e.g. `Last-Event-ID`, `Timeout-Seconds`).
+    pub async fn subscribe(
+        &self,
+        session: &str,
+        io: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        self.subscribe_at(&self.address, session, io, headers).await
+    }
+
+    /// Opens an SSE tail on the api at `address` (another instance of the same deployment).
+    pub async fn subscribe_at(
+        &self,
+        address: &str,
+        session: &str,
+        io: &str,
+        headers: &[(&str, &str)],
+    ) -> reqwest::Response {
+        let mut request = self
+            .client
+            .get(format!(
+                "{address}/realtime/v1/sessions/{}/{io}",
+                encode_segment(session)
+            ))
+            .bearer_auth(&self.secret_key)
+            .header("Accept", "text/event-stream");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        request.send().await.expect("subscribe request")
     }
 
     /// Stops the api and worker, deletes the broker topology and drops the database.

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use backon::{ExponentialBuilder, Retryable};
 use shared::broker::{BrokerConfig, BrokerLink, BrokerNames, Incoming, consume_partitions};
 use shared::cache::Cache;
-use shared::commands::{Command, CommandBody, Envelope, Outcome, Reply};
+use shared::commands::{Command, CommandBody, Envelope, NewRecords, Outcome, Reply};
 use shared::config::Settings;
 use shared::domain::dedup::DedupKey;
 use shared::storage::{OutboxEventRow, StorageError, Store};
@@ -262,6 +262,7 @@ async fn apply_messages(context: &WorkerContext, messages: &[Decoded]) -> Result
 
     publish_outbox(context, outbox).await;
 
+    let new_records = NewRecords::from_outcomes(&commands, &outcomes);
     let mut offset = 0;
     for message in messages {
         let outcomes_of_message = &outcomes[offset..offset + message.commands.len()];
@@ -273,6 +274,12 @@ async fn apply_messages(context: &WorkerContext, messages: &[Decoded]) -> Result
             MessageResult::Applied(outcomes_of_message),
         )
         .await;
+    }
+    if !new_records.channels.is_empty() {
+        let payload = serde_json::to_vec(&new_records).unwrap_or_default();
+        if let Err(error) = context.link.publish_notification(&payload).await {
+            tracing::debug!(%error, "notification lost; readers catch up on their safety re-read");
+        }
     }
     Ok(())
 }

@@ -20,7 +20,7 @@ use crate::error::ApiError;
 /// Most records one `records` response carries; callers page with `afterEventId`.
 const MAX_RECORDS_PER_RESPONSE: u64 = 10_000;
 
-fn parse_path(
+pub(crate) fn parse_path(
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<(SessionAddress, Io), ApiError> {
     let Path((segment, io)) =

@@ -3,6 +3,7 @@
 
 mod channels;
 mod health;
+mod records_sse;
 mod sessions;
 
 use axum::Router;
@@ -30,6 +31,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/realtime/v1/sessions/{session}/{io}/records",
             get(channels::records),
+        )
+        .route(
+            "/realtime/v1/sessions/{session}/{io}",
+            get(records_sse::subscribe).head(records_sse::head),
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -48,6 +48,10 @@ impl BrokerNames {
     pub fn reply_queue(&self, instance: &str) -> String {
         format!("{}.reply.{instance}", self.prefix)
     }
+    /// Fanout exchange of "new records" notifications from workers to api instances.
+    pub fn notify_exchange(&self) -> String {
+        format!("{}.notify", self.prefix)
+    }
 }
 
 /// What a broker operation can fail with. All of them mean "not durably queued".
@@ -141,6 +145,14 @@ async fn declare_topology(channel: &Channel, config: &BrokerConfig) -> Result<()
             FieldTable::default(),
         )
         .await?;
+    channel
+        .exchange_declare(
+            names.notify_exchange().into(),
+            ExchangeKind::Fanout,
+            durable_exchange,
+            FieldTable::default(),
+        )
+        .await?;
     for partition in 0..names.partitions {
         let queue = names.partition_queue(partition);
         let mut arguments = quorum_arguments();
@@ -189,6 +201,18 @@ async fn connect(config: &BrokerConfig) -> Result<Connection, BrokerError> {
 /// Where the messages of a reply queue go.
 type ReplySink = mpsc::UnboundedSender<Vec<u8>>;
 
+/// What an api instance hears on its notification queue.
+#[derive(Debug)]
+pub enum Notification {
+    /// A worker's payload.
+    Message(Vec<u8>),
+    /// The link (re)connected: notifications may have been missed meanwhile.
+    Reconnected,
+}
+
+/// Where notifications go.
+pub type NotificationSink = mpsc::UnboundedSender<Notification>;
+
 struct Live {
     connection: Connection,
     channel: Channel,
@@ -198,7 +222,10 @@ struct Live {
 pub struct BrokerLink {
     config: BrokerConfig,
     reply_queue: Option<(String, ReplySink)>,
+    notifications: Option<NotificationSink>,
     live: Mutex<Option<Arc<Live>>>,
+    /// Set by [`BrokerLink::close`]: no reconnects after a graceful shutdown.
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for BrokerLink {
@@ -227,8 +254,16 @@ impl BrokerLink {
         Self {
             config,
             reply_queue,
+            notifications: None,
             live: Mutex::new(None),
+            closed: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Also subscribe to the notification fanout on every (re)connect.
+    pub fn with_notifications(mut self, sink: NotificationSink) -> Self {
+        self.notifications = Some(sink);
+        self
     }
 
     pub fn names(&self) -> &BrokerNames {
@@ -242,6 +277,9 @@ impl BrokerLink {
 
     async fn live(&self) -> Result<Arc<Live>, BrokerError> {
         let mut guard = self.live.lock().await;
+        if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(BrokerError::Unavailable("link closed".into()));
+        }
         if let Some(live) = guard.as_ref()
             && live.connection.status().connected()
             && live.channel.status().connected()
@@ -260,6 +298,9 @@ impl BrokerLink {
             .await?;
         if let Some((queue, sink)) = &self.reply_queue {
             start_reply_consumer(&connection, queue, sink.clone()).await?;
+        }
+        if let Some(sink) = &self.notifications {
+            start_notification_consumer(&connection, &self.config.names, sink.clone()).await?;
         }
         let live = Arc::new(Live {
             connection,
@@ -362,6 +403,19 @@ impl BrokerLink {
         .await
     }
 
+    /// Tells every api instance which channels have new records. Not persistent: a lost
+    /// notification only delays readers until their safety re-read.
+    pub async fn publish_notification(&self, payload: &[u8]) -> Result<(), BrokerError> {
+        self.publish_confirmed(
+            &self.config.names.notify_exchange(),
+            "",
+            false,
+            payload,
+            BasicProperties::default(),
+        )
+        .await
+    }
+
     /// Sends a reply to an api instance's reply queue.
     pub async fn publish_reply(&self, reply_to: &str, payload: &[u8]) -> Result<(), BrokerError> {
         let properties = BasicProperties::default().with_content_type("application/json".into());
@@ -420,7 +474,11 @@ impl BrokerLink {
                 QueueDeleteOptions::default(),
             )
             .await?;
-        for exchange in [names.commands_exchange(), names.events_exchange()] {
+        for exchange in [
+            names.commands_exchange(),
+            names.events_exchange(),
+            names.notify_exchange(),
+        ] {
             live.channel
                 .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
                 .await?;
@@ -430,7 +488,9 @@ impl BrokerLink {
 
     /// Closes the connection (graceful shutdown).
     pub async fn close(&self) {
-        if let Some(live) = self.live.lock().await.take() {
+        let mut guard = self.live.lock().await;
+        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(live) = guard.take() {
             let _ = live.connection.close(200, "shutdown".into()).await;
         }
     }
@@ -480,6 +540,56 @@ async fn start_reply_consumer(
         // Ends with the connection; the next publish rebuilds both.
         while let Some(Ok(delivery)) = consumer.next().await {
             if sink.send(delivery.data).is_err() {
+                break;
+            }
+        }
+        drop(channel);
+    });
+    Ok(())
+}
+
+async fn start_notification_consumer(
+    connection: &Connection,
+    names: &BrokerNames,
+    sink: NotificationSink,
+) -> Result<(), BrokerError> {
+    let channel = connection.create_channel().await?;
+    let queue = channel
+        .queue_declare(
+            "".into(),
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .queue_bind(
+            queue.name().clone(),
+            names.notify_exchange().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.name().clone(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                exclusive: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?;
+    let _ = sink.send(Notification::Reconnected);
+    tokio::spawn(async move {
+        while let Some(Ok(delivery)) = consumer.next().await {
+            if sink.send(Notification::Message(delivery.data)).is_err() {
                 break;
             }
         }

@@ -332,6 +332,23 @@ impl Store {
             .await?)
     }
 
+    /// The seqNum the next record of a channel will get (0 when the session does not exist).
+    pub async fn channel_head(
+        &self,
+        environment_id: Uuid,
+        session_id: Uuid,
+        io: Io,
+    ) -> Result<i64, StorageError> {
+        let session = sessions::Entity::find_by_id(session_id)
+            .filter(sessions::Column::EnvironmentId.eq(environment_id))
+            .one(&self.db)
+            .await?;
+        Ok(session.map_or(0, |session| match io {
+            Io::In => session.next_seq_in,
+            Io::Out => session.next_seq_out,
+        }))
+    }
+
     // ---------------------------------------------------------------- outbox
 
     /// Outbox events older than `older_than` (left behind by a crash between commit and

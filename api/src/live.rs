@@ -1,0 +1,195 @@
+//! Live delivery of new records to SSE readers of this api instance.
+//!
+//! Workers publish a [`NewRecords`] notice on the broker's fanout after each commit; every api
+//! instance hears it. For each channel with readers here, one *feed* task reads the new records
+//! from the database once and broadcasts them to all of that channel's readers (one read serves
+//! every reader at the same position). A feed also re-reads every few seconds on its own, so a
+//! lost notice only delays delivery. Readers keep their own position and fill any gap (or a
+//! broadcast they lagged behind on) from the database, so they never skip or repeat a record.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use shared::broker::Notification;
+use shared::commands::NewRecords;
+use shared::domain::Io;
+use shared::storage::{RecordRow, Store};
+use tokio::sync::{Notify, broadcast, mpsc};
+use uuid::Uuid;
+
+/// How often a feed re-reads the database without a notice.
+const SAFETY_REREAD: Duration = Duration::from_secs(2);
+/// Batches a slow reader may fall behind before it catches up from the database.
+const FEED_CAPACITY: usize = 64;
+/// Records per database read.
+pub const READ_PAGE: u64 = 500;
+
+/// A channel of one session in one environment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ChannelKey {
+    pub environment_id: Uuid,
+    pub session_id: Uuid,
+    pub io: Io,
+}
+
+struct Feed {
+    wake: Notify,
+    sender: broadcast::Sender<Arc<Vec<RecordRow>>>,
+}
+
+/// The feeds of this instance.
+pub struct Hub {
+    store: Store,
+    feeds: Mutex<HashMap<ChannelKey, Arc<Feed>>>,
+}
+
+impl std::fmt::Debug for Hub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hub").finish_non_exhaustive()
+    }
+}
+
+impl Hub {
+    /// Starts the hub; `notifications` come from the broker link.
+    pub fn start(store: Store, notifications: mpsc::UnboundedReceiver<Notification>) -> Arc<Self> {
+        let hub = Arc::new(Self {
+            store,
+            feeds: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(listen(Arc::downgrade(&hub), notifications));
+        hub
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ChannelKey, Arc<Feed>>> {
+        self.feeds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Subscribes to a channel's new records, starting its feed if needed.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        key: ChannelKey,
+    ) -> broadcast::Receiver<Arc<Vec<RecordRow>>> {
+        let mut feeds = self.lock();
+        if let Some(feed) = feeds.get(&key) {
+            return feed.sender.subscribe();
+        }
+        let (sender, receiver) = broadcast::channel(FEED_CAPACITY);
+        let feed = Arc::new(Feed {
+            wake: Notify::new(),
+            sender,
+        });
+        feeds.insert(key, feed.clone());
+        metrics::gauge!("sessions_api_live_feeds").set(feeds.len() as f64);
+        tokio::spawn(run_feed(self.clone(), key, feed));
+        receiver
+    }
+
+    fn wake(&self, key: &ChannelKey) {
+        if let Some(feed) = self.lock().get(key) {
+            feed.wake.notify_one();
+        }
+    }
+
+    fn wake_all(&self) {
+        for feed in self.lock().values() {
+            feed.wake.notify_one();
+        }
+    }
+
+    /// Removes the feed if nobody listens any more. Returns whether it was removed.
+    fn retire_if_unused(&self, key: &ChannelKey, feed: &Arc<Feed>) -> bool {
+        let mut feeds = self.lock();
+        if feed.sender.receiver_count() == 0 {
+            feeds.remove(key);
+            metrics::gauge!("sessions_api_live_feeds").set(feeds.len() as f64);
+            true
+        } else {
+            false
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+}
+
+async fn listen(
+    hub: std::sync::Weak<Hub>,
+    mut notifications: mpsc::UnboundedReceiver<Notification>,
+) {
+    while let Some(notification) = notifications.recv().await {
+        let Some(hub) = hub.upgrade() else { return };
+        match notification {
+            Notification::Reconnected => hub.wake_all(),
+            Notification::Message(payload) => {
+                let Ok(notice) = serde_json::from_slice::<NewRecords>(&payload) else {
+                    tracing::warn!("ignoring an unreadable notification");
+                    continue;
+                };
+                for head in notice.channels {
+                    hub.wake(&ChannelKey {
+                        environment_id: head.environment_id,
+                        session_id: head.session_id,
+                        io: head.io,
+                    });
+                }
+            }
+        }
+    }
+}
+
+async fn run_feed(hub: Arc<Hub>, key: ChannelKey, feed: Arc<Feed>) {
+    // Broadcast only what is new from now on; readers catch up on history themselves.
+    let mut last_sent = loop {
+        match hub
+            .store
+            .channel_head(key.environment_id, key.session_id, key.io)
+            .await
+        {
+            Ok(next) => break next - 1,
+            Err(error) => {
+                tracing::warn!(%error, "feed cannot read the channel head yet");
+                tokio::time::sleep(SAFETY_REREAD).await;
+            }
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = feed.wake.notified() => {}
+            _ = tokio::time::sleep(SAFETY_REREAD) => {}
+        }
+        if hub.retire_if_unused(&key, &feed) {
+            return;
+        }
+        loop {
+            let rows = match hub
+                .store
+                .list_records(
+                    key.environment_id,
+                    key.session_id,
+                    key.io,
+                    Some(last_sent),
+                    READ_PAGE,
+                )
+                .await
+            {
+                Ok(rows) => rows,
+                Err(error) => {
+                    tracing::warn!(%error, "feed read failed; retrying on the next wake");
+                    break;
+                }
+            };
+            let Some(last) = rows.last() else { break };
+            last_sent = last.seq_num;
+            let full_page = rows.len() as u64 == READ_PAGE;
+            // No receivers is fine: the retire check above runs on the next wake.
+            let _ = feed.sender.send(Arc::new(rows));
+            if !full_page {
+                break;
+            }
+        }
+    }
+}

@@ -1,0 +1,293 @@
+//! `GET`/`HEAD /realtime/v1/sessions/{session}/{io}`: the SSE tail (SPEC §7).
+//!
+//! Headers go out at once (`X-Stream-Version: v2`). Records arrive as `event: batch` with
+//! `{"records":[{"seq_num","timestamp","body"}]}`, `body` being the JSON string
+//! `{"data": <raw text>, "id": <partId or "">}`. `Last-Event-ID: N` resumes at N+1;
+//! `X-Trigger-Stream-Start: latest` starts after the current end; otherwise from seq 0.
+//! `Timeout-Seconds` (1–600, default 60) bounds the connection, which then ends cleanly.
+//! `event: ping` every 15 s keeps idle connections alive.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use shared::domain::SessionAddress;
+use shared::domain::ids::session_id_for_external_id;
+use shared::storage::RecordRow;
+use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
+
+use super::channels::parse_path;
+use crate::AppState;
+use crate::auth::SecretKeyCaller;
+use crate::error::ApiError;
+use crate::live::{ChannelKey, Hub, READ_PAGE};
+
+const DEFAULT_TIMEOUT_SECONDS: u64 = 60;
+const MAX_TIMEOUT_SECONDS: u64 = 600;
+const PING_EVERY: Duration = Duration::from_secs(15);
+/// Events buffered per connection; a reader slower than this holds its writer back, which
+/// then catches up from the database instead of buffering more.
+const CONNECTION_BUFFER: usize = 16;
+
+fn timeout_seconds(headers: &HeaderMap) -> Result<u64, ApiError> {
+    let Some(value) = headers.get("timeout-seconds") else {
+        return Ok(DEFAULT_TIMEOUT_SECONDS);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .filter(|seconds| (1..=MAX_TIMEOUT_SECONDS).contains(seconds))
+        .ok_or_else(|| {
+            ApiError::BadRequest(format!(
+                "Timeout-Seconds: must be an integer 1–{MAX_TIMEOUT_SECONDS}"
+            ))
+        })
+}
+
+fn last_event_id(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
+    let Some(value) = headers.get("last-event-id") else {
+        return Ok(None);
+    };
+    let text = value.to_str().unwrap_or("").trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse::<i64>()
+        .ok()
+        .filter(|n| *n >= -1)
+        .map(Some)
+        .ok_or_else(|| ApiError::BadRequest("Last-Event-ID: must be an integer ≥ -1".into()))
+}
+
+/// The channel the path names. An unknown friendly id is 404; an externalId without a session
+/// yet is a channel that will exist once the session is created.
+async fn channel_key(
+    state: &AppState,
+    caller: &SecretKeyCaller,
+    address: &SessionAddress,
+    io: shared::domain::Io,
+) -> Result<ChannelKey, ApiError> {
+    let environment_id = caller.environment.id;
+    let session_id = match state.store.find_session(environment_id, address).await? {
+        Some(session) => session.id,
+        None => match address {
+            SessionAddress::FriendlyId(_) => return Err(ApiError::NotFound("Session not found")),
+            SessionAddress::ExternalId(external_id) => {
+                session_id_for_external_id(environment_id, external_id)
+            }
+        },
+    };
+    Ok(ChannelKey {
+        environment_id,
+        session_id,
+        io,
+    })
+}
+
+fn stream_headers(response: &mut Response) {
+    let headers = response.headers_mut();
+    headers.insert("x-stream-version", HeaderValue::from_static("v2"));
+    headers.insert("cache-control", HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+}
+
+/// `HEAD`: 200 with the stream headers, after the same checks as `GET`.
+pub async fn head(
+    State(state): State<AppState>,
+    caller: SecretKeyCaller,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let (address, io) = parse_path(path)?;
+    channel_key(&state, &caller, &address, io).await?;
+    let mut response = (StatusCode::OK, [("content-type", "text/event-stream")]).into_response();
+    stream_headers(&mut response);
+    Ok(response)
+}
+
+/// `GET`: the SSE tail.
+pub async fn subscribe(
+    State(state): State<AppState>,
+    caller: SecretKeyCaller,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (address, io) = parse_path(path)?;
+    let timeout = Duration::from_secs(timeout_seconds(&headers)?);
+    let resume = last_event_id(&headers)?;
+    let key = channel_key(&state, &caller, &address, io).await?;
+    let start_latest = headers
+        .get("x-trigger-stream-start")
+        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"latest"));
+    let next_seq = match resume {
+        Some(last) => last + 1,
+        None if start_latest => {
+            state
+                .store
+                .channel_head(key.environment_id, key.session_id, io)
+                .await?
+        }
+        None => 0,
+    };
+    // Subscribe before the first read, so nothing appended in between is missed.
+    let feed = state.hub.subscribe(key);
+    let (events, receiver) = mpsc::channel::<Event>(CONNECTION_BUFFER);
+    tokio::spawn(serve_reader(
+        state.hub.clone(),
+        key,
+        feed,
+        next_seq,
+        Instant::now() + timeout,
+        events,
+    ));
+    let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        receiver
+            .recv()
+            .await
+            .map(|event| (Ok::<Event, Infallible>(event), receiver))
+    });
+    let mut response = Sse::new(stream).into_response();
+    stream_headers(&mut response);
+    Ok(response)
+}
+
+fn batch_event(rows: &[RecordRow]) -> Event {
+    let records: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|row| {
+            let body = json!({ "data": row.body, "id": row.part_id.as_deref().unwrap_or("") });
+            json!({
+                "seq_num": row.seq_num,
+                "timestamp": row.created_at.timestamp_millis(),
+                "body": body.to_string(),
+            })
+        })
+        .collect();
+    let last = rows.last().map_or(-1, |row| row.seq_num);
+    Event::default()
+        .event("batch")
+        .id(last.to_string())
+        .data(json!({ "records": records }).to_string())
+}
+
+/// Why a reader stopped.
+enum Stop {
+    ClientGone,
+    Deadline,
+}
+
+/// Sends `rows` from `next_seq` on (dropping what was sent already); returns the new position.
+async fn send_rows(
+    events: &mpsc::Sender<Event>,
+    rows: &[RecordRow],
+    next_seq: i64,
+) -> Result<i64, Stop> {
+    let fresh: Vec<RecordRow> = rows
+        .iter()
+        .filter(|row| row.seq_num >= next_seq)
+        .cloned()
+        .collect();
+    let Some(last) = fresh.last() else {
+        return Ok(next_seq);
+    };
+    let next = last.seq_num + 1;
+    events
+        .send(batch_event(&fresh))
+        .await
+        .map_err(|_| Stop::ClientGone)?;
+    Ok(next)
+}
+
+/// Reads from the database from `next_seq` until caught up.
+async fn catch_up(
+    hub: &Hub,
+    key: ChannelKey,
+    events: &mpsc::Sender<Event>,
+    mut next_seq: i64,
+    deadline: Instant,
+) -> Result<i64, Stop> {
+    loop {
+        if Instant::now() >= deadline {
+            return Err(Stop::Deadline);
+        }
+        let rows = match hub
+            .store()
+            .list_records(
+                key.environment_id,
+                key.session_id,
+                key.io,
+                Some(next_seq - 1),
+                READ_PAGE,
+            )
+            .await
+        {
+            Ok(rows) => rows,
+            Err(error) => {
+                // The feed's next wake brings us back here; do not end the stream for it.
+                tracing::warn!(%error, "reader catch-up failed");
+                return Ok(next_seq);
+            }
+        };
+        let full_page = rows.len() as u64 == READ_PAGE;
+        next_seq = send_rows(events, &rows, next_seq).await?;
+        if !full_page {
+            return Ok(next_seq);
+        }
+    }
+}
+
+async fn serve_reader(
+    hub: Arc<Hub>,
+    key: ChannelKey,
+    mut feed: broadcast::Receiver<Arc<Vec<RecordRow>>>,
+    mut next_seq: i64,
+    deadline: Instant,
+    events: mpsc::Sender<Event>,
+) {
+    metrics::gauge!("sessions_api_sse_connections").increment(1);
+    let result: Result<(), Stop> = async {
+        next_seq = catch_up(&hub, key, &events, next_seq, deadline).await?;
+        let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return Err(Stop::Deadline),
+                _ = events.closed() => return Err(Stop::ClientGone),
+                _ = ping.tick() => {
+                    events
+                        .send(Event::default().event("ping").data("{}"))
+                        .await
+                        .map_err(|_| Stop::ClientGone)?;
+                }
+                received = feed.recv() => match received {
+                    Ok(rows) => {
+                        let gap = rows.first().is_some_and(|first| first.seq_num > next_seq);
+                        next_seq = if gap {
+                            catch_up(&hub, key, &events, next_seq, deadline).await?
+                        } else {
+                            send_rows(&events, &rows, next_seq).await?
+                        };
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {
+                        next_seq = catch_up(&hub, key, &events, next_seq, deadline).await?;
+                    }
+                    Err(broadcast::error::RecvError::Closed) => {
+                        feed = hub.subscribe(key);
+                        next_seq = catch_up(&hub, key, &events, next_seq, deadline).await?;
+                    }
+                },
+            }
+        }
+    }
+    .await;
+    if let Err(Stop::Deadline | Stop::ClientGone) = result {
+        // Dropping `events` ends the body cleanly.
+    }
+    metrics::gauge!("sessions_api_sse_connections").decrement(1);
+}
