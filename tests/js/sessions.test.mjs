@@ -1,0 +1,144 @@
+// The official @trigger.dev/core 4.8.3 client against this service (SPEC §1, §4, §7).
+// Started by tests/tests/official_client.rs with SESSIONS_API_URL and SESSIONS_SECRET_KEY.
+import { test } from "node:test";
+import assert from "node:assert/strict";
+import { ApiClient } from "@trigger.dev/core/v3";
+
+const baseUrl = process.env.SESSIONS_API_URL;
+const secretKey = process.env.SESSIONS_SECRET_KEY;
+assert.ok(baseUrl && secretKey, "SESSIONS_API_URL and SESSIONS_SECRET_KEY must be set");
+const client = new ApiClient(baseUrl, secretKey);
+
+const uniqueId = (label) => `${label}-${Date.now()}-${Math.random().toString(36).slice(2)}`;
+
+async function createSession(externalId) {
+  return client.createSession({
+    type: "chat.agent",
+    externalId,
+    taskIdentifier: "agent",
+    triggerConfig: { basePayload: { chatId: externalId } },
+  });
+}
+
+async function recordsWhen(externalId, io, count, options = {}) {
+  const deadline = Date.now() + 20_000;
+  for (;;) {
+    const { records } = await client.readSessionStreamRecords(externalId, io, options);
+    if (records.length >= count || Date.now() > deadline) return records;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
+async function collect(stream, count, timeoutMs = 20_000) {
+  const reader = stream.getReader();
+  const parts = [];
+  const timer = setTimeout(() => reader.cancel(), timeoutMs);
+  try {
+    while (parts.length < count) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      parts.push(value);
+    }
+  } finally {
+    clearTimeout(timer);
+    // Cancelling closes the connection instead of leaving it open until its deadline.
+    await reader.cancel().catch(() => {});
+  }
+  return parts;
+}
+
+test("create is idempotent and the response passes the client's schema", async () => {
+  const externalId = uniqueId("create");
+  const created = await createSession(externalId);
+  assert.equal(created.isCached, false);
+  assert.match(created.id, /^session_/);
+  assert.match(created.runId, /^run_/);
+  assert.equal(created.externalId, externalId);
+  assert.ok(created.publicAccessToken.split(".").length === 3);
+  const again = await createSession(externalId);
+  assert.equal(again.isCached, true);
+  assert.equal(again.id, created.id);
+  assert.equal(again.runId, created.runId);
+});
+
+test("append with the client's part ids, then read the records route", async () => {
+  const externalId = uniqueId("append");
+  await createSession(externalId);
+  for (const n of [0, 1, 2]) {
+    const result = await client.appendToSessionStream(externalId, "in", JSON.stringify({ n }));
+    assert.equal(result.ok, true);
+  }
+  const records = await recordsWhen(externalId, "in", 3);
+  assert.deepEqual(records.map((record) => record.seqNum), [0, 1, 2]);
+  assert.deepEqual(records.map((record) => JSON.parse(record.data).n), [0, 1, 2]);
+  assert.ok(records.every((record) => record.id.length > 0), "the client's nanoid part ids are kept");
+  const after = await client.readSessionStreamRecords(externalId, "in", { afterEventId: "1" });
+  assert.deepEqual(after.records.map((record) => record.seqNum), [2]);
+});
+
+test("live SSE delivery in order of records appended after subscribing", async () => {
+  const externalId = uniqueId("live");
+  await createSession(externalId);
+  const seen = [];
+  const stream = await client.subscribeToSessionStream(externalId, "out", {
+    timeoutInSeconds: 30,
+    onPart: (part) => seen.push(part),
+  });
+  const reading = collect(stream, 5);
+  for (const n of [0, 1, 2, 3, 4]) {
+    await client.appendToSessionStream(externalId, "out", `chunk-${n}`);
+  }
+  const chunks = await reading;
+  assert.deepEqual(chunks, ["chunk-0", "chunk-1", "chunk-2", "chunk-3", "chunk-4"]);
+  assert.deepEqual(seen.map((part) => part.id), ["0", "1", "2", "3", "4"]);
+  assert.ok(seen.every((part) => typeof part.recordId === "string" && part.recordId.length > 0));
+  // What SSE delivered equals the records route.
+  const records = await recordsWhen(externalId, "out", 5);
+  assert.deepEqual(records.map((record) => record.data), chunks);
+});
+
+test("resume with lastEventId continues at N+1 without duplicates", async () => {
+  const externalId = uniqueId("resume");
+  await createSession(externalId);
+  for (const n of [0, 1, 2, 3, 4]) {
+    await client.appendToSessionStream(externalId, "out", `r-${n}`);
+  }
+  await recordsWhen(externalId, "out", 5);
+  const stream = await client.subscribeToSessionStream(externalId, "out", {
+    lastEventId: "2",
+    timeoutInSeconds: 2,
+  });
+  const chunks = await collect(stream, 10, 10_000);
+  assert.deepEqual(chunks, ["r-3", "r-4"]);
+});
+
+test("the stream ends cleanly at Timeout-Seconds", async () => {
+  const externalId = uniqueId("deadline");
+  await createSession(externalId);
+  const started = Date.now();
+  let completed = false;
+  const stream = await client.subscribeToSessionStream(externalId, "in", {
+    timeoutInSeconds: 1,
+    onComplete: () => {
+      completed = true;
+    },
+  });
+  const parts = await collect(stream, 1, 15_000);
+  assert.equal(parts.length, 0);
+  assert.ok(completed, "onComplete fired: a clean end, not an error");
+  assert.ok(Date.now() - started >= 900);
+});
+
+test("an unknown session_ id is a 404 the client does not retry", async () => {
+  let failure;
+  try {
+    const stream = await client.subscribeToSessionStream("session_doesnotexist", "in", {
+      timeoutInSeconds: 5,
+    });
+    await collect(stream, 1, 10_000);
+  } catch (error) {
+    failure = error;
+  }
+  assert.ok(failure, "subscribing to an unknown session fails");
+  assert.equal(failure.status, 404);
+});
