@@ -82,6 +82,7 @@ pub enum CommandBody {
     Append(AppendCommand),
     CreateSession(Box<CreateSessionCommand>),
     CloseSession(CloseSessionCommand),
+    RegisterWaitpoint(Box<RegisterWaitpointCommand>),
 }
 
 impl CommandBody {
@@ -91,6 +92,7 @@ impl CommandBody {
             CommandBody::Append(_) => "append",
             CommandBody::CreateSession(_) => "create_session",
             CommandBody::CloseSession(_) => "close_session",
+            CommandBody::RegisterWaitpoint(_) => "register_waitpoint",
         }
     }
 }
@@ -124,6 +126,26 @@ pub struct CreateSessionCommand {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CloseSessionCommand {
     pub reason: Option<String>,
+}
+
+/// Registers a waitpoint on `(environment, session, io)`, ordered with the session's appends.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RegisterWaitpointCommand {
+    /// Used only if no waitpoint with the same idempotency key is live.
+    pub waitpoint_id: Uuid,
+    pub friendly_id: String,
+    pub environment_public_id: String,
+    pub run_id: Uuid,
+    pub run_friendly_id: String,
+    pub session_friendly_id: String,
+    pub io: Io,
+    /// Complete with the first record after this seqNum; `None` = the first record appended
+    /// after registration.
+    pub last_seq_num: Option<i64>,
+    pub timeout_at: Option<DateTime<Utc>>,
+    pub tags: Vec<String>,
+    pub idempotency_key: Option<String>,
+    pub idempotency_key_expires_at: Option<DateTime<Utc>>,
 }
 
 /// The worker's answer to one command.
@@ -162,6 +184,11 @@ pub enum Outcome {
     SessionClosedNow {
         session: Box<SessionItem>,
     },
+    /// Wait: the waitpoint (new, or the live one with the same idempotency key).
+    WaitpointRegistered {
+        friendly_id: String,
+        cached: bool,
+    },
 }
 
 impl Outcome {
@@ -177,6 +204,8 @@ impl Outcome {
             Outcome::SessionCreated { cached: false, .. } => "applied",
             Outcome::SessionCreated { cached: true, .. } => "cached",
             Outcome::SessionClosedNow { .. } => "applied",
+            Outcome::WaitpointRegistered { cached: false, .. } => "applied",
+            Outcome::WaitpointRegistered { cached: true, .. } => "cached",
         }
     }
 }

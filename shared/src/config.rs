@@ -57,6 +57,13 @@ pub struct Settings {
     pub jwt_issuer: String,
     /// `SESSIONS_JWT_AUDIENCE`.
     pub jwt_audience: String,
+    /// `SESSIONS_PUBLIC_URL`: the api's external base URL, for URLs in responses (default: the
+    /// request's `Host`).
+    pub public_url: Option<String>,
+    /// `SESSIONS_TEST_FAILPOINT`: test-only fault injection (`abort_after_commit` makes the worker
+    /// abort right after a batch that appended records commits, before events, replies and acks). Never set it in
+    /// production.
+    pub test_failpoint: Option<String>,
     /// `SESSIONS_QUEUE_EXPIRES_MS`: optional `x-expires` on partition queues (tests and
     /// throw-away deployments; unset in production).
     pub queue_expires: Option<Duration>,
@@ -269,6 +276,10 @@ impl Settings {
                 .unwrap_or_else(|| "https://id.trigger.dev".into()),
             jwt_audience: get("SESSIONS_JWT_AUDIENCE")
                 .unwrap_or_else(|| "https://api.trigger.dev".into()),
+            test_failpoint: get("SESSIONS_TEST_FAILPOINT"),
+            public_url: get("SESSIONS_PUBLIC_URL")
+                .map(|url| url_with_scheme("SESSIONS_PUBLIC_URL", url, &["http://", "https://"]))
+                .transpose()?,
             queue_expires: match get("SESSIONS_QUEUE_EXPIRES_MS") {
                 None => None,
                 raw => Some(millis("SESSIONS_QUEUE_EXPIRES_MS", raw, 0)?),

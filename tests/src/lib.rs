@@ -7,6 +7,7 @@
 //! topology and drops the database. Leftovers of crashed runs are swept: databases older than
 //! two hours at the next start, queues by their `x-expires`.
 
+pub mod events;
 pub mod proxy;
 pub mod sse;
 
@@ -83,6 +84,9 @@ pub fn settings_env(settings: &Settings) -> Vec<(&'static str, String)> {
             settings.confirm_timeout.as_millis().to_string(),
         ),
     ];
+    if let Some(failpoint) = &settings.test_failpoint {
+        env.push(("SESSIONS_TEST_FAILPOINT", failpoint.clone()));
+    }
     if let Some(expires) = settings.queue_expires {
         env.push(("SESSIONS_QUEUE_EXPIRES_MS", expires.as_millis().to_string()));
     }
@@ -179,26 +183,22 @@ impl InProcessWorker {
     }
 }
 
-/// Path of a workspace binary next to the test executable, built if needed.
-pub fn workspace_binary(package: &str, binary: &str) -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
+/// Path of a workspace binary next to the test executable. `cargo nextest run --workspace`
+/// builds `sessions-api` and `sessions-worker` there, because their packages have integration
+/// tests (`api/tests/cli.rs`, `worker/tests/binary.rs`).
+pub fn workspace_binary(binary: &str) -> PathBuf {
     let executable = std::env::current_exe().expect("test executable path");
     // target/<profile>/deps/<test> → target/<profile>/<binary>
-    let profile_dir = executable
+    let path = executable
         .parent()
         .and_then(|deps| deps.parent())
         .expect("target profile directory")
-        .to_path_buf();
-    let path = profile_dir.join(binary);
-    BUILT.get_or_init(|| {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = std::process::Command::new(cargo)
-            .args(["build", "--quiet", "-p", package, "--bin", binary])
-            .status()
-            .expect("cargo build runs");
-        assert!(status.success(), "building {binary} failed");
-    });
-    assert!(path.exists(), "{} not found", path.display());
+        .join(binary);
+    assert!(
+        path.exists(),
+        "{} not found: run the suite with `cargo nextest run --workspace`",
+        path.display()
+    );
     path
 }
 
@@ -209,7 +209,7 @@ pub struct ChildWorker {
 
 impl ChildWorker {
     pub fn spawn(settings: &Settings) -> Self {
-        let binary = workspace_binary("worker", "sessions-worker");
+        let binary = workspace_binary("sessions-worker");
         let mut command = tokio::process::Command::new(binary);
         command
             .envs(settings_env(settings))
@@ -437,6 +437,57 @@ impl TestApp {
             let records = self.records(session, io).await;
             if records.len() >= count || Instant::now() >= deadline {
                 return records;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// `POST /api/v1/runs/{run}/session-streams/wait` with `body`, as `key`.
+    pub async fn wait_as(&self, key: &str, run: &str, body: Value) -> reqwest::Response {
+        self.client
+            .post(self.url(&format!(
+                "/api/v1/runs/{}/session-streams/wait",
+                encode_segment(run)
+            )))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .expect("wait request")
+    }
+
+    /// Registers a waitpoint and returns its id (asserting 200).
+    pub async fn wait_on(&self, run: &str, body: Value) -> String {
+        let response = self.wait_as(&self.secret_key, run, body).await;
+        let status = response.status();
+        let body: Value = response.json().await.expect("json");
+        assert_eq!(status, 200, "wait failed: {body}");
+        body["waitpointId"]
+            .as_str()
+            .expect("waitpointId")
+            .to_owned()
+    }
+
+    /// `GET /api/v1/waitpoints/tokens/{id}` as `key`: (status, body).
+    pub async fn waitpoint_as(&self, key: &str, id: &str) -> (u16, Value) {
+        let response = self
+            .client
+            .get(self.url(&format!("/api/v1/waitpoints/tokens/{}", encode_segment(id))))
+            .bearer_auth(key)
+            .send()
+            .await
+            .expect("waitpoint request");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Polls a waitpoint until its status is not WAITING (or the timeout passes).
+    pub async fn settled_waitpoint(&self, id: &str, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (_, waitpoint) = self.waitpoint_as(&self.secret_key, id).await;
+            if waitpoint["status"] != json!("WAITING") || Instant::now() >= deadline {
+                return waitpoint;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

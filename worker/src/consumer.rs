@@ -259,6 +259,16 @@ async fn apply_messages(context: &WorkerContext, messages: &[Decoded]) -> Result
         Err(error) => return Err(ApplyFailure::Permanent(error.to_string())),
     };
     metrics::histogram!("sessions_worker_apply_seconds").record(started.elapsed().as_secs_f64());
+    let appended_records = outcomes
+        .iter()
+        .any(|outcome| matches!(outcome, Outcome::Appended { .. }));
+    if appended_records && context.settings.test_failpoint.as_deref() == Some("abort_after_commit")
+    {
+        // Test-only: die between persisting records and everything that follows (events,
+        // replies, acks).
+        tracing::error!("SESSIONS_TEST_FAILPOINT=abort_after_commit: aborting");
+        std::process::abort();
+    }
 
     publish_outbox(context, outbox).await;
 
@@ -359,13 +369,14 @@ pub async fn publish_outbox(context: &WorkerContext, events: Vec<OutboxEventRow>
 
 /// Re-publishes outbox events left behind by a crash between commit and publish.
 pub async fn sweep_outbox(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool>) {
-    let mut interval = tokio::time::interval(Duration::from_secs(10));
+    let mut interval = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
             _ = interval.tick() => {}
             _ = shutdown.changed() => return,
         }
-        let older_than = chrono::Utc::now() - chrono::TimeDelta::seconds(10);
+        // Younger events are still being published by the batch that wrote them.
+        let older_than = chrono::Utc::now() - chrono::TimeDelta::seconds(5);
         match context.store.stale_outbox_events(older_than, 500).await {
             Ok(events) if !events.is_empty() => publish_outbox(&context, events).await,
             Ok(_) => {}

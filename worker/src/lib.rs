@@ -3,6 +3,7 @@
 //! - [`consumer`]: partitions, micro-batching, the supervisor that rebuilds connections.
 //! - [`apply`]: THE apply logic, pure: command kind → writes and outcome.
 //! - [`outcome`]: the one function that acks, dead-letters or hands back a message.
+//! - [`timeouts`]: the waitpoint timer.
 //!
 //! [`Worker::build`] connects (and migrates) the database; the broker and Redis connect lazily
 //! and reconnect on their own. [`Worker::run_until_stopped`] runs until the shutdown signal and
@@ -11,6 +12,7 @@
 pub mod apply;
 pub mod consumer;
 pub mod outcome;
+pub mod timeouts;
 
 use std::sync::Arc;
 
@@ -63,8 +65,10 @@ impl Worker {
             self.context.clone(),
             shutdown.clone(),
         ));
+        let timer = tokio::spawn(timeouts::run(self.context.clone(), shutdown.clone()));
         consumer::run(self.context.clone(), shutdown).await;
         sweeper.abort();
+        timer.abort();
         self.context.link.close().await;
     }
 }

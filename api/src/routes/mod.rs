@@ -5,6 +5,7 @@ mod channels;
 mod health;
 mod records_sse;
 mod sessions;
+mod waitpoints;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -35,6 +36,14 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/realtime/v1/sessions/{session}/{io}",
             get(records_sse::subscribe).head(records_sse::head),
+        )
+        .route(
+            "/api/v1/runs/{run}/session-streams/wait",
+            post(waitpoints::wait),
+        )
+        .route(
+            "/api/v1/waitpoints/tokens/{waitpoint}",
+            get(waitpoints::retrieve),
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -8,6 +8,7 @@ pub mod partition;
 pub mod session;
 pub mod tokens;
 pub mod validation;
+pub mod waitpoint;
 
 pub use channel::Io;
 pub use ids::SessionAddress;

@@ -11,11 +11,13 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use super::entities::{applied_commands, outbox_events, records, runs, sessions};
-use super::{OutboxEventRow, RecordRow, RunRow, SessionRow, StorageError, Store};
+use super::entities::{applied_commands, outbox_events, records, runs, sessions, waitpoints};
+use super::{OutboxEventRow, RecordRow, RunRow, SessionRow, StorageError, Store, WaitpointRow};
 use crate::commands::{Command, CommandBody, Outcome};
+use crate::domain::Io;
 use crate::domain::dedup::DedupKey;
 use crate::domain::session::SessionItem;
+use crate::domain::waitpoint::STATUS_WAITING;
 
 /// Rows per multi-row INSERT or per IN list: keeps every statement far below Postgres' 65,535
 /// bind parameters.
@@ -26,6 +28,8 @@ const CHUNK: usize = 1_000;
 pub struct PartOwner {
     pub seq_num: i64,
     pub body_fingerprint: String,
+    /// The stored body: a duplicate re-runs the drain with it, never with the retry's body.
+    pub body: String,
 }
 
 /// What the database held for a batch, read inside its transaction.
@@ -43,6 +47,26 @@ pub struct LoadedState {
     pub parts: HashMap<DedupKey, PartOwner>,
     /// Friendly ids of the loaded sessions' current runs.
     pub run_friendly_ids: HashMap<Uuid, String>,
+    /// Waiting waitpoints of the batch's sessions, per channel.
+    pub waiting_waitpoints: HashMap<(Uuid, Io), Vec<WaitpointRow>>,
+    /// Waitpoints whose idempotency key is still live, by `(environment, key)`.
+    pub waitpoints_by_key: HashMap<(Uuid, String), WaitpointRow>,
+    /// Bodies of records that registrations with `lastSeqNum` may complete with at once:
+    /// `(session, io, seqNum)` → body.
+    pub record_bodies: HashMap<(Uuid, Io, i64), String>,
+}
+
+/// A waitpoint completion (or time-out), applied only if the waitpoint is still waiting; its
+/// event is written to the outbox only then.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WaitpointCompletion {
+    pub waitpoint_id: Uuid,
+    pub status: &'static str,
+    pub output: String,
+    pub output_is_error: bool,
+    pub completed_by_seq: Option<i64>,
+    pub completed_at: DateTime<Utc>,
+    pub event: NewOutboxEvent,
 }
 
 /// An event to publish after commit (outbox).
@@ -63,6 +87,10 @@ pub struct BatchWrites {
     /// Outcomes of non-append commands, replayed on redelivery.
     pub applied_outcomes: Vec<(Uuid, Outcome)>,
     pub outbox: Vec<NewOutboxEvent>,
+    /// Waitpoints registered by this batch, as registered (WAITING).
+    pub new_waitpoints: Vec<WaitpointRow>,
+    /// Completions, applied after the inserts, each guarded by `status = 'WAITING'`.
+    pub waitpoint_completions: Vec<WaitpointCompletion>,
 }
 
 /// The wire form of a stored session.
@@ -205,8 +233,64 @@ async fn load_state(
                 PartOwner {
                     seq_num: record.seq_num,
                     body_fingerprint: record.body_fingerprint,
+                    body: record.body,
                 },
             );
+        }
+    }
+
+    for chunk in session_ids.chunks(CHUNK) {
+        for waitpoint in waitpoints::Entity::find()
+            .filter(waitpoints::Column::SessionId.is_in(chunk.iter().copied()))
+            .filter(waitpoints::Column::Status.eq(STATUS_WAITING))
+            .all(txn)
+            .await?
+        {
+            let Ok(io) = waitpoint.io.parse::<Io>() else {
+                continue;
+            };
+            state
+                .waiting_waitpoints
+                .entry((waitpoint.session_id, io))
+                .or_default()
+                .push(waitpoint);
+        }
+    }
+    for waitpoints in state.waiting_waitpoints.values_mut() {
+        waitpoints.sort_by_key(|waitpoint| waitpoint.created_at);
+    }
+
+    for command in commands {
+        let CommandBody::RegisterWaitpoint(register) = &command.body else {
+            continue;
+        };
+        if let Some(key) = &register.idempotency_key {
+            let live = waitpoints::Entity::find()
+                .filter(waitpoints::Column::EnvironmentId.eq(command.environment_id))
+                .filter(waitpoints::Column::IdempotencyKey.eq(key.as_str()))
+                .filter(waitpoints::Column::IdempotencyKeyExpiresAt.gt(command.accepted_at))
+                .one(txn)
+                .await?;
+            if let Some(live) = live {
+                state
+                    .waitpoints_by_key
+                    .insert((command.environment_id, key.clone()), live);
+            }
+        }
+        if let Some(last_seq_num) = register.last_seq_num {
+            let next = records::Entity::find()
+                .filter(records::Column::EnvironmentId.eq(command.environment_id))
+                .filter(records::Column::SessionId.eq(command.session_id))
+                .filter(records::Column::Io.eq(register.io.as_str()))
+                .filter(records::Column::SeqNum.eq(last_seq_num.saturating_add(1)))
+                .one(txn)
+                .await?;
+            if let Some(record) = next {
+                state.record_bodies.insert(
+                    (record.session_id, register.io, record.seq_num),
+                    record.body,
+                );
+            }
         }
     }
 
@@ -285,6 +369,18 @@ async fn write(
         .exec_without_returning(txn)
         .await?;
     }
+    for chunk in writes.new_waitpoints.chunks(CHUNK / 4) {
+        waitpoints::Entity::insert_many(
+            chunk
+                .iter()
+                .cloned()
+                .map(|waitpoint| waitpoint.into_active_model().reset_all()),
+        )
+        .exec_without_returning(txn)
+        .await?;
+    }
+    let mut outbox_events = writes.outbox;
+    outbox_events.extend(complete_waitpoints(txn, writes.waitpoint_completions).await?);
     let now = Utc::now();
     for chunk in writes.applied_outcomes.chunks(CHUNK) {
         applied_commands::Entity::insert_many(chunk.iter().map(|(command_id, outcome)| {
@@ -297,8 +393,54 @@ async fn write(
         .exec_without_returning(txn)
         .await?;
     }
-    let outbox: Vec<OutboxEventRow> = writes
-        .outbox
+    insert_outbox(txn, outbox_events).await
+}
+
+fn fresh_session(session: SessionRow) -> sessions::ActiveModel {
+    session.into_active_model().reset_all()
+}
+
+/// Applies completions guarded by `status = 'WAITING'` and returns the events of those that
+/// took effect: a waitpoint completes (or times out) at most once, whoever tries.
+pub(crate) async fn complete_waitpoints(
+    txn: &DatabaseTransaction,
+    completions: Vec<WaitpointCompletion>,
+) -> Result<Vec<NewOutboxEvent>, StorageError> {
+    let mut events = Vec::with_capacity(completions.len());
+    for completion in completions {
+        let result = waitpoints::Entity::update_many()
+            .col_expr(waitpoints::Column::Status, Expr::value(completion.status))
+            .col_expr(waitpoints::Column::Output, Expr::value(completion.output))
+            .col_expr(
+                waitpoints::Column::OutputIsError,
+                Expr::value(completion.output_is_error),
+            )
+            .col_expr(
+                waitpoints::Column::CompletedBySeq,
+                Expr::value(completion.completed_by_seq),
+            )
+            .col_expr(
+                waitpoints::Column::CompletedAt,
+                Expr::value(completion.completed_at),
+            )
+            .filter(waitpoints::Column::Id.eq(completion.waitpoint_id))
+            .filter(waitpoints::Column::Status.eq(STATUS_WAITING))
+            .exec(txn)
+            .await?;
+        if result.rows_affected == 1 {
+            events.push(completion.event);
+        }
+    }
+    Ok(events)
+}
+
+/// Writes events to the outbox; they are published after commit.
+pub(crate) async fn insert_outbox(
+    txn: &DatabaseTransaction,
+    events: Vec<NewOutboxEvent>,
+) -> Result<Vec<OutboxEventRow>, StorageError> {
+    let now = Utc::now();
+    let outbox: Vec<OutboxEventRow> = events
         .into_iter()
         .map(|event| OutboxEventRow {
             id: Uuid::now_v7(),
@@ -318,8 +460,4 @@ async fn write(
         .await?;
     }
     Ok(outbox)
-}
-
-fn fresh_session(session: SessionRow) -> sessions::ActiveModel {
-    session.into_active_model().reset_all()
 }

@@ -177,3 +177,39 @@ pub mod outbox_events {
 
     impl ActiveModelBehavior for ActiveModel {}
 }
+
+pub mod waitpoints {
+    use sea_orm::entity::prelude::*;
+
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "waitpoints")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub id: Uuid,
+        pub friendly_id: String,
+        pub environment_id: Uuid,
+        pub environment_public_id: String,
+        pub run_id: Uuid,
+        pub run_friendly_id: String,
+        pub session_id: Uuid,
+        pub session_friendly_id: String,
+        pub io: String,
+        /// Completes with the first record whose seqNum is greater than this.
+        pub after_seq: i64,
+        pub status: String,
+        pub output: Option<String>,
+        pub output_is_error: bool,
+        pub completed_by_seq: Option<i64>,
+        pub completed_at: Option<DateTimeUtc>,
+        pub timeout_at: Option<DateTimeUtc>,
+        pub tags: Json,
+        pub idempotency_key: Option<String>,
+        pub idempotency_key_expires_at: Option<DateTimeUtc>,
+        pub created_at: DateTimeUtc,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}

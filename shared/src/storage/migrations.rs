@@ -8,7 +8,7 @@ pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(InitialSchema)]
+        vec![Box::new(InitialSchema), Box::new(Waitpoints)]
     }
 }
 
@@ -193,6 +193,72 @@ impl MigrationTrait for InitialSchema {
                     .col(timestamp_with_time_zone("created_at"))
                     .to_owned(),
             )
+            .await?;
+        Ok(())
+    }
+}
+
+struct Waitpoints;
+
+impl MigrationName for Waitpoints {
+    fn name(&self) -> &str {
+        "m20261127_000002_waitpoints"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for Waitpoints {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table("waitpoints")
+                    .if_not_exists()
+                    .col(pk_uuid("id"))
+                    .col(string_uniq("friendly_id"))
+                    .col(uuid("environment_id"))
+                    .col(string("environment_public_id"))
+                    .col(uuid("run_id"))
+                    .col(string("run_friendly_id"))
+                    .col(uuid("session_id"))
+                    .col(string("session_friendly_id"))
+                    .col(string_len("io", 8))
+                    .col(big_integer("after_seq"))
+                    .col(string_len("status", 16))
+                    .col(text_null("output"))
+                    .col(boolean("output_is_error"))
+                    .col(big_integer_null("completed_by_seq"))
+                    .col(timestamp_with_time_zone_null("completed_at"))
+                    .col(timestamp_with_time_zone_null("timeout_at"))
+                    .col(json_binary("tags"))
+                    .col(text_null("idempotency_key"))
+                    .col(timestamp_with_time_zone_null("idempotency_key_expires_at"))
+                    .col(timestamp_with_time_zone("created_at"))
+                    .to_owned(),
+            )
+            .await?;
+        // The drain looks up the waiting waitpoints of a batch's sessions.
+        manager
+            .create_index(plain_index(
+                "waitpoints_waiting_by_session",
+                "waitpoints",
+                &["session_id", "status"],
+            ))
+            .await?;
+        // The timer looks up expired waiting waitpoints.
+        manager
+            .create_index(plain_index(
+                "waitpoints_by_status_timeout",
+                "waitpoints",
+                &["status", "timeout_at"],
+            ))
+            .await?;
+        manager
+            .create_index(plain_index(
+                "waitpoints_by_idempotency_key",
+                "waitpoints",
+                &["environment_id", "idempotency_key"],
+            ))
             .await?;
         Ok(())
     }

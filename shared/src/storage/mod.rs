@@ -23,14 +23,17 @@ use crate::domain::ids::{self, ENVIRONMENT_PREFIX};
 use crate::domain::session::SessionItem;
 use crate::domain::{Io, SessionAddress};
 
-pub use apply::{BatchWrites, LoadedState, NewOutboxEvent, PartOwner};
+pub use apply::{BatchWrites, LoadedState, NewOutboxEvent, PartOwner, WaitpointCompletion};
 pub use entities::environments::Model as EnvironmentRow;
 pub use entities::outbox_events::Model as OutboxEventRow;
 pub use entities::records::Model as RecordRow;
 pub use entities::runs::Model as RunRow;
 pub use entities::sessions::Model as SessionRow;
+pub use entities::waitpoints::Model as WaitpointRow;
 
-use entities::{environments, outbox_events, projects, records, runs, secret_keys, sessions};
+use entities::{
+    environments, outbox_events, projects, records, runs, secret_keys, sessions, waitpoints,
+};
 
 /// A storage failure. [`StorageError::is_transient`] tells the worker whether to retry.
 #[derive(Debug, thiserror::Error)]
@@ -347,6 +350,60 @@ impl Store {
             Io::In => session.next_seq_in,
             Io::Out => session.next_seq_out,
         }))
+    }
+
+    /// The run with this friendly id in this environment.
+    pub async fn find_run(
+        &self,
+        environment_id: Uuid,
+        friendly_id: &str,
+    ) -> Result<Option<RunRow>, StorageError> {
+        Ok(runs::Entity::find()
+            .filter(runs::Column::EnvironmentId.eq(environment_id))
+            .filter(runs::Column::FriendlyId.eq(friendly_id))
+            .one(&self.db)
+            .await?)
+    }
+
+    /// The waitpoint with this friendly id in this environment.
+    pub async fn find_waitpoint(
+        &self,
+        environment_id: Uuid,
+        friendly_id: &str,
+    ) -> Result<Option<WaitpointRow>, StorageError> {
+        Ok(waitpoints::Entity::find()
+            .filter(waitpoints::Column::EnvironmentId.eq(environment_id))
+            .filter(waitpoints::Column::FriendlyId.eq(friendly_id))
+            .one(&self.db)
+            .await?)
+    }
+
+    /// Times out up to `limit` waiting waitpoints whose `timeout_at` has passed, in one
+    /// transaction with their events (outbox). `completion` builds each time-out. Returns the
+    /// events to publish.
+    pub async fn time_out_waitpoints(
+        &self,
+        now: DateTime<Utc>,
+        limit: u64,
+        completion: impl Fn(&WaitpointRow) -> WaitpointCompletion,
+    ) -> Result<Vec<OutboxEventRow>, StorageError> {
+        let txn = self.db.begin().await?;
+        let expired = waitpoints::Entity::find()
+            .filter(waitpoints::Column::Status.eq(crate::domain::waitpoint::STATUS_WAITING))
+            .filter(waitpoints::Column::TimeoutAt.lte(now))
+            .order_by_asc(waitpoints::Column::TimeoutAt)
+            .limit(limit)
+            .all(&txn)
+            .await?;
+        if expired.is_empty() {
+            txn.commit().await?;
+            return Ok(Vec::new());
+        }
+        let completions = expired.iter().map(completion).collect();
+        let events = apply::complete_waitpoints(&txn, completions).await?;
+        let rows = apply::insert_outbox(&txn, events).await?;
+        txn.commit().await?;
+        Ok(rows)
     }
 
     // ---------------------------------------------------------------- outbox

@@ -16,12 +16,18 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use shared::commands::{
     AppendCommand, CloseSessionCommand, Command, CommandBody, CreateSessionCommand, Outcome,
+    RegisterWaitpointCommand,
 };
 use shared::domain::Io;
 use shared::domain::dedup::{DedupKey, body_fingerprint};
 use shared::domain::session::{SessionState, session_state};
+use shared::domain::waitpoint::{
+    STATUS_COMPLETED, STATUS_TIMED_OUT, STATUS_WAITING, WAITPOINT_COMPLETED, WAITPOINT_TIMED_OUT,
+    WaitpointEvent, timeout_output,
+};
 use shared::storage::{
     BatchWrites, LoadedState, NewOutboxEvent, PartOwner, RecordRow, RunRow, SessionRow,
+    WaitpointCompletion, WaitpointRow,
 };
 use uuid::Uuid;
 
@@ -85,6 +91,16 @@ impl Planner {
                 self.remember(command, &outcome);
                 outcome
             }
+            CommandBody::RegisterWaitpoint(register) => {
+                let outcome = self
+                    .state
+                    .applied_outcomes
+                    .get(&command.id)
+                    .cloned()
+                    .unwrap_or_else(|| self.register_waitpoint(command, register));
+                self.remember(command, &outcome);
+                outcome
+            }
         }
     }
 
@@ -135,15 +151,15 @@ impl Planner {
             part_id: part_id.clone(),
         });
         if let Some(owner) = key.as_ref().and_then(|key| self.state.parts.get(key)) {
-            return if owner.body_fingerprint == fingerprint {
-                Outcome::Duplicate {
-                    seq_num: owner.seq_num,
-                }
-            } else {
-                Outcome::Conflict {
-                    seq_num: owner.seq_num,
-                }
-            };
+            let (seq_num, stored_body) = (owner.seq_num, owner.body.clone());
+            if owner.body_fingerprint != fingerprint {
+                // Nothing was appended: no waitpoint may complete.
+                return Outcome::Conflict { seq_num };
+            }
+            // A retry re-runs the drain, with the STORED record: it completes only waitpoints
+            // that were waiting for that record (e.g. left over by a crash), never later ones.
+            self.drain(command, append.io, seq_num, &stored_body);
+            return Outcome::Duplicate { seq_num };
         }
         let Some(session) = self.session_mut(command) else {
             return Outcome::SessionNotFound;
@@ -163,9 +179,11 @@ impl Planner {
                 PartOwner {
                     seq_num,
                     body_fingerprint: fingerprint.clone(),
+                    body: append.body.clone(),
                 },
             );
         }
+        self.drain(command, append.io, seq_num, &append.body);
         self.writes.records.push(RecordRow {
             session_id,
             io: append.io.as_str().to_owned(),
@@ -179,6 +197,135 @@ impl Planner {
         });
         self.state.recorded_appends.insert(command.id, seq_num);
         Outcome::Appended { seq_num }
+    }
+
+    /// Completes every waitpoint of the channel waiting for a record after one before `seq_num`
+    /// with that record's body.
+    fn drain(&mut self, command: &Command, io: Io, seq_num: i64, body: &str) {
+        let now = self.state.now;
+        let Some(waiting) = self
+            .state
+            .waiting_waitpoints
+            .get_mut(&(command.session_id, io))
+        else {
+            return;
+        };
+        let (ready, still_waiting): (Vec<WaitpointRow>, Vec<WaitpointRow>) =
+            waiting.drain(..).partition(|waitpoint| {
+                waitpoint.after_seq < seq_num && waitpoint.environment_id == command.environment_id
+            });
+        *waiting = still_waiting;
+        for waitpoint in ready {
+            self.writes.waitpoint_completions.push(completion(
+                &waitpoint,
+                STATUS_COMPLETED,
+                body.to_owned(),
+                Some(seq_num),
+                now,
+            ));
+        }
+    }
+
+    fn register_waitpoint(
+        &mut self,
+        command: &Command,
+        register: &RegisterWaitpointCommand,
+    ) -> Outcome {
+        let now = self.state.now;
+        if let Some(key) = &register.idempotency_key
+            && let Some(live) = self
+                .state
+                .waitpoints_by_key
+                .get(&(command.environment_id, key.clone()))
+        {
+            return Outcome::WaitpointRegistered {
+                friendly_id: live.friendly_id.clone(),
+                cached: true,
+            };
+        }
+        let Some(session) = self
+            .state
+            .sessions
+            .get(&command.session_id)
+            .filter(|session| session.environment_id == command.environment_id)
+        else {
+            return Outcome::SessionNotFound;
+        };
+        let next_seq = match register.io {
+            Io::In => session.next_seq_in,
+            Io::Out => session.next_seq_out,
+        };
+        let after_seq = register.last_seq_num.unwrap_or(next_seq - 1).max(-1);
+        let waitpoint = WaitpointRow {
+            id: register.waitpoint_id,
+            friendly_id: register.friendly_id.clone(),
+            environment_id: command.environment_id,
+            environment_public_id: register.environment_public_id.clone(),
+            run_id: register.run_id,
+            run_friendly_id: register.run_friendly_id.clone(),
+            session_id: command.session_id,
+            session_friendly_id: session.friendly_id.clone(),
+            io: register.io.as_str().to_owned(),
+            after_seq,
+            status: STATUS_WAITING.to_owned(),
+            output: None,
+            output_is_error: false,
+            completed_by_seq: None,
+            completed_at: None,
+            timeout_at: register.timeout_at,
+            tags: json!(register.tags),
+            idempotency_key: register.idempotency_key.clone(),
+            idempotency_key_expires_at: register.idempotency_key_expires_at,
+            created_at: now,
+        };
+        // Registration is ordered with the appends: a record already after `after_seq`
+        // completes the waitpoint at once (no lost wake-up).
+        let first_after = after_seq + 1;
+        let existing_body = if first_after < next_seq {
+            self.writes
+                .records
+                .iter()
+                .find(|record| {
+                    record.session_id == command.session_id
+                        && record.io == register.io.as_str()
+                        && record.seq_num == first_after
+                })
+                .map(|record| record.body.clone())
+                .or_else(|| {
+                    self.state
+                        .record_bodies
+                        .get(&(command.session_id, register.io, first_after))
+                        .cloned()
+                })
+        } else {
+            None
+        };
+        match existing_body {
+            Some(body) => self.writes.waitpoint_completions.push(completion(
+                &waitpoint,
+                STATUS_COMPLETED,
+                body,
+                Some(first_after),
+                now,
+            )),
+            None => self
+                .state
+                .waiting_waitpoints
+                .entry((command.session_id, register.io))
+                .or_default()
+                .push(waitpoint.clone()),
+        }
+        if let Some(key) = &register.idempotency_key {
+            self.state
+                .waitpoints_by_key
+                .insert((command.environment_id, key.clone()), waitpoint.clone());
+        }
+        let friendly_id = waitpoint.friendly_id.clone();
+        self.writes.new_waitpoints.push(waitpoint);
+        Outcome::WaitpointRegistered {
+            friendly_id,
+            cached: false,
+        }
     }
 
     fn current_run_friendly_id(&self, session: &SessionRow) -> Option<String> {
@@ -292,6 +439,59 @@ impl Planner {
         }
         self.writes
     }
+}
+
+/// A completion (`COMPLETED` with a record body) or time-out (`TIMED_OUT` with the error
+/// output) of `waitpoint`, with its event.
+pub fn completion(
+    waitpoint: &WaitpointRow,
+    status: &'static str,
+    output: String,
+    completed_by_seq: Option<i64>,
+    at: DateTime<Utc>,
+) -> WaitpointCompletion {
+    let output_is_error = status == STATUS_TIMED_OUT;
+    let kind = if output_is_error {
+        WAITPOINT_TIMED_OUT
+    } else {
+        WAITPOINT_COMPLETED
+    };
+    let payload = WaitpointEvent {
+        kind,
+        waitpoint_friendly_id: &waitpoint.friendly_id,
+        run_friendly_id: &waitpoint.run_friendly_id,
+        session_friendly_id: &waitpoint.session_friendly_id,
+        environment_public_id: &waitpoint.environment_public_id,
+        io: &waitpoint.io,
+        output: &output,
+        output_is_error,
+        at,
+    }
+    .payload();
+    WaitpointCompletion {
+        waitpoint_id: waitpoint.id,
+        status,
+        output,
+        output_is_error,
+        completed_by_seq,
+        completed_at: at,
+        event: NewOutboxEvent {
+            routing_key: kind.to_owned(),
+            payload,
+        },
+    }
+}
+
+/// The time-out of an expired waitpoint.
+pub fn time_out(waitpoint: &WaitpointRow, now: DateTime<Utc>) -> WaitpointCompletion {
+    let timeout_at = waitpoint.timeout_at.unwrap_or(now);
+    completion(
+        waitpoint,
+        STATUS_TIMED_OUT,
+        timeout_output(timeout_at),
+        None,
+        now,
+    )
 }
 
 fn run_requested_event(

@@ -1,6 +1,6 @@
 use super::*;
 use chrono::TimeDelta;
-use shared::commands::AppendCommand;
+use shared::commands::{AppendCommand, RegisterWaitpointCommand};
 
 const ENV: Uuid = Uuid::from_u128(1);
 const SESSION: Uuid = Uuid::from_u128(2);
@@ -113,6 +113,7 @@ fn stored_part_owner_decides_across_batches() {
         PartOwner {
             seq_num: 4,
             body_fingerprint: body_fingerprint("first"),
+            body: "first".into(),
         },
     );
     let commands = vec![
@@ -260,4 +261,118 @@ fn close_is_idempotent_and_blocks_later_appends() {
     assert_eq!(outcomes[2], Outcome::SessionClosed);
     assert_eq!(outcomes[3], outcomes[1]);
     assert_eq!(writes.records.len(), 1);
+}
+
+fn register(id: u128, last_seq_num: Option<i64>) -> Command {
+    Command {
+        id: Uuid::from_u128(id),
+        environment_id: ENV,
+        session_id: SESSION,
+        accepted_at: now(),
+        wants_reply: true,
+        body: CommandBody::RegisterWaitpoint(Box::new(RegisterWaitpointCommand {
+            waitpoint_id: Uuid::from_u128(id + 1000),
+            friendly_id: format!("waitpoint_{id}"),
+            environment_public_id: "env_x".into(),
+            run_id: Uuid::from_u128(500),
+            run_friendly_id: "run_x".into(),
+            session_friendly_id: "session_a".into(),
+            io: Io::In,
+            last_seq_num,
+            timeout_at: None,
+            tags: vec![],
+            idempotency_key: None,
+            idempotency_key_expires_at: None,
+        })),
+    }
+}
+
+#[test]
+fn a_waitpoint_completes_with_the_next_record_and_only_once() {
+    let commands = vec![
+        append(10, Io::In, None, "before"),
+        register(20, None),
+        append(11, Io::Out, None, "other channel"),
+        append(12, Io::In, None, "next"),
+        append(13, Io::In, None, "later"),
+    ];
+    let (writes, outcomes) = plan_batch(&commands, state_with(Some(session_row())));
+    assert!(matches!(
+        &outcomes[1],
+        Outcome::WaitpointRegistered { cached: false, .. }
+    ));
+    assert_eq!(writes.new_waitpoints.len(), 1);
+    assert_eq!(writes.new_waitpoints[0].after_seq, 0);
+    assert_eq!(writes.waitpoint_completions.len(), 1);
+    let completion = &writes.waitpoint_completions[0];
+    assert_eq!(completion.output, "next");
+    assert_eq!(completion.completed_by_seq, Some(1));
+    assert_eq!(completion.status, STATUS_COMPLETED);
+    assert_eq!(completion.event.routing_key, WAITPOINT_COMPLETED);
+}
+
+#[test]
+fn registering_after_the_record_completes_at_once_with_it() {
+    let commands = vec![
+        append(10, Io::In, None, "r0"),
+        append(11, Io::In, None, "r1"),
+        register(20, Some(0)),
+    ];
+    let (writes, _) = plan_batch(&commands, state_with(Some(session_row())));
+    assert_eq!(writes.waitpoint_completions.len(), 1);
+    assert_eq!(writes.waitpoint_completions[0].output, "r1");
+    // From the database when the record is older than the batch.
+    let mut session = session_row();
+    session.next_seq_in = 3;
+    let mut state = state_with(Some(session));
+    state
+        .record_bodies
+        .insert((SESSION, Io::In, 2), "stored r2".into());
+    let (writes, _) = plan_batch(&[register(20, Some(1))], state);
+    assert_eq!(writes.waitpoint_completions[0].output, "stored r2");
+}
+
+#[test]
+fn replays_never_complete_later_waitpoints_and_conflicts_complete_nothing() {
+    let commands = vec![
+        append(10, Io::In, Some("p"), "original"),
+        register(20, None),
+        append(11, Io::In, Some("p"), "original"),
+        append(12, Io::In, Some("p"), "different"),
+    ];
+    let (writes, outcomes) = plan_batch(&commands, state_with(Some(session_row())));
+    assert_eq!(outcomes[2], Outcome::Duplicate { seq_num: 0 });
+    assert_eq!(outcomes[3], Outcome::Conflict { seq_num: 0 });
+    assert!(writes.waitpoint_completions.is_empty());
+}
+
+#[test]
+fn a_duplicate_drains_waitpoints_left_waiting_with_the_stored_body() {
+    // A crash left a waitpoint waiting although its record (seq 0) was persisted.
+    let mut session = session_row();
+    session.next_seq_in = 1;
+    let mut state = state_with(Some(session));
+    state.parts.insert(
+        DedupKey {
+            environment_id: ENV,
+            session_id: SESSION,
+            io: Io::In,
+            part_id: "p".into(),
+        },
+        PartOwner {
+            seq_num: 0,
+            body_fingerprint: body_fingerprint("stored"),
+            body: "stored".into(),
+        },
+    );
+    let (mut writes, _) = plan_batch(&[register(20, Some(-1))], state_with(Some(session_row())));
+    let mut waiting = writes.new_waitpoints.remove(0);
+    waiting.after_seq = -1;
+    state
+        .waiting_waitpoints
+        .insert((SESSION, Io::In), vec![waiting]);
+    let (writes, outcomes) = plan_batch(&[append(11, Io::In, Some("p"), "stored")], state);
+    assert_eq!(outcomes, vec![Outcome::Duplicate { seq_num: 0 }]);
+    assert_eq!(writes.waitpoint_completions.len(), 1);
+    assert_eq!(writes.waitpoint_completions[0].output, "stored");
 }

@@ -1,0 +1,86 @@
+//! The `sessions-api` binary's operator contract: the admin CLI and start-up configuration
+//! errors. (Also makes `cargo nextest run --workspace` build the binary.)
+
+use serde_json::Value;
+
+#[tokio::test]
+async fn admin_cli_creates_an_environment_once_and_the_key_works() {
+    let name = tests::unique_name();
+    let settings = tests::test_settings(&name, &[]);
+    let binary = env!("CARGO_BIN_EXE_sessions-api");
+    let run = || {
+        std::process::Command::new(binary)
+            .args([
+                "admin",
+                "create-environment",
+                "--project",
+                "acme",
+                "--environment",
+                "dev",
+            ])
+            .envs(tests::settings_env(&settings))
+            .output()
+            .expect("cli runs")
+    };
+    let first = run();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let created: Value = serde_json::from_slice(&first.stdout).expect("one JSON line");
+    assert!(
+        created["environmentId"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("env_"))
+    );
+    let key = created["secretKey"]
+        .as_str()
+        .expect("key shown once")
+        .to_owned();
+    let second: Value = serde_json::from_slice(&run().stdout).expect("json");
+    assert_eq!(second["environmentId"], created["environmentId"]);
+    assert_eq!(
+        second["secretKey"],
+        Value::Null,
+        "the key is shown only once"
+    );
+    let bad = std::process::Command::new(binary)
+        .args([
+            "admin",
+            "create-environment",
+            "--project",
+            "Bad Slug",
+            "--environment",
+            "dev",
+        ])
+        .envs(tests::settings_env(&settings))
+        .output()
+        .expect("cli runs");
+    assert!(!bad.status.success());
+
+    let store = shared::storage::Store::connect(&settings.database_url, 1)
+        .await
+        .expect("store");
+    let digest = shared::domain::tokens::secret_key_digest(&key);
+    assert!(
+        store
+            .environment_for_key_digest(&digest)
+            .await
+            .expect("lookup")
+            .is_some()
+    );
+    drop(store);
+    tests::drop_database(&settings.database_url).await;
+}
+
+#[tokio::test]
+async fn bad_configuration_fails_at_start_naming_the_variable() {
+    let binary = env!("CARGO_BIN_EXE_sessions-api");
+    let output = std::process::Command::new(binary)
+        .env("SESSIONS_PARTITIONS", "lots")
+        .output()
+        .expect("runs");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("SESSIONS_PARTITIONS"));
+}
