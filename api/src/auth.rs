@@ -1,22 +1,96 @@
-//! Who is calling: secret keys today (digest lookup in the caller's environment).
+//! Who is calling, and what they may do: THE authentication and authorization rules.
 //!
-//! Public access tokens (JWTs) are minted at session create; verifying them on routes is not
-//! built yet, so a JWT bearer is answered 401 with a message that says so.
+//! Credentials (SPEC §2): a secret key (digest lookup; full access to its environment) or a
+//! public access token (HS256 JWT signed with one of the environment's secret keys; `pub: true`;
+//! scopes). A token's `sub` names its environment; it is verified only with that environment's
+//! own unrevoked keys, so a token can never act in another environment.
+//!
+//! Every handler authenticates through [`Caller`] (or [`SecretKeyCaller`] for secret-key-only
+//! routes) before it reads anything, and authorizes with [`Caller::authorize`] before it
+//! writes, publishes or returns data. A token that does not cover a session gets 403 whether or
+//! not that session exists, so tokens cannot probe for sessions.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use shared::domain::tokens::secret_key_digest;
-use shared::storage::EnvironmentRow;
+use shared::domain::SessionAddress;
+use shared::domain::ids::SECRET_KEY_PREFIX;
+use shared::domain::scopes::{Action, SessionNames, allows};
+use shared::domain::tokens::{
+    decrypt_secret, secret_key_digest, unverified_subject, verify_public_token,
+};
+use shared::storage::{EnvironmentRow, SessionRow};
+use uuid::Uuid;
 
 use crate::AppState;
 use crate::error::ApiError;
 
-/// A caller authenticated by a secret key: full access to its environment.
+/// How long decrypted verification keys are reused before the database is asked again (also
+/// how long a revoked key can still verify tokens on an instance).
+const KEY_CACHE_TTL: Duration = Duration::from_secs(10);
+
+/// The credential a request presented.
+#[derive(Clone, Debug)]
+pub enum Credential {
+    /// A secret key (kept only to sign the tokens this request mints; never logged or stored).
+    SecretKey(String),
+    /// A verified public access token's scopes.
+    PublicToken { scopes: Vec<String> },
+}
+
+/// An authenticated caller.
+#[derive(Clone, Debug)]
+pub struct Caller {
+    pub environment: EnvironmentRow,
+    pub credential: Credential,
+}
+
+/// A caller that presented a secret key (routes that need one answer 403 to tokens).
 #[derive(Clone, Debug)]
 pub struct SecretKeyCaller {
     pub environment: EnvironmentRow,
-    /// The presented key; signs the public tokens this request mints. Never logged or stored.
     pub secret_key: String,
+}
+
+/// Decrypted verification keys per environment, for [`KEY_CACHE_TTL`].
+#[derive(Debug, Default)]
+pub struct VerificationKeys {
+    entries: Mutex<HashMap<Uuid, (Instant, Vec<String>)>>,
+}
+
+impl VerificationKeys {
+    async fn for_environment(
+        &self,
+        state: &AppState,
+        environment_id: Uuid,
+    ) -> Result<Vec<String>, ApiError> {
+        {
+            let entries = self
+                .entries
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((fetched, keys)) = entries.get(&environment_id)
+                && fetched.elapsed() < KEY_CACHE_TTL
+            {
+                return Ok(keys.clone());
+            }
+        }
+        let keys: Vec<String> = state
+            .store
+            .encrypted_verification_keys(environment_id)
+            .await?
+            .iter()
+            .filter_map(|sealed| decrypt_secret(&state.settings.master_key, sealed))
+            .collect();
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(environment_id, (Instant::now(), keys.clone()));
+        Ok(keys)
+    }
 }
 
 fn bearer(parts: &Parts) -> Option<&str> {
@@ -29,31 +103,134 @@ fn bearer(parts: &Parts) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-impl FromRequestParts<AppState> for SecretKeyCaller {
+const INVALID_TOKEN: &str = "Invalid public access token";
+
+async fn authenticate_token(state: &AppState, token: &str) -> Result<Caller, ApiError> {
+    let subject = unverified_subject(token).map_err(|_| ApiError::Unauthorized(INVALID_TOKEN))?;
+    if subject.len() > 128 {
+        return Err(ApiError::Unauthorized(INVALID_TOKEN));
+    }
+    let environment = state
+        .store
+        .environment_by_public_id(&subject)
+        .await?
+        .ok_or(ApiError::Unauthorized(INVALID_TOKEN))?;
+    let keys = state
+        .verification_keys
+        .for_environment(state, environment.id)
+        .await?;
+    let claims = keys
+        .iter()
+        .find_map(|key| {
+            verify_public_token(
+                token,
+                key,
+                &state.settings.jwt_issuer,
+                &state.settings.jwt_audience,
+            )
+            .ok()
+        })
+        .ok_or(ApiError::Unauthorized(INVALID_TOKEN))?;
+    if !claims.public || claims.sub != environment.public_id {
+        return Err(ApiError::Unauthorized(INVALID_TOKEN));
+    }
+    Ok(Caller {
+        environment,
+        credential: Credential::PublicToken {
+            scopes: claims.scopes,
+        },
+    })
+}
+
+impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = bearer(parts).ok_or(ApiError::Unauthorized(
-            "Missing or malformed Authorization header: expected 'Bearer <secret key>'",
+            "Missing or malformed Authorization header: expected 'Bearer <secret key or public access token>'",
         ))?;
-        if token.is_empty() || token.len() > 512 {
+        if token.is_empty() || token.len() > 8192 {
             return Err(ApiError::Unauthorized("Invalid API key"));
         }
-        if token.matches('.').count() == 2
-            && !token.starts_with(shared::domain::ids::SECRET_KEY_PREFIX)
-        {
-            return Err(ApiError::Unauthorized(
-                "Public access tokens are not accepted on this route yet; use a secret key",
-            ));
+        if !token.starts_with(SECRET_KEY_PREFIX) && token.split('.').count() == 3 {
+            return authenticate_token(state, token).await;
         }
         let environment = state
             .store
             .environment_for_key_digest(&secret_key_digest(token))
             .await?
             .ok_or(ApiError::Unauthorized("Invalid API key"))?;
-        Ok(Self {
+        Ok(Caller {
             environment,
-            secret_key: token.to_owned(),
+            credential: Credential::SecretKey(token.to_owned()),
         })
+    }
+}
+
+impl FromRequestParts<AppState> for SecretKeyCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let caller = Caller::from_request_parts(parts, state).await?;
+        match caller.credential {
+            Credential::SecretKey(secret_key) => Ok(Self {
+                environment: caller.environment,
+                secret_key,
+            }),
+            Credential::PublicToken { .. } => Err(ApiError::Forbidden(
+                "This route needs a secret key; public access tokens are not allowed".into(),
+            )),
+        }
+    }
+}
+
+impl Caller {
+    pub fn is_secret_key(&self) -> bool {
+        matches!(self.credential, Credential::SecretKey(_))
+    }
+
+    /// Allows `action` on the session `address` names (found as `session`, or missing). Secret
+    /// keys may do everything in their environment; tokens need a covering scope, and get the
+    /// same 403 whether the session exists or not.
+    pub fn authorize(
+        &self,
+        action: Action,
+        address: &SessionAddress,
+        session: Option<&SessionRow>,
+    ) -> Result<(), ApiError> {
+        let Credential::PublicToken { scopes } = &self.credential else {
+            return Ok(());
+        };
+        let names = match session {
+            Some(session) => SessionNames {
+                friendly_id: &session.friendly_id,
+                external_id: session.external_id.as_deref(),
+            },
+            None => SessionNames {
+                friendly_id: address.as_str(),
+                external_id: Some(address.as_str()),
+            },
+        };
+        if allows(scopes, action, names) {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!(
+                "This token does not allow {} on this session",
+                match action {
+                    Action::Read => "read",
+                    Action::Write => "write",
+                    Action::Admin => "admin",
+                }
+            )))
+        }
+    }
+
+    /// Only a secret key may do this (e.g. append to `out`).
+    pub fn require_secret_key(&self, what: &str) -> Result<(), ApiError> {
+        if self.is_secret_key() {
+            Ok(())
+        } else {
+            Err(ApiError::Forbidden(format!("{what} needs a secret key")))
+        }
     }
 }

@@ -36,6 +36,7 @@ pub struct AppState {
     pub publisher: Arc<Publisher>,
     pub cache: Arc<Cache>,
     pub hub: Arc<live::Hub>,
+    pub verification_keys: Arc<auth::VerificationKeys>,
 }
 
 /// Why the api could not start.
@@ -118,6 +119,7 @@ impl Application {
                 publisher,
                 cache,
                 hub,
+                verification_keys: Arc::default(),
             },
         })
     }

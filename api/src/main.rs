@@ -36,6 +36,11 @@ async fn main() -> ExitCode {
 
 async fn serve(settings: Settings) -> ExitCode {
     shared::telemetry::prometheus();
+    if settings.master_key_is_default {
+        tracing::warn!(
+            "SESSIONS_MASTER_KEY is not set: using the built-in development master key; set your own (64 hex characters) before production"
+        );
+    }
     let application = match api::Application::build(settings).await {
         Ok(application) => application,
         Err(error) => {
@@ -100,7 +105,10 @@ async fn admin(settings: Settings, arguments: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match store.create_environment(project, environment).await {
+    match store
+        .create_environment(project, environment, &settings.master_key)
+        .await
+    {
         Ok(created) => {
             println!(
                 "{}",

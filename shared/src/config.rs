@@ -60,6 +60,12 @@ pub struct Settings {
     /// `SESSIONS_PUBLIC_URL`: the api's external base URL, for URLs in responses (default: the
     /// request's `Host`).
     pub public_url: Option<String>,
+    /// `SESSIONS_MASTER_KEY`: 64 hex characters (32 bytes) that encrypt the stored copies of
+    /// secret keys (needed to verify public access tokens). Unset: a built-in development key,
+    /// announced by a warning at start; never run production on it.
+    pub master_key: [u8; 32],
+    /// Whether [`Settings::master_key`] is the built-in development key.
+    pub master_key_is_default: bool,
     /// `SESSIONS_TEST_FAILPOINT`: test-only fault injection (`abort_after_commit` makes the worker
     /// abort right after a batch that appended records commits, before events, replies and acks). Never set it in
     /// production.
@@ -67,6 +73,20 @@ pub struct Settings {
     /// `SESSIONS_QUEUE_EXPIRES_MS`: optional `x-expires` on partition queues (tests and
     /// throw-away deployments; unset in production).
     pub queue_expires: Option<Duration>,
+}
+
+/// The master key used when `SESSIONS_MASTER_KEY` is unset: fine for a laptop, never for
+/// production (anyone can read it here).
+const DEVELOPMENT_MASTER_KEY: [u8; 32] = *b"sessions-development-master-key!";
+
+fn parse_master_key(text: &str) -> Result<[u8; 32], ConfigError> {
+    hex::decode(text.trim())
+        .ok()
+        .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+        .ok_or_else(|| ConfigError {
+            variable: "SESSIONS_MASTER_KEY",
+            message: "must be 64 hex characters (32 bytes); e.g. `openssl rand -hex 32`".into(),
+        })
 }
 
 fn parse<T: FromStr>(
@@ -276,6 +296,11 @@ impl Settings {
                 .unwrap_or_else(|| "https://id.trigger.dev".into()),
             jwt_audience: get("SESSIONS_JWT_AUDIENCE")
                 .unwrap_or_else(|| "https://api.trigger.dev".into()),
+            master_key: match get("SESSIONS_MASTER_KEY") {
+                None => DEVELOPMENT_MASTER_KEY,
+                Some(text) => parse_master_key(&text)?,
+            },
+            master_key_is_default: get("SESSIONS_MASTER_KEY").is_none(),
             test_failpoint: get("SESSIONS_TEST_FAILPOINT"),
             public_url: get("SESSIONS_PUBLIC_URL")
                 .map(|url| url_with_scheme("SESSIONS_PUBLIC_URL", url, &["http://", "https://"]))
@@ -320,6 +345,8 @@ mod tests {
         assert!(error.to_string().contains("AMQP_URL"));
         let error = settings(&[("SESSIONS_HTTP_ADDR", "nowhere")]).expect_err("bad");
         assert_eq!(error.variable, "SESSIONS_HTTP_ADDR");
+        let error = settings(&[("SESSIONS_MASTER_KEY", "abcd")]).expect_err("bad");
+        assert_eq!(error.variable, "SESSIONS_MASTER_KEY");
         let error = settings(&[("SESSIONS_BROKER_PREFIX", "a b")]).expect_err("bad");
         assert_eq!(error.variable, "SESSIONS_BROKER_PREFIX");
     }

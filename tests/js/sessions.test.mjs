@@ -3,6 +3,7 @@
 import { test } from "node:test";
 import assert from "node:assert/strict";
 import { ApiClient } from "@trigger.dev/core/v3";
+import { generateJWT } from "@trigger.dev/core/v3/jwt";
 
 const baseUrl = process.env.SESSIONS_API_URL;
 const secretKey = process.env.SESSIONS_SECRET_KEY;
@@ -141,4 +142,51 @@ test("an unknown session_ id is a 404 the client does not retry", async () => {
   }
   assert.ok(failure, "subscribing to an unknown session fails");
   assert.equal(failure.status, 404);
+});
+
+test("a token minted locally with generateJWT and the claims route works like a browser's", async () => {
+  const externalId = uniqueId("browser");
+  await createSession(externalId);
+  const claims = await client.generateJWTClaims();
+  const jwt = await generateJWT({
+    secretKey,
+    payload: { ...claims, scopes: [`read:sessions:${externalId}`, `write:sessions:${externalId}`] },
+    expirationTime: "15m",
+  });
+  const browser = new ApiClient(baseUrl, jwt);
+  assert.equal((await browser.appendToSessionStream(externalId, "in", "typed in a browser")).ok, true);
+  const records = await (async () => {
+    const deadline = Date.now() + 20_000;
+    for (;;) {
+      const { records } = await browser.readSessionStreamRecords(externalId, "in");
+      if (records.length > 0 || Date.now() > deadline) return records;
+      await new Promise((resolve) => setTimeout(resolve, 100));
+    }
+  })();
+  assert.deepEqual(records.map((record) => record.data), ["typed in a browser"]);
+  await assert.rejects(browser.appendToSessionStream(externalId, "out", "not allowed"), (error) => error.status === 403);
+  await assert.rejects(browser.readSessionStreamRecords(uniqueId("other"), "in"), (error) => error.status === 403);
+});
+
+test("a run waits for the next input through the client's waitpoint calls", async () => {
+  const externalId = uniqueId("agent");
+  const created = await createSession(externalId);
+  const { waitpointId, isCached } = await client.createSessionStreamWaitpoint(created.runId, {
+    session: externalId,
+    io: "in",
+    timeout: "1h",
+  });
+  assert.equal(isCached, false);
+  assert.equal((await client.retrieveWaitpointToken(waitpointId)).status, "WAITING");
+  await client.appendToSessionStream(externalId, "in", JSON.stringify({ text: "next message" }));
+  const deadline = Date.now() + 20_000;
+  let waitpoint;
+  do {
+    waitpoint = await client.retrieveWaitpointToken(waitpointId);
+    if (waitpoint.status !== "WAITING") break;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  } while (Date.now() < deadline);
+  assert.equal(waitpoint.status, "COMPLETED");
+  assert.deepEqual(JSON.parse(waitpoint.output), { text: "next message" });
+  assert.equal(waitpoint.outputIsError, false);
 });

@@ -286,7 +286,7 @@ impl TestApp {
         let address = format!("http://{}", application.local_addr());
         let store = application.state().store.clone();
         let created = store
-            .create_environment("test-project", "dev")
+            .create_environment("test-project", "dev", &settings.master_key)
             .await
             .expect("environment");
         let (api_stop, stopped) = oneshot::channel::<()>();
@@ -318,7 +318,7 @@ impl TestApp {
     /// A second environment in the same deployment: its secret key.
     pub async fn create_environment(&self, slug: &str) -> String {
         self.store
-            .create_environment("test-project", slug)
+            .create_environment("test-project", slug, &self.settings.master_key)
             .await
             .expect("environment")
             .secret_key

@@ -14,8 +14,9 @@ use shared::domain::{Io, SessionAddress, validation};
 use uuid::Uuid;
 
 use crate::AppState;
-use crate::auth::SecretKeyCaller;
+use crate::auth::Caller;
 use crate::error::ApiError;
+use shared::domain::scopes::Action;
 
 /// Most records one `records` response carries; callers page with `afterEventId`.
 const MAX_RECORDS_PER_RESPONSE: u64 = 10_000;
@@ -67,25 +68,29 @@ fn part_id(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 /// Appends raw text to a channel; answers once the command is durably queued.
 pub async fn append(
     State(state): State<AppState>,
-    caller: SecretKeyCaller,
+    caller: Caller,
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
     let (address, io) = parse_path(path)?;
+    if io == Io::Out {
+        caller.require_secret_key("Appending to the out channel")?;
+    }
     let limit = state.settings.max_append_bytes;
     declared_length(&headers, limit)?;
     let part_id = part_id(&headers)?;
+    let session = state
+        .store
+        .find_session(caller.environment.id, &address)
+        .await?;
+    caller.authorize(Action::Write, &address, session.as_ref())?;
+    let session = session.ok_or(ApiError::NotFound("Session not found"))?;
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
         ApiError::PayloadTooLarge(format!("Request body exceeds the limit of {limit} bytes"))
     })?;
     let text = String::from_utf8(bytes.to_vec())
         .map_err(|_| ApiError::BadRequest("Body must be UTF-8 text".into()))?;
-    let session = state
-        .store
-        .find_session(caller.environment.id, &address)
-        .await?
-        .ok_or(ApiError::NotFound("Session not found"))?;
     let accepted_at = Utc::now();
     match session_state(session.closed_at, session.expires_at, accepted_at) {
         SessionState::Closed => return Err(ApiError::BadRequest("Session is closed".into())),
@@ -118,7 +123,7 @@ pub struct RecordsQuery {
 /// Records of a channel after `afterEventId`, in order.
 pub async fn records(
     State(state): State<AppState>,
-    caller: SecretKeyCaller,
+    caller: Caller,
     path: Result<Path<(String, String)>, PathRejection>,
     query: Result<Query<RecordsQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
@@ -132,11 +137,12 @@ pub async fn records(
                 || ApiError::BadRequest("afterEventId: must be an integer ≥ -1".into()),
             )?),
         };
-    let Some(session) = state
+    let session = state
         .store
         .find_session(caller.environment.id, &address)
-        .await?
-    else {
+        .await?;
+    caller.authorize(Action::Read, &address, session.as_ref())?;
+    let Some(session) = session else {
         return match address {
             // A session known only by externalId with no row yet has no records.
             SessionAddress::ExternalId(_) => Ok(Json(json!({ "records": [] }))),

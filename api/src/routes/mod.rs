@@ -23,7 +23,9 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .route("/api/v1/sessions", post(sessions::create))
+        .route("/api/v1/sessions/{session}", get(sessions::retrieve))
         .route("/api/v1/sessions/{session}/close", post(sessions::close))
+        .route("/api/v1/auth/jwt/claims", post(sessions::jwt_claims))
         .route(
             "/realtime/v1/sessions/{session}/{io}/append",
             // The append route enforces its own limit from content-length, before reading.
@@ -35,7 +37,9 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/realtime/v1/sessions/{session}/{io}",
-            get(records_sse::subscribe).head(records_sse::head),
+            get(records_sse::subscribe)
+                .head(records_sse::head)
+                .put(sessions::initialize_stream),
         )
         .route(
             "/api/v1/runs/{run}/session-streams/wait",

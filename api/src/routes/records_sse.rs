@@ -25,9 +25,10 @@ use tokio::time::Instant;
 
 use super::channels::parse_path;
 use crate::AppState;
-use crate::auth::SecretKeyCaller;
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::live::{ChannelKey, Hub, READ_PAGE};
+use shared::domain::scopes::Action;
 
 const DEFAULT_TIMEOUT_SECONDS: u64 = 60;
 const MAX_TIMEOUT_SECONDS: u64 = 600;
@@ -71,12 +72,14 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
 /// yet is a channel that will exist once the session is created.
 async fn channel_key(
     state: &AppState,
-    caller: &SecretKeyCaller,
+    caller: &Caller,
     address: &SessionAddress,
     io: shared::domain::Io,
 ) -> Result<ChannelKey, ApiError> {
     let environment_id = caller.environment.id;
-    let session_id = match state.store.find_session(environment_id, address).await? {
+    let session = state.store.find_session(environment_id, address).await?;
+    caller.authorize(Action::Read, address, session.as_ref())?;
+    let session_id = match session {
         Some(session) => session.id,
         None => match address {
             SessionAddress::FriendlyId(_) => return Err(ApiError::NotFound("Session not found")),
@@ -102,7 +105,7 @@ fn stream_headers(response: &mut Response) {
 /// `HEAD`: 200 with the stream headers, after the same checks as `GET`.
 pub async fn head(
     State(state): State<AppState>,
-    caller: SecretKeyCaller,
+    caller: Caller,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let (address, io) = parse_path(path)?;
@@ -115,7 +118,7 @@ pub async fn head(
 /// `GET`: the SSE tail.
 pub async fn subscribe(
     State(state): State<AppState>,
-    caller: SecretKeyCaller,
+    caller: Caller,
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {

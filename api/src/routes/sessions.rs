@@ -17,8 +17,9 @@ use shared::domain::{SessionAddress, validation};
 use uuid::Uuid;
 
 use crate::AppState;
-use crate::auth::SecretKeyCaller;
+use crate::auth::{Caller, SecretKeyCaller};
 use crate::error::ApiError;
+use shared::domain::scopes::Action;
 
 /// Lifetime of the token returned by create.
 const SESSION_TOKEN_SECONDS: i64 = 3600;
@@ -88,7 +89,7 @@ fn created_response(
         sub: caller.environment.public_id.clone(),
         public: true,
         scopes: session_token_scopes(session.addressing_key()),
-        iat: now,
+        iat: Some(now),
         exp: now + SESSION_TOKEN_SECONDS,
     };
     let token = mint_public_token(&claims, &caller.secret_key)
@@ -186,7 +187,7 @@ struct CloseSessionBody {
 /// Closes a session. Idempotent: closing a closed session returns it unchanged.
 pub async fn close(
     State(state): State<AppState>,
-    caller: SecretKeyCaller,
+    caller: Caller,
     path: Result<Path<String>, PathRejection>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
@@ -202,8 +203,9 @@ pub async fn close(
     let session = state
         .store
         .find_session(caller.environment.id, &address)
-        .await?
-        .ok_or(ApiError::NotFound("Session not found"))?;
+        .await?;
+    caller.authorize(Action::Admin, &address, session.as_ref())?;
+    let session = session.ok_or(ApiError::NotFound("Session not found"))?;
     let command = Command {
         id: Uuid::now_v7(),
         environment_id: caller.environment.id,
@@ -221,4 +223,32 @@ pub async fn close(
             "unexpected close outcome {other:?}"
         ))),
     }
+}
+
+/// `GET /api/v1/sessions/{session}`: secret key or `read` on it.
+pub async fn retrieve(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let address = session_address(path)?;
+    let session = state
+        .store
+        .find_session(caller.environment.id, &address)
+        .await?;
+    caller.authorize(Action::Read, &address, session.as_ref())?;
+    let session = session.ok_or(ApiError::NotFound("Session not found"))?;
+    Ok(Json(state.store.session_item(&session).await?).into_response())
+}
+
+/// `POST /api/v1/auth/jwt/claims`: the claims the SDK puts in tokens it mints locally.
+pub async fn jwt_claims(caller: SecretKeyCaller) -> Json<Value> {
+    Json(json!({ "sub": caller.environment.public_id, "pub": true }))
+}
+
+/// `PUT /realtime/v1/sessions/{session}/{io}`: direct stream-store credentials are not offered.
+pub async fn initialize_stream() -> ApiError {
+    ApiError::NotImplemented(
+        "Direct stream-store credentials are not offered by this server; append with POST /realtime/v1/sessions/{session}/{io}/append",
+    )
 }

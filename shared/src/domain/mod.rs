@@ -5,6 +5,7 @@ pub mod channel;
 pub mod dedup;
 pub mod ids;
 pub mod partition;
+pub mod scopes;
 pub mod session;
 pub mod tokens;
 pub mod validation;

@@ -52,6 +52,8 @@ pub mod secret_keys {
         pub digest: String,
         pub created_at: DateTimeUtc,
         pub revoked_at: Option<DateTimeUtc>,
+        /// The key encrypted under the master key (verifies public access tokens).
+        pub encrypted_key: Option<String>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

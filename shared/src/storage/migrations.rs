@@ -8,7 +8,11 @@ pub struct Migrator;
 
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(InitialSchema), Box::new(Waitpoints)]
+        vec![
+            Box::new(InitialSchema),
+            Box::new(Waitpoints),
+            Box::new(EncryptedSecretKeys),
+        ]
     }
 }
 
@@ -261,5 +265,28 @@ impl MigrationTrait for Waitpoints {
             ))
             .await?;
         Ok(())
+    }
+}
+
+struct EncryptedSecretKeys;
+
+impl MigrationName for EncryptedSecretKeys {
+    fn name(&self) -> &str {
+        "m20261127_000003_encrypted_secret_keys"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for EncryptedSecretKeys {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        // The copy of the key that verifies public access tokens, encrypted under the master key.
+        manager
+            .alter_table(
+                Table::alter()
+                    .table("secret_keys")
+                    .add_column(text_null("encrypted_key"))
+                    .to_owned(),
+            )
+            .await
     }
 }

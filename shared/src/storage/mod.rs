@@ -200,6 +200,7 @@ impl Store {
         &self,
         project_slug: &str,
         environment_slug: &str,
+        master_key: &[u8; 32],
     ) -> Result<CreatedEnvironment, StorageError> {
         let txn = self.db.begin().await?;
         let now = Utc::now();
@@ -247,6 +248,10 @@ impl Store {
             digest: sea_orm::Set(crate::domain::tokens::secret_key_digest(&secret_key)),
             created_at: sea_orm::Set(now),
             revoked_at: sea_orm::Set(None),
+            encrypted_key: sea_orm::Set(Some(crate::domain::tokens::encrypt_secret(
+                master_key,
+                &secret_key,
+            ))),
         }
         .insert(&txn)
         .await?;
@@ -275,6 +280,34 @@ impl Store {
         Ok(environments::Entity::find_by_id(key.environment_id)
             .one(&self.db)
             .await?)
+    }
+
+    /// The environment with this public id (`env_…`).
+    pub async fn environment_by_public_id(
+        &self,
+        public_id: &str,
+    ) -> Result<Option<EnvironmentRow>, StorageError> {
+        Ok(environments::Entity::find()
+            .filter(environments::Column::PublicId.eq(public_id))
+            .one(&self.db)
+            .await?)
+    }
+
+    /// The encrypted copies of an environment's unrevoked secret keys (newest first): the only
+    /// keys that may verify its public access tokens.
+    pub async fn encrypted_verification_keys(
+        &self,
+        environment_id: Uuid,
+    ) -> Result<Vec<String>, StorageError> {
+        Ok(secret_keys::Entity::find()
+            .filter(secret_keys::Column::EnvironmentId.eq(environment_id))
+            .filter(secret_keys::Column::RevokedAt.is_null())
+            .order_by_desc(secret_keys::Column::CreatedAt)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .filter_map(|key| key.encrypted_key)
+            .collect())
     }
 
     // ---------------------------------------------------------------- reads

@@ -1,0 +1,389 @@
+//! Authentication and authorization (SPEC §2): secret keys, public access tokens and their
+//! scopes, on every route built so far. Denied requests change nothing.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use shared::domain::tokens::{PublicTokenClaims, mint_public_token};
+use tests::TestApp;
+
+const WAIT: Duration = Duration::from_secs(30);
+
+fn token(
+    app: &TestApp,
+    key: &str,
+    scopes: &[&str],
+    exp_offset: i64,
+    tweak: impl Fn(&mut PublicTokenClaims),
+) -> String {
+    let now = chrono::Utc::now().timestamp();
+    let mut claims = PublicTokenClaims {
+        iss: "https://id.trigger.dev".into(),
+        aud: "https://api.trigger.dev".into(),
+        sub: app.environment_id.clone(),
+        public: true,
+        scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+        iat: Some(now),
+        exp: now + exp_offset,
+    };
+    tweak(&mut claims);
+    mint_public_token(&claims, key).expect("mint")
+}
+
+async fn get_status(app: &TestApp, path: &str, bearer: &str) -> u16 {
+    app.client
+        .get(app.url(path))
+        .bearer_auth(bearer)
+        .send()
+        .await
+        .expect("request")
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn the_session_token_from_create_reads_and_writes_only_its_own_session() {
+    let app = TestApp::spawn().await;
+    let created = app.create_session("mine").await;
+    let other = app.create_session("theirs").await;
+    let session_token = created["publicAccessToken"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+
+    // Write on `in` and read, by externalId and by friendly id.
+    assert_eq!(
+        app.append_as(&session_token, "mine", "in", "from browser", Some("b1"))
+            .await
+            .status(),
+        200
+    );
+    let friendly = created["id"].as_str().expect("id");
+    assert_eq!(
+        app.append_as(&session_token, friendly, "in", "by friendly id", None)
+            .await
+            .status(),
+        200
+    );
+    app.wait_for_records("mine", "in", 2, WAIT).await;
+    assert_eq!(
+        get_status(
+            &app,
+            "/realtime/v1/sessions/mine/in/records",
+            &session_token
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        get_status(
+            &app,
+            &format!("/api/v1/sessions/{friendly}"),
+            &session_token
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        get_status(&app, "/realtime/v1/sessions/mine/out?x=1", &session_token).await,
+        200
+    );
+
+    // `out` is secret-key only; other sessions are forbidden, existing or not.
+    assert_eq!(
+        app.append_as(&session_token, "mine", "out", "nope", None)
+            .await
+            .status(),
+        403
+    );
+    assert_eq!(
+        app.append_as(&session_token, "theirs", "in", "nope", None)
+            .await
+            .status(),
+        403
+    );
+    assert_eq!(
+        app.append_as(&session_token, "nobody", "in", "nope", None)
+            .await
+            .status(),
+        403
+    );
+    let other_friendly = other["id"].as_str().expect("id");
+    assert_eq!(
+        get_status(
+            &app,
+            &format!("/api/v1/sessions/{other_friendly}"),
+            &session_token
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        get_status(
+            &app,
+            "/realtime/v1/sessions/theirs/in/records",
+            &session_token
+        )
+        .await,
+        403
+    );
+    assert_eq!(
+        get_status(&app, "/realtime/v1/sessions/theirs/in", &session_token).await,
+        403
+    );
+    // Secret-key-only routes.
+    let create = app
+        .create_session_with(
+            &session_token,
+            json!({"type": "chat", "taskIdentifier": "a", "triggerConfig": {"basePayload": {}}}),
+        )
+        .await;
+    assert_eq!(create.status(), 403);
+    let body: Value = create.json().await.expect("json");
+    assert!(body["error"].is_string());
+    let run = created["runId"].as_str().expect("run");
+    assert_eq!(
+        app.wait_as(&session_token, run, json!({"session": "mine", "io": "in"}))
+            .await
+            .status(),
+        403
+    );
+    let claims = app
+        .client
+        .post(app.url("/api/v1/auth/jwt/claims"))
+        .bearer_auth(&session_token)
+        .send()
+        .await
+        .expect("claims");
+    assert_eq!(claims.status(), 403);
+    // Close needs admin.
+    let close = app
+        .client
+        .post(app.url("/api/v1/sessions/mine/close"))
+        .bearer_auth(&session_token)
+        .json(&json!({}))
+        .send()
+        .await
+        .expect("close");
+    assert_eq!(close.status(), 403);
+
+    // Nothing the denied requests tried was written.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.records("mine", "in").await.len(), 2);
+    assert!(app.records("mine", "out").await.is_empty());
+    assert!(app.records("theirs", "in").await.is_empty());
+    assert_eq!(
+        app.store
+            .count_rows(shared::storage::CountedTable::Sessions)
+            .await
+            .ok(),
+        Some(2)
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn tokens_are_verified_strictly() {
+    let app = TestApp::spawn().await;
+    app.create_session("strict").await;
+    let key = app.secret_key.clone();
+    let path = "/realtime/v1/sessions/strict/in/records";
+    let read = ["read:sessions:strict"];
+    assert_eq!(
+        get_status(&app, path, &token(&app, &key, &read, 60, |_| {})).await,
+        200
+    );
+    assert_eq!(
+        get_status(
+            &app,
+            path,
+            &token(&app, &key, &["read:sessions"], 60, |_| {})
+        )
+        .await,
+        200
+    );
+    assert_eq!(
+        get_status(&app, path, &token(&app, &key, &["admin"], 60, |_| {})).await,
+        200
+    );
+    // Read-only scope on a write route.
+    assert_eq!(
+        app.append_as(
+            &token(&app, &key, &read, 60, |_| {}),
+            "strict",
+            "in",
+            "x",
+            None
+        )
+        .await
+        .status(),
+        403
+    );
+    // Expired (past the few seconds of leeway), wrong key, wrong iss/aud, not public, alg none.
+    assert_eq!(
+        get_status(&app, path, &token(&app, &key, &read, -30, |_| {})).await,
+        401
+    );
+    assert_eq!(
+        get_status(&app, path, &token(&app, "tr_sk_wrong", &read, 60, |_| {})).await,
+        401
+    );
+    assert_eq!(
+        get_status(
+            &app,
+            path,
+            &token(&app, &key, &read, 60, |c| c.iss = "https://evil".into())
+        )
+        .await,
+        401
+    );
+    assert_eq!(
+        get_status(
+            &app,
+            path,
+            &token(&app, &key, &read, 60, |c| c.aud = "https://evil".into())
+        )
+        .await,
+        401
+    );
+    assert_eq!(
+        get_status(
+            &app,
+            path,
+            &token(&app, &key, &read, 60, |c| c.public = false)
+        )
+        .await,
+        401
+    );
+    let good = token(&app, &key, &read, 60, |_| {});
+    let payload = good.split('.').nth(1).expect("payload");
+    let alg_none = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{payload}.");
+    assert_eq!(get_status(&app, path, &alg_none).await, 401);
+    assert_eq!(get_status(&app, path, "not.a.jwt").await, 401);
+    assert_eq!(get_status(&app, path, "").await, 401);
+
+    // A token signed by environment B's key but claiming environment A.
+    let other_key = app.create_environment("prod").await;
+    assert_eq!(
+        get_status(&app, path, &token(&app, &other_key, &read, 60, |_| {})).await,
+        401
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_token_never_reaches_another_environments_session_with_the_same_external_id() {
+    let app = TestApp::spawn().await;
+    let other_key = app.create_environment("prod").await;
+    app.create_session("twin").await;
+    let created_b: Value = app
+        .create_session_with(&other_key, json!({"type": "chat", "externalId": "twin", "taskIdentifier": "a", "triggerConfig": {"basePayload": {}}}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let token_b = created_b["publicAccessToken"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    app.append("twin", "in", "canary-of-A", None).await;
+    app.wait_for_records("twin", "in", 1, WAIT).await;
+    // B's token addresses "twin": it resolves in B only.
+    let body = app
+        .client
+        .get(app.url("/realtime/v1/sessions/twin/in/records"))
+        .bearer_auth(&token_b)
+        .send()
+        .await
+        .expect("records")
+        .text()
+        .await
+        .expect("body");
+    assert!(!body.contains("canary-of-A"));
+    assert_eq!(
+        app.append_as(&token_b, "twin", "in", "from B", None)
+            .await
+            .status(),
+        200
+    );
+    app.wait_for_records("twin", "in", 1, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        app.records("twin", "in").await.len(),
+        1,
+        "A's channel untouched"
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn claims_retrieve_and_the_unsupported_put() {
+    let app = TestApp::spawn().await;
+    let created = app.create_session("misc").await;
+    let claims: Value = app
+        .client
+        .post(app.url("/api/v1/auth/jwt/claims"))
+        .bearer_auth(&app.secret_key)
+        .send()
+        .await
+        .expect("claims")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(claims, json!({"sub": app.environment_id, "pub": true}));
+    let item: Value = app
+        .client
+        .get(app.url("/api/v1/sessions/misc"))
+        .bearer_auth(&app.secret_key)
+        .send()
+        .await
+        .expect("retrieve")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(item["id"], created["id"]);
+    assert_eq!(item["currentRunId"], created["runId"]);
+    assert_eq!(
+        get_status(&app, "/api/v1/sessions/session_missing", &app.secret_key).await,
+        404
+    );
+    let put = app
+        .client
+        .put(app.url("/realtime/v1/sessions/misc/in"))
+        .bearer_auth(&app.secret_key)
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(put.status(), 501);
+    let body: Value = put.json().await.expect("json");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|message| message.contains("append"))
+    );
+    // CORS preflight.
+    let preflight = app
+        .client
+        .request(
+            reqwest::Method::OPTIONS,
+            app.url("/realtime/v1/sessions/misc/in/append"),
+        )
+        .header("Origin", "https://chat.example")
+        .header("Access-Control-Request-Method", "POST")
+        .header(
+            "Access-Control-Request-Headers",
+            "authorization,x-part-id,content-type",
+        )
+        .send()
+        .await
+        .expect("preflight");
+    assert!(preflight.status().is_success());
+    assert_eq!(
+        preflight
+            .headers()
+            .get("access-control-allow-origin")
+            .and_then(|v| v.to_str().ok()),
+        Some("*")
+    );
+    app.cleanup().await;
+}
