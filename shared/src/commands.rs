@@ -83,6 +83,8 @@ pub enum CommandBody {
     CreateSession(Box<CreateSessionCommand>),
     CloseSession(CloseSessionCommand),
     RegisterWaitpoint(Box<RegisterWaitpointCommand>),
+    PatchSession(PatchSessionCommand),
+    EndAndContinue(EndAndContinueCommand),
 }
 
 impl CommandBody {
@@ -93,6 +95,8 @@ impl CommandBody {
             CommandBody::CreateSession(_) => "create_session",
             CommandBody::CloseSession(_) => "close_session",
             CommandBody::RegisterWaitpoint(_) => "register_waitpoint",
+            CommandBody::PatchSession(_) => "patch_session",
+            CommandBody::EndAndContinue(_) => "end_and_continue",
         }
     }
 }
@@ -126,6 +130,29 @@ pub struct CreateSessionCommand {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CloseSessionCommand {
     pub reason: Option<String>,
+}
+
+/// Changes a session's tags and/or metadata (`None` = leave as is).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PatchSessionCommand {
+    pub tags: Option<Vec<String>>,
+    /// New metadata (`None` = leave as is, unless `clear_metadata`).
+    pub metadata: Option<serde_json::Value>,
+    /// Set metadata to null. (A separate flag: `Option<Option<_>>` does not survive JSON.)
+    #[serde(default)]
+    pub clear_metadata: bool,
+}
+
+/// Swaps the session's current run for a new one if `calling_run_id` is the current run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EndAndContinueCommand {
+    /// The caller's run, resolved in the caller's environment (`None`: no such run there).
+    pub calling_run_id: Option<Uuid>,
+    pub reason: String,
+    pub environment_public_id: String,
+    /// The new run, used only if the swap happens.
+    pub new_run_id: Uuid,
+    pub new_run_friendly_id: String,
 }
 
 /// Registers a waitpoint on `(environment, session, io)`, ordered with the session's appends.
@@ -184,6 +211,15 @@ pub enum Outcome {
     SessionClosedNow {
         session: Box<SessionItem>,
     },
+    /// Patch: the session after the change.
+    SessionUpdated {
+        session: Box<SessionItem>,
+    },
+    /// End-and-continue: the current run after the command.
+    RunContinued {
+        run_friendly_id: String,
+        swapped: bool,
+    },
     /// Wait: the waitpoint (new, or the live one with the same idempotency key).
     WaitpointRegistered {
         friendly_id: String,
@@ -204,6 +240,9 @@ impl Outcome {
             Outcome::SessionCreated { cached: false, .. } => "applied",
             Outcome::SessionCreated { cached: true, .. } => "cached",
             Outcome::SessionClosedNow { .. } => "applied",
+            Outcome::SessionUpdated { .. } => "applied",
+            Outcome::RunContinued { swapped: true, .. } => "applied",
+            Outcome::RunContinued { swapped: false, .. } => "not_current",
             Outcome::WaitpointRegistered { cached: false, .. } => "applied",
             Outcome::WaitpointRegistered { cached: true, .. } => "cached",
         }

@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, header};
 use chrono::Utc;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use shared::commands::{AppendCommand, Command, CommandBody};
+use shared::commands::{AppendCommand, Command, CommandBody, Outcome};
 use shared::domain::session::{SessionState, session_state};
 use shared::domain::{Io, SessionAddress, validation};
 use uuid::Uuid;
@@ -52,6 +52,36 @@ fn declared_length(headers: &HeaderMap, limit: usize) -> Result<usize, ApiError>
         )));
     }
     Ok(length)
+}
+
+/// Most seconds `Prefer: wait=<s>` may ask for.
+const MAX_PREFER_WAIT_SECONDS: u64 = 60;
+
+/// `Prefer: wait=<seconds>` (RFC 7240): answer after the worker applied the append.
+fn prefer_wait(headers: &HeaderMap) -> Result<Option<std::time::Duration>, ApiError> {
+    let Some(value) = headers.get("prefer") else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::BadRequest("Prefer: must be ASCII".into()))?;
+    for preference in text.split(',') {
+        let preference = preference.trim();
+        if let Some(seconds) = preference.strip_prefix("wait=") {
+            let seconds = seconds
+                .trim()
+                .parse::<u64>()
+                .ok()
+                .filter(|seconds| (1..=MAX_PREFER_WAIT_SECONDS).contains(seconds))
+                .ok_or_else(|| {
+                    ApiError::BadRequest(format!(
+                        "Prefer: wait must be 1–{MAX_PREFER_WAIT_SECONDS} seconds"
+                    ))
+                })?;
+            return Ok(Some(std::time::Duration::from_secs(seconds)));
+        }
+    }
+    Ok(None)
 }
 
 fn part_id(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
@@ -109,9 +139,30 @@ pub async fn append(
             body: text,
         }),
     };
-    state.publisher.submit(command).await?;
+    let Some(wait) = prefer_wait(&headers)? else {
+        state.publisher.submit(command).await?;
+        metrics::counter!("sessions_api_appends_accepted_total", "io" => io.as_str()).increment(1);
+        return Ok(Json(json!({ "ok": true })));
+    };
+    let outcome = state.publisher.submit_and_wait_for(command, wait).await?;
     metrics::counter!("sessions_api_appends_accepted_total", "io" => io.as_str()).increment(1);
-    Ok(Json(json!({ "ok": true })))
+    match outcome {
+        Outcome::Appended { seq_num } => Ok(Json(
+            json!({ "ok": true, "seqNum": seq_num, "duplicate": false }),
+        )),
+        Outcome::Duplicate { seq_num } => Ok(Json(
+            json!({ "ok": true, "seqNum": seq_num, "duplicate": true }),
+        )),
+        Outcome::Conflict { .. } => Err(ApiError::Conflict(
+            "X-Part-Id was already used with a different body; nothing was appended".into(),
+        )),
+        Outcome::SessionClosed => Err(ApiError::BadRequest("Session is closed".into())),
+        Outcome::SessionExpired => Err(ApiError::BadRequest("Session has expired".into())),
+        Outcome::SessionNotFound => Err(ApiError::NotFound("Session not found")),
+        other => Err(ApiError::Internal(format!(
+            "unexpected append outcome {other:?}"
+        ))),
+    }
 }
 
 #[derive(Debug, Deserialize)]

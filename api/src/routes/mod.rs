@@ -23,7 +23,14 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
         .route("/api/v1/sessions", post(sessions::create))
-        .route("/api/v1/sessions/{session}", get(sessions::retrieve))
+        .route(
+            "/api/v1/sessions/{session}",
+            get(sessions::retrieve).patch(sessions::patch),
+        )
+        .route(
+            "/api/v1/sessions/{session}/end-and-continue",
+            post(sessions::end_and_continue),
+        )
         .route("/api/v1/sessions/{session}/close", post(sessions::close))
         .route("/api/v1/auth/jwt/claims", post(sessions::jwt_claims))
         .route(

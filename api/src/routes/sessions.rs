@@ -9,7 +9,10 @@ use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use shared::commands::{CloseSessionCommand, Command, CommandBody, CreateSessionCommand, Outcome};
+use shared::commands::{
+    CloseSessionCommand, Command, CommandBody, CreateSessionCommand, EndAndContinueCommand,
+    Outcome, PatchSessionCommand,
+};
 use shared::domain::ids::{self, RUN_PREFIX, SESSION_PREFIX};
 use shared::domain::session::SessionItem;
 use shared::domain::tokens::{PublicTokenClaims, mint_public_token, session_token_scopes};
@@ -179,9 +182,15 @@ pub async fn create(
 }
 
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct CloseSessionBody {
     reason: Option<String>,
+    /// Sent by a run closing its own session; accepted and not needed here.
+    #[expect(
+        dead_code,
+        reason = "accepted for wire compatibility; nothing to do with it"
+    )]
+    calling_run_id: Option<String>,
 }
 
 /// Closes a session. Idempotent: closing a closed session returns it unchanged.
@@ -251,4 +260,151 @@ pub async fn initialize_stream() -> ApiError {
     ApiError::NotImplemented(
         "Direct stream-store credentials are not offered by this server; append with POST /realtime/v1/sessions/{session}/{io}/append",
     )
+}
+
+/// `PATCH /api/v1/sessions/{session}`: `tags`, `metadata` (null clears); `externalId` is
+/// immutable (a different value → 422, the same value is a no-op); unknown fields → 400.
+pub async fn patch(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let address = session_address(path)?;
+    let fields: serde_json::Map<String, Value> = parse_json(&body)?;
+    if let Some(unknown) = fields
+        .keys()
+        .find(|key| !matches!(key.as_str(), "tags" | "metadata" | "externalId"))
+    {
+        return Err(ApiError::BadRequest(format!("Unknown field {unknown:?}")));
+    }
+    let tags = match fields.get("tags") {
+        None => None,
+        Some(value) => {
+            let tags: Vec<String> = serde_json::from_value(value.clone())
+                .map_err(|_| ApiError::BadRequest("tags: must be an array of strings".into()))?;
+            validation::tags(&tags)?;
+            Some(tags)
+        }
+    };
+    let (metadata, clear_metadata) = match fields.get("metadata") {
+        None => (None, false),
+        Some(Value::Null) => (None, true),
+        Some(value @ Value::Object(_)) => (Some(value.clone()), false),
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "metadata: must be an object or null".into(),
+            ));
+        }
+    };
+    let session = state
+        .store
+        .find_session(caller.environment.id, &address)
+        .await?;
+    caller.authorize(Action::Admin, &address, session.as_ref())?;
+    let session = session.ok_or(ApiError::NotFound("Session not found"))?;
+    if let Some(requested) = fields.get("externalId") {
+        let requested = match requested {
+            Value::Null => None,
+            Value::String(text) => Some(text.trim()),
+            _ => {
+                return Err(ApiError::BadRequest(
+                    "externalId: must be a string or null".into(),
+                ));
+            }
+        };
+        if requested != session.external_id.as_deref() {
+            return Err(ApiError::Unprocessable(
+                "externalId is immutable after creation".into(),
+            ));
+        }
+    }
+    let command = Command {
+        id: Uuid::now_v7(),
+        environment_id: caller.environment.id,
+        session_id: session.id,
+        accepted_at: Utc::now(),
+        wants_reply: true,
+        body: CommandBody::PatchSession(PatchSessionCommand {
+            tags,
+            metadata,
+            clear_metadata,
+        }),
+    };
+    match state.publisher.submit_and_wait(command).await? {
+        Outcome::SessionUpdated { session } => Ok(Json(session).into_response()),
+        Outcome::SessionNotFound => Err(ApiError::NotFound("Session not found")),
+        other => Err(ApiError::Internal(format!(
+            "unexpected patch outcome {other:?}"
+        ))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct EndAndContinueBody {
+    calling_run_id: String,
+    reason: String,
+    /// Deployment pinning is not part of this service; accepted for wire compatibility.
+    #[expect(
+        dead_code,
+        reason = "accepted for wire compatibility; runs are not deployed here"
+    )]
+    external_deployment_id: Option<Value>,
+}
+
+/// `POST /api/v1/sessions/{session}/end-and-continue`: secret key or `write`.
+pub async fn end_and_continue(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let address = session_address(path)?;
+    let body: EndAndContinueBody = parse_json(&body)?;
+    if body.reason.chars().count() > 64 {
+        return Err(ApiError::BadRequest("reason: at most 64 characters".into()));
+    }
+    let session = state
+        .store
+        .find_session(caller.environment.id, &address)
+        .await?;
+    caller.authorize(Action::Write, &address, session.as_ref())?;
+    let session = session.ok_or(ApiError::NotFound("Session not found"))?;
+    // Looked up in the caller's environment only: another environment's run never matches.
+    let calling_run_id = if body.calling_run_id.len() <= 256 {
+        state
+            .store
+            .find_run(caller.environment.id, &body.calling_run_id)
+            .await?
+            .map(|run| run.id)
+    } else {
+        None
+    };
+    let command = Command {
+        id: Uuid::now_v7(),
+        environment_id: caller.environment.id,
+        session_id: session.id,
+        accepted_at: Utc::now(),
+        wants_reply: true,
+        body: CommandBody::EndAndContinue(EndAndContinueCommand {
+            calling_run_id,
+            reason: body.reason,
+            environment_public_id: caller.environment.public_id.clone(),
+            new_run_id: Uuid::now_v7(),
+            new_run_friendly_id: ids::new_friendly_id(RUN_PREFIX),
+        }),
+    };
+    match state.publisher.submit_and_wait(command).await? {
+        Outcome::RunContinued {
+            run_friendly_id,
+            swapped,
+        } => Ok(Json(json!({ "runId": run_friendly_id, "swapped": swapped })).into_response()),
+        Outcome::SessionClosed => Err(ApiError::BadRequest("Session is closed".into())),
+        Outcome::SessionExpired => Err(ApiError::BadRequest("Session has expired".into())),
+        Outcome::SessionNotFound => Err(ApiError::NotFound("Session not found")),
+        other => Err(ApiError::Internal(format!(
+            "unexpected end-and-continue outcome {other:?}"
+        ))),
+    }
 }

@@ -344,6 +344,8 @@ async fn write(
                 sessions::Column::CurrentRunId,
                 Expr::value(session.current_run_id),
             )
+            .col_expr(sessions::Column::Tags, Expr::value(session.tags))
+            .col_expr(sessions::Column::Metadata, Expr::value(session.metadata))
             .col_expr(sessions::Column::UpdatedAt, Expr::value(session.updated_at))
             .filter(sessions::Column::Id.eq(session.id))
             .exec(txn)

@@ -15,8 +15,8 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use shared::commands::{
-    AppendCommand, CloseSessionCommand, Command, CommandBody, CreateSessionCommand, Outcome,
-    RegisterWaitpointCommand,
+    AppendCommand, CloseSessionCommand, Command, CommandBody, CreateSessionCommand,
+    EndAndContinueCommand, Outcome, PatchSessionCommand, RegisterWaitpointCommand,
 };
 use shared::domain::Io;
 use shared::domain::dedup::{DedupKey, body_fingerprint};
@@ -88,6 +88,26 @@ impl Planner {
                     .get(&command.id)
                     .cloned()
                     .unwrap_or_else(|| self.close_session(command, close));
+                self.remember(command, &outcome);
+                outcome
+            }
+            CommandBody::PatchSession(patch) => {
+                let outcome = self
+                    .state
+                    .applied_outcomes
+                    .get(&command.id)
+                    .cloned()
+                    .unwrap_or_else(|| self.patch_session(command, patch));
+                self.remember(command, &outcome);
+                outcome
+            }
+            CommandBody::EndAndContinue(end) => {
+                let outcome = self
+                    .state
+                    .applied_outcomes
+                    .get(&command.id)
+                    .cloned()
+                    .unwrap_or_else(|| self.end_and_continue(command, end));
                 self.remember(command, &outcome);
                 outcome
             }
@@ -419,6 +439,98 @@ impl Planner {
         let run = self.current_run_friendly_id(session);
         Outcome::SessionClosedNow {
             session: Box::new(session.to_item(run)),
+        }
+    }
+
+    fn patch_session(&mut self, command: &Command, patch: &PatchSessionCommand) -> Outcome {
+        let now = self.state.now;
+        let Some(session) = self.session_mut(command) else {
+            return Outcome::SessionNotFound;
+        };
+        let mut changed = false;
+        if let Some(tags) = &patch.tags {
+            let tags = json!(tags);
+            changed |= session.tags != tags;
+            session.tags = tags;
+        }
+        let new_metadata = if patch.clear_metadata {
+            Some(None)
+        } else {
+            patch.metadata.clone().map(Some)
+        };
+        if let Some(metadata) = new_metadata {
+            changed |= session.metadata != metadata;
+            session.metadata = metadata;
+        }
+        if changed {
+            session.updated_at = now;
+            let id = session.id;
+            self.updated_sessions.insert(id);
+        }
+        let Some(session) = self.state.sessions.get(&command.session_id) else {
+            return Outcome::SessionNotFound;
+        };
+        let run = self.current_run_friendly_id(session);
+        Outcome::SessionUpdated {
+            session: Box::new(session.to_item(run)),
+        }
+    }
+
+    fn end_and_continue(&mut self, command: &Command, end: &EndAndContinueCommand) -> Outcome {
+        let now = self.state.now;
+        let Some(session) = self
+            .state
+            .sessions
+            .get(&command.session_id)
+            .filter(|session| session.environment_id == command.environment_id)
+        else {
+            return Outcome::SessionNotFound;
+        };
+        match session_state(session.closed_at, session.expires_at, command.accepted_at) {
+            SessionState::Closed => return Outcome::SessionClosed,
+            SessionState::Expired => return Outcome::SessionExpired,
+            SessionState::Open => {}
+        }
+        let is_current =
+            end.calling_run_id.is_some() && end.calling_run_id == session.current_run_id;
+        if !is_current {
+            return Outcome::RunContinued {
+                run_friendly_id: self.current_run_friendly_id(session).unwrap_or_default(),
+                swapped: false,
+            };
+        }
+        self.writes.outbox.push(NewOutboxEvent {
+            routing_key: RUN_REQUESTED.to_owned(),
+            payload: json!({
+                "type": RUN_REQUESTED,
+                "runId": end.new_run_friendly_id,
+                "sessionId": session.friendly_id,
+                "externalId": session.external_id,
+                "environmentId": end.environment_public_id,
+                "taskIdentifier": session.task_identifier,
+                "triggerConfig": session.trigger_config,
+                "reason": end.reason,
+                "requestedAt": now,
+            }),
+        });
+        self.writes.runs.push(RunRow {
+            id: end.new_run_id,
+            friendly_id: end.new_run_friendly_id.clone(),
+            environment_id: command.environment_id,
+            session_id: command.session_id,
+            created_at: now,
+        });
+        self.state
+            .run_friendly_ids
+            .insert(end.new_run_id, end.new_run_friendly_id.clone());
+        if let Some(session) = self.session_mut(command) {
+            session.current_run_id = Some(end.new_run_id);
+            session.updated_at = now;
+        }
+        self.updated_sessions.insert(command.session_id);
+        Outcome::RunContinued {
+            run_friendly_id: end.new_run_friendly_id.clone(),
+            swapped: true,
         }
     }
 

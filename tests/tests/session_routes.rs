@@ -1,0 +1,269 @@
+//! The session routes beyond create/close: PATCH, end-and-continue, and appends with
+//! `Prefer: wait`.
+
+use serde_json::{Value, json};
+use tests::TestApp;
+use tests::events::EventTap;
+
+async fn send(
+    app: &TestApp,
+    method: reqwest::Method,
+    path: &str,
+    key: &str,
+    body: Value,
+) -> (u16, Value) {
+    let response = app
+        .client
+        .request(method, app.url(path))
+        .bearer_auth(key)
+        .json(&body)
+        .send()
+        .await
+        .expect("request");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn patch_changes_tags_and_metadata_and_never_the_external_id() {
+    let app = TestApp::spawn().await;
+    let created = app.create_session("patchy").await;
+    let path = "/api/v1/sessions/patchy";
+    let (status, patched) = send(
+        &app,
+        reqwest::Method::PATCH,
+        path,
+        &app.secret_key,
+        json!({"tags": ["a", "b"], "metadata": {"k": 1}}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(patched["tags"], json!(["a", "b"]));
+    assert_eq!(patched["metadata"], json!({"k": 1}));
+    assert_eq!(patched["id"], created["id"]);
+    // The same externalId is a no-op; null metadata clears.
+    let (status, cleared) = send(
+        &app,
+        reqwest::Method::PATCH,
+        path,
+        &app.secret_key,
+        json!({"externalId": "patchy", "metadata": null}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(cleared["metadata"], Value::Null);
+    assert_eq!(cleared["tags"], json!(["a", "b"]));
+    // Refused, and nothing written.
+    for (body, expected) in [
+        (json!({"externalId": "renamed"}), 422),
+        (json!({"externalId": null}), 422),
+        (json!({"tags": ["x"], "externalId": "renamed"}), 422),
+        (json!({"colour": "blue"}), 400),
+        (json!({"tags": "not-a-list"}), 400),
+        (json!({"metadata": 5}), 400),
+        (json!({"tags": vec!["t"; 11]}), 400),
+    ] {
+        let (status, error) = send(
+            &app,
+            reqwest::Method::PATCH,
+            path,
+            &app.secret_key,
+            body.clone(),
+        )
+        .await;
+        assert_eq!(status, expected, "{body}");
+        assert!(error["error"].is_string());
+    }
+    let (_, now) = send(
+        &app,
+        reqwest::Method::GET,
+        path,
+        &app.secret_key,
+        Value::Null,
+    )
+    .await;
+    assert_eq!(now["tags"], json!(["a", "b"]));
+    assert_eq!(now["externalId"], json!("patchy"));
+    // A session token has no admin scope.
+    let token = created["publicAccessToken"].as_str().expect("token");
+    assert_eq!(
+        send(
+            &app,
+            reqwest::Method::PATCH,
+            path,
+            token,
+            json!({"tags": []})
+        )
+        .await
+        .0,
+        403
+    );
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn end_and_continue_swaps_only_for_the_current_run_of_this_environment() {
+    let app = TestApp::spawn().await;
+    let mut tap = EventTap::bind(&app.name).await;
+    let created = app.create_session("handoff").await;
+    let first_run = created["runId"].as_str().expect("run").to_owned();
+    let path = "/api/v1/sessions/handoff/end-and-continue";
+    let token = created["publicAccessToken"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    // The session token (write scope) may do it.
+    let (status, swapped) = send(
+        &app,
+        reqwest::Method::POST,
+        path,
+        &token,
+        json!({"callingRunId": first_run, "reason": "upgrade"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(swapped["swapped"], json!(true));
+    let second_run = swapped["runId"].as_str().expect("run").to_owned();
+    assert_ne!(second_run, first_run);
+    // The old run is no longer current: no swap, the current run is returned.
+    let (_, stale) = send(
+        &app,
+        reqwest::Method::POST,
+        path,
+        &app.secret_key,
+        json!({"callingRunId": first_run, "reason": "upgrade"}),
+    )
+    .await;
+    assert_eq!(stale, json!({"runId": second_run, "swapped": false}));
+    // Another environment's run id never matches.
+    let other_key = app.create_environment("prod").await;
+    let other: Value = app
+        .create_session_with(&other_key, json!({"type": "chat", "externalId": "handoff", "taskIdentifier": "a", "triggerConfig": {"basePayload": {}}}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let other_run = other["runId"].as_str().expect("run");
+    let (_, foreign) = send(
+        &app,
+        reqwest::Method::POST,
+        path,
+        &app.secret_key,
+        json!({"callingRunId": other_run, "reason": "x"}),
+    )
+    .await;
+    assert_eq!(foreign["swapped"], json!(false));
+    let (_, item) = send(
+        &app,
+        reqwest::Method::GET,
+        "/api/v1/sessions/handoff",
+        &app.secret_key,
+        Value::Null,
+    )
+    .await;
+    assert_eq!(item["currentRunId"], json!(second_run));
+    // run.requested for the new run, with the reason.
+    let events = tap
+        .collect_until(std::time::Duration::from_secs(20), |events| {
+            events
+                .iter()
+                .any(|event| event["runId"] == json!(second_run))
+        })
+        .await;
+    let requested = events
+        .iter()
+        .find(|event| event["runId"] == json!(second_run))
+        .expect("run.requested for the new run");
+    assert_eq!(requested["reason"], json!("upgrade"));
+    // Closed → 400; bad bodies → 400.
+    send(
+        &app,
+        reqwest::Method::POST,
+        "/api/v1/sessions/handoff/close",
+        &app.secret_key,
+        json!({}),
+    )
+    .await;
+    let (status, _) = send(
+        &app,
+        reqwest::Method::POST,
+        path,
+        &app.secret_key,
+        json!({"callingRunId": second_run, "reason": "x"}),
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert_eq!(
+        send(
+            &app,
+            reqwest::Method::POST,
+            path,
+            &app.secret_key,
+            json!({"reason": "x"})
+        )
+        .await
+        .0,
+        400
+    );
+    assert_eq!(
+        send(
+            &app,
+            reqwest::Method::POST,
+            path,
+            &app.secret_key,
+            json!({"callingRunId": "r", "reason": "x".repeat(65)})
+        )
+        .await
+        .0,
+        400
+    );
+    app.cleanup().await;
+}
+
+async fn append_waiting(app: &TestApp, session: &str, body: &str, part_id: &str) -> (u16, Value) {
+    let response = app
+        .client
+        .post(app.url(&format!("/realtime/v1/sessions/{session}/in/append")))
+        .bearer_auth(&app.secret_key)
+        .header("X-Part-Id", part_id)
+        .header("Prefer", "wait=10")
+        .body(body.to_owned())
+        .send()
+        .await
+        .expect("append");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn prefer_wait_answers_with_the_applied_outcome() {
+    let app = TestApp::spawn().await;
+    app.create_session("waiting").await;
+    assert_eq!(
+        append_waiting(&app, "waiting", "one", "p1").await,
+        (200, json!({"ok": true, "seqNum": 0, "duplicate": false}))
+    );
+    assert_eq!(
+        append_waiting(&app, "waiting", "two", "p2").await,
+        (200, json!({"ok": true, "seqNum": 1, "duplicate": false}))
+    );
+    assert_eq!(
+        append_waiting(&app, "waiting", "one", "p1").await,
+        (200, json!({"ok": true, "seqNum": 0, "duplicate": true}))
+    );
+    let (status, conflict) = append_waiting(&app, "waiting", "other body", "p1").await;
+    assert_eq!(status, 409);
+    assert!(conflict["error"].is_string());
+    let bad = app
+        .client
+        .post(app.url("/realtime/v1/sessions/waiting/in/append"))
+        .bearer_auth(&app.secret_key)
+        .header("Prefer", "wait=999")
+        .body("x")
+        .send()
+        .await
+        .expect("append");
+    assert_eq!(bad.status(), 400);
+    assert_eq!(app.records("waiting", "in").await.len(), 2);
+    app.cleanup().await;
+}
