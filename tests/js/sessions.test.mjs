@@ -190,3 +190,22 @@ test("a run waits for the next input through the client's waitpoint calls", asyn
   assert.deepEqual(JSON.parse(waitpoint.output), { text: "next message" });
   assert.equal(waitpoint.outputIsError, false);
 });
+
+test("retrieve, update, list, end-and-continue and close pass the client's schemas", async () => {
+  const externalId = uniqueId("manage");
+  const created = await createSession(externalId);
+  const retrieved = await client.retrieveSession(externalId);
+  assert.equal(retrieved.id, created.id);
+  assert.equal(retrieved.currentRunId, created.runId);
+  const updated = await client.updateSession(externalId, { tags: ["vip"], metadata: { plan: "pro" } });
+  assert.deepEqual(updated.tags, ["vip"]);
+  assert.deepEqual(updated.metadata, { plan: "pro" });
+  const page = await client.listSessions({ externalId, limit: 5 });
+  assert.deepEqual(page.data.map((session) => session.id), [created.id]);
+  const handoff = await client.endAndContinueSession(externalId, { callingRunId: created.runId, reason: "upgrade" });
+  assert.equal(handoff.swapped, true);
+  assert.notEqual(handoff.runId, created.runId);
+  const closed = await client.closeSession(externalId, { reason: "done" });
+  assert.equal(closed.closedReason, "done");
+  assert.ok(closed.closedAt instanceof Date);
+});

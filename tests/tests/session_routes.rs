@@ -267,3 +267,137 @@ async fn prefer_wait_answers_with_the_applied_outcome() {
     assert_eq!(app.records("waiting", "in").await.len(), 2);
     app.cleanup().await;
 }
+
+async fn list(app: &TestApp, query: &str) -> (u16, Value) {
+    let response = app
+        .client
+        .get(app.url(&format!("/api/v1/sessions{query}")))
+        .bearer_auth(&app.secret_key)
+        .send()
+        .await
+        .expect("list");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+fn external_ids(page: &Value) -> Vec<String> {
+    page["data"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|item| item["externalId"].as_str().unwrap_or("").to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn list_pages_newest_first_and_filters_with_comma_lists() {
+    let app = TestApp::spawn().await;
+    for n in 0..25 {
+        let body = json!({
+            "type": if n % 2 == 0 { "chat" } else { "agent" },
+            "externalId": format!("s{n:02}"),
+            "taskIdentifier": if n % 5 == 0 { "special" } else { "normal" },
+            "triggerConfig": {"basePayload": {}},
+            "tags": if n % 3 == 0 { vec!["three"] } else { vec!["other"] },
+        });
+        assert_eq!(
+            app.create_session_with(&app.secret_key, body)
+                .await
+                .status(),
+            201
+        );
+    }
+    send(
+        &app,
+        reqwest::Method::POST,
+        "/api/v1/sessions/s24/close",
+        &app.secret_key,
+        json!({}),
+    )
+    .await;
+    send(
+        &app,
+        reqwest::Method::POST,
+        "/api/v1/sessions/s23/close",
+        &app.secret_key,
+        json!({}),
+    )
+    .await;
+
+    let (status, first) = list(&app, "").await;
+    assert_eq!(status, 200);
+    let expected_first: Vec<String> = (5..25).rev().map(|n| format!("s{n:02}")).collect();
+    assert_eq!(
+        external_ids(&first),
+        expected_first,
+        "newest first, 20 by default"
+    );
+    assert!(
+        first["data"][0]["currentRunId"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("run_"))
+    );
+    let next = first["pagination"]["next"]
+        .as_str()
+        .expect("next")
+        .to_owned();
+    assert!(first["pagination"].get("previous").is_none());
+    let (_, second) = list(&app, &format!("?page[after]={next}")).await;
+    assert_eq!(external_ids(&second), ["s04", "s03", "s02", "s01", "s00"]);
+    assert!(second["pagination"].get("next").is_none());
+    let previous = second["pagination"]["previous"]
+        .as_str()
+        .expect("previous")
+        .to_owned();
+    let (_, back) = list(&app, &format!("?page[before]={previous}&page[size]=3")).await;
+    assert_eq!(external_ids(&back), ["s07", "s06", "s05"]);
+
+    let (_, chats) = list(&app, "?filter[type]=chat&page[size]=100").await;
+    assert_eq!(external_ids(&chats).len(), 13);
+    let (_, both) = list(&app, "?filter[type]=chat,agent&page[size]=100").await;
+    assert_eq!(external_ids(&both).len(), 25, "comma lists are split");
+    let (_, tagged) = list(&app, "?filter[tags]=three&page[size]=100").await;
+    assert_eq!(external_ids(&tagged).len(), 9);
+    let (_, special) = list(&app, "?filter[taskIdentifier]=special").await;
+    assert_eq!(external_ids(&special), ["s20", "s15", "s10", "s05", "s00"]);
+    let (_, closed) = list(&app, "?filter[status]=CLOSED").await;
+    assert_eq!(external_ids(&closed), ["s24", "s23"]);
+    let (_, active) = list(&app, "?filter[status]=ACTIVE&page[size]=100").await;
+    assert_eq!(external_ids(&active).len(), 23);
+    let (_, picked) = list(&app, "?filter[externalId]=s01,s02").await;
+    assert_eq!(external_ids(&picked), ["s02", "s01"]);
+    let (_, none) = list(&app, "?filter[createdAt][to]=0").await;
+    assert_eq!(external_ids(&none).len(), 0);
+
+    for bad in [
+        "?page[size]=0",
+        "?page[size]=101",
+        "?page[size]=x",
+        "?page[after]=a&page[before]=b",
+        "?page[after]=session_unknown",
+        "?filter[status]=SLEEPING",
+        "?filter[createdAt][from]=yesterday",
+        "?colour=blue",
+    ] {
+        let (status, body) = list(&app, bad).await;
+        assert_eq!(status, 400, "{bad}");
+        assert!(body["error"].is_string());
+    }
+    // Another environment sees none of them.
+    let other_key = app.create_environment("prod").await;
+    let others: Value = app
+        .client
+        .get(app.url("/api/v1/sessions"))
+        .bearer_auth(&other_key)
+        .send()
+        .await
+        .expect("list")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(others["data"], json!([]));
+    app.cleanup().await;
+}

@@ -22,7 +22,10 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(health::healthz))
         .route("/readyz", get(health::readyz))
         .route("/metrics", get(health::metrics))
-        .route("/api/v1/sessions", post(sessions::create))
+        .route(
+            "/api/v1/sessions",
+            post(sessions::create).get(sessions::list),
+        )
         .route(
             "/api/v1/sessions/{session}",
             get(sessions::retrieve).patch(sessions::patch),

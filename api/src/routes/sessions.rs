@@ -17,6 +17,7 @@ use shared::domain::ids::{self, RUN_PREFIX, SESSION_PREFIX};
 use shared::domain::session::SessionItem;
 use shared::domain::tokens::{PublicTokenClaims, mint_public_token, session_token_scopes};
 use shared::domain::{SessionAddress, validation};
+use shared::storage::{ListError, PageCursor, SessionListQuery, StatusFilter};
 use uuid::Uuid;
 
 use crate::AppState;
@@ -407,4 +408,146 @@ pub async fn end_and_continue(
             "unexpected end-and-continue outcome {other:?}"
         ))),
     }
+}
+
+/// Splits a comma-separated filter value (repeated parameters add up).
+fn comma_list(pairs: &[(String, String)], name: &str) -> Vec<String> {
+    pairs
+        .iter()
+        .filter(|(key, _)| key == name)
+        .flat_map(|(_, value)| value.split(','))
+        .map(str::trim)
+        .filter(|value| !value.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn single<'a>(pairs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    pairs
+        .iter()
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.as_str())
+}
+
+/// `filter[createdAt][from|to]`: epoch milliseconds or an ISO 8601 date.
+fn date_filter(name: &'static str, value: Option<&str>) -> Result<Option<DateTime<Utc>>, ApiError> {
+    let Some(value) = value else { return Ok(None) };
+    let parsed = match value.trim().parse::<i64>() {
+        Ok(millis) => DateTime::from_timestamp_millis(millis),
+        Err(_) => DateTime::parse_from_rfc3339(value.trim())
+            .ok()
+            .map(|date| date.with_timezone(&Utc)),
+    };
+    parsed.map(Some).ok_or_else(|| {
+        ApiError::BadRequest(format!(
+            "{name}: must be epoch milliseconds or an ISO 8601 date"
+        ))
+    })
+}
+
+const KNOWN_LIST_PARAMETERS: [&str; 10] = [
+    "page[size]",
+    "page[after]",
+    "page[before]",
+    "filter[type]",
+    "filter[tags]",
+    "filter[taskIdentifier]",
+    "filter[externalId]",
+    "filter[status]",
+    "filter[createdAt][from]",
+    "filter[createdAt][to]",
+];
+
+/// `GET /api/v1/sessions`: secret key; newest first; cursor pagination; filters.
+pub async fn list(
+    State(state): State<AppState>,
+    caller: SecretKeyCaller,
+    query: Result<
+        axum::extract::Query<Vec<(String, String)>>,
+        axum::extract::rejection::QueryRejection,
+    >,
+) -> Result<Response, ApiError> {
+    let axum::extract::Query(pairs) =
+        query.map_err(|error| ApiError::BadRequest(format!("Invalid query: {error}")))?;
+    if let Some((unknown, _)) = pairs.iter().find(|(key, _)| {
+        !KNOWN_LIST_PARAMETERS.contains(&key.as_str()) && key != "filter[createdAt][period]"
+    }) {
+        return Err(ApiError::BadRequest(format!(
+            "Unknown query parameter {unknown:?}"
+        )));
+    }
+    let size = match single(&pairs, "page[size]") {
+        None => 20,
+        Some(text) => text
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|size| (1..=100).contains(size))
+            .ok_or_else(|| ApiError::BadRequest("page[size]: must be an integer 1–100".into()))?,
+    };
+    let cursor = match (
+        single(&pairs, "page[after]"),
+        single(&pairs, "page[before]"),
+    ) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::BadRequest(
+                "page[after] and page[before] cannot be combined".into(),
+            ));
+        }
+        (Some(after), None) => Some(PageCursor::After(after.to_owned())),
+        (None, Some(before)) => Some(PageCursor::Before(before.to_owned())),
+        (None, None) => None,
+    };
+    let statuses = comma_list(&pairs, "filter[status]")
+        .iter()
+        .map(|status| match status.as_str() {
+            "ACTIVE" => Ok(StatusFilter::Active),
+            "CLOSED" => Ok(StatusFilter::Closed),
+            "EXPIRED" => Ok(StatusFilter::Expired),
+            other => Err(ApiError::BadRequest(format!(
+                "filter[status]: {other:?} is not ACTIVE, CLOSED or EXPIRED"
+            ))),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut created_from = date_filter(
+        "filter[createdAt][from]",
+        single(&pairs, "filter[createdAt][from]"),
+    )?;
+    if let Some(period) = single(&pairs, "filter[createdAt][period]") {
+        let period =
+            shared::domain::waitpoint::parse_duration("filter[createdAt][period]", period)?;
+        let since = Utc::now() - period;
+        created_from = Some(created_from.map_or(since, |from| from.max(since)));
+    }
+    let list_query = SessionListQuery {
+        environment_id: caller.environment.id,
+        types: comma_list(&pairs, "filter[type]"),
+        tags: comma_list(&pairs, "filter[tags]"),
+        task_identifiers: comma_list(&pairs, "filter[taskIdentifier]"),
+        external_ids: comma_list(&pairs, "filter[externalId]"),
+        statuses,
+        created_from,
+        created_to: date_filter(
+            "filter[createdAt][to]",
+            single(&pairs, "filter[createdAt][to]"),
+        )?,
+        cursor,
+        size,
+    };
+    let page = state
+        .store
+        .list_sessions(&list_query)
+        .await
+        .map_err(|error| match error {
+            ListError::UnknownCursor => ApiError::BadRequest(error.to_string()),
+            ListError::Storage(error) => ApiError::Storage(error),
+        })?;
+    let mut pagination = serde_json::Map::new();
+    if let Some(next) = page.next {
+        pagination.insert("next".into(), json!(next));
+    }
+    if let Some(previous) = page.previous {
+        pagination.insert("previous".into(), json!(previous));
+    }
+    Ok(Json(json!({ "data": page.items, "pagination": pagination })).into_response())
 }

@@ -6,6 +6,7 @@
 
 mod apply;
 mod entities;
+mod listing;
 mod migrations;
 
 use std::time::Duration;
@@ -30,6 +31,7 @@ pub use entities::records::Model as RecordRow;
 pub use entities::runs::Model as RunRow;
 pub use entities::sessions::Model as SessionRow;
 pub use entities::waitpoints::Model as WaitpointRow;
+pub use listing::{ListError, PageCursor, SessionListQuery, SessionPage, StatusFilter};
 
 use entities::{
     environments, outbox_events, projects, records, runs, secret_keys, sessions, waitpoints,
