@@ -3,6 +3,7 @@
 //! ```text
 //! sessions-api                                   serve HTTP on SESSIONS_HTTP_ADDR
 //! sessions-api admin create-environment --project <slug> --environment <slug>
+//! sessions-api admin rotate-key|list-keys|revoke-key --project <slug> --environment <slug> …
 //! ```
 
 use std::process::ExitCode;
@@ -11,7 +12,12 @@ use serde_json::json;
 use shared::config::Settings;
 use shared::storage::Store;
 
-const USAGE: &str = "usage:\n  sessions-api\n  sessions-api admin create-environment --project <slug> --environment <slug>";
+const USAGE: &str = "usage:
+  sessions-api
+  sessions-api admin create-environment --project <slug> --environment <slug>
+  sessions-api admin rotate-key --project <slug> --environment <slug> [--grace-seconds N (default 3600)]
+  sessions-api admin list-keys --project <slug> --environment <slug>
+  sessions-api admin revoke-key --project <slug> --environment <slug> --key-id <id>";
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -84,7 +90,11 @@ fn flag_value<'a>(arguments: &'a [String], flag: &str) -> Option<&'a String> {
 }
 
 async fn admin(settings: Settings, arguments: &[String]) -> ExitCode {
-    if arguments.first().map(String::as_str) != Some("create-environment") {
+    let command = arguments.first().map(String::as_str).unwrap_or("");
+    if !matches!(
+        command,
+        "create-environment" | "rotate-key" | "list-keys" | "revoke-key"
+    ) {
         eprintln!("{USAGE}");
         return ExitCode::from(2);
     }
@@ -105,33 +115,122 @@ async fn admin(settings: Settings, arguments: &[String]) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match store
-        .create_environment(project, environment, &settings.master_key)
-        .await
-    {
-        Ok(created) => {
-            println!(
-                "{}",
-                json!({
-                    "project": project,
-                    "environment": environment,
-                    "environmentId": created.environment.public_id,
-                    "created": created.secret_key.is_some(),
-                    "secretKey": created.secret_key,
-                })
-            );
-            if created.secret_key.is_none() {
-                eprintln!(
-                    "the environment already existed; its secret key was shown when it was created"
-                );
-            }
-            ExitCode::SUCCESS
+    let result = match command {
+        "create-environment" => create_environment(&store, &settings, project, environment).await,
+        other => manage_keys(&store, &settings, other, arguments, project, environment).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(AdminError::Usage(message)) => {
+            eprintln!("sessions-api admin: {message}\n{USAGE}");
+            ExitCode::from(2)
         }
-        Err(error) => {
-            eprintln!("sessions-api admin: {error}");
+        Err(AdminError::Failed(message)) => {
+            eprintln!("sessions-api admin: {message}");
             ExitCode::FAILURE
         }
     }
+}
+
+enum AdminError {
+    Usage(String),
+    Failed(String),
+}
+
+impl From<shared::storage::StorageError> for AdminError {
+    fn from(error: shared::storage::StorageError) -> Self {
+        AdminError::Failed(error.to_string())
+    }
+}
+
+async fn create_environment(
+    store: &Store,
+    settings: &Settings,
+    project: &str,
+    environment: &str,
+) -> Result<(), AdminError> {
+    let created = store
+        .create_environment(project, environment, &settings.master_key)
+        .await?;
+    println!(
+        "{}",
+        json!({
+            "project": project,
+            "environment": environment,
+            "environmentId": created.environment.public_id,
+            "created": created.secret_key.is_some(),
+            "secretKey": created.secret_key,
+        })
+    );
+    if created.secret_key.is_none() {
+        eprintln!(
+            "the environment already existed; its secret key was shown when it was created (rotate-key makes a new one)"
+        );
+    }
+    Ok(())
+}
+
+async fn manage_keys(
+    store: &Store,
+    settings: &Settings,
+    command: &str,
+    arguments: &[String],
+    project: &str,
+    environment: &str,
+) -> Result<(), AdminError> {
+    let environment = store
+        .find_environment(project, environment)
+        .await?
+        .ok_or_else(|| AdminError::Failed(format!("no environment {project}/{environment}")))?;
+    match command {
+        "rotate-key" => {
+            let grace_seconds: i64 = match flag_value(arguments, "--grace-seconds") {
+                None => 3600,
+                Some(text) => text
+                    .parse()
+                    .ok()
+                    .filter(|seconds| (0..=30 * 86_400).contains(seconds))
+                    .ok_or_else(|| AdminError::Usage("--grace-seconds must be 0–2592000".into()))?,
+            };
+            let key = store
+                .rotate_secret_key(
+                    environment.id,
+                    chrono::TimeDelta::seconds(grace_seconds),
+                    &settings.master_key,
+                )
+                .await?;
+            println!(
+                "{}",
+                json!({
+                    "environmentId": environment.public_id,
+                    "secretKey": key,
+                    "previousKeysStopAt": chrono::Utc::now() + chrono::TimeDelta::seconds(grace_seconds),
+                })
+            );
+        }
+        "list-keys" => {
+            for (id, created_at, revoked_at) in store.list_secret_keys(environment.id).await? {
+                println!(
+                    "{}",
+                    json!({ "keyId": id, "createdAt": created_at, "revokedAt": revoked_at })
+                );
+            }
+        }
+        _ => {
+            let key_id = flag_value(arguments, "--key-id")
+                .and_then(|text| uuid::Uuid::parse_str(text).ok())
+                .ok_or_else(|| {
+                    AdminError::Usage("--key-id <id from list-keys> is required".into())
+                })?;
+            if !store.revoke_secret_key(environment.id, key_id).await? {
+                return Err(AdminError::Failed(format!(
+                    "no live key {key_id} in this environment"
+                )));
+            }
+            println!("{}", json!({ "keyId": key_id, "revoked": true }));
+        }
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -84,3 +84,77 @@ async fn bad_configuration_fails_at_start_naming_the_variable() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("SESSIONS_PARTITIONS"));
 }
+
+#[tokio::test]
+async fn keys_rotate_with_a_grace_period_and_revoke_at_once() {
+    let name = tests::unique_name();
+    let settings = tests::test_settings(&name, &[]);
+    let binary = env!("CARGO_BIN_EXE_sessions-api");
+    let admin = |arguments: &[&str]| {
+        let mut all = vec!["admin"];
+        all.extend_from_slice(arguments);
+        all.extend_from_slice(&["--project", "acme", "--environment", "dev"]);
+        let output = std::process::Command::new(binary)
+            .args(&all)
+            .envs(tests::settings_env(&settings))
+            .output()
+            .expect("cli runs");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|line| serde_json::from_str::<Value>(line).expect("json line"))
+            .collect::<Vec<_>>()
+    };
+    let first = admin(&["create-environment"])[0]["secretKey"]
+        .as_str()
+        .expect("key")
+        .to_owned();
+    let rotated = admin(&["rotate-key", "--grace-seconds", "600"]);
+    let second = rotated[0]["secretKey"]
+        .as_str()
+        .expect("new key")
+        .to_owned();
+    assert_ne!(first, second);
+    let store = shared::storage::Store::connect(&settings.database_url, 1)
+        .await
+        .expect("store");
+    let works = |key: String| {
+        let store = store.clone();
+        async move {
+            store
+                .environment_for_key_digest(&shared::domain::tokens::secret_key_digest(&key))
+                .await
+                .expect("lookup")
+                .is_some()
+        }
+    };
+    assert!(
+        works(first.clone()).await,
+        "the old key works during the grace period"
+    );
+    assert!(works(second.clone()).await);
+    let keys = admin(&["list-keys"]);
+    assert_eq!(keys.len(), 2);
+    let old_id = keys[1]["keyId"].as_str().expect("id").to_owned();
+    assert!(
+        keys[1]["revokedAt"].is_string(),
+        "the old key has its end date"
+    );
+    assert!(keys[0]["revokedAt"].is_null());
+    admin(&["revoke-key", "--key-id", &old_id]);
+    assert!(!works(first).await, "revoked now");
+    assert!(works(second.clone()).await);
+    // A rotation without grace ends the previous key at once.
+    let third = admin(&["rotate-key", "--grace-seconds", "0"])[0]["secretKey"]
+        .as_str()
+        .expect("key")
+        .to_owned();
+    assert!(!works(second).await);
+    assert!(works(third).await);
+    drop(store);
+    tests::drop_database(&settings.database_url).await;
+}

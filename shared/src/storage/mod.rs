@@ -264,6 +264,103 @@ impl Store {
         })
     }
 
+    /// The environment `project/environment`, if it exists.
+    pub async fn find_environment(
+        &self,
+        project_slug: &str,
+        environment_slug: &str,
+    ) -> Result<Option<EnvironmentRow>, StorageError> {
+        let Some(project) = projects::Entity::find()
+            .filter(projects::Column::Slug.eq(project_slug))
+            .one(&self.db)
+            .await?
+        else {
+            return Ok(None);
+        };
+        Ok(environments::Entity::find()
+            .filter(environments::Column::ProjectId.eq(project.id))
+            .filter(environments::Column::Slug.eq(environment_slug))
+            .one(&self.db)
+            .await?)
+    }
+
+    /// Rotates an environment's keys: a new key (returned once) and every live key set to stop
+    /// working after `grace`.
+    pub async fn rotate_secret_key(
+        &self,
+        environment_id: Uuid,
+        grace: chrono::TimeDelta,
+        master_key: &[u8; 32],
+    ) -> Result<String, StorageError> {
+        let txn = self.db.begin().await?;
+        let now = Utc::now();
+        secret_keys::Entity::update_many()
+            .col_expr(
+                secret_keys::Column::RevokedAt,
+                sea_orm::sea_query::Expr::value(now + grace),
+            )
+            .filter(secret_keys::Column::EnvironmentId.eq(environment_id))
+            .filter(key_is_live(now))
+            .filter(
+                sea_orm::Condition::any()
+                    .add(secret_keys::Column::RevokedAt.is_null())
+                    .add(secret_keys::Column::RevokedAt.gt(now + grace)),
+            )
+            .exec(&txn)
+            .await?;
+        let secret_key = ids::new_secret_key();
+        secret_keys::ActiveModel {
+            id: sea_orm::Set(Uuid::now_v7()),
+            environment_id: sea_orm::Set(environment_id),
+            digest: sea_orm::Set(crate::domain::tokens::secret_key_digest(&secret_key)),
+            created_at: sea_orm::Set(now),
+            revoked_at: sea_orm::Set(None),
+            encrypted_key: sea_orm::Set(Some(crate::domain::tokens::encrypt_secret(
+                master_key,
+                &secret_key,
+            ))),
+        }
+        .insert(&txn)
+        .await?;
+        txn.commit().await?;
+        Ok(secret_key)
+    }
+
+    /// The keys of an environment: `(key id, created, revoked or revoking at)`, newest first.
+    pub async fn list_secret_keys(
+        &self,
+        environment_id: Uuid,
+    ) -> Result<Vec<(Uuid, DateTime<Utc>, Option<DateTime<Utc>>)>, StorageError> {
+        Ok(secret_keys::Entity::find()
+            .filter(secret_keys::Column::EnvironmentId.eq(environment_id))
+            .order_by_desc(secret_keys::Column::CreatedAt)
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|key| (key.id, key.created_at, key.revoked_at))
+            .collect())
+    }
+
+    /// Revokes one key of an environment now. Returns whether a key was revoked.
+    pub async fn revoke_secret_key(
+        &self,
+        environment_id: Uuid,
+        key_id: Uuid,
+    ) -> Result<bool, StorageError> {
+        let now = Utc::now();
+        let result = secret_keys::Entity::update_many()
+            .col_expr(
+                secret_keys::Column::RevokedAt,
+                sea_orm::sea_query::Expr::value(now),
+            )
+            .filter(secret_keys::Column::EnvironmentId.eq(environment_id))
+            .filter(secret_keys::Column::Id.eq(key_id))
+            .filter(key_is_live(now))
+            .exec(&self.db)
+            .await?;
+        Ok(result.rows_affected == 1)
+    }
+
     // ---------------------------------------------------------------- auth
 
     /// The environment that owns the unrevoked key with this digest.
@@ -273,7 +370,7 @@ impl Store {
     ) -> Result<Option<EnvironmentRow>, StorageError> {
         let Some(key) = secret_keys::Entity::find()
             .filter(secret_keys::Column::Digest.eq(digest))
-            .filter(secret_keys::Column::RevokedAt.is_null())
+            .filter(key_is_live(Utc::now()))
             .one(&self.db)
             .await?
         else {
@@ -303,7 +400,7 @@ impl Store {
     ) -> Result<Vec<String>, StorageError> {
         Ok(secret_keys::Entity::find()
             .filter(secret_keys::Column::EnvironmentId.eq(environment_id))
-            .filter(secret_keys::Column::RevokedAt.is_null())
+            .filter(key_is_live(Utc::now()))
             .order_by_desc(secret_keys::Column::CreatedAt)
             .all(&self.db)
             .await?
@@ -484,6 +581,13 @@ impl Store {
     pub(crate) fn connection(&self) -> &DatabaseConnection {
         &self.db
     }
+}
+
+/// A key works until its `revoked_at` (none = forever; a future time = a rotation's grace).
+fn key_is_live(now: DateTime<Utc>) -> sea_orm::Condition {
+    sea_orm::Condition::any()
+        .add(secret_keys::Column::RevokedAt.is_null())
+        .add(secret_keys::Column::RevokedAt.gt(now))
 }
 
 /// Tables whose size [`Store::count_rows`] reports.
