@@ -40,6 +40,8 @@ pub struct Settings {
     pub max_append_bytes: usize,
     /// `SESSIONS_MAX_JSON_BYTES`: largest JSON request body of the other routes.
     pub max_json_bytes: usize,
+    /// `SESSIONS_MAX_SNAPSHOT_BYTES`: largest chat snapshot blob.
+    pub max_snapshot_bytes: usize,
     /// `SESSIONS_DELIVERY_LIMIT`: redeliveries before the broker dead-letters a command.
     pub delivery_limit: u32,
     /// `SESSIONS_PUBLISH_BATCH_MAX`: most commands in one broker message.
@@ -241,6 +243,16 @@ impl Settings {
                 )?,
                 1024,
                 16 << 20,
+            )?,
+            max_snapshot_bytes: in_range(
+                "SESSIONS_MAX_SNAPSHOT_BYTES",
+                parse(
+                    "SESSIONS_MAX_SNAPSHOT_BYTES",
+                    get("SESSIONS_MAX_SNAPSHOT_BYTES"),
+                    10 << 20,
+                )?,
+                1,
+                256 << 20,
             )?,
             delivery_limit: in_range(
                 "SESSIONS_DELIVERY_LIMIT",

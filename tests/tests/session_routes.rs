@@ -401,3 +401,130 @@ async fn list_pages_newest_first_and_filters_with_comma_lists() {
     assert_eq!(others["data"], json!([]));
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn snapshot_urls_are_signed_per_session_method_and_expiry() {
+    let app = TestApp::spawn_with(tests::SpawnOptions {
+        overrides: &[("SESSIONS_MAX_SNAPSHOT_BYTES", "1024")],
+        ..tests::SpawnOptions::default()
+    })
+    .await;
+    let created = app.create_session("snap").await;
+    app.create_session("other-snap").await;
+    let url_for = |method: reqwest::Method, key: String| {
+        let app = &app;
+        async move {
+            let response = app
+                .client
+                .request(method, app.url("/api/v1/sessions/snap/snapshot-url"))
+                .bearer_auth(key)
+                .send()
+                .await
+                .expect("snapshot-url");
+            let status = response.status().as_u16();
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            (
+                status,
+                body["presignedUrl"].as_str().unwrap_or("").to_owned(),
+            )
+        }
+    };
+    let (status, put_url) = url_for(reqwest::Method::PUT, app.secret_key.clone()).await;
+    assert_eq!(status, 200);
+    let blob = vec![0_u8, 1, 2, 255];
+    let stored = app
+        .client
+        .put(&put_url)
+        .body(blob.clone())
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(stored.status(), 200);
+    let (_, get_url) = url_for(reqwest::Method::GET, app.secret_key.clone()).await;
+    let fetched = app.client.get(&get_url).send().await.expect("get");
+    assert_eq!(fetched.status(), 200);
+    assert_eq!(fetched.bytes().await.expect("bytes").to_vec(), blob);
+
+    // The method, the session, the expiry and the signature are all bound.
+    assert_eq!(
+        app.client.get(&put_url).send().await.expect("get").status(),
+        403
+    );
+    assert_eq!(
+        app.client
+            .put(&get_url)
+            .body("x")
+            .send()
+            .await
+            .expect("put")
+            .status(),
+        403
+    );
+    let other_session = get_url.replace(created["id"].as_str().expect("id"), "session_other");
+    assert_eq!(
+        app.client
+            .get(&other_session)
+            .send()
+            .await
+            .expect("get")
+            .status(),
+        403
+    );
+    let later = get_url.replace("expires=", "expires=9");
+    assert_eq!(
+        app.client.get(&later).send().await.expect("get").status(),
+        403
+    );
+    let forged = format!("{}0", &get_url[..get_url.len() - 1]);
+    assert_eq!(
+        app.client.get(&forged).send().await.expect("get").status(),
+        403
+    );
+    let unsigned = get_url.split('?').next().expect("path").to_owned();
+    assert_eq!(
+        app.client
+            .get(&unsigned)
+            .send()
+            .await
+            .expect("get")
+            .status(),
+        403
+    );
+    // Size limit.
+    let too_big = app
+        .client
+        .put(&put_url)
+        .body(vec![7_u8; 2048])
+        .send()
+        .await
+        .expect("put");
+    assert_eq!(too_big.status(), 413);
+    assert_eq!(
+        app.client
+            .get(&get_url)
+            .send()
+            .await
+            .expect("get")
+            .bytes()
+            .await
+            .expect("bytes")
+            .to_vec(),
+        blob
+    );
+    // The session token may read (GET url) and write (PUT url); not for another session.
+    let token = created["publicAccessToken"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    assert_eq!(url_for(reqwest::Method::GET, token.clone()).await.0, 200);
+    assert_eq!(url_for(reqwest::Method::PUT, token.clone()).await.0, 200);
+    let other = app
+        .client
+        .get(app.url("/api/v1/sessions/other-snap/snapshot-url"))
+        .bearer_auth(&token)
+        .send()
+        .await
+        .expect("other");
+    assert_eq!(other.status(), 403);
+    app.cleanup().await;
+}

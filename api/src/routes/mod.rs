@@ -5,6 +5,7 @@ mod channels;
 mod health;
 mod records_sse;
 mod sessions;
+mod snapshots;
 mod waitpoints;
 
 use axum::Router;
@@ -59,11 +60,35 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/waitpoints/tokens/{waitpoint}",
             get(waitpoints::retrieve),
         )
+        .route(
+            "/api/v1/sessions/{session}/snapshot-url",
+            get(snapshots::snapshot_url).put(snapshots::snapshot_url),
+        )
+        .route(
+            "/api/v1/session-snapshots/{session}",
+            get(snapshots::blob)
+                .put(snapshots::blob)
+                .layer(DefaultBodyLimit::disable()),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_json_bytes))
         .layer(cors())
         .with_state(state)
+}
+
+/// The api's external base URL: `SESSIONS_PUBLIC_URL`, else `http://<Host header>`.
+pub(crate) fn public_base_url(state: &AppState, headers: &axum::http::HeaderMap) -> String {
+    match &state.settings.public_url {
+        Some(url) => url.trim_end_matches('/').to_owned(),
+        None => format!(
+            "http://{}",
+            headers
+                .get(header::HOST)
+                .and_then(|host| host.to_str().ok())
+                .unwrap_or("localhost")
+        ),
+    }
 }
 
 async fn not_found() -> ApiError {

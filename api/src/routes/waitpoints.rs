@@ -169,16 +169,7 @@ pub async fn retrieve(
         .find_waitpoint(caller.environment.id, &friendly_id)
         .await?
         .ok_or(ApiError::NotFound("Waitpoint not found"))?;
-    let base = match &state.settings.public_url {
-        Some(url) => url.trim_end_matches('/').to_owned(),
-        None => format!(
-            "http://{}",
-            headers
-                .get("host")
-                .and_then(|host| host.to_str().ok())
-                .unwrap_or("localhost")
-        ),
-    };
+    let base = super::public_base_url(&state, &headers);
     // Optional keys are omitted, not null: the client's schema has them `.optional()`.
     let mut item = Map::new();
     item.insert("id".into(), json!(waitpoint.friendly_id));

@@ -7,6 +7,7 @@ pub mod ids;
 pub mod partition;
 pub mod scopes;
 pub mod session;
+pub mod snapshots;
 pub mod tokens;
 pub mod validation;
 pub mod waitpoint;

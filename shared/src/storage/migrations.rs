@@ -12,6 +12,7 @@ impl MigratorTrait for Migrator {
             Box::new(InitialSchema),
             Box::new(Waitpoints),
             Box::new(EncryptedSecretKeys),
+            Box::new(SessionSnapshots),
         ]
     }
 }
@@ -285,6 +286,32 @@ impl MigrationTrait for EncryptedSecretKeys {
                 Table::alter()
                     .table("secret_keys")
                     .add_column(text_null("encrypted_key"))
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+struct SessionSnapshots;
+
+impl MigrationName for SessionSnapshots {
+    fn name(&self) -> &str {
+        "m20261127_000004_session_snapshots"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for SessionSnapshots {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table("session_snapshots")
+                    .if_not_exists()
+                    .col(pk_uuid("session_id"))
+                    .col(uuid("environment_id"))
+                    .col(blob("body"))
+                    .col(timestamp_with_time_zone("updated_at"))
                     .to_owned(),
             )
             .await

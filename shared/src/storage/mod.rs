@@ -34,7 +34,8 @@ pub use entities::waitpoints::Model as WaitpointRow;
 pub use listing::{ListError, PageCursor, SessionListQuery, SessionPage, StatusFilter};
 
 use entities::{
-    environments, outbox_events, projects, records, runs, secret_keys, sessions, waitpoints,
+    environments, outbox_events, projects, records, runs, secret_keys, session_snapshots, sessions,
+    waitpoints,
 };
 
 /// A storage failure. [`StorageError::is_transient`] tells the worker whether to retry.
@@ -536,6 +537,46 @@ impl Store {
         let rows = apply::insert_outbox(&txn, events).await?;
         txn.commit().await?;
         Ok(rows)
+    }
+
+    /// A session's snapshot blob, if one was stored.
+    pub async fn snapshot(
+        &self,
+        environment_id: Uuid,
+        session_id: Uuid,
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(session_snapshots::Entity::find_by_id(session_id)
+            .filter(session_snapshots::Column::EnvironmentId.eq(environment_id))
+            .one(&self.db)
+            .await?
+            .map(|snapshot| snapshot.body))
+    }
+
+    /// Stores (replaces) a session's snapshot blob.
+    pub async fn put_snapshot(
+        &self,
+        environment_id: Uuid,
+        session_id: Uuid,
+        body: Vec<u8>,
+    ) -> Result<(), StorageError> {
+        let model = session_snapshots::ActiveModel {
+            session_id: sea_orm::Set(session_id),
+            environment_id: sea_orm::Set(environment_id),
+            body: sea_orm::Set(body),
+            updated_at: sea_orm::Set(Utc::now()),
+        };
+        session_snapshots::Entity::insert(model)
+            .on_conflict(
+                sea_orm::sea_query::OnConflict::column(session_snapshots::Column::SessionId)
+                    .update_columns([
+                        session_snapshots::Column::Body,
+                        session_snapshots::Column::UpdatedAt,
+                    ])
+                    .to_owned(),
+            )
+            .exec_without_returning(&self.db)
+            .await?;
+        Ok(())
     }
 
     // ---------------------------------------------------------------- outbox
