@@ -11,70 +11,93 @@ mod waitpoints;
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, Method, header};
-use axum::routing::{get, post};
+use axum::routing::{MethodRouter, get, post};
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::AppState;
 use crate::error::ApiError;
 
-pub fn router(state: AppState) -> Router {
-    let max_json_bytes = state.settings.max_json_bytes;
-    Router::new()
-        .route("/healthz", get(health::healthz))
-        .route("/readyz", get(health::readyz))
-        .route("/metrics", get(health::metrics))
-        .route(
+/// The committed OpenAPI document of every route (`api/openapi.json`), served at
+/// `/openapi.json`. A test checks it against [`route_table`] and the live router.
+pub const OPENAPI_DOCUMENT: &str = include_str!("../../openapi.json");
+
+/// THE list of routes: path → methods and handlers. [`router`] is built from it, so the
+/// OpenAPI test sees exactly the paths the router serves.
+pub fn route_table() -> Vec<(&'static str, MethodRouter<AppState>)> {
+    vec![
+        ("/healthz", get(health::healthz)),
+        ("/readyz", get(health::readyz)),
+        ("/metrics", get(health::metrics)),
+        ("/openapi.json", get(openapi)),
+        (
             "/api/v1/sessions",
             post(sessions::create).get(sessions::list),
-        )
-        .route(
+        ),
+        (
             "/api/v1/sessions/{session}",
             get(sessions::retrieve).patch(sessions::patch),
-        )
-        .route(
+        ),
+        ("/api/v1/sessions/{session}/close", post(sessions::close)),
+        (
             "/api/v1/sessions/{session}/end-and-continue",
             post(sessions::end_and_continue),
-        )
-        .route("/api/v1/sessions/{session}/close", post(sessions::close))
-        .route("/api/v1/auth/jwt/claims", post(sessions::jwt_claims))
-        .route(
-            "/realtime/v1/sessions/{session}/{io}/append",
-            // The append route enforces its own limit from content-length, before reading.
-            post(channels::append).layer(DefaultBodyLimit::disable()),
-        )
-        .route(
-            "/realtime/v1/sessions/{session}/{io}/records",
-            get(channels::records),
-        )
-        .route(
-            "/realtime/v1/sessions/{session}/{io}",
-            get(records_sse::subscribe)
-                .head(records_sse::head)
-                .put(sessions::initialize_stream),
-        )
-        .route(
-            "/api/v1/runs/{run}/session-streams/wait",
-            post(waitpoints::wait),
-        )
-        .route(
-            "/api/v1/waitpoints/tokens/{waitpoint}",
-            get(waitpoints::retrieve),
-        )
-        .route(
+        ),
+        (
             "/api/v1/sessions/{session}/snapshot-url",
             get(snapshots::snapshot_url).put(snapshots::snapshot_url),
-        )
-        .route(
+        ),
+        (
             "/api/v1/session-snapshots/{session}",
             get(snapshots::blob)
                 .put(snapshots::blob)
                 .layer(DefaultBodyLimit::disable()),
-        )
+        ),
+        ("/api/v1/auth/jwt/claims", post(sessions::jwt_claims)),
+        (
+            "/realtime/v1/sessions/{session}/{io}/append",
+            // The append route enforces its own limit from content-length, before reading.
+            post(channels::append).layer(DefaultBodyLimit::disable()),
+        ),
+        (
+            "/realtime/v1/sessions/{session}/{io}/records",
+            get(channels::records),
+        ),
+        (
+            "/realtime/v1/sessions/{session}/{io}",
+            get(records_sse::subscribe)
+                .head(records_sse::head)
+                .put(sessions::initialize_stream),
+        ),
+        (
+            "/api/v1/runs/{run}/session-streams/wait",
+            post(waitpoints::wait),
+        ),
+        (
+            "/api/v1/waitpoints/tokens/{waitpoint}",
+            get(waitpoints::retrieve),
+        ),
+    ]
+}
+
+pub fn router(state: AppState) -> Router {
+    let max_json_bytes = state.settings.max_json_bytes;
+    let mut router = Router::new();
+    for (path, methods) in route_table() {
+        router = router.route(path, methods);
+    }
+    router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_json_bytes))
         .layer(cors())
         .with_state(state)
+}
+
+async fn openapi() -> impl axum::response::IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        OPENAPI_DOCUMENT,
+    )
 }
 
 /// The api's external base URL: `SESSIONS_PUBLIC_URL`, else `http://<Host header>`.
@@ -96,7 +119,7 @@ async fn not_found() -> ApiError {
 }
 
 async fn method_not_allowed() -> ApiError {
-    ApiError::BadRequest("Method not allowed on this route".into())
+    ApiError::MethodNotAllowed
 }
 
 /// Browsers call these routes directly: any origin, the methods and headers the client uses.
