@@ -209,3 +209,85 @@ test("retrieve, update, list, end-and-continue and close pass the client's schem
   assert.equal(closed.closedReason, "done");
   assert.ok(closed.closedAt instanceof Date);
 });
+
+// Issue 3's walk through the whole session API with the official client, without retries.
+const noRetry = { retry: { maxAttempts: 1 } };
+const strictClient = new ApiClient(baseUrl, secretKey, undefined, noRetry);
+const statusOf = async (promise) => {
+  try {
+    await promise;
+    return 200;
+  } catch (error) {
+    return error.status;
+  }
+};
+
+test("the whole session API through ApiClient with a secret key and with the session token", async () => {
+  const prefix = uniqueId("walk");
+  const externalId = `${prefix}-main`;
+  const created = await strictClient.createSession({
+    type: "chat.agent",
+    externalId,
+    taskIdentifier: "agent",
+    triggerConfig: { basePayload: {} },
+    tags: [prefix],
+  });
+  const other = await strictClient.createSession({
+    type: "chat.agent",
+    externalId: `${prefix}-other`,
+    taskIdentifier: "agent",
+    triggerConfig: { basePayload: {} },
+    tags: [prefix],
+  });
+  // Retrieve by both id forms.
+  assert.equal((await strictClient.retrieveSession(externalId)).id, created.id);
+  assert.equal((await strictClient.retrieveSession(created.id)).externalId, externalId);
+  // List with auto-pagination, one per page.
+  const listed = [];
+  for await (const session of strictClient.listSessions({ tag: prefix, limit: 1 })) {
+    listed.push(session.id);
+  }
+  assert.deepEqual(listed, [other.id, created.id]);
+  // Update, append, records, snapshot round trip, claims.
+  assert.deepEqual((await strictClient.updateSession(externalId, { metadata: { a: 1 } })).metadata, { a: 1 });
+  await strictClient.appendToSessionStream(externalId, "in", "hello");
+  assert.equal((await recordsWhen(externalId, "in", 1)).length, 1);
+  const { presignedUrl: putUrl } = await strictClient.createChatSnapshotUploadUrl(externalId);
+  const snapshot = new Uint8Array([1, 2, 3, 250]);
+  assert.equal((await fetch(putUrl, { method: "PUT", body: snapshot })).status, 200);
+  const { presignedUrl: getUrl } = await strictClient.getChatSnapshotUrl(externalId);
+  const fetched = new Uint8Array(await (await fetch(getUrl)).arrayBuffer());
+  assert.deepEqual([...fetched], [...snapshot]);
+  const claims = await strictClient.generateJWTClaims();
+  assert.equal(claims.pub, true);
+  assert.match(claims.sub, /^env_/);
+
+  // The session's own token: allowed on its session's retrieve, records and `in` append.
+  const browser = new ApiClient(baseUrl, created.publicAccessToken, undefined, noRetry);
+  assert.equal((await browser.retrieveSession(externalId)).id, created.id);
+  assert.equal((await browser.appendToSessionStream(externalId, "in", "from the token")).ok, true);
+  assert.ok((await browser.readSessionStreamRecords(externalId, "in")).records.length >= 1);
+  // …and forbidden elsewhere.
+  assert.equal(await statusOf(browser.appendToSessionStream(externalId, "out", "x")), 403);
+  assert.equal(await statusOf(browser.retrieveSession(other.id)), 403);
+  assert.equal(await statusOf(browser.readSessionStreamRecords(`${prefix}-other`, "in")), 403);
+  assert.equal(await statusOf(browser.getChatSnapshotUrl(`${prefix}-other`)), 403);
+  assert.equal(await statusOf(browser.updateSession(externalId, { tags: [] })), 403);
+  assert.equal(await statusOf(browser.closeSession(externalId)), 403);
+
+  // Tokens minted with the wrong key, or expired, are refused.
+  const wrongKey = await generateJWT({
+    secretKey: "tr_sk_not_the_key",
+    payload: { ...claims, scopes: [`read:sessions:${externalId}`] },
+  });
+  assert.equal(await statusOf(new ApiClient(baseUrl, wrongKey, undefined, noRetry).retrieveSession(externalId)), 401);
+  const expired = await generateJWT({
+    secretKey,
+    payload: { ...claims, scopes: [`read:sessions:${externalId}`] },
+    expirationTime: Math.floor(Date.now() / 1000) - 60,
+  });
+  assert.equal(await statusOf(new ApiClient(baseUrl, expired, undefined, noRetry).retrieveSession(externalId)), 401);
+
+  const closed = await strictClient.closeSession(externalId, { reason: "walked" });
+  assert.equal(closed.closedReason, "walked");
+});

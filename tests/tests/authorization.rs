@@ -387,3 +387,137 @@ async fn claims_retrieve_and_the_unsupported_put() {
     );
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn another_environment_never_sees_a_canary_through_any_route() {
+    let app = TestApp::spawn().await;
+    let a = app
+        .create_session_with(
+            &app.secret_key,
+            json!({"type": "chat", "externalId": "shared-ext", "taskIdentifier": "CANARY_A_TASK",
+                   "triggerConfig": {"basePayload": {"secret": "CANARY_A_PAYLOAD"}},
+                   "tags": ["CANARY_A_TAG"], "metadata": {"m": "CANARY_A_META"}}),
+        )
+        .await
+        .json::<Value>()
+        .await
+        .expect("json");
+    let a_id = a["id"].as_str().expect("id").to_owned();
+    let a_run = a["runId"].as_str().expect("run").to_owned();
+    app.append("shared-ext", "in", "CANARY_A_RECORD", Some("canary"))
+        .await;
+    app.append("shared-ext", "out", "CANARY_A_OUT", None).await;
+    let a_waitpoint = app
+        .wait_on(&a_run, json!({"session": "shared-ext", "io": "in"}))
+        .await;
+    app.wait_for_records("shared-ext", "out", 1, WAIT).await;
+
+    let b_key = app.create_environment("prod").await;
+    let b_session: Value = app
+        .create_session_with(&b_key, json!({"type": "chat", "externalId": "shared-ext", "taskIdentifier": "b", "triggerConfig": {"basePayload": {}}}))
+        .await
+        .json()
+        .await
+        .expect("json");
+    let b_token = b_session["publicAccessToken"]
+        .as_str()
+        .expect("token")
+        .to_owned();
+    let mut bodies = Vec::new();
+    for bearer in [b_key.as_str(), b_token.as_str()] {
+        for (method, path, body) in [
+            ("GET", "/api/v1/sessions".to_owned(), Value::Null),
+            (
+                "GET",
+                "/api/v1/sessions?filter[externalId]=shared-ext".to_owned(),
+                Value::Null,
+            ),
+            ("GET", "/api/v1/sessions/shared-ext".to_owned(), Value::Null),
+            ("GET", format!("/api/v1/sessions/{a_id}"), Value::Null),
+            (
+                "PATCH",
+                format!("/api/v1/sessions/{a_id}"),
+                json!({"tags": []}),
+            ),
+            (
+                "GET",
+                "/realtime/v1/sessions/shared-ext/in/records".to_owned(),
+                Value::Null,
+            ),
+            (
+                "GET",
+                "/realtime/v1/sessions/shared-ext/out/records".to_owned(),
+                Value::Null,
+            ),
+            (
+                "GET",
+                format!("/realtime/v1/sessions/{a_id}/in/records"),
+                Value::Null,
+            ),
+            (
+                "GET",
+                "/api/v1/sessions/shared-ext/snapshot-url".to_owned(),
+                Value::Null,
+            ),
+            (
+                "GET",
+                format!("/api/v1/waitpoints/tokens/{a_waitpoint}"),
+                Value::Null,
+            ),
+            (
+                "POST",
+                format!("/api/v1/runs/{a_run}/session-streams/wait"),
+                json!({"session": "shared-ext", "io": "in"}),
+            ),
+            (
+                "POST",
+                format!("/api/v1/sessions/{a_id}/end-and-continue"),
+                json!({"callingRunId": a_run, "reason": "x"}),
+            ),
+            ("POST", format!("/api/v1/sessions/{a_id}/close"), json!({})),
+        ] {
+            let mut request = app
+                .client
+                .request(method.parse().expect("method"), app.url(&path))
+                .bearer_auth(bearer);
+            if !body.is_null() {
+                request = request.json(&body);
+            }
+            let response = request.send().await.expect("request");
+            let status = response.status();
+            let text = response.text().await.expect("body");
+            assert!(status.as_u16() < 500, "{method} {path}: {status}");
+            bodies.push((format!("{method} {path}"), text));
+        }
+        // SSE: read whatever arrives in a moment.
+        let sse = app
+            .client
+            .get(app.url("/realtime/v1/sessions/shared-ext/out"))
+            .bearer_auth(bearer)
+            .header("Timeout-Seconds", "1")
+            .send()
+            .await
+            .expect("sse");
+        bodies.push(("SSE".into(), sse.text().await.unwrap_or_default()));
+    }
+    for (what, body) in &bodies {
+        assert!(!body.contains("CANARY_A"), "{what} leaked: {body}");
+    }
+    // A's session is untouched by B's attempts.
+    let (_, waitpoint) = app.waitpoint_as(&app.secret_key, &a_waitpoint).await;
+    assert_eq!(waitpoint["status"], json!("WAITING"));
+    let a_now: Value = app
+        .client
+        .get(app.url("/api/v1/sessions/shared-ext"))
+        .bearer_auth(&app.secret_key)
+        .send()
+        .await
+        .expect("get")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(a_now["closedAt"], Value::Null);
+    assert_eq!(a_now["tags"], json!(["CANARY_A_TAG"]));
+    assert_eq!(a_now["currentRunId"], json!(a_run));
+    app.cleanup().await;
+}
