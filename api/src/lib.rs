@@ -5,12 +5,14 @@
 //! - [`auth`]: who is calling.
 //! - [`error`]: THE mapping from failures to statuses and JSON bodies.
 //! - [`publisher`]: group commit to the partition queues, confirms, replies.
+//! - [`embedded`]: the single-process default (api + worker, SQLite, in-process broker).
 //!
 //! [`Application::build`] binds the listener (port 0 works, for tests) and connects the
 //! database; the broker connects lazily and reconnects on demand, so the api starts (and
 //! answers 503 on writes) while the broker is down.
 
 pub mod auth;
+pub mod embedded;
 pub mod error;
 pub mod live;
 pub mod publisher;
@@ -20,7 +22,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use shared::broker::{BrokerConfig, BrokerLink, BrokerNames};
+use shared::broker::{BrokerConfig, BrokerLink, InProcessBroker};
 use shared::cache::Cache;
 use shared::config::Settings;
 use shared::storage::Store;
@@ -69,33 +71,32 @@ pub struct Application {
 }
 
 impl Application {
+    /// The production api: RabbitMQ, Postgres, Redis.
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
+        let cache = Cache::new(&settings.redis_url, &settings.redis_prefix)?;
+        Self::build_with(settings, None, cache).await
+    }
+
+    /// An api on the given adapters: `in_process` is the embedded default's broker (`None`:
+    /// RabbitMQ). Handlers are the same either way.
+    pub async fn build_with(
+        settings: Settings,
+        in_process: Option<Arc<InProcessBroker>>,
+        cache: Cache,
+    ) -> Result<Self, StartError> {
         let listener = TcpListener::bind(settings.http_addr)
             .await
             .map_err(StartError::Bind)?;
         let store = Store::connect(&settings.database_url, settings.db_max_connections).await?;
-        let cache = Arc::new(Cache::new(&settings.redis_url, &settings.redis_prefix)?);
+        let cache = Arc::new(cache);
         let instance = uuid::Uuid::now_v7().simple().to_string();
-        let names = BrokerNames {
-            prefix: settings.broker_prefix.clone(),
-            partitions: settings.partitions,
-        };
-        let reply_queue = names.reply_queue(&instance);
+        let config = BrokerConfig::from_settings(&settings, format!("api-{instance}"), in_process);
+        let reply_queue = config.names.reply_queue(&instance);
         let (reply_sink, replies) = tokio::sync::mpsc::unbounded_channel();
         let (notification_sink, notifications) = tokio::sync::mpsc::unbounded_channel();
         let link = Arc::new(
-            BrokerLink::new(
-                BrokerConfig {
-                    url: settings.amqp_url.clone(),
-                    names,
-                    delivery_limit: settings.delivery_limit,
-                    queue_expires: settings.queue_expires,
-                    confirm_timeout: settings.confirm_timeout,
-                    connection_name: format!("api-{instance}"),
-                },
-                Some((reply_queue.clone(), reply_sink)),
-            )
-            .with_notifications(notification_sink),
+            BrokerLink::new(config, Some((reply_queue.clone(), reply_sink)))
+                .with_notifications(notification_sink),
         );
         if let Err(error) = link.ensure_connected().await {
             tracing::warn!(%error, "broker not reachable yet; writes answer 503 until it is");

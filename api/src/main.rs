@@ -13,7 +13,7 @@ use shared::config::Settings;
 use shared::storage::Store;
 
 const USAGE: &str = "usage:
-  sessions-api
+  sessions-api [--mode embedded|production]
   sessions-api admin create-environment --project <slug> --environment <slug>
   sessions-api admin rotate-key --project <slug> --environment <slug> [--grace-seconds N (default 3600)]
   sessions-api admin list-keys --project <slug> --environment <slug>
@@ -31,11 +31,78 @@ async fn main() -> ExitCode {
     };
     let arguments: Vec<String> = std::env::args().skip(1).collect();
     match arguments.first().map(String::as_str) {
-        None => serve(settings).await,
         Some("admin") => admin(settings, &arguments[1..]).await,
+        None | Some("--mode") => match mode(&arguments) {
+            Ok(Mode::Production) => serve(settings).await,
+            Ok(Mode::Embedded) => serve_embedded(settings).await,
+            Err(message) => {
+                eprintln!("sessions-api: {message}\n{USAGE}");
+                ExitCode::from(2)
+            }
+        },
         Some(_) => {
             eprintln!("{USAGE}");
             ExitCode::from(2)
+        }
+    }
+}
+
+enum Mode {
+    Production,
+    Embedded,
+}
+
+/// `--mode` or `SESSIONS_MODE` (`embedded` | `production`); without either, production if any of
+/// `DATABASE_URL`, `AMQP_URL`, `REDIS_URL` is set, else embedded.
+fn mode(arguments: &[String]) -> Result<Mode, String> {
+    let chosen = flag_value(arguments, "--mode")
+        .cloned()
+        .or_else(|| std::env::var("SESSIONS_MODE").ok())
+        .filter(|mode| !mode.trim().is_empty());
+    match chosen.as_deref().map(str::trim) {
+        Some("embedded") => Ok(Mode::Embedded),
+        Some("production") => Ok(Mode::Production),
+        Some(other) => Err(format!(
+            "--mode / SESSIONS_MODE must be embedded or production, not {other:?}"
+        )),
+        None => {
+            let configured = ["DATABASE_URL", "AMQP_URL", "REDIS_URL"]
+                .iter()
+                .any(|name| std::env::var(name).is_ok_and(|value| !value.trim().is_empty()));
+            Ok(if configured {
+                Mode::Production
+            } else {
+                Mode::Embedded
+            })
+        }
+    }
+}
+
+async fn serve_embedded(settings: Settings) -> ExitCode {
+    shared::telemetry::prometheus();
+    let data_dir = std::env::var("SESSIONS_DATA_DIR")
+        .ok()
+        .filter(|dir| !dir.trim().is_empty())
+        .unwrap_or_else(|| "data".into());
+    let embedded =
+        match api::embedded::Embedded::build(settings, std::path::Path::new(&data_dir)).await {
+            Ok(embedded) => embedded,
+            Err(error) => {
+                eprintln!("sessions-api: cannot start the embedded server: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
+    println!(
+        "sessions (embedded: SQLite in {data_dir}/, no external services) listening on http://{}",
+        embedded.local_addr()
+    );
+    println!("environment: {}", embedded.environment_id());
+    println!("secret key:  {}", embedded.secret_key());
+    match embedded.run_until_stopped(shutdown_signal()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("sessions-api: server error: {error}");
+            ExitCode::FAILURE
         }
     }
 }

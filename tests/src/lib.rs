@@ -253,6 +253,8 @@ pub struct TestApp {
     api_stop: Option<oneshot::Sender<()>>,
     api_handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     pub worker: Option<InProcessWorker>,
+    /// The data directory of an embedded server (`None`: the production path).
+    pub embedded_data_dir: Option<PathBuf>,
 }
 
 /// How [`TestApp::spawn_with`] sets things up.
@@ -312,6 +314,46 @@ impl TestApp {
             api_stop: Some(api_stop),
             api_handle: Some(api_handle),
             worker,
+            embedded_data_dir: None,
+        }
+    }
+
+    /// The embedded default (one process, SQLite in `data_dir`, in-process broker, in-memory
+    /// claims), with the same request helpers. Restarting on the same directory keeps the data
+    /// and the development key.
+    pub async fn spawn_embedded(data_dir: &std::path::Path) -> Self {
+        init_test_logging();
+        let name = unique_name();
+        let settings = test_settings(&name, &[]);
+        let embedded = api::embedded::Embedded::build(settings, data_dir)
+            .await
+            .expect("embedded server builds");
+        let settings = embedded.settings().clone();
+        let address = format!("http://{}", embedded.local_addr());
+        let secret_key = embedded.secret_key().to_owned();
+        let environment_id = embedded.environment_id().to_owned();
+        let store = Store::connect(&settings.database_url, 1)
+            .await
+            .expect("store");
+        let (api_stop, stopped) = oneshot::channel::<()>();
+        let api_handle = tokio::spawn(embedded.run_until_stopped(async move {
+            let _ = stopped.await;
+        }));
+        Self {
+            name,
+            settings,
+            address,
+            client: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(10))
+                .build()
+                .expect("http client"),
+            secret_key,
+            environment_id,
+            store,
+            api_stop: Some(api_stop),
+            api_handle: Some(api_handle),
+            worker: None,
+            embedded_data_dir: Some(data_dir.to_path_buf()),
         }
     }
 
@@ -536,8 +578,16 @@ impl TestApp {
         if let Some(handle) = self.api_handle.take() {
             let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
         }
+        if self.embedded_data_dir.is_some() {
+            // Nothing outside the data directory; the caller owns (and removes) it.
+            return;
+        }
         let link = shared::broker::BrokerLink::new(
-            worker::consumer::broker_config(&self.settings, format!("{}-cleanup", self.name)),
+            shared::broker::BrokerConfig::from_settings(
+                &self.settings,
+                format!("{}-cleanup", self.name),
+                None,
+            ),
             None,
         );
         let _ = link.delete_topology().await;

@@ -609,7 +609,7 @@ async fn undecodable_command_is_dead_lettered_and_its_partition_keeps_flowing() 
     let app = TestApp::spawn().await;
     app.create_session("poison").await;
     let link = shared::broker::BrokerLink::new(
-        worker::consumer::broker_config(&app.settings, "poison-test".into()),
+        shared::broker::BrokerConfig::from_settings(&app.settings, "poison-test".into(), None),
         None,
     );
     for partition in 0..app.settings.partitions {

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
-use shared::broker::{BrokerConfig, BrokerLink, BrokerNames, Incoming, consume_partitions};
+use shared::broker::{BrokerConfig, BrokerLink, InProcessBroker, Incoming, consume_partitions};
 use shared::cache::Cache;
 use shared::commands::{Command, CommandBody, Envelope, NewRecords, Outcome, Reply};
 use shared::config::Settings;
@@ -40,6 +40,8 @@ pub struct WorkerContext {
     pub link: BrokerLink,
     /// Names this worker in claims and consumer tags.
     pub instance: String,
+    /// The embedded default's in-process broker (`None`: RabbitMQ).
+    pub in_process: Option<Arc<InProcessBroker>>,
 }
 
 impl std::fmt::Debug for WorkerContext {
@@ -50,23 +52,13 @@ impl std::fmt::Debug for WorkerContext {
     }
 }
 
-pub fn broker_config(settings: &Settings, connection_name: String) -> BrokerConfig {
-    BrokerConfig {
-        url: settings.amqp_url.clone(),
-        names: BrokerNames {
-            prefix: settings.broker_prefix.clone(),
-            partitions: settings.partitions,
-        },
-        delivery_limit: settings.delivery_limit,
-        queue_expires: settings.queue_expires,
-        confirm_timeout: settings.confirm_timeout,
-        connection_name,
-    }
-}
-
 /// Runs until `shutdown` turns true: consume, apply, ack; rebuild on failure.
 pub async fn run(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool>) {
-    let config = broker_config(&context.settings, format!("{}-consumer", context.instance));
+    let config = BrokerConfig::from_settings(
+        &context.settings,
+        format!("{}-consumer", context.instance),
+        context.in_process.clone(),
+    );
     let partitions: Vec<u16> = (0..context.settings.partitions).collect();
     let reconnect = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))

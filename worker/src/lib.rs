@@ -16,13 +16,13 @@ pub mod timeouts;
 
 use std::sync::Arc;
 
-use shared::broker::BrokerLink;
+use shared::broker::{BrokerConfig, BrokerLink, InProcessBroker};
 use shared::cache::{Cache, CacheError};
 use shared::config::Settings;
 use shared::storage::{StorageError, Store};
 use tokio::sync::watch;
 
-use consumer::{WorkerContext, broker_config};
+use consumer::WorkerContext;
 
 /// Why the worker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -40,12 +40,27 @@ pub struct Worker {
 }
 
 impl Worker {
+    /// The production worker: RabbitMQ, and Redis for claims.
     pub async fn build(settings: Settings) -> Result<Self, WorkerError> {
-        let store = Store::connect(&settings.database_url, settings.db_max_connections).await?;
         let cache = Cache::new(&settings.redis_url, &settings.redis_prefix)?;
+        Self::build_with(settings, None, cache).await
+    }
+
+    /// A worker on the given adapters: `in_process` is the embedded default's broker (`None`:
+    /// RabbitMQ). The apply code is the same either way.
+    pub async fn build_with(
+        settings: Settings,
+        in_process: Option<Arc<InProcessBroker>>,
+        cache: Cache,
+    ) -> Result<Self, WorkerError> {
+        let store = Store::connect(&settings.database_url, settings.db_max_connections).await?;
         let instance = format!("worker-{}", uuid::Uuid::now_v7().simple());
         let link = BrokerLink::new(
-            broker_config(&settings, format!("{instance}-publisher")),
+            BrokerConfig::from_settings(
+                &settings,
+                format!("{instance}-publisher"),
+                in_process.clone(),
+            ),
             None,
         );
         Ok(Self {
@@ -55,6 +70,7 @@ impl Worker {
                 cache,
                 link,
                 instance,
+                in_process,
             }),
         })
     }

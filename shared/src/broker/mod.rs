@@ -25,6 +25,9 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::{Mutex, mpsc};
 
+mod in_process;
+pub use in_process::InProcessBroker;
+
 /// Names of everything a deployment declares on the broker.
 #[derive(Clone, Debug)]
 pub struct BrokerNames {
@@ -95,6 +98,30 @@ pub struct BrokerConfig {
     pub confirm_timeout: Duration,
     /// Shown in the broker's connection list.
     pub connection_name: String,
+    /// The embedded default: route everything through this in-process broker instead of AMQP.
+    pub in_process: Option<Arc<InProcessBroker>>,
+}
+
+impl BrokerConfig {
+    /// The broker configuration of a deployment; `in_process` selects the embedded broker.
+    pub fn from_settings(
+        settings: &crate::config::Settings,
+        connection_name: String,
+        in_process: Option<Arc<InProcessBroker>>,
+    ) -> Self {
+        Self {
+            url: settings.amqp_url.clone(),
+            names: BrokerNames {
+                prefix: settings.broker_prefix.clone(),
+                partitions: settings.partitions,
+            },
+            delivery_limit: settings.delivery_limit,
+            queue_expires: settings.queue_expires,
+            confirm_timeout: settings.confirm_timeout,
+            connection_name,
+            in_process,
+        }
+    }
 }
 
 fn quorum_arguments() -> FieldTable {
@@ -251,6 +278,9 @@ impl BrokerLink {
     /// A link that connects lazily. With `reply_queue`, every (re)connect declares that queue
     /// (classic, expiring when unused) and forwards its messages to the sink.
     pub fn new(config: BrokerConfig, reply_queue: Option<(String, ReplySink)>) -> Self {
+        if let (Some(broker), Some((queue, sink))) = (&config.in_process, &reply_queue) {
+            broker.register_reply_queue(queue, sink.clone());
+        }
         Self {
             config,
             reply_queue,
@@ -262,6 +292,9 @@ impl BrokerLink {
 
     /// Also subscribe to the notification fanout on every (re)connect.
     pub fn with_notifications(mut self, sink: NotificationSink) -> Self {
+        if let Some(broker) = &self.config.in_process {
+            broker.register_notifications(sink.clone());
+        }
         self.notifications = Some(sink);
         self
     }
@@ -272,6 +305,9 @@ impl BrokerLink {
 
     /// Connects now (declaring the topology) if not connected.
     pub async fn ensure_connected(&self) -> Result<(), BrokerError> {
+        if self.config.in_process.is_some() {
+            return Ok(());
+        }
         self.live().await.map(|_| ())
     }
 
@@ -372,6 +408,17 @@ impl BrokerLink {
         reply_to: Option<&str>,
         payload: &[u8],
     ) -> Result<(), BrokerError> {
+        if let Some(broker) = &self.config.in_process {
+            return broker
+                .publish_commands(
+                    partition,
+                    message_id,
+                    reply_to,
+                    payload,
+                    self.config.confirm_timeout,
+                )
+                .await;
+        }
         let mut properties = persistent(Some(message_id));
         if let Some(reply_to) = reply_to {
             properties = properties.with_reply_to(reply_to.into());
@@ -393,6 +440,10 @@ impl BrokerLink {
         routing_key: &str,
         payload: &[u8],
     ) -> Result<(), BrokerError> {
+        if let Some(broker) = &self.config.in_process {
+            broker.publish_event(routing_key, payload);
+            return Ok(());
+        }
         self.publish_confirmed(
             &self.config.names.events_exchange(),
             routing_key,
@@ -406,6 +457,10 @@ impl BrokerLink {
     /// Tells every api instance which channels have new records. Not persistent: a lost
     /// notification only delays readers until their safety re-read.
     pub async fn publish_notification(&self, payload: &[u8]) -> Result<(), BrokerError> {
+        if let Some(broker) = &self.config.in_process {
+            broker.publish_notification(payload);
+            return Ok(());
+        }
         self.publish_confirmed(
             &self.config.names.notify_exchange(),
             "",
@@ -418,6 +473,9 @@ impl BrokerLink {
 
     /// Sends a reply to an api instance's reply queue.
     pub async fn publish_reply(&self, reply_to: &str, payload: &[u8]) -> Result<(), BrokerError> {
+        if let Some(broker) = &self.config.in_process {
+            return broker.publish_reply(reply_to, payload);
+        }
         let properties = BasicProperties::default().with_content_type("application/json".into());
         self.publish_confirmed("", reply_to, false, payload, properties)
             .await
@@ -431,6 +489,10 @@ impl BrokerLink {
         partition: u16,
         reason: &str,
     ) -> Result<(), BrokerError> {
+        if let Some(broker) = &self.config.in_process {
+            broker.publish_dead_letter(payload, reason);
+            return Ok(());
+        }
         let mut headers = FieldTable::default();
         headers.insert(
             "x-sessions-dead-letter-reason".into(),
@@ -458,6 +520,9 @@ impl BrokerLink {
 
     /// Deletes every queue and exchange of this deployment's prefix. For tests and teardown.
     pub async fn delete_topology(&self) -> Result<(), BrokerError> {
+        if self.config.in_process.is_some() {
+            return Ok(());
+        }
         let live = self.live().await?;
         let names = &self.config.names;
         for partition in 0..names.partitions {
@@ -497,6 +562,9 @@ impl BrokerLink {
 
     /// Counts messages ready in the dead-letter queue. For tests and operators.
     pub async fn dead_letter_count(&self) -> Result<u32, BrokerError> {
+        if let Some(broker) = &self.config.in_process {
+            return Ok(broker.dead_letter_count());
+        }
         let live = self.live().await?;
         let queue = live
             .channel
@@ -605,7 +673,13 @@ pub struct Incoming {
     pub message_id: Option<String>,
     pub reply_to: Option<String>,
     pub redelivered: bool,
-    delivery: lapin::message::Delivery,
+    delivery: Acker,
+}
+
+/// How an [`Incoming`] is acknowledged.
+enum Acker {
+    Amqp(lapin::message::Delivery),
+    InProcess(std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>),
 }
 
 impl std::fmt::Debug for Incoming {
@@ -621,7 +695,20 @@ impl std::fmt::Debug for Incoming {
 impl Incoming {
     /// Acknowledges the message: it will not be delivered again.
     pub async fn ack(&self) -> Result<(), BrokerError> {
-        self.delivery.ack(BasicAckOptions::default()).await?;
+        match &self.delivery {
+            Acker::Amqp(delivery) => {
+                delivery.ack(BasicAckOptions::default()).await?;
+            }
+            Acker::InProcess(ack) => {
+                let sender = ack
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .take();
+                if let Some(sender) = sender {
+                    let _ = sender.send(());
+                }
+            }
+        }
         Ok(())
     }
 }
@@ -634,6 +721,14 @@ pub async fn consume_partitions(
     consumer_name: &str,
     sink: mpsc::Sender<Incoming>,
 ) -> Result<ConsumerConnection, BrokerError> {
+    if let Some(broker) = &config.in_process {
+        broker.attach_consumer(sink);
+        return Ok(ConsumerConnection {
+            connection: None,
+            in_process: Some(broker.clone()),
+            broken: mpsc::channel(1).1,
+        });
+    }
     let connection = connect(config).await?;
     let setup = connection.create_channel().await?;
     declare_topology(&setup, config).await?;
@@ -674,7 +769,7 @@ pub async fn consume_partitions(
                                 .map(|queue| queue.as_str().to_owned()),
                             redelivered: delivery.redelivered,
                             payload: delivery.data.clone(),
-                            delivery,
+                            delivery: Acker::Amqp(delivery),
                         };
                         if sink.send(incoming).await.is_err() {
                             break;
@@ -692,14 +787,16 @@ pub async fn consume_partitions(
         });
     }
     Ok(ConsumerConnection {
-        connection,
+        connection: Some(connection),
+        in_process: None,
         broken: broken_rx,
     })
 }
 
 /// The connection of a set of partition consumers.
 pub struct ConsumerConnection {
-    connection: Connection,
+    connection: Option<Connection>,
+    in_process: Option<Arc<InProcessBroker>>,
     broken: mpsc::Receiver<()>,
 }
 
@@ -712,11 +809,20 @@ impl std::fmt::Debug for ConsumerConnection {
 impl ConsumerConnection {
     /// Resolves when any partition consumer stopped (the connection or a channel broke).
     pub async fn broken(&mut self) {
+        if self.in_process.is_some() {
+            // An in-process consumer only ends when it is closed.
+            return std::future::pending().await;
+        }
         let _ = self.broken.recv().await;
     }
 
     /// Closes every channel; unacknowledged messages go back to their queues in order.
     pub async fn close(&self) {
-        let _ = self.connection.close(200, "worker closing".into()).await;
+        if let Some(broker) = &self.in_process {
+            broker.detach_consumer();
+        }
+        if let Some(connection) = &self.connection {
+            let _ = connection.close(200, "worker closing".into()).await;
+        }
     }
 }

@@ -5,6 +5,8 @@
 //! expired holder can never remove a newer holder's claim. Claims are a fast path; the durable
 //! fence is the database's unique constraint, so losing Redis loses no correctness.
 //!
+//! The embedded default keeps the same claims in memory ([`Cache::in_memory`]).
+//!
 //! Every key starts with the configured prefix; key components are encoded injectively
 //! ([`crate::domain::dedup::encode_components`]).
 
@@ -32,11 +34,20 @@ impl From<redis::RedisError> for CacheError {
     }
 }
 
-/// A lazily connected, self-reconnecting Redis handle with the deployment's key prefix.
+/// A lazily connected, self-reconnecting Redis handle with the deployment's key prefix, or,
+/// for the embedded default, the same claims in this process's memory.
 pub struct Cache {
-    client: redis::Client,
     prefix: String,
-    manager: Mutex<Option<ConnectionManager>>,
+    backend: Backend,
+}
+
+enum Backend {
+    Redis {
+        client: redis::Client,
+        manager: Mutex<Option<ConnectionManager>>,
+    },
+    /// key → (owner, expiry).
+    Memory(std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>),
 }
 
 impl std::fmt::Debug for Cache {
@@ -53,14 +64,27 @@ impl Cache {
         let client =
             redis::Client::open(url).map_err(|error| CacheError::InvalidUrl(error.to_string()))?;
         Ok(Self {
-            client,
             prefix: prefix.to_owned(),
-            manager: Mutex::new(None),
+            backend: Backend::Redis {
+                client,
+                manager: Mutex::new(None),
+            },
         })
     }
 
+    /// Claims in this process's memory (the embedded default: one process, no Redis).
+    pub fn in_memory(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            backend: Backend::Memory(std::sync::Mutex::default()),
+        }
+    }
+
     async fn connection(&self) -> Result<ConnectionManager, CacheError> {
-        let mut guard = self.manager.lock().await;
+        let Backend::Redis { client, manager } = &self.backend else {
+            return Err(CacheError::Unavailable("no Redis in embedded mode".into()));
+        };
+        let mut guard = manager.lock().await;
         if let Some(manager) = guard.as_ref() {
             return Ok(manager.clone());
         }
@@ -69,10 +93,7 @@ impl Cache {
             .set_response_timeout(Some(Duration::from_secs(2)))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
-        let manager = self
-            .client
-            .get_connection_manager_with_config(config)
-            .await?;
+        let manager = client.get_connection_manager_with_config(config).await?;
         *guard = Some(manager.clone());
         Ok(manager)
     }
@@ -90,6 +111,24 @@ impl Cache {
     ) -> Result<Vec<bool>, CacheError> {
         if claims.is_empty() {
             return Ok(Vec::new());
+        }
+        if let Backend::Memory(memory) = &self.backend {
+            let now = std::time::Instant::now();
+            let mut held = memory
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            held.retain(|_, (_, expiry)| *expiry > now);
+            return Ok(claims
+                .iter()
+                .map(|(key, owner)| {
+                    if held.contains_key(key) {
+                        false
+                    } else {
+                        held.insert(key.clone(), (owner.clone(), now + ttl));
+                        true
+                    }
+                })
+                .collect());
         }
         let mut connection = self.connection().await?;
         let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
@@ -112,6 +151,24 @@ impl Cache {
     pub async fn release_many(&self, claims: &[(String, String)]) -> Result<Vec<bool>, CacheError> {
         if claims.is_empty() {
             return Ok(Vec::new());
+        }
+        if let Backend::Memory(memory) = &self.backend {
+            let now = std::time::Instant::now();
+            let mut held = memory
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            return Ok(claims
+                .iter()
+                .map(|(key, owner)| {
+                    let mine = held
+                        .get(key)
+                        .is_some_and(|(holder, expiry)| holder == owner && *expiry > now);
+                    if mine {
+                        held.remove(key);
+                    }
+                    mine
+                })
+                .collect());
         }
         let mut connection = self.connection().await?;
         let mut pipeline = redis::pipe();
@@ -151,6 +208,16 @@ impl Cache {
 
     /// The current holder of a claim, if any.
     pub async fn claim_holder(&self, key: &str) -> Result<Option<String>, CacheError> {
+        if let Backend::Memory(memory) = &self.backend {
+            let now = std::time::Instant::now();
+            let held = memory
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            return Ok(held
+                .get(key)
+                .filter(|(_, expiry)| *expiry > now)
+                .map(|(owner, _)| owner.clone()));
+        }
         let mut connection = self.connection().await?;
         Ok(redis::cmd("GET")
             .arg(key)
@@ -160,6 +227,9 @@ impl Cache {
 
     /// Whether Redis answers.
     pub async fn ping(&self) -> Result<(), CacheError> {
+        if matches!(self.backend, Backend::Memory(_)) {
+            return Ok(());
+        }
         let mut connection = self.connection().await?;
         let _: String = redis::cmd("PING").query_async(&mut connection).await?;
         Ok(())
