@@ -678,7 +678,7 @@ pub struct Incoming {
 
 /// How an [`Incoming`] is acknowledged.
 enum Acker {
-    Amqp(lapin::message::Delivery),
+    Amqp(Box<lapin::message::Delivery>),
     InProcess(std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>),
 }
 
@@ -769,7 +769,7 @@ pub async fn consume_partitions(
                                 .map(|queue| queue.as_str().to_owned()),
                             redelivered: delivery.redelivered,
                             payload: delivery.data.clone(),
-                            delivery: Acker::Amqp(delivery),
+                            delivery: Acker::Amqp(Box::new(delivery)),
                         };
                         if sink.send(incoming).await.is_err() {
                             break;
