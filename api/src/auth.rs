@@ -225,6 +225,34 @@ impl Caller {
         }
     }
 
+    /// The session `address` names in the caller's environment, after authorizing `action` on
+    /// it; `None` if it does not exist (and the caller may learn that).
+    pub async fn find_session(
+        &self,
+        state: &AppState,
+        action: Action,
+        address: &SessionAddress,
+    ) -> Result<Option<SessionRow>, ApiError> {
+        let session = state
+            .store
+            .find_session(self.environment.id, address)
+            .await?;
+        self.authorize(action, address, session.as_ref())?;
+        Ok(session)
+    }
+
+    /// As [`Caller::find_session`], with 404 for a missing session.
+    pub async fn session(
+        &self,
+        state: &AppState,
+        action: Action,
+        address: &SessionAddress,
+    ) -> Result<SessionRow, ApiError> {
+        self.find_session(state, action, address)
+            .await?
+            .ok_or(ApiError::NotFound("Session not found"))
+    }
+
     /// Only a secret key may do this (e.g. append to `out`).
     pub fn require_secret_key(&self, what: &str) -> Result<(), ApiError> {
         if self.is_secret_key() {

@@ -76,6 +76,26 @@ pub struct Command {
     pub body: CommandBody,
 }
 
+impl Command {
+    /// A new command (fresh id) accepted at `accepted_at`. The publisher sets `wants_reply`
+    /// when the caller waits for the outcome.
+    pub fn new(
+        environment_id: Uuid,
+        session_id: Uuid,
+        accepted_at: DateTime<Utc>,
+        body: CommandBody,
+    ) -> Self {
+        Self {
+            id: Uuid::now_v7(),
+            environment_id,
+            session_id,
+            accepted_at,
+            wants_reply: false,
+            body,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum CommandBody {

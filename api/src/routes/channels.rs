@@ -11,7 +11,6 @@ use serde_json::{Value, json};
 use shared::commands::{AppendCommand, Command, CommandBody, Outcome};
 use shared::domain::session::{SessionState, session_state};
 use shared::domain::{Io, SessionAddress, validation};
-use uuid::Uuid;
 
 use crate::AppState;
 use crate::auth::Caller;
@@ -110,12 +109,7 @@ pub async fn append(
     let limit = state.settings.max_append_bytes;
     declared_length(&headers, limit)?;
     let part_id = part_id(&headers)?;
-    let session = state
-        .store
-        .find_session(caller.environment.id, &address)
-        .await?;
-    caller.authorize(Action::Write, &address, session.as_ref())?;
-    let session = session.ok_or(ApiError::NotFound("Session not found"))?;
+    let session = caller.session(&state, Action::Write, &address).await?;
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
         ApiError::PayloadTooLarge(format!("Request body exceeds the limit of {limit} bytes"))
     })?;
@@ -127,18 +121,16 @@ pub async fn append(
         SessionState::Expired => return Err(ApiError::BadRequest("Session has expired".into())),
         SessionState::Open => {}
     }
-    let command = Command {
-        id: Uuid::now_v7(),
-        environment_id: caller.environment.id,
-        session_id: session.id,
+    let command = Command::new(
+        caller.environment.id,
+        session.id,
         accepted_at,
-        wants_reply: false,
-        body: CommandBody::Append(AppendCommand {
+        CommandBody::Append(AppendCommand {
             io,
             part_id,
             body: text,
         }),
-    };
+    );
     let Some(wait) = prefer_wait(&headers)? else {
         state.publisher.submit(command).await?;
         metrics::counter!("sessions_api_appends_accepted_total", "io" => io.as_str()).increment(1);
@@ -188,11 +180,7 @@ pub async fn records(
                 || ApiError::BadRequest("afterEventId: must be an integer ≥ -1".into()),
             )?),
         };
-    let session = state
-        .store
-        .find_session(caller.environment.id, &address)
-        .await?;
-    caller.authorize(Action::Read, &address, session.as_ref())?;
+    let session = caller.find_session(&state, Action::Read, &address).await?;
     let Some(session) = session else {
         return match address {
             // A session known only by externalId with no row yet has no records.

@@ -77,9 +77,7 @@ async fn channel_key(
     io: shared::domain::Io,
 ) -> Result<ChannelKey, ApiError> {
     let environment_id = caller.environment.id;
-    let session = state.store.find_session(environment_id, address).await?;
-    caller.authorize(Action::Read, address, session.as_ref())?;
-    let session_id = match session {
+    let session_id = match caller.find_session(state, Action::Read, address).await? {
         Some(session) => session.id,
         None => match address {
             SessionAddress::FriendlyId(_) => return Err(ApiError::NotFound("Session not found")),

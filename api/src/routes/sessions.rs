@@ -148,13 +148,11 @@ pub async fn create(
         Some(external_id) => ids::session_id_for_external_id(environment_id, external_id),
         None => Uuid::now_v7(),
     };
-    let command = Command {
-        id: Uuid::now_v7(),
+    let command = Command::new(
         environment_id,
         session_id,
         accepted_at,
-        wants_reply: true,
-        body: CommandBody::CreateSession(Box::new(CreateSessionCommand {
+        CommandBody::CreateSession(Box::new(CreateSessionCommand {
             friendly_id: ids::new_friendly_id(SESSION_PREFIX),
             environment_public_id: caller.environment.public_id.clone(),
             external_id,
@@ -167,7 +165,7 @@ pub async fn create(
             run_id: Uuid::now_v7(),
             run_friendly_id: ids::new_friendly_id(RUN_PREFIX),
         })),
-    };
+    );
     match state.publisher.submit_and_wait(command).await? {
         Outcome::SessionCreated {
             session,
@@ -210,22 +208,15 @@ pub async fn close(
     if let Some(reason) = &body.reason {
         validation::close_reason(reason)?;
     }
-    let session = state
-        .store
-        .find_session(caller.environment.id, &address)
-        .await?;
-    caller.authorize(Action::Admin, &address, session.as_ref())?;
-    let session = session.ok_or(ApiError::NotFound("Session not found"))?;
-    let command = Command {
-        id: Uuid::now_v7(),
-        environment_id: caller.environment.id,
-        session_id: session.id,
-        accepted_at: Utc::now(),
-        wants_reply: true,
-        body: CommandBody::CloseSession(CloseSessionCommand {
+    let session = caller.session(&state, Action::Admin, &address).await?;
+    let command = Command::new(
+        caller.environment.id,
+        session.id,
+        Utc::now(),
+        CommandBody::CloseSession(CloseSessionCommand {
             reason: body.reason,
         }),
-    };
+    );
     match state.publisher.submit_and_wait(command).await? {
         Outcome::SessionClosedNow { session } => Ok(Json(session).into_response()),
         Outcome::SessionNotFound => Err(ApiError::NotFound("Session not found")),
@@ -242,12 +233,7 @@ pub async fn retrieve(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let address = session_address(path)?;
-    let session = state
-        .store
-        .find_session(caller.environment.id, &address)
-        .await?;
-    caller.authorize(Action::Read, &address, session.as_ref())?;
-    let session = session.ok_or(ApiError::NotFound("Session not found"))?;
+    let session = caller.session(&state, Action::Read, &address).await?;
     Ok(Json(state.store.session_item(&session).await?).into_response())
 }
 
@@ -298,12 +284,7 @@ pub async fn patch(
             ));
         }
     };
-    let session = state
-        .store
-        .find_session(caller.environment.id, &address)
-        .await?;
-    caller.authorize(Action::Admin, &address, session.as_ref())?;
-    let session = session.ok_or(ApiError::NotFound("Session not found"))?;
+    let session = caller.session(&state, Action::Admin, &address).await?;
     if let Some(requested) = fields.get("externalId") {
         let requested = match requested {
             Value::Null => None,
@@ -320,18 +301,16 @@ pub async fn patch(
             ));
         }
     }
-    let command = Command {
-        id: Uuid::now_v7(),
-        environment_id: caller.environment.id,
-        session_id: session.id,
-        accepted_at: Utc::now(),
-        wants_reply: true,
-        body: CommandBody::PatchSession(PatchSessionCommand {
+    let command = Command::new(
+        caller.environment.id,
+        session.id,
+        Utc::now(),
+        CommandBody::PatchSession(PatchSessionCommand {
             tags,
             metadata,
             clear_metadata,
         }),
-    };
+    );
     match state.publisher.submit_and_wait(command).await? {
         Outcome::SessionUpdated { session } => Ok(Json(session).into_response()),
         Outcome::SessionNotFound => Err(ApiError::NotFound("Session not found")),
@@ -366,12 +345,7 @@ pub async fn end_and_continue(
     if body.reason.chars().count() > 64 {
         return Err(ApiError::BadRequest("reason: at most 64 characters".into()));
     }
-    let session = state
-        .store
-        .find_session(caller.environment.id, &address)
-        .await?;
-    caller.authorize(Action::Write, &address, session.as_ref())?;
-    let session = session.ok_or(ApiError::NotFound("Session not found"))?;
+    let session = caller.session(&state, Action::Write, &address).await?;
     // Looked up in the caller's environment only: another environment's run never matches.
     let calling_run_id = if body.calling_run_id.len() <= 256 {
         state
@@ -382,20 +356,18 @@ pub async fn end_and_continue(
     } else {
         None
     };
-    let command = Command {
-        id: Uuid::now_v7(),
-        environment_id: caller.environment.id,
-        session_id: session.id,
-        accepted_at: Utc::now(),
-        wants_reply: true,
-        body: CommandBody::EndAndContinue(EndAndContinueCommand {
+    let command = Command::new(
+        caller.environment.id,
+        session.id,
+        Utc::now(),
+        CommandBody::EndAndContinue(EndAndContinueCommand {
             calling_run_id,
             reason: body.reason,
             environment_public_id: caller.environment.public_id.clone(),
             new_run_id: Uuid::now_v7(),
             new_run_friendly_id: ids::new_friendly_id(RUN_PREFIX),
         }),
-    };
+    );
     match state.publisher.submit_and_wait(command).await? {
         Outcome::RunContinued {
             run_friendly_id,

@@ -39,12 +39,7 @@ pub async fn snapshot_url(
     } else {
         Action::Read
     };
-    let session = state
-        .store
-        .find_session(caller.environment.id, &address)
-        .await?;
-    caller.authorize(action, &address, session.as_ref())?;
-    let session = session.ok_or(ApiError::NotFound("Session not found"))?;
+    let session = caller.session(&state, action, &address).await?;
     let blob_method = if method == Method::PUT { "PUT" } else { "GET" };
     let expires = Utc::now().timestamp() + SNAPSHOT_URL_SECONDS;
     let environment = &caller.environment.public_id;

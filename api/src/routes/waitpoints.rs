@@ -117,13 +117,11 @@ pub async fn wait(
         .find_session(environment_id, &SessionAddress::parse(&body.session))
         .await?
         .ok_or(ApiError::NotFound("Session not found"))?;
-    let command = Command {
-        id: Uuid::now_v7(),
+    let command = Command::new(
         environment_id,
-        session_id: session.id,
+        session.id,
         accepted_at,
-        wants_reply: true,
-        body: CommandBody::RegisterWaitpoint(Box::new(RegisterWaitpointCommand {
+        CommandBody::RegisterWaitpoint(Box::new(RegisterWaitpointCommand {
             waitpoint_id: Uuid::now_v7(),
             friendly_id: new_friendly_id(WAITPOINT_PREFIX),
             environment_public_id: caller.environment.public_id.clone(),
@@ -137,7 +135,7 @@ pub async fn wait(
             idempotency_key_expires_at: body.idempotency_key.as_ref().map(|_| accepted_at + ttl),
             idempotency_key: body.idempotency_key,
         })),
-    };
+    );
     match state.publisher.submit_and_wait(command).await? {
         Outcome::WaitpointRegistered {
             friendly_id,

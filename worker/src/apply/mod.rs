@@ -72,56 +72,32 @@ impl Planner {
         match &command.body {
             CommandBody::Append(append) => self.append(command, append),
             CommandBody::CreateSession(create) => {
-                let outcome = self
-                    .state
-                    .applied_outcomes
-                    .get(&command.id)
-                    .cloned()
-                    .unwrap_or_else(|| self.create_session(command, create));
-                self.remember(command, &outcome);
-                outcome
+                self.once(command, |planner| planner.create_session(command, create))
             }
             CommandBody::CloseSession(close) => {
-                let outcome = self
-                    .state
-                    .applied_outcomes
-                    .get(&command.id)
-                    .cloned()
-                    .unwrap_or_else(|| self.close_session(command, close));
-                self.remember(command, &outcome);
-                outcome
+                self.once(command, |planner| planner.close_session(command, close))
             }
             CommandBody::PatchSession(patch) => {
-                let outcome = self
-                    .state
-                    .applied_outcomes
-                    .get(&command.id)
-                    .cloned()
-                    .unwrap_or_else(|| self.patch_session(command, patch));
-                self.remember(command, &outcome);
-                outcome
+                self.once(command, |planner| planner.patch_session(command, patch))
             }
             CommandBody::EndAndContinue(end) => {
-                let outcome = self
-                    .state
-                    .applied_outcomes
-                    .get(&command.id)
-                    .cloned()
-                    .unwrap_or_else(|| self.end_and_continue(command, end));
-                self.remember(command, &outcome);
-                outcome
+                self.once(command, |planner| planner.end_and_continue(command, end))
             }
-            CommandBody::RegisterWaitpoint(register) => {
-                let outcome = self
-                    .state
-                    .applied_outcomes
-                    .get(&command.id)
-                    .cloned()
-                    .unwrap_or_else(|| self.register_waitpoint(command, register));
-                self.remember(command, &outcome);
-                outcome
-            }
+            CommandBody::RegisterWaitpoint(register) => self.once(command, |planner| {
+                planner.register_waitpoint(command, register)
+            }),
         }
+    }
+
+    /// Applies a non-append command once: a redelivery replays the stored outcome instead.
+    /// (Appends need no stored outcome: their record is the proof.)
+    fn once(&mut self, command: &Command, apply: impl FnOnce(&mut Self) -> Outcome) -> Outcome {
+        let outcome = match self.state.applied_outcomes.get(&command.id) {
+            Some(stored) => stored.clone(),
+            None => apply(self),
+        };
+        self.remember(command, &outcome);
+        outcome
     }
 
     /// Stores a non-append outcome so that a redelivery replays it.
