@@ -379,8 +379,9 @@ impl Planner {
             created_at: now,
         });
         self.writes.outbox.push(run_requested_event(
-            create,
             &session,
+            &create.run_friendly_id,
+            &create.environment_public_id,
             "session_created",
             now,
         ));
@@ -475,20 +476,14 @@ impl Planner {
                 swapped: false,
             };
         }
-        self.writes.outbox.push(NewOutboxEvent {
-            routing_key: RUN_REQUESTED.to_owned(),
-            payload: json!({
-                "type": RUN_REQUESTED,
-                "runId": end.new_run_friendly_id,
-                "sessionId": session.friendly_id,
-                "externalId": session.external_id,
-                "environmentId": end.environment_public_id,
-                "taskIdentifier": session.task_identifier,
-                "triggerConfig": session.trigger_config,
-                "reason": end.reason,
-                "requestedAt": now,
-            }),
-        });
+        let event = run_requested_event(
+            session,
+            &end.new_run_friendly_id,
+            &end.environment_public_id,
+            &end.reason,
+            now,
+        );
+        self.writes.outbox.push(event);
         self.writes.runs.push(RunRow {
             id: end.new_run_id,
             friendly_id: end.new_run_friendly_id.clone(),
@@ -582,9 +577,11 @@ pub fn time_out(waitpoint: &WaitpointRow, now: DateTime<Utc>) -> WaitpointComple
     )
 }
 
+/// The `run.requested` event that asks runners to start `run_friendly_id` for `session`.
 fn run_requested_event(
-    create: &CreateSessionCommand,
     session: &SessionRow,
+    run_friendly_id: &str,
+    environment_public_id: &str,
     reason: &str,
     at: DateTime<Utc>,
 ) -> NewOutboxEvent {
@@ -592,10 +589,10 @@ fn run_requested_event(
         routing_key: RUN_REQUESTED.to_owned(),
         payload: json!({
             "type": RUN_REQUESTED,
-            "runId": create.run_friendly_id,
+            "runId": run_friendly_id,
             "sessionId": session.friendly_id,
             "externalId": session.external_id,
-            "environmentId": create.environment_public_id,
+            "environmentId": environment_public_id,
             "taskIdentifier": session.task_identifier,
             "triggerConfig": session.trigger_config,
             "reason": reason,
