@@ -26,6 +26,9 @@ pub struct Settings {
     pub redis_url: String,
     /// `SESSIONS_HTTP_ADDR`: where the api listens.
     pub http_addr: SocketAddr,
+    /// `SESSIONS_WORKER_HTTP_ADDR`: where `sessions-worker` serves `/healthz`, `/readyz` and
+    /// `/metrics`.
+    pub worker_http_addr: SocketAddr,
     /// `SESSIONS_PARTITIONS`: number of partition queues; fixed per deployment.
     pub partitions: u16,
     /// `SESSIONS_BROKER_PREFIX`: prefix of every exchange and queue name.
@@ -199,6 +202,11 @@ impl Settings {
                 "SESSIONS_HTTP_ADDR",
                 get("SESSIONS_HTTP_ADDR"),
                 SocketAddr::from(([127, 0, 0, 1], 3030)),
+            )?,
+            worker_http_addr: parse(
+                "SESSIONS_WORKER_HTTP_ADDR",
+                get("SESSIONS_WORKER_HTTP_ADDR"),
+                SocketAddr::from(([127, 0, 0, 1], 3031)),
             )?,
             partitions: in_range(
                 "SESSIONS_PARTITIONS",

@@ -51,6 +51,7 @@ pub fn test_settings(name: &str, overrides: &[(&str, &str)]) -> Settings {
         ("AMQP_URL".into(), AMQP_URL.into()),
         ("REDIS_URL".into(), REDIS_URL.into()),
         ("SESSIONS_HTTP_ADDR".into(), "127.0.0.1:0".into()),
+        ("SESSIONS_WORKER_HTTP_ADDR".into(), "127.0.0.1:0".into()),
         ("SESSIONS_PARTITIONS".into(), "8".into()),
         ("SESSIONS_BROKER_PREFIX".into(), name.into()),
         ("SESSIONS_REDIS_PREFIX".into(), name.into()),
@@ -73,6 +74,10 @@ pub fn settings_env(settings: &Settings) -> Vec<(&'static str, String)> {
         ("AMQP_URL", settings.amqp_url.clone()),
         ("REDIS_URL", settings.redis_url.clone()),
         ("SESSIONS_PARTITIONS", settings.partitions.to_string()),
+        (
+            "SESSIONS_WORKER_HTTP_ADDR",
+            settings.worker_http_addr.to_string(),
+        ),
         ("SESSIONS_BROKER_PREFIX", settings.broker_prefix.clone()),
         ("SESSIONS_REDIS_PREFIX", settings.redis_prefix.clone()),
         (

@@ -4,6 +4,7 @@
 //! - [`apply`]: THE apply logic, pure: command kind → writes and outcome.
 //! - [`outcome`]: the one function that acks, dead-letters or hands back a message.
 //! - [`timeouts`]: the waitpoint timer.
+//! - [`health`]: the worker's `/healthz`, `/readyz` and `/metrics` listener.
 //!
 //! [`Worker::build`] connects (and migrates) the database; the broker and Redis connect lazily
 //! and reconnect on their own. [`Worker::run_until_stopped`] runs until the shutdown signal and
@@ -11,6 +12,7 @@
 
 pub mod apply;
 pub mod consumer;
+pub mod health;
 pub mod outcome;
 pub mod timeouts;
 
@@ -73,6 +75,11 @@ impl Worker {
                 in_process,
             }),
         })
+    }
+
+    /// The `/healthz`, `/readyz`, `/metrics` router of this worker.
+    pub fn health_router(&self) -> axum::Router {
+        health::router(self.context.clone())
     }
 
     /// Consumes until `shutdown` becomes true, then finishes the current batch and returns.

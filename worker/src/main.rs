@@ -14,6 +14,7 @@ async fn main() -> std::process::ExitCode {
         }
     };
     shared::telemetry::prometheus();
+    let worker_http_addr = settings.worker_http_addr;
     let worker = match worker::Worker::build(settings).await {
         Ok(worker) => worker,
         Err(error) => {
@@ -21,6 +22,21 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let listener = match tokio::net::TcpListener::bind(worker_http_addr).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            eprintln!(
+                "sessions-worker: cannot bind SESSIONS_WORKER_HTTP_ADDR {worker_http_addr}: {error}"
+            );
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let health = worker.health_router();
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, health).await {
+            tracing::warn!(%error, "health listener stopped");
+        }
+    });
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
         shutdown_signal().await;
