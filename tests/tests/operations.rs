@@ -93,3 +93,113 @@ async fn the_worker_serves_health_readiness_and_metrics() {
     worker.kill_9().await;
     app.cleanup().await;
 }
+
+fn worker_admin(settings: &shared::config::Settings, arguments: &[&str]) -> Vec<Value> {
+    let output = std::process::Command::new(tests::workspace_binary("sessions-worker"))
+        .args(arguments)
+        .envs(tests::settings_env(settings))
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("cli runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect()
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_with_their_reason_and_replayed_to_their_partition() {
+    let app = TestApp::spawn().await;
+    app.create_session("dl").await;
+    let link = shared::broker::BrokerLink::new(
+        shared::broker::BrokerConfig::from_settings(&app.settings, "dl-test".into(), None),
+        None,
+    );
+    // A poison message: dead-lettered by the worker with its reason.
+    link.publish_commands(0, "poison-1", None, b"not an envelope")
+        .await
+        .expect("publish");
+    // A valid command that ended in the dead-letter queue (as after a long outage).
+    let session_id = app
+        .store
+        .find_session(
+            app.store
+                .environment_by_public_id(&app.environment_id)
+                .await
+                .expect("lookup")
+                .expect("environment")
+                .id,
+            &shared::domain::SessionAddress::ExternalId("dl".into()),
+        )
+        .await
+        .expect("lookup")
+        .expect("session");
+    let command = shared::commands::Command::new(
+        session_id.environment_id,
+        session_id.id,
+        chrono::Utc::now(),
+        shared::commands::CommandBody::Append(shared::commands::AppendCommand {
+            io: shared::domain::Io::In,
+            part_id: Some("replayed".into()),
+            body: "back from the dead".into(),
+        }),
+    );
+    let partition = shared::domain::partition::partition_of(session_id.id, app.settings.partitions);
+    link.publish_dead_letter(
+        &shared::commands::Envelope::new(vec![command]).encode(),
+        Some("valid-1"),
+        partition,
+        "parked by the test",
+    )
+    .await
+    .expect("dead-letter");
+    let mut listed = Vec::new();
+    for _ in 0..50 {
+        listed = worker_admin(&app.settings, &["admin", "dead-letters", "list"]);
+        if listed.len() == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let poison = listed
+        .iter()
+        .find(|letter| letter["messageId"] == json!("poison-1"))
+        .expect("poison listed");
+    assert!(
+        poison["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("envelope")),
+        "{poison}"
+    );
+    let valid = listed
+        .iter()
+        .find(|letter| letter["messageId"] == json!("valid-1"))
+        .expect("valid listed");
+    assert_eq!(valid["partition"], json!(partition));
+    assert_eq!(valid["session"], json!(session_id.id.to_string()));
+    assert!(valid["ageSeconds"].is_number());
+
+    let replayed = worker_admin(
+        &app.settings,
+        &["admin", "dead-letters", "replay", "valid-1"],
+    );
+    assert_eq!(replayed, vec![json!({"replayed": 1})]);
+    let records = app
+        .wait_for_records("dl", "in", 1, Duration::from_secs(30))
+        .await;
+    assert_eq!(
+        records.first().map(|r| r.data.as_str()),
+        Some("back from the dead")
+    );
+    let remaining = worker_admin(&app.settings, &["admin", "dead-letters", "list"]);
+    assert_eq!(remaining.len(), 1);
+    assert_eq!(remaining[0]["messageId"], json!("poison-1"));
+    link.close().await;
+    app.cleanup().await;
+}

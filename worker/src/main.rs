@@ -13,6 +13,10 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    let arguments: Vec<String> = std::env::args().skip(1).collect();
+    if !arguments.is_empty() {
+        return admin(&settings, &arguments).await;
+    }
     shared::telemetry::prometheus();
     let worker_http_addr = settings.worker_http_addr;
     let worker = match worker::Worker::build(settings).await {
@@ -45,6 +49,57 @@ async fn main() -> std::process::ExitCode {
     });
     worker.run_until_stopped(stopped).await;
     std::process::ExitCode::SUCCESS
+}
+
+const USAGE: &str = "usage:
+  sessions-worker
+  sessions-worker admin dead-letters list
+  sessions-worker admin dead-letters replay <message id> | --all";
+
+/// `admin dead-letters list|replay`: inspect and re-publish dead-lettered commands.
+async fn admin(settings: &Settings, arguments: &[String]) -> std::process::ExitCode {
+    let words: Vec<&str> = arguments.iter().map(String::as_str).collect();
+    let link = shared::broker::BrokerLink::new(
+        shared::broker::BrokerConfig::from_settings(settings, "sessions-worker-admin".into(), None),
+        None,
+    );
+    let result = match words.as_slice() {
+        ["admin", "dead-letters", "list"] => link.dead_letters().await.map(|letters| {
+            let now = chrono::Utc::now().timestamp_millis();
+            for letter in letters {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "messageId": letter.message_id,
+                        "reason": letter.reason,
+                        "partition": letter.partition,
+                        "session": letter.session_id,
+                        "ageSeconds": letter.dead_lettered_at_ms.map(|at| (now - at) / 1000),
+                    })
+                );
+            }
+        }),
+        ["admin", "dead-letters", "replay", "--all"] => link
+            .replay_dead_letters(None)
+            .await
+            .map(|count| println!("{}", serde_json::json!({ "replayed": count }))),
+        ["admin", "dead-letters", "replay", id] => link
+            .replay_dead_letters(Some(id))
+            .await
+            .map(|count| println!("{}", serde_json::json!({ "replayed": count }))),
+        _ => {
+            eprintln!("{USAGE}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    link.close().await;
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("sessions-worker admin: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 async fn shutdown_signal() {

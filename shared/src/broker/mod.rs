@@ -502,6 +502,10 @@ impl BrokerLink {
             "x-sessions-partition".into(),
             AMQPValue::LongInt(i32::from(partition)),
         );
+        headers.insert(
+            "x-sessions-dead-lettered-at".into(),
+            AMQPValue::LongLongInt(chrono::Utc::now().timestamp_millis()),
+        );
         let properties = persistent(message_id).with_headers(headers);
         self.publish_confirmed(
             "",
@@ -558,6 +562,62 @@ impl BrokerLink {
         if let Some(live) = guard.take() {
             let _ = live.connection.close(200, "shutdown".into()).await;
         }
+    }
+
+    /// Every message in the dead-letter queue (they stay there). For operators.
+    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BrokerError> {
+        self.take_dead_letters(|_| false)
+            .await
+            .map(|(listed, _)| listed)
+    }
+
+    /// Re-publishes the dead letters whose message id is `id` (all of them with `None`) to their
+    /// partition and removes them from the dead-letter queue. Returns how many.
+    pub async fn replay_dead_letters(&self, id: Option<&str>) -> Result<usize, BrokerError> {
+        self.take_dead_letters(|letter| {
+            id.is_none_or(|id| letter.message_id.as_deref() == Some(id))
+        })
+        .await
+        .map(|(_, replayed)| replayed)
+    }
+
+    /// Reads the whole dead-letter queue on one channel; `replay` picks the ones to re-publish
+    /// and ack; closing the channel puts the others back.
+    async fn take_dead_letters(
+        &self,
+        replay: impl Fn(&DeadLetter) -> bool,
+    ) -> Result<(Vec<DeadLetter>, usize), BrokerError> {
+        if self.config.in_process.is_some() {
+            return Ok((Vec::new(), 0));
+        }
+        let live = self.live().await?;
+        let channel = live.connection.create_channel().await?;
+        let mut listed = Vec::new();
+        let mut replayed = 0;
+        while let Some(message) = channel
+            .basic_get(
+                self.config.names.dead_letter_queue().into(),
+                lapin::options::BasicGetOptions::default(),
+            )
+            .await?
+        {
+            let delivery = message.delivery;
+            let letter = DeadLetter::from_delivery(&delivery, self.config.names.partitions);
+            if replay(&letter) {
+                self.publish_commands(
+                    letter.partition,
+                    letter.message_id.as_deref().unwrap_or("replayed"),
+                    None,
+                    &delivery.data,
+                )
+                .await?;
+                delivery.ack(BasicAckOptions::default()).await?;
+                replayed += 1;
+            }
+            listed.push(letter);
+        }
+        let _ = channel.close(200, "dead letters read".into()).await;
+        Ok((listed, replayed))
     }
 
     /// Counts messages ready in the dead-letter queue. For tests and operators.
@@ -664,6 +724,62 @@ async fn start_notification_consumer(
         drop(channel);
     });
     Ok(())
+}
+
+/// A message of the dead-letter queue, as operators see it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub message_id: Option<String>,
+    /// Our reason (`x-sessions-dead-letter-reason`) or the broker's (`x-first-death-reason`,
+    /// e.g. `delivery_limit`).
+    pub reason: String,
+    pub partition: u16,
+    /// Internal id of the first command's session, if the payload decodes.
+    pub session_id: Option<String>,
+    /// When it was dead-lettered (epoch ms), if known.
+    pub dead_lettered_at_ms: Option<i64>,
+}
+
+impl DeadLetter {
+    fn from_delivery(delivery: &lapin::message::Delivery, partitions: u16) -> Self {
+        let headers = delivery.properties.headers().clone().unwrap_or_default();
+        let header = |name: &str| headers.inner().get(name).cloned();
+        let text = |value: Option<AMQPValue>| match value {
+            Some(AMQPValue::LongString(text)) => {
+                Some(String::from_utf8_lossy(text.as_bytes()).into_owned())
+            }
+            Some(AMQPValue::ShortString(text)) => Some(text.as_str().to_owned()),
+            _ => None,
+        };
+        let number = |value: Option<AMQPValue>| match value {
+            Some(AMQPValue::LongInt(n)) => Some(i64::from(n)),
+            Some(AMQPValue::LongLongInt(n)) => Some(n),
+            Some(AMQPValue::Timestamp(n)) => i64::try_from(n).ok().map(|seconds| seconds * 1000),
+            _ => None,
+        };
+        let envelope = crate::commands::Envelope::decode(&delivery.data).ok();
+        let session_id = envelope
+            .as_ref()
+            .and_then(|envelope| envelope.commands.first())
+            .map(|command| command.session_id);
+        let partition = number(header("x-sessions-partition"))
+            .and_then(|n| u16::try_from(n).ok())
+            .or_else(|| session_id.map(|id| crate::domain::partition::partition_of(id, partitions)))
+            .unwrap_or(0);
+        Self {
+            message_id: delivery
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|id| id.as_str().to_owned()),
+            reason: text(header("x-sessions-dead-letter-reason"))
+                .or_else(|| text(header("x-first-death-reason")))
+                .unwrap_or_else(|| "unknown".into()),
+            partition,
+            session_id: session_id.map(|id| id.to_string()),
+            dead_lettered_at_ms: number(header("x-sessions-dead-lettered-at")),
+        }
+    }
 }
 
 /// One command message taken from a partition queue, not yet acknowledged.
