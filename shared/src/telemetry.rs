@@ -39,12 +39,14 @@ pub fn prometheus() -> Option<PrometheusHandle> {
                 })
                 .ok()?;
             let handle = builder.install_recorder().ok()?;
+            metrics::gauge!("sessions_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
             let upkeep = handle.clone();
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(async move {
                     let mut interval = tokio::time::interval(Duration::from_secs(5));
                     loop {
                         interval.tick().await;
+                        record_process_metrics();
                         upkeep.run_upkeep();
                     }
                 });
@@ -52,4 +54,35 @@ pub fn prometheus() -> Option<PrometheusHandle> {
             Some(handle)
         })
         .clone()
+}
+
+/// Resident memory and CPU time of this process, from `/proc` (Linux; elsewhere nothing).
+fn record_process_metrics() {
+    // statm: sizes in pages; the second field is the resident set.
+    let page_size = 4096.0;
+    if let Some(resident_pages) =
+        std::fs::read_to_string("/proc/self/statm")
+            .ok()
+            .and_then(|statm| {
+                statm
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|n| n.parse::<f64>().ok())
+            })
+    {
+        metrics::gauge!("process_resident_memory_bytes").set(resident_pages * page_size);
+    }
+    // stat: utime and stime (fields 14 and 15) in clock ticks, after the parenthesised name.
+    if let Some(ticks) = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| {
+            let after_name = stat.rsplit_once(')')?.1;
+            let fields: Vec<&str> = after_name.split_whitespace().collect();
+            let user: f64 = fields.get(11)?.parse().ok()?;
+            let system: f64 = fields.get(12)?.parse().ok()?;
+            Some(user + system)
+        })
+    {
+        metrics::gauge!("process_cpu_seconds_total").set(ticks / 100.0);
+    }
 }

@@ -66,6 +66,14 @@ async fn the_worker_serves_health_readiness_and_metrics() {
         metrics.contains("sessions_worker_apply_seconds_bucket"),
         "histograms have buckets"
     );
+    for expected in [
+        "sessions_worker_command_lag_seconds_bucket",
+        "sessions_worker_partitions_consumed",
+        "sessions_build_info",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(metrics.contains(expected), "{expected} missing");
+    }
     worker.kill_9().await;
 
     // A worker whose broker is unreachable is alive but not ready, and says why.
@@ -201,5 +209,41 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed_to_their_partiti
     assert_eq!(remaining.len(), 1);
     assert_eq!(remaining[0]["messageId"], json!("poison-1"));
     link.close().await;
+    app.cleanup().await;
+}
+
+#[tokio::test]
+async fn api_metrics_use_route_templates_never_ids() {
+    let app = TestApp::spawn().await;
+    // The first scrape installs the recorder of this test process.
+    app.client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics");
+    let created = app.create_session("metered").await;
+    let friendly = created["id"].as_str().expect("id").to_owned();
+    app.client
+        .get(app.url(&format!("/api/v1/sessions/{friendly}")))
+        .bearer_auth(&app.secret_key)
+        .send()
+        .await
+        .expect("retrieve");
+    app.append("metered", "in", "x", None).await;
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(metrics.contains("sessions_api_requests_total{route=\"/api/v1/sessions/{session}\",method=\"GET\",status=\"200\"}"), "{metrics}");
+    assert!(metrics.contains("sessions_api_request_duration_seconds_bucket"));
+    assert!(metrics.contains("sessions_api_appends_accepted_total{io=\"in\"}"));
+    assert!(metrics.contains("sessions_api_publish_seconds_bucket"));
+    assert!(!metrics.contains(&friendly), "no ids in labels");
+    assert!(!metrics.contains("metered"), "no externalIds in labels");
     app.cleanup().await;
 }

@@ -84,6 +84,7 @@ pub async fn run(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool
             };
         delays = backon::BackoffBuilder::build(reconnect);
         tracing::info!(partitions = partitions.len(), "consuming partitions");
+        metrics::gauge!("sessions_worker_partitions_consumed").set(partitions.len() as f64);
         let end = consume_loop(&context, deliveries, &mut connection, &mut shutdown).await;
         connection.close().await;
         match end {
@@ -262,8 +263,24 @@ async fn apply_messages(context: &WorkerContext, messages: &[Decoded]) -> Result
         std::process::abort();
     }
 
+    let completed = outbox
+        .iter()
+        .filter(|event| event.routing_key == shared::domain::waitpoint::WAITPOINT_COMPLETED)
+        .count();
+    if completed > 0 {
+        metrics::counter!("sessions_worker_waitpoints_completed_total").increment(completed as u64);
+    }
     publish_outbox(context, outbox).await;
 
+    let applied_at = chrono::Utc::now();
+    for command in &commands {
+        let lag = (applied_at - command.accepted_at)
+            .num_microseconds()
+            .unwrap_or(0) as f64
+            / 1e6;
+        metrics::histogram!("sessions_worker_command_lag_seconds", "kind" => command.body.kind_name())
+            .record(lag.max(0.0));
+    }
     let new_records = NewRecords::from_outcomes(&commands, &outcomes);
     let mut offset = 0;
     for message in messages {

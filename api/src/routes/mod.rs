@@ -88,6 +88,7 @@ pub fn router(state: AppState) -> Router {
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(record_request))
         .layer(DefaultBodyLimit::max(max_json_bytes))
         .layer(cors())
         .with_state(state)
@@ -112,6 +113,35 @@ pub(crate) fn public_base_url(state: &AppState, headers: &axum::http::HeaderMap)
                 .unwrap_or("localhost")
         ),
     }
+}
+
+/// Requests by route template (never by id), method and status; durations; body sizes.
+async fn record_request(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    if let Some(length) = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<f64>().ok())
+    {
+        metrics::histogram!("sessions_api_request_body_bytes", "route" => route.clone())
+            .record(length);
+    }
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("sessions_api_requests_total", "route" => route.clone(), "method" => method, "status" => status)
+        .increment(1);
+    metrics::histogram!("sessions_api_request_duration_seconds", "route" => route)
+        .record(started.elapsed().as_secs_f64());
+    response
 }
 
 async fn not_found() -> ApiError {
