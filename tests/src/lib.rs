@@ -235,6 +235,16 @@ impl ChildWorker {
     pub async fn kill_9(mut self) {
         let _ = self.child.kill().await;
     }
+
+    /// SIGTERM, then waits for the exit status (graceful shutdown).
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+        self.child.wait().await.expect("worker exit status")
+    }
 }
 
 /// One record as the records route returns it.

@@ -247,3 +247,64 @@ async fn api_metrics_use_route_templates_never_ids() {
     assert!(!metrics.contains("metered"), "no externalIds in labels");
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigterm_finishes_the_batch_and_exits_cleanly_losing_nothing() {
+    let app = std::sync::Arc::new(
+        TestApp::spawn_with(tests::SpawnOptions {
+            without_worker: true,
+            ..tests::SpawnOptions::default()
+        })
+        .await,
+    );
+    let mut settings = app.settings.clone();
+    settings.worker_http_addr = format!("127.0.0.1:{}", free_port())
+        .parse()
+        .expect("address");
+    let worker = ChildWorker::spawn(&settings);
+    for s in 0..5 {
+        app.create_session(&format!("term-{s}")).await;
+    }
+    let mut producers = tokio::task::JoinSet::new();
+    for s in 0..5 {
+        let app = app.clone();
+        producers.spawn(async move {
+            for n in 0..60 {
+                let status = app
+                    .append(
+                        &format!("term-{s}"),
+                        "in",
+                        &format!("{n}"),
+                        Some(&format!("p{n}")),
+                    )
+                    .await
+                    .status();
+                assert_eq!(status, 200);
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let status = worker.terminate().await;
+    assert!(
+        status.success(),
+        "the worker exits 0 on SIGTERM, got {status}"
+    );
+    let mut settings = app.settings.clone();
+    settings.worker_http_addr = format!("127.0.0.1:{}", free_port())
+        .parse()
+        .expect("address");
+    let replacement = ChildWorker::spawn(&settings);
+    while let Some(result) = producers.join_next().await {
+        result.expect("producer");
+    }
+    for s in 0..5 {
+        let records = app
+            .wait_for_records(&format!("term-{s}"), "in", 60, Duration::from_secs(60))
+            .await;
+        let bodies: Vec<String> = records.iter().map(|r| r.data.clone()).collect();
+        assert_eq!(bodies, (0..60).map(|n| n.to_string()).collect::<Vec<_>>());
+    }
+    replacement.kill_9().await;
+    let app = std::sync::Arc::into_inner(app).expect("single owner");
+    app.cleanup().await;
+}
