@@ -279,6 +279,9 @@ pub struct SpawnOptions<'a> {
     pub overrides: &'a [(&'a str, &'a str)],
     /// AMQP URL of the api only (e.g. through a [`proxy::TcpProxy`]).
     pub api_amqp_url: Option<String>,
+    /// Postgres server URL of the api only, without the database name (e.g. through a
+    /// [`proxy::TcpProxy`]); the database name stays the test's own.
+    pub api_postgres_server: Option<String>,
     /// Do not start an in-process worker.
     pub without_worker: bool,
 }
@@ -296,6 +299,9 @@ impl TestApp {
         let mut api_settings = settings.clone();
         if let Some(url) = options.api_amqp_url {
             api_settings.amqp_url = url;
+        }
+        if let Some(server) = options.api_postgres_server {
+            api_settings.database_url = format!("{server}/sessions_{name}");
         }
         let application = api::Application::build(api_settings)
             .await

@@ -308,3 +308,54 @@ async fn sigterm_finishes_the_batch_and_exits_cleanly_losing_nothing() {
     let app = std::sync::Arc::into_inner(app).expect("single owner");
     app.cleanup().await;
 }
+
+async fn readiness(app: &TestApp) -> (u16, Value) {
+    let response = app
+        .client
+        .get(app.url("/readyz"))
+        .send()
+        .await
+        .expect("readyz");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+async fn readiness_becomes(app: &TestApp, status: u16) -> Value {
+    for _ in 0..100 {
+        let (now, body) = readiness(app).await;
+        if now == status {
+            return body;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("/readyz never answered {status}");
+}
+
+#[tokio::test]
+async fn api_readiness_names_a_lost_database_or_broker_and_recovers() {
+    let broker = tests::proxy::TcpProxy::start("127.0.0.1:5672".parse().expect("address")).await;
+    let database = tests::proxy::TcpProxy::start("127.0.0.1:5432".parse().expect("address")).await;
+    let app = TestApp::spawn_with(tests::SpawnOptions {
+        api_amqp_url: Some(format!(
+            "amqp://guest:guest@{}/%2f?heartbeat=5",
+            broker.address
+        )),
+        api_postgres_server: Some(format!("postgres://postgres@{}", database.address)),
+        ..tests::SpawnOptions::default()
+    })
+    .await;
+    assert_eq!(readiness(&app).await.0, 200);
+
+    broker.disable();
+    let body = readiness_becomes(&app, 503).await;
+    assert_eq!(body["failing"], json!(["broker"]));
+    broker.enable();
+    readiness_becomes(&app, 200).await;
+
+    database.disable();
+    let body = readiness_becomes(&app, 503).await;
+    assert_eq!(body["failing"], json!(["database"]));
+    database.enable();
+    readiness_becomes(&app, 200).await;
+    app.cleanup().await;
+}
