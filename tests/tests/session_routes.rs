@@ -528,3 +528,36 @@ async fn snapshot_urls_are_signed_per_session_method_and_expiry() {
     assert_eq!(other.status(), 403);
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn oversized_json_is_413_and_an_unapplied_command_is_504() {
+    let app = TestApp::spawn_with(tests::SpawnOptions {
+        overrides: &[("SESSIONS_REPLY_TIMEOUT_MS", "700")],
+        without_worker: true,
+        ..tests::SpawnOptions::default()
+    })
+    .await;
+    // Bodies over SESSIONS_MAX_JSON_BYTES (256 KiB by default) are refused before parsing.
+    let huge = json!({"type": "chat", "taskIdentifier": "a", "triggerConfig": {"basePayload": {"blob": "x".repeat(300 * 1024)}}});
+    let response = app.create_session_with(&app.secret_key, huge).await;
+    assert_eq!(response.status(), 413);
+    let body: Value = response.json().await.expect("a JSON error body");
+    assert!(body["error"].is_string());
+    // No worker: the command is queued but never applied, so the create times out with 504.
+    let response = app
+        .create_session_with(&app.secret_key, json!({"type": "chat", "externalId": "late", "taskIdentifier": "a", "triggerConfig": {"basePayload": {}}}))
+        .await;
+    assert_eq!(response.status(), 504);
+    let body: Value = response.json().await.expect("json");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|message| message.contains("retry"))
+    );
+    // A worker arrives: the queued create is applied; the retry is answered from it.
+    let worker = tests::InProcessWorker::spawn(app.settings.clone()).await;
+    let retried = app.create_session("late").await;
+    assert_eq!(retried["externalId"], json!("late"));
+    worker.stop().await;
+    app.cleanup().await;
+}

@@ -101,6 +101,28 @@ async fn openapi() -> impl axum::response::IntoResponse {
     )
 }
 
+/// A request body read within `SESSIONS_MAX_JSON_BYTES`, refused with our JSON errors (413 when
+/// too large) instead of axum's plain-text rejections.
+#[derive(Debug)]
+pub(crate) struct LimitedBody(pub axum::body::Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for LimitedBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        axum::body::Bytes::from_request(request, state)
+            .await
+            .map(LimitedBody)
+            .map_err(|rejection| {
+                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge("Request body is larger than the limit".into())
+                } else {
+                    ApiError::BadRequest(format!("Cannot read the request body: {rejection}"))
+                }
+            })
+    }
+}
+
 /// The api's external base URL: `SESSIONS_PUBLIC_URL`, else `http://<Host header>`.
 pub(crate) fn public_base_url(state: &AppState, headers: &axum::http::HeaderMap) -> String {
     match &state.settings.public_url {

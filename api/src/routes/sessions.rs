@@ -20,6 +20,7 @@ use shared::domain::{SessionAddress, validation};
 use shared::storage::{ListError, PageCursor, SessionListQuery, StatusFilter};
 use uuid::Uuid;
 
+use super::LimitedBody;
 use crate::AppState;
 use crate::auth::{Caller, SecretKeyCaller};
 use crate::error::ApiError;
@@ -117,7 +118,7 @@ fn created_response(
 pub async fn create(
     State(state): State<AppState>,
     caller: SecretKeyCaller,
-    body: Bytes,
+    LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
     let body: CreateSessionBody = parse_json(&body)?;
     validation::session_type(&body.session_type)?;
@@ -197,7 +198,7 @@ pub async fn close(
     State(state): State<AppState>,
     caller: Caller,
     path: Result<Path<String>, PathRejection>,
-    body: Bytes,
+    LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
     let address = session_address(path)?;
     let body: CloseSessionBody = if body.is_empty() {
@@ -255,7 +256,7 @@ pub async fn patch(
     State(state): State<AppState>,
     caller: Caller,
     path: Result<Path<String>, PathRejection>,
-    body: Bytes,
+    LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
     let address = session_address(path)?;
     let fields: serde_json::Map<String, Value> = parse_json(&body)?;
@@ -338,7 +339,7 @@ pub async fn end_and_continue(
     State(state): State<AppState>,
     caller: Caller,
     path: Result<Path<String>, PathRejection>,
-    body: Bytes,
+    LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
     let address = session_address(path)?;
     let body: EndAndContinueBody = parse_json(&body)?;

@@ -3,7 +3,6 @@
 //! `GET /api/v1/waitpoints/tokens/{waitpoint}` reads one.
 
 use axum::Json;
-use axum::body::Bytes;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
@@ -18,6 +17,7 @@ use shared::domain::waitpoint::{
 use shared::domain::{Io, SessionAddress, validation};
 use uuid::Uuid;
 
+use super::LimitedBody;
 use super::sessions::parse_json;
 use crate::AppState;
 use crate::auth::SecretKeyCaller;
@@ -63,7 +63,7 @@ pub async fn wait(
     State(state): State<AppState>,
     caller: SecretKeyCaller,
     path: Result<Path<String>, PathRejection>,
-    body: Bytes,
+    LimitedBody(body): LimitedBody,
 ) -> Result<Json<Value>, ApiError> {
     let Path(run_id) =
         path.map_err(|error| ApiError::BadRequest(format!("Invalid path: {error}")))?;
