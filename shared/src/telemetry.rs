@@ -86,3 +86,26 @@ fn record_process_metrics() {
         metrics::gauge!("process_cpu_seconds_total").set(ticks / 100.0);
     }
 }
+
+/// The readiness answer of a process from its dependency checks (`name`, reachable): HTTP status
+/// and body. 503 names every unreachable dependency.
+pub fn readiness(checks: &[(&'static str, bool)]) -> (u16, serde_json::Value) {
+    let failing: Vec<&str> = checks
+        .iter()
+        .filter(|(_, reachable)| !reachable)
+        .map(|(name, _)| *name)
+        .collect();
+    if failing.is_empty() {
+        (200, serde_json::json!({ "status": "ready" }))
+    } else {
+        (
+            503,
+            serde_json::json!({ "status": "unavailable", "failing": failing }),
+        )
+    }
+}
+
+/// The Prometheus text of this process (`None` if another recorder was installed first).
+pub fn render_metrics() -> Option<String> {
+    prometheus().map(|handle| handle.render())
+}

@@ -20,28 +20,21 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
         state.publisher.link().ping(),
         state.cache.ping()
     );
-    let failing: Vec<&str> = [
-        ("database", database.is_err()),
-        ("broker", broker.is_err()),
-        ("cache", cache.is_err()),
-    ]
-    .into_iter()
-    .filter_map(|(name, failed)| failed.then_some(name))
-    .collect();
-    if failing.is_empty() {
-        (StatusCode::OK, Json(json!({ "status": "ready" })))
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({ "status": "unavailable", "failing": failing })),
-        )
-    }
+    let (status, body) = shared::telemetry::readiness(&[
+        ("database", database.is_ok()),
+        ("broker", broker.is_ok()),
+        ("cache", cache.is_ok()),
+    ]);
+    (
+        StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+        Json(body),
+    )
 }
 
 /// Prometheus text format.
 pub async fn metrics() -> impl IntoResponse {
-    match shared::telemetry::prometheus() {
-        Some(handle) => (StatusCode::OK, handle.render()),
+    match shared::telemetry::render_metrics() {
+        Some(text) => (StatusCode::OK, text),
         None => (StatusCode::SERVICE_UNAVAILABLE, String::new()),
     }
 }

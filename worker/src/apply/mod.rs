@@ -20,7 +20,7 @@ use shared::commands::{
 };
 use shared::domain::Io;
 use shared::domain::dedup::{DedupKey, body_fingerprint};
-use shared::domain::session::{SessionState, session_state};
+use shared::domain::session::{SessionItem, SessionState, session_state};
 use shared::domain::waitpoint::{
     STATUS_COMPLETED, STATUS_TIMED_OUT, STATUS_WAITING, WAITPOINT_COMPLETED, WAITPOINT_TIMED_OUT,
     WaitpointEvent, timeout_output,
@@ -324,6 +324,14 @@ impl Planner {
         }
     }
 
+    /// The wire form of the command's session as the batch has it now.
+    fn current_item(&self, command: &Command) -> Option<Box<SessionItem>> {
+        let session = self.state.sessions.get(&command.session_id)?;
+        Some(Box::new(
+            session.to_item(self.current_run_friendly_id(session)),
+        ))
+    }
+
     fn current_run_friendly_id(&self, session: &SessionRow) -> Option<String> {
         session
             .current_run_id
@@ -410,12 +418,9 @@ impl Planner {
             let id = session.id;
             self.updated_sessions.insert(id);
         }
-        let Some(session) = self.state.sessions.get(&command.session_id) else {
-            return Outcome::SessionNotFound;
-        };
-        let run = self.current_run_friendly_id(session);
-        Outcome::SessionClosedNow {
-            session: Box::new(session.to_item(run)),
+        match self.current_item(command) {
+            Some(session) => Outcome::SessionClosedNow { session },
+            None => Outcome::SessionNotFound,
         }
     }
 
@@ -444,12 +449,9 @@ impl Planner {
             let id = session.id;
             self.updated_sessions.insert(id);
         }
-        let Some(session) = self.state.sessions.get(&command.session_id) else {
-            return Outcome::SessionNotFound;
-        };
-        let run = self.current_run_friendly_id(session);
-        Outcome::SessionUpdated {
-            session: Box::new(session.to_item(run)),
+        match self.current_item(command) {
+            Some(session) => Outcome::SessionUpdated { session },
+            None => Outcome::SessionNotFound,
         }
     }
 
