@@ -112,6 +112,26 @@ impl Planner {
         }
     }
 
+    /// The command's session, if it exists in the command's environment.
+    fn session(&self, command: &Command) -> Option<&SessionRow> {
+        self.state
+            .sessions
+            .get(&command.session_id)
+            .filter(|session| session.environment_id == command.environment_id)
+    }
+
+    /// The command's session if it accepts writes at the command's acceptance time, else the
+    /// rejection. Expiry is judged by the time the command was accepted (SPEC §5); a close is
+    /// ordered with the other commands on the partition, so one applied earlier rejects this.
+    fn open_session(&self, command: &Command) -> Result<&SessionRow, Outcome> {
+        let session = self.session(command).ok_or(Outcome::SessionNotFound)?;
+        match session_state(session.closed_at, session.expires_at, command.accepted_at) {
+            SessionState::Closed => Err(Outcome::SessionClosed),
+            SessionState::Expired => Err(Outcome::SessionExpired),
+            SessionState::Open => Ok(session),
+        }
+    }
+
     fn session_mut(&mut self, command: &Command) -> Option<&mut SessionRow> {
         self.state
             .sessions
@@ -124,20 +144,8 @@ impl Planner {
             return Outcome::Appended { seq_num: *seq_num };
         }
         let now = self.state.now;
-        let Some(session) = self
-            .state
-            .sessions
-            .get(&command.session_id)
-            .filter(|session| session.environment_id == command.environment_id)
-        else {
-            return Outcome::SessionNotFound;
-        };
-        // Expiry is judged by the time the command was accepted (SPEC §5); closing is ordered
-        // with the appends on the partition, so a close applied earlier rejects this append.
-        match session_state(session.closed_at, session.expires_at, command.accepted_at) {
-            SessionState::Closed => return Outcome::SessionClosed,
-            SessionState::Expired => return Outcome::SessionExpired,
-            SessionState::Open => {}
+        if let Err(rejected) = self.open_session(command) {
+            return rejected;
         }
         let fingerprint = body_fingerprint(&append.body);
         let key = append.part_id.as_ref().map(|part_id| DedupKey {
@@ -239,12 +247,7 @@ impl Planner {
                 cached: true,
             };
         }
-        let Some(session) = self
-            .state
-            .sessions
-            .get(&command.session_id)
-            .filter(|session| session.environment_id == command.environment_id)
-        else {
+        let Some(session) = self.session(command) else {
             return Outcome::SessionNotFound;
         };
         let next_seq = match register.io {
@@ -457,19 +460,10 @@ impl Planner {
 
     fn end_and_continue(&mut self, command: &Command, end: &EndAndContinueCommand) -> Outcome {
         let now = self.state.now;
-        let Some(session) = self
-            .state
-            .sessions
-            .get(&command.session_id)
-            .filter(|session| session.environment_id == command.environment_id)
-        else {
-            return Outcome::SessionNotFound;
+        let session = match self.open_session(command) {
+            Ok(session) => session,
+            Err(rejected) => return rejected,
         };
-        match session_state(session.closed_at, session.expires_at, command.accepted_at) {
-            SessionState::Closed => return Outcome::SessionClosed,
-            SessionState::Expired => return Outcome::SessionExpired,
-            SessionState::Open => {}
-        }
         let is_current =
             end.calling_run_id.is_some() && end.calling_run_id == session.current_run_id;
         if !is_current {
