@@ -56,6 +56,17 @@ pub struct Settings {
     /// `SESSIONS_RETRY_BUDGET_MS`: how long the worker retries a transient failure while holding
     /// a delivery, before it gives the partition back.
     pub retry_budget: Duration,
+    /// `WORKER_INDEX`: this worker's place among `WORKER_COUNT` workers; its home partitions
+    /// are those with `p % WORKER_COUNT == WORKER_INDEX`.
+    pub worker_index: u16,
+    /// `WORKER_COUNT`: how many workers share the partitions (1: every partition is home).
+    pub worker_count: u16,
+    /// `SESSIONS_WORKER_STANDBY_DELAY_MS`: how long after connecting a worker subscribes the
+    /// non-home partitions as standby (and re-subscribes one it handed back).
+    pub worker_standby_delay: Duration,
+    /// `SESSIONS_WORKER_HAND_BACK_AFTER_MS`: how long a worker stays active on another
+    /// worker's home partition before handing it back (only while that worker is present).
+    pub worker_hand_back_after: Duration,
     /// `SESSIONS_DB_MAX_CONNECTIONS`.
     pub db_max_connections: u32,
     /// `SESSIONS_JWT_ISSUER`.
@@ -180,6 +191,21 @@ impl Settings {
     /// Reads variables through `lookup` (the environment, or a map in tests).
     pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
         let get = |name: &str| lookup(name).filter(|value| !value.trim().is_empty());
+        let worker_count = in_range(
+            "WORKER_COUNT",
+            parse("WORKER_COUNT", get("WORKER_COUNT"), 1)?,
+            1,
+            1024,
+        )?;
+        let worker_index: u16 = parse("WORKER_INDEX", get("WORKER_INDEX"), 0)?;
+        if worker_index >= worker_count {
+            return Err(ConfigError {
+                variable: "WORKER_INDEX",
+                message: format!(
+                    "{worker_index} must be below WORKER_COUNT ({worker_count}): workers are numbered from 0"
+                ),
+            });
+        }
         Ok(Self {
             database_url: url_with_scheme(
                 "DATABASE_URL",
@@ -302,6 +328,18 @@ impl Settings {
                 get("SESSIONS_RETRY_BUDGET_MS"),
                 60_000,
             )?,
+            worker_index,
+            worker_count,
+            worker_standby_delay: millis(
+                "SESSIONS_WORKER_STANDBY_DELAY_MS",
+                get("SESSIONS_WORKER_STANDBY_DELAY_MS"),
+                5_000,
+            )?,
+            worker_hand_back_after: millis(
+                "SESSIONS_WORKER_HAND_BACK_AFTER_MS",
+                get("SESSIONS_WORKER_HAND_BACK_AFTER_MS"),
+                10_000,
+            )?,
             db_max_connections: in_range(
                 "SESSIONS_DB_MAX_CONNECTIONS",
                 parse(
@@ -367,6 +405,10 @@ mod tests {
         assert_eq!(error.variable, "SESSIONS_HTTP_ADDR");
         let error = settings(&[("SESSIONS_MASTER_KEY", "abcd")]).expect_err("bad");
         assert_eq!(error.variable, "SESSIONS_MASTER_KEY");
+        let error = settings(&[("WORKER_COUNT", "3"), ("WORKER_INDEX", "3")]).expect_err("bad");
+        assert_eq!(error.variable, "WORKER_INDEX");
+        let error = settings(&[("WORKER_COUNT", "0")]).expect_err("bad");
+        assert_eq!(error.variable, "WORKER_COUNT");
         let error = settings(&[("SESSIONS_BROKER_PREFIX", "a b")]).expect_err("bad");
         assert_eq!(error.variable, "SESSIONS_BROKER_PREFIX");
     }

@@ -89,6 +89,18 @@ pub fn settings_env(settings: &Settings) -> Vec<(&'static str, String)> {
             settings.confirm_timeout.as_millis().to_string(),
         ),
     ];
+    env.extend([
+        ("WORKER_INDEX", settings.worker_index.to_string()),
+        ("WORKER_COUNT", settings.worker_count.to_string()),
+        (
+            "SESSIONS_WORKER_STANDBY_DELAY_MS",
+            settings.worker_standby_delay.as_millis().to_string(),
+        ),
+        (
+            "SESSIONS_WORKER_HAND_BACK_AFTER_MS",
+            settings.worker_hand_back_after.as_millis().to_string(),
+        ),
+    ]);
     if let Some(failpoint) = &settings.test_failpoint {
         env.push(("SESSIONS_TEST_FAILPOINT", failpoint.clone()));
     }

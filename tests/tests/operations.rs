@@ -68,7 +68,7 @@ async fn the_worker_serves_health_readiness_and_metrics() {
     );
     for expected in [
         "sessions_worker_command_lag_seconds_bucket",
-        "sessions_worker_partitions_consumed",
+        "sessions_worker_partitions_subscribed",
         "sessions_build_info",
         "process_resident_memory_bytes",
     ] {

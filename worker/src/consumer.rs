@@ -6,15 +6,21 @@
 //! Per-session order holds because a session lives on one partition and a message keeps its
 //! commands in acceptance order.
 //!
+//! Which partitions this worker subscribes, and when it hands one back, is decided in
+//! [`crate::assignment`]; this loop acts on it between batches.
+//!
 //! A supervisor loop rebuilds the connection and consumers after any failure. Transient apply
 //! failures are retried with backoff while the deliveries are held; past the retry budget the
 //! connection is closed (the messages return to the head of their queues) and the worker pauses.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
-use shared::broker::{BrokerConfig, BrokerLink, InProcessBroker, Incoming, consume_partitions};
+use shared::broker::{
+    BrokerConfig, BrokerLink, InProcessBroker, Incoming, PartitionConsumers, WorkerPresence,
+};
 use shared::cache::Cache;
 use shared::commands::{Command, CommandBody, Envelope, NewRecords, Outcome, Reply};
 use shared::config::Settings;
@@ -23,6 +29,7 @@ use shared::storage::{OutboxEventRow, StorageError, Store};
 use tokio::sync::{mpsc, watch};
 
 use crate::apply::plan_batch;
+use crate::assignment::PartitionAssignment;
 use crate::outcome::{MessageResult, settle};
 
 /// Why the consume loop returned.
@@ -59,7 +66,6 @@ pub async fn run(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool
         format!("{}-consumer", context.instance),
         context.in_process.clone(),
     );
-    let partitions: Vec<u16> = (0..context.settings.partitions).collect();
     let reconnect = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
         .with_max_delay(Duration::from_secs(5))
@@ -68,25 +74,31 @@ pub async fn run(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool
     let mut delays = backon::BackoffBuilder::build(reconnect);
     while !*shutdown.borrow() {
         let (sink, deliveries) = mpsc::channel(usize::from(context.settings.partitions) * 2);
-        let mut connection =
-            match consume_partitions(&config, &partitions, &context.instance, sink).await {
-                Ok(connection) => connection,
-                Err(error) => {
-                    let delay = delays.next().unwrap_or(Duration::from_secs(5));
-                    tracing::warn!(%error, ?delay, "cannot consume partitions yet");
-                    metrics::counter!("sessions_worker_reconnects_total").increment(1);
-                    tokio::select! {
-                        _ = tokio::time::sleep(delay) => {}
-                        _ = shutdown.changed() => {}
-                    }
-                    continue;
+        let mut assignment = PartitionAssignment::new(&context.settings, Instant::now());
+        let mut consumers = match connect_home(&context, &config, sink, &mut assignment).await {
+            Ok(consumers) => consumers,
+            Err(error) => {
+                let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(%error, ?delay, "cannot consume partitions yet");
+                metrics::counter!("sessions_worker_reconnects_total").increment(1);
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.changed() => {}
                 }
-            };
+                continue;
+            }
+        };
         delays = backon::BackoffBuilder::build(reconnect);
-        tracing::info!(partitions = partitions.len(), "consuming partitions");
-        metrics::gauge!("sessions_worker_partitions_consumed").set(partitions.len() as f64);
-        let end = consume_loop(&context, deliveries, &mut connection, &mut shutdown).await;
-        connection.close().await;
+        let end = consume_loop(
+            &context,
+            deliveries,
+            &mut consumers,
+            &mut assignment,
+            &mut shutdown,
+        )
+        .await;
+        consumers.close().await;
+        PartitionAssignment::clear_gauges();
         match end {
             LoopEnd::Shutdown => break,
             LoopEnd::ConnectionBroken => {
@@ -104,16 +116,63 @@ pub async fn run(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool
     tracing::info!("worker stopped consuming");
 }
 
+/// Connects, subscribes the home partitions, then announces this worker's presence (the other
+/// workers hand its partitions back only once it is present).
+async fn connect_home(
+    context: &WorkerContext,
+    config: &BrokerConfig,
+    sink: mpsc::Sender<Incoming>,
+    assignment: &mut PartitionAssignment,
+) -> Result<PartitionConsumers, shared::broker::BrokerError> {
+    let mut consumers = PartitionConsumers::connect(config, &context.instance, sink).await?;
+    for partition in assignment.home_partitions() {
+        consumers.subscribe(partition).await?;
+        assignment.subscribed(partition);
+    }
+    if assignment.is_shared()
+        && !consumers
+            .announce_presence(assignment.worker_index())
+            .await?
+    {
+        tracing::error!(
+            worker_index = assignment.worker_index(),
+            "another connected worker has the same WORKER_INDEX; partitions are still applied \
+             correctly, but not balanced: give every worker its own index"
+        );
+    }
+    tracing::info!(
+        worker_index = assignment.worker_index(),
+        home_partitions = assignment.home_partitions().len(),
+        "consuming home partitions; the others follow as standby"
+    );
+    assignment.record_gauges();
+    Ok(consumers)
+}
+
+/// How often the loop looks at standby subscriptions and hand-backs when no message arrives.
+const ASSIGNMENT_TICK: Duration = Duration::from_millis(500);
+
 async fn consume_loop(
     context: &WorkerContext,
     mut deliveries: mpsc::Receiver<Incoming>,
-    connection: &mut shared::broker::ConsumerConnection,
+    consumers: &mut PartitionConsumers,
+    assignment: &mut PartitionAssignment,
     shutdown: &mut watch::Receiver<bool>,
 ) -> LoopEnd {
+    let mut tick = tokio::time::interval(ASSIGNMENT_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let first = tokio::select! {
             _ = shutdown.changed() => return LoopEnd::Shutdown,
-            _ = connection.broken() => return LoopEnd::ConnectionBroken,
+            _ = consumers.broken() => return LoopEnd::ConnectionBroken,
+            _ = tick.tick() => {
+                // Between batches: nothing of this worker is in flight.
+                if let Err(error) = rebalance(consumers, assignment).await {
+                    tracing::warn!(%error, "partition subscription failed; reconnecting");
+                    return LoopEnd::ConnectionBroken;
+                }
+                continue;
+            }
             first = deliveries.recv() => match first {
                 Some(first) => first,
                 None => return LoopEnd::ConnectionBroken,
@@ -126,6 +185,16 @@ async fn consume_loop(
                 Err(_) => break,
             }
         }
+        // A delivery of a handed-back channel went back to its queue; its new consumer applies
+        // it in order. Never apply or ack the stale copy.
+        batch.retain(|incoming| consumers.is_current(incoming));
+        if batch.is_empty() {
+            continue;
+        }
+        let now = Instant::now();
+        for incoming in &batch {
+            assignment.delivered(incoming.partition, now);
+        }
         if let Err(BudgetExhausted) = process_batch(context, batch).await {
             return LoopEnd::RetryBudgetExhausted;
         }
@@ -133,6 +202,50 @@ async fn consume_loop(
             return LoopEnd::Shutdown;
         }
     }
+}
+
+/// Subscribes due standby partitions and hands back other workers' partitions whose home worker
+/// is present. Runs between batches only.
+async fn rebalance(
+    consumers: &mut PartitionConsumers,
+    assignment: &mut PartitionAssignment,
+) -> Result<(), shared::broker::BrokerError> {
+    if !assignment.is_shared() {
+        return Ok(());
+    }
+    let now = Instant::now();
+    let mut presence: HashMap<u16, WorkerPresence> = HashMap::new();
+    for partition in assignment.hand_back_candidates(now) {
+        let home = assignment.home_of(partition);
+        let present = match presence.get(&home) {
+            Some(known) => *known,
+            None => {
+                let asked = consumers.presence_of(home).await;
+                presence.insert(home, asked);
+                asked
+            }
+        };
+        if present == WorkerPresence::Present {
+            consumers.hand_back(partition).await;
+            assignment.handed_back(partition, now);
+            metrics::counter!("sessions_worker_partition_hand_backs_total").increment(1);
+            tracing::info!(
+                partition,
+                home_worker = home,
+                "handed a partition back to its home worker"
+            );
+        }
+    }
+    let due = assignment.due_standby_subscriptions(now);
+    for &partition in &due {
+        consumers.subscribe(partition).await?;
+        assignment.subscribed(partition);
+    }
+    if !due.is_empty() {
+        tracing::debug!(partitions = due.len(), "subscribed standby partitions");
+    }
+    assignment.record_gauges();
+    Ok(())
 }
 
 struct BudgetExhausted;

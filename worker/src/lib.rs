@@ -2,6 +2,7 @@
 //!
 //! - [`consumer`]: partitions, micro-batching, the supervisor that rebuilds connections.
 //! - [`apply`]: THE apply logic, pure: command kind → writes and outcome.
+//! - [`assignment`]: home and standby partitions, hand-backs (bookkeeping, no IO).
 //! - [`outcome`]: the one function that acks, dead-letters or hands back a message.
 //! - [`timeouts`]: the waitpoint timer.
 //! - [`health`]: the worker's `/healthz`, `/readyz` and `/metrics` listener.
@@ -11,6 +12,7 @@
 //! then finishes its current batch before returning.
 
 pub mod apply;
+pub mod assignment;
 pub mod consumer;
 pub mod health;
 pub mod outcome;

@@ -181,7 +181,8 @@ async fn dispatch(
                 message_id: message.message_id.clone(),
                 reply_to: message.reply_to.clone(),
                 redelivered,
-                delivery: super::Acker::InProcess(Mutex::new(Some(ack))),
+                subscription: 0,
+                delivery: super::partition_consumers::Acker::InProcess(Mutex::new(Some(ack))),
             };
             if sink.send(incoming).await.is_ok() && acked.await.is_ok() {
                 let _ = message.confirm.send(Ok(()));

@@ -4,8 +4,10 @@
 //! - [`BrokerLink`]: a connection that is rebuilt on demand, with a confirm-mode channel for
 //!   publishing commands, events, replies and dead letters (each publish awaits its confirm
 //!   under a timeout), and an optional reply queue whose messages are forwarded to a channel.
-//! - [`consume_partitions`]: one channel per partition, prefetch 1, deliveries forwarded as
-//!   [`Incoming`] values that the worker acks or dead-letters.
+//! - [`PartitionConsumers`]: a worker's consumer connection: one channel per subscribed
+//!   partition, prefetch 1, deliveries forwarded as [`Incoming`] values that the worker acks or
+//!   dead-letters; partitions are subscribed and handed back one by one; the worker's presence
+//!   queue tells other workers that its home partitions are covered.
 //!
 //! Topology (declared idempotently by every process at connect): a direct exchange
 //! `<prefix>.commands` routing to `P` quorum queues `<prefix>.p<NNN>` (single active consumer,
@@ -17,16 +19,18 @@ use std::time::Duration;
 
 use futures_lite::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
+    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::{Mutex, mpsc};
 
 mod in_process;
+mod partition_consumers;
 pub use in_process::InProcessBroker;
+pub use partition_consumers::{Incoming, PartitionConsumers, WorkerPresence};
 
 /// Names of everything a deployment declares on the broker.
 #[derive(Clone, Debug)]
@@ -50,6 +54,11 @@ impl BrokerNames {
     }
     pub fn reply_queue(&self, instance: &str) -> String {
         format!("{}.reply.{instance}", self.prefix)
+    }
+    /// Exclusive queue that exists while worker `index`'s consumer connection lives: how the
+    /// other workers learn that its home partitions are covered.
+    pub fn worker_presence_queue(&self, worker_index: u16) -> String {
+        format!("{}.worker{worker_index}.present", self.prefix)
     }
     /// Fanout exchange of "new records" notifications from workers to api instances.
     pub fn notify_exchange(&self) -> String {
@@ -778,167 +787,6 @@ impl DeadLetter {
             partition,
             session_id: session_id.map(|id| id.to_string()),
             dead_lettered_at_ms: number(header("x-sessions-dead-lettered-at")),
-        }
-    }
-}
-
-/// One command message taken from a partition queue, not yet acknowledged.
-pub struct Incoming {
-    pub partition: u16,
-    pub payload: Vec<u8>,
-    pub message_id: Option<String>,
-    pub reply_to: Option<String>,
-    pub redelivered: bool,
-    delivery: Acker,
-}
-
-/// How an [`Incoming`] is acknowledged.
-enum Acker {
-    Amqp(Box<lapin::message::Delivery>),
-    InProcess(std::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>),
-}
-
-impl std::fmt::Debug for Incoming {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Incoming")
-            .field("partition", &self.partition)
-            .field("message_id", &self.message_id)
-            .field("redelivered", &self.redelivered)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Incoming {
-    /// Acknowledges the message: it will not be delivered again.
-    pub async fn ack(&self) -> Result<(), BrokerError> {
-        match &self.delivery {
-            Acker::Amqp(delivery) => {
-                delivery.ack(BasicAckOptions::default()).await?;
-            }
-            Acker::InProcess(ack) => {
-                let sender = ack
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .take();
-                if let Some(sender) = sender {
-                    let _ = sender.send(());
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Opens one channel per partition with prefetch 1 and forwards deliveries to `sink` until the
-/// connection breaks. Returns the connection so that the caller can watch or close it.
-pub async fn consume_partitions(
-    config: &BrokerConfig,
-    partitions: &[u16],
-    consumer_name: &str,
-    sink: mpsc::Sender<Incoming>,
-) -> Result<ConsumerConnection, BrokerError> {
-    if let Some(broker) = &config.in_process {
-        broker.attach_consumer(sink);
-        return Ok(ConsumerConnection {
-            connection: None,
-            in_process: Some(broker.clone()),
-            broken: mpsc::channel(1).1,
-        });
-    }
-    let connection = connect(config).await?;
-    let setup = connection.create_channel().await?;
-    declare_topology(&setup, config).await?;
-    let _ = setup.close(200, "topology declared".into()).await;
-    let (broken_tx, broken_rx) = mpsc::channel::<()>(1);
-    for &partition in partitions {
-        let channel = connection.create_channel().await?;
-        // Strict order on quorum queues needs prefetch 1 (DESIGN §2).
-        channel.basic_qos(1, BasicQosOptions::default()).await?;
-        let queue = config.names.partition_queue(partition);
-        let tag = ShortString::try_new(format!("{consumer_name}.{queue}"))
-            .unwrap_or_else(|_| ShortString::from(""));
-        let mut consumer = channel
-            .basic_consume(
-                queue.as_str().into(),
-                tag,
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        let sink = sink.clone();
-        let broken = broken_tx.clone();
-        tokio::spawn(async move {
-            loop {
-                match consumer.next().await {
-                    Some(Ok(delivery)) => {
-                        let incoming = Incoming {
-                            partition,
-                            message_id: delivery
-                                .properties
-                                .message_id()
-                                .as_ref()
-                                .map(|id| id.as_str().to_owned()),
-                            reply_to: delivery
-                                .properties
-                                .reply_to()
-                                .as_ref()
-                                .map(|queue| queue.as_str().to_owned()),
-                            redelivered: delivery.redelivered,
-                            payload: delivery.data.clone(),
-                            delivery: Acker::Amqp(Box::new(delivery)),
-                        };
-                        if sink.send(incoming).await.is_err() {
-                            break;
-                        }
-                    }
-                    Some(Err(error)) => {
-                        tracing::warn!(partition, %error, "partition consumer failed");
-                        break;
-                    }
-                    None => break,
-                }
-            }
-            let _ = broken.try_send(());
-            drop(channel);
-        });
-    }
-    Ok(ConsumerConnection {
-        connection: Some(connection),
-        in_process: None,
-        broken: broken_rx,
-    })
-}
-
-/// The connection of a set of partition consumers.
-pub struct ConsumerConnection {
-    connection: Option<Connection>,
-    in_process: Option<Arc<InProcessBroker>>,
-    broken: mpsc::Receiver<()>,
-}
-
-impl std::fmt::Debug for ConsumerConnection {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConsumerConnection").finish_non_exhaustive()
-    }
-}
-
-impl ConsumerConnection {
-    /// Resolves when any partition consumer stopped (the connection or a channel broke).
-    pub async fn broken(&mut self) {
-        if self.in_process.is_some() {
-            // An in-process consumer only ends when it is closed.
-            return std::future::pending().await;
-        }
-        let _ = self.broken.recv().await;
-    }
-
-    /// Closes every channel; unacknowledged messages go back to their queues in order.
-    pub async fn close(&self) {
-        if let Some(broker) = &self.in_process {
-            broker.detach_consumer();
-        }
-        if let Some(connection) = &self.connection {
-            let _ = connection.close(200, "worker closing".into()).await;
         }
     }
 }

@@ -22,6 +22,13 @@ pub fn partition_of(session_id: Uuid, partition_count: u16) -> u16 {
     u16::try_from(fnv1a_64(session_id.as_bytes()) % count).unwrap_or(0)
 }
 
+/// The worker whose home `partition` is, among `worker_count` workers (DESIGN §2: home
+/// partitions are `p % WORKER_COUNT == WORKER_INDEX`). Assignment is about balance only: any
+/// worker may consume any partition, order and deduplication never depend on who does.
+pub fn home_worker_of(partition: u16, worker_count: u16) -> u16 {
+    partition % worker_count.max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -40,5 +47,20 @@ mod tests {
         assert!(first < 64);
         assert_eq!(first, partition_of(id, 64));
         assert_eq!(partition_of(id, 1), 0);
+    }
+
+    #[test]
+    fn home_partitions_spread_evenly_and_cover_everything() {
+        let mut per_worker = [0u16; 3];
+        for partition in 0..64 {
+            per_worker[usize::from(home_worker_of(partition, 3))] += 1;
+        }
+        assert_eq!(per_worker, [22, 21, 21]);
+        assert!((0..64).all(|partition| home_worker_of(partition, 1) == 0));
+        assert_eq!(
+            home_worker_of(5, 0),
+            0,
+            "a zero count is treated as one worker"
+        );
     }
 }
