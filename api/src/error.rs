@@ -85,11 +85,11 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
         if status.is_server_error() {
-            tracing::warn!(error = %self, %status, "request failed");
-            if let ApiError::Broker(error) = &self {
-                metrics::counter!("sessions_api_publish_failures_total", "reason" => error.reason())
-                    .increment(1);
-            }
+            let publish_failure = match &self {
+                ApiError::Broker(error) => Some(error.reason()),
+                _ => None,
+            };
+            crate::signals::request_failed(&self, status.as_u16(), publish_failure);
         }
         (
             status,

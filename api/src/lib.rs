@@ -6,6 +6,7 @@
 //! - [`error`]: THE mapping from failures to statuses and JSON bodies.
 //! - [`publisher`]: group commit to the partition queues, confirms, replies.
 //! - [`embedded`]: the single-process default (api + worker, SQLite, in-process broker).
+//! - [`signals`]: every instrumentation point (log line and metric together).
 //!
 //! [`Application::build`] binds the listener (port 0 works, for tests) and connects the
 //! database; the broker connects lazily and reconnects on demand, so the api starts (and
@@ -17,6 +18,7 @@ pub mod error;
 pub mod live;
 pub mod publisher;
 pub mod routes;
+pub mod signals;
 
 use std::future::Future;
 use std::net::SocketAddr;

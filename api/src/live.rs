@@ -82,7 +82,7 @@ impl Hub {
             sender,
         });
         feeds.insert(key, feed.clone());
-        metrics::gauge!("sessions_api_live_feeds").set(feeds.len() as f64);
+        crate::signals::live_feeds(feeds.len());
         tokio::spawn(run_feed(self.clone(), key, feed));
         receiver
     }
@@ -104,7 +104,7 @@ impl Hub {
         let mut feeds = self.lock();
         if feed.sender.receiver_count() == 0 {
             feeds.remove(key);
-            metrics::gauge!("sessions_api_live_feeds").set(feeds.len() as f64);
+            crate::signals::live_feeds(feeds.len());
             true
         } else {
             false

@@ -189,8 +189,14 @@ async fn publish_partition(
                 reason: error.reason(),
                 message: error.to_string(),
             });
-        metrics::histogram!("sessions_api_publish_seconds").record(started.elapsed().as_secs_f64());
-        metrics::histogram!("sessions_api_publish_batch_size").record(count as f64);
+        crate::signals::batch_published(
+            count,
+            started.elapsed(),
+            result
+                .as_ref()
+                .err()
+                .map(|failure| failure.message.as_str()),
+        );
         for done in done {
             let _ = done.send(result.clone());
         }

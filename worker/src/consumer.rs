@@ -31,6 +31,7 @@ use tokio::sync::{mpsc, watch};
 use crate::apply::plan_batch;
 use crate::assignment::PartitionAssignment;
 use crate::outcome::{MessageResult, settle};
+use crate::signals;
 
 /// Why the consume loop returned.
 enum LoopEnd {
@@ -79,8 +80,7 @@ pub async fn run(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool
             Ok(consumers) => consumers,
             Err(error) => {
                 let delay = delays.next().unwrap_or(Duration::from_secs(5));
-                tracing::warn!(%error, ?delay, "cannot consume partitions yet");
-                metrics::counter!("sessions_worker_reconnects_total").increment(1);
+                signals::reconnecting(&error, delay);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.changed() => {}
@@ -102,8 +102,9 @@ pub async fn run(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool
         match end {
             LoopEnd::Shutdown => break,
             LoopEnd::ConnectionBroken => {
-                metrics::counter!("sessions_worker_reconnects_total").increment(1);
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                let delay = Duration::from_millis(200);
+                signals::reconnecting(&"a partition consumer stopped", delay);
+                tokio::time::sleep(delay).await;
             }
             LoopEnd::RetryBudgetExhausted => {
                 tokio::select! {
@@ -228,12 +229,7 @@ async fn rebalance(
         if present == WorkerPresence::Present {
             consumers.hand_back(partition).await;
             assignment.handed_back(partition, now);
-            metrics::counter!("sessions_worker_partition_hand_backs_total").increment(1);
-            tracing::info!(
-                partition,
-                home_worker = home,
-                "handed a partition back to its home worker"
-            );
+            signals::partition_handed_back(partition, home);
         }
     }
     let due = assignment.due_standby_subscriptions(now);
@@ -260,7 +256,7 @@ async fn process_batch(
     context: &WorkerContext,
     batch: Vec<Incoming>,
 ) -> Result<(), BudgetExhausted> {
-    metrics::histogram!("sessions_worker_batch_size").record(batch.len() as f64);
+    signals::batch_taken(batch.len());
     let mut decoded = Vec::with_capacity(batch.len());
     for incoming in batch {
         match Envelope::decode(&incoming.payload) {
@@ -353,10 +349,7 @@ async fn apply_messages(context: &WorkerContext, messages: &[Decoded]) -> Result
     })
     .retry(policy)
     .when(StorageError::is_transient)
-    .notify(|error, delay| {
-        metrics::counter!("sessions_worker_apply_retries_total").increment(1);
-        tracing::warn!(%error, ?delay, "apply failed; retrying while holding the deliveries");
-    })
+    .notify(|error, delay| signals::apply_retrying(error, delay))
     .await;
     release_claims(context, &claims).await;
     let (outcomes, outbox) = match applied {
@@ -364,7 +357,7 @@ async fn apply_messages(context: &WorkerContext, messages: &[Decoded]) -> Result
         Err(error) if error.is_transient() => return Err(ApplyFailure::Transient),
         Err(error) => return Err(ApplyFailure::Permanent(error.to_string())),
     };
-    metrics::histogram!("sessions_worker_apply_seconds").record(started.elapsed().as_secs_f64());
+    signals::batch_committed(&commands, started.elapsed());
     let appended_records = outcomes
         .iter()
         .any(|outcome| matches!(outcome, Outcome::Appended { .. }));
@@ -380,20 +373,9 @@ async fn apply_messages(context: &WorkerContext, messages: &[Decoded]) -> Result
         .iter()
         .filter(|event| event.routing_key == shared::domain::waitpoint::WAITPOINT_COMPLETED)
         .count();
-    if completed > 0 {
-        metrics::counter!("sessions_worker_waitpoints_completed_total").increment(completed as u64);
-    }
+    signals::waitpoints_completed(completed);
     publish_outbox(context, outbox).await;
 
-    let applied_at = chrono::Utc::now();
-    for command in &commands {
-        let lag = (applied_at - command.accepted_at)
-            .num_microseconds()
-            .unwrap_or(0) as f64
-            / 1e6;
-        metrics::histogram!("sessions_worker_command_lag_seconds", "kind" => command.body.kind_name())
-            .record(lag.max(0.0));
-    }
     let new_records = NewRecords::from_outcomes(&commands, &outcomes);
     let mut offset = 0;
     for message in messages {
@@ -403,7 +385,10 @@ async fn apply_messages(context: &WorkerContext, messages: &[Decoded]) -> Result
         settle(
             &context.link,
             &message.incoming,
-            MessageResult::Applied(outcomes_of_message),
+            MessageResult::Applied {
+                commands: &message.commands,
+                outcomes: outcomes_of_message,
+            },
         )
         .await;
     }
@@ -444,10 +429,7 @@ async fn claim_parts(context: &WorkerContext, commands: &[Command]) -> Vec<(Stri
     {
         Ok(results) => {
             let contended = results.iter().filter(|claimed| !**claimed).count();
-            if contended > 0 {
-                metrics::counter!("sessions_worker_claims_contended_total")
-                    .increment(contended as u64);
-            }
+            signals::claims_contended(contended);
             claims
                 .into_iter()
                 .zip(results)

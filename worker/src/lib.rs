@@ -4,6 +4,7 @@
 //! - [`apply`]: THE apply logic, pure: command kind → writes and outcome.
 //! - [`assignment`]: home and standby partitions, hand-backs (bookkeeping, no IO).
 //! - [`outcome`]: the one function that acks, dead-letters or hands back a message.
+//! - [`signals`]: every instrumentation point (log line and metric together).
 //! - [`timeouts`]: the waitpoint timer.
 //! - [`health`]: the worker's `/healthz`, `/readyz` and `/metrics` listener.
 //!
@@ -16,6 +17,7 @@ pub mod assignment;
 pub mod consumer;
 pub mod health;
 pub mod outcome;
+pub mod signals;
 pub mod timeouts;
 
 use std::sync::Arc;

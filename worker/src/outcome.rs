@@ -2,13 +2,18 @@
 //! or leave it unacknowledged for redelivery. Every such decision goes through [`settle`].
 
 use shared::broker::{BrokerLink, Incoming};
-use shared::commands::Outcome;
+use shared::commands::{Command, Outcome};
+
+use crate::signals;
 
 /// What processing one broker message came to.
 #[derive(Debug)]
 pub enum MessageResult<'a> {
     /// Every command was applied (or deterministically rejected) and committed.
-    Applied(&'a [Outcome]),
+    Applied {
+        commands: &'a [Command],
+        outcomes: &'a [Outcome],
+    },
     /// The message can never be processed: undecodable, or a permanent error. Dead-lettered
     /// with the reason.
     Poison(String),
@@ -21,22 +26,13 @@ pub enum MessageResult<'a> {
 /// which the idempotent apply absorbs.
 pub async fn settle(link: &BrokerLink, incoming: &Incoming, result: MessageResult<'_>) {
     match result {
-        MessageResult::Applied(outcomes) => {
-            for outcome in outcomes {
-                metrics::counter!("sessions_worker_commands_total", "outcome" => outcome.name())
-                    .increment(1);
-            }
+        MessageResult::Applied { commands, outcomes } => {
+            signals::commands_settled(commands, outcomes);
             if let Err(error) = incoming.ack().await {
                 tracing::warn!(partition = incoming.partition, %error, "ack failed; the message will be redelivered and deduplicated");
             }
         }
         MessageResult::Poison(reason) => {
-            tracing::error!(
-                partition = incoming.partition,
-                message_id = incoming.message_id.as_deref().unwrap_or(""),
-                %reason,
-                "dead-lettering a command message"
-            );
             match link
                 .publish_dead_letter(
                     &incoming.payload,
@@ -47,7 +43,11 @@ pub async fn settle(link: &BrokerLink, incoming: &Incoming, result: MessageResul
                 .await
             {
                 Ok(()) => {
-                    metrics::counter!("sessions_worker_dead_letters_total").increment(1);
+                    signals::dead_lettered(
+                        incoming.partition,
+                        incoming.message_id.as_deref(),
+                        &reason,
+                    );
                     if let Err(error) = incoming.ack().await {
                         tracing::warn!(%error, "ack after dead-lettering failed");
                     }
@@ -55,7 +55,7 @@ pub async fn settle(link: &BrokerLink, incoming: &Incoming, result: MessageResul
                 Err(error) => {
                     // Not acked: the broker redelivers it, and its delivery limit dead-letters
                     // it if this keeps failing.
-                    tracing::error!(%error, "could not dead-letter; leaving the message for redelivery");
+                    tracing::error!(%error, %reason, "could not dead-letter; leaving the message for redelivery");
                 }
             }
         }

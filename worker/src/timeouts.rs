@@ -29,8 +29,7 @@ pub async fn run(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool
             .await
         {
             Ok(events) if !events.is_empty() => {
-                metrics::counter!("sessions_worker_waitpoints_timed_out_total")
-                    .increment(events.len() as u64);
+                crate::signals::waitpoints_timed_out(events.len());
                 publish_outbox(&context, events).await;
             }
             Ok(_) => {}

@@ -133,11 +133,11 @@ pub async fn append(
     );
     let Some(wait) = prefer_wait(&headers)? else {
         state.publisher.submit(command).await?;
-        metrics::counter!("sessions_api_appends_accepted_total", "io" => io.as_str()).increment(1);
+        crate::signals::append_accepted(io);
         return Ok(Json(json!({ "ok": true })));
     };
     let outcome = state.publisher.submit_and_wait_for(command, wait).await?;
-    metrics::counter!("sessions_api_appends_accepted_total", "io" => io.as_str()).increment(1);
+    crate::signals::append_accepted(io);
     match outcome {
         Outcome::Appended { seq_num } => Ok(Json(
             json!({ "ok": true, "seqNum": seq_num, "duplicate": false }),

@@ -153,16 +153,16 @@ async fn record_request(
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<f64>().ok())
     {
-        metrics::histogram!("sessions_api_request_body_bytes", "route" => route.clone())
-            .record(length);
+        crate::signals::request_body(&route, length);
     }
     let started = std::time::Instant::now();
     let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    metrics::counter!("sessions_api_requests_total", "route" => route.clone(), "method" => method, "status" => status)
-        .increment(1);
-    metrics::histogram!("sessions_api_request_duration_seconds", "route" => route)
-        .record(started.elapsed().as_secs_f64());
+    crate::signals::request_finished(
+        &route,
+        &method,
+        response.status().as_u16(),
+        started.elapsed(),
+    );
     response
 }
 

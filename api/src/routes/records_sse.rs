@@ -252,7 +252,7 @@ async fn serve_reader(
     deadline: Instant,
     events: mpsc::Sender<Event>,
 ) {
-    metrics::gauge!("sessions_api_sse_connections").increment(1);
+    crate::signals::sse_opened();
     let result: Result<(), Stop> = async {
         next_seq = catch_up(&hub, key, &events, next_seq, deadline).await?;
         let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
@@ -290,5 +290,5 @@ async fn serve_reader(
     if let Err(Stop::Deadline | Stop::ClientGone) = result {
         // Dropping `events` ends the body cleanly.
     }
-    metrics::gauge!("sessions_api_sse_connections").decrement(1);
+    crate::signals::sse_closed();
 }

@@ -1,0 +1,77 @@
+//! Every instrumentation point of the api, each defined once: a function per event that writes
+//! its log line and records its metric together, so the two never drift apart and the list of
+//! what the api reports is this file. Labels are low-cardinality: route templates, never ids.
+//!
+//! What does not live here: the process gauges shared with the worker (`shared::telemetry`).
+
+use std::time::Duration;
+
+use shared::domain::channel::Io;
+
+/// A request arrived with a declared body of `bytes`.
+pub fn request_body(route: &str, bytes: f64) {
+    metrics::histogram!("sessions_api_request_body_bytes", "route" => route.to_owned())
+        .record(bytes);
+}
+
+/// A request was answered (its route template, not its path).
+pub fn request_finished(route: &str, method: &str, status: u16, elapsed: Duration) {
+    tracing::debug!(route, method, status, ?elapsed, "request finished");
+    metrics::counter!(
+        "sessions_api_requests_total",
+        "route" => route.to_owned(),
+        "method" => method.to_owned(),
+        "status" => status.to_string()
+    )
+    .increment(1);
+    metrics::histogram!("sessions_api_request_duration_seconds", "route" => route.to_owned())
+        .record(elapsed.as_secs_f64());
+}
+
+/// A request failed with a server error. `publish_failure` is the broker reason when the
+/// command could not be durably queued.
+pub fn request_failed(
+    error: &dyn std::fmt::Display,
+    status: u16,
+    publish_failure: Option<&'static str>,
+) {
+    tracing::warn!(%error, status, "request failed");
+    if let Some(reason) = publish_failure {
+        metrics::counter!("sessions_api_publish_failures_total", "reason" => reason).increment(1);
+    }
+}
+
+/// An append was durably queued (confirmed by the broker).
+pub fn append_accepted(io: Io) {
+    tracing::trace!(io = io.as_str(), "append accepted");
+    metrics::counter!("sessions_api_appends_accepted_total", "io" => io.as_str()).increment(1);
+}
+
+/// One broker message of `commands` commands was published and its confirm (or failure) came
+/// back after `elapsed`.
+pub fn batch_published(commands: usize, elapsed: Duration, failure: Option<&str>) {
+    match failure {
+        None => tracing::trace!(commands, ?elapsed, "command batch confirmed"),
+        Some(error) => tracing::warn!(commands, ?elapsed, %error, "command batch not confirmed"),
+    }
+    metrics::histogram!("sessions_api_publish_seconds").record(elapsed.as_secs_f64());
+    metrics::histogram!("sessions_api_publish_batch_size").record(commands as f64);
+}
+
+/// An SSE reader connected.
+pub fn sse_opened() {
+    tracing::debug!("SSE reader connected");
+    metrics::gauge!("sessions_api_sse_connections").increment(1);
+}
+
+/// An SSE reader left (or its deadline passed).
+pub fn sse_closed() {
+    tracing::debug!("SSE reader disconnected");
+    metrics::gauge!("sessions_api_sse_connections").decrement(1);
+}
+
+/// The number of live channel feeds of this instance changed.
+pub fn live_feeds(count: usize) {
+    tracing::trace!(count, "live feeds");
+    metrics::gauge!("sessions_api_live_feeds").set(count as f64);
+}
