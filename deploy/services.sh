@@ -3,8 +3,11 @@
 #   - a service that answers is left alone;
 #   - a service that is installed but stopped is started;
 #   - a service that is missing is installed from Debian packages, then started.
-# Then it waits until each one answers. Needs root (or passwordless sudo) only when it has to
-# install or start something. Safe to run again and again (CI runs it on every build).
+# Then it waits until each one answers. It also installs Prometheus (Debian's `prometheus`:
+# promtool for deploy/check.sh, and the server tests/tests/prometheus_scrape.rs starts on a port
+# of its own) without leaving a Prometheus service running. Needs root (or passwordless sudo)
+# only when it has to install or start something. Safe to run again and again (CI runs it on
+# every build).
 set -euo pipefail
 
 log() { printf 'services: %s\n' "$*" >&2; }
@@ -83,6 +86,23 @@ start_rabbitmq() {
   wait_until "RabbitMQ" 120 port_open 5672
 }
 
+# Prometheus is only installed, not run: the tests start their own on a free port. The package
+# may start its service on :9090; unless something already listened there, stop that again.
+install_prometheus() {
+  if [ -x /usr/bin/prometheus ] && command -v promtool >/dev/null 2>&1; then return 0; fi
+  local was_listening=0
+  if port_open 9090; then was_listening=1; fi
+  install_packages --no-install-recommends prometheus
+  if [ "$was_listening" -eq 0 ]; then
+    if [ -d /run/systemd/system ]; then
+      as_root systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+    else
+      as_root /etc/init.d/prometheus stop >/dev/null 2>&1 || true
+    fi
+  fi
+}
+
 start_postgres
 start_redis
 start_rabbitmq
+install_prometheus

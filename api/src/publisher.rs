@@ -26,16 +26,10 @@ const MAX_BATCH_BYTES: usize = 4 << 20;
 /// Commands waiting per partition before submitters wait (backpressure).
 const PARTITION_QUEUE_CAPACITY: usize = 4_096;
 
-/// Why a batch was not durably queued, shared by every request in it.
-#[derive(Clone, Debug)]
-struct PublishFailure {
-    reason: &'static str,
-    message: String,
-}
-
 struct Pending {
     command: Command,
-    done: oneshot::Sender<Result<(), PublishFailure>>,
+    /// The batch's result, shared by every request in it (a failure keeps its reason).
+    done: oneshot::Sender<Result<(), BrokerError>>,
 }
 
 type Waiters = Arc<Mutex<HashMap<Uuid, oneshot::Sender<Outcome>>>>;
@@ -107,10 +101,7 @@ impl Publisher {
             .map_err(|_| ApiError::Internal("publisher stopped".into()))?;
         match confirmed.await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(failure)) => Err(ApiError::Broker(BrokerError::Unavailable(format!(
-                "{}: {}",
-                failure.reason, failure.message
-            )))),
+            Ok(Err(failure)) => Err(ApiError::Broker(failure)),
             Err(_) => Err(ApiError::Internal("publisher dropped a command".into())),
         }
     }
@@ -184,18 +175,11 @@ async fn publish_partition(
                 wants_reply.then_some(reply_queue.as_str()),
                 &payload,
             )
-            .await
-            .map_err(|error| PublishFailure {
-                reason: error.reason(),
-                message: error.to_string(),
-            });
+            .await;
         crate::signals::batch_published(
             count,
             started.elapsed(),
-            result
-                .as_ref()
-                .err()
-                .map(|failure| failure.message.as_str()),
+            result.as_ref().err().map(BrokerError::reason),
         );
         for done in done {
             let _ = done.send(result.clone());

@@ -49,10 +49,10 @@ pub fn append_accepted(io: Io) {
 
 /// One broker message of `commands` commands was published and its confirm (or failure) came
 /// back after `elapsed`.
-pub fn batch_published(commands: usize, elapsed: Duration, failure: Option<&str>) {
+pub fn batch_published(commands: usize, elapsed: Duration, failure: Option<&'static str>) {
     match failure {
         None => tracing::trace!(commands, ?elapsed, "command batch confirmed"),
-        Some(error) => tracing::warn!(commands, ?elapsed, %error, "command batch not confirmed"),
+        Some(reason) => tracing::warn!(commands, ?elapsed, reason, "command batch not confirmed"),
     }
     metrics::histogram!("sessions_api_publish_seconds").record(elapsed.as_secs_f64());
     metrics::histogram!("sessions_api_publish_batch_size").record(commands as f64);

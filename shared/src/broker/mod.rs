@@ -67,7 +67,7 @@ impl BrokerNames {
 }
 
 /// What a broker operation can fail with. All of them mean "not durably queued".
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum BrokerError {
     #[error("broker unavailable: {0}")]
     Unavailable(String),
