@@ -145,26 +145,35 @@ async fn authenticate_token(state: &AppState, token: &str) -> Result<Caller, Api
 impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
+    /// Authenticates, then counts the request against the caller's environment (429 when its
+    /// rate limit is exhausted); failed authentications count against no environment.
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = bearer(parts).ok_or(ApiError::Unauthorized(
-            "Missing or malformed Authorization header: expected 'Bearer <secret key or public access token>'",
-        ))?;
-        if token.is_empty() || token.len() > 8192 {
-            return Err(ApiError::Unauthorized("Invalid API key"));
-        }
-        if !token.starts_with(SECRET_KEY_PREFIX) && token.split('.').count() == 3 {
-            return authenticate_token(state, token).await;
-        }
-        let environment = state
-            .store
-            .environment_for_key_digest(&secret_key_digest(token))
-            .await?
-            .ok_or(ApiError::Unauthorized("Invalid API key"))?;
-        Ok(Caller {
-            environment,
-            credential: Credential::SecretKey(token.to_owned()),
-        })
+        let caller = authenticate(parts, state).await?;
+        state.rate_limits.check(caller.environment.id)?;
+        Ok(caller)
     }
+}
+
+/// Who the bearer credential of the request is (no rate limit counted yet).
+async fn authenticate(parts: &Parts, state: &AppState) -> Result<Caller, ApiError> {
+    let token = bearer(parts).ok_or(ApiError::Unauthorized(
+        "Missing or malformed Authorization header: expected 'Bearer <secret key or public access token>'",
+    ))?;
+    if token.is_empty() || token.len() > 8192 {
+        return Err(ApiError::Unauthorized("Invalid API key"));
+    }
+    if !token.starts_with(SECRET_KEY_PREFIX) && token.split('.').count() == 3 {
+        return authenticate_token(state, token).await;
+    }
+    let environment = state
+        .store
+        .environment_for_key_digest(&secret_key_digest(token))
+        .await?
+        .ok_or(ApiError::Unauthorized("Invalid API key"))?;
+    Ok(Caller {
+        environment,
+        credential: Credential::SecretKey(token.to_owned()),
+    })
 }
 
 impl FromRequestParts<AppState> for SecretKeyCaller {

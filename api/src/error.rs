@@ -1,7 +1,7 @@
 //! THE mapping from failures to HTTP answers. Every error body is JSON `{"error": "..."}`;
 //! 5xx bodies never carry internals (those go to the log).
 
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use shared::broker::BrokerError;
@@ -32,6 +32,11 @@ pub enum ApiError {
     PayloadTooLarge(String),
     #[error("{0}")]
     NotImplemented(&'static str),
+    /// The environment's rate limit is exhausted; answered with `Retry-After`.
+    #[error(
+        "Rate limit exceeded for this environment; retry after {retry_after_seconds} second(s)"
+    )]
+    TooManyRequests { retry_after_seconds: u64 },
     /// The broker did not durably queue the command.
     #[error("broker: {0}")]
     Broker(#[from] BrokerError),
@@ -57,6 +62,7 @@ impl ApiError {
             ApiError::LengthRequired(_) => StatusCode::LENGTH_REQUIRED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Broker(_) | ApiError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::ReplyTimeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -91,10 +97,19 @@ impl IntoResponse for ApiError {
             };
             crate::signals::request_failed(&self, status.as_u16(), publish_failure);
         }
-        (
+        let mut response = (
             status,
             axum::Json(json!({ "error": self.public_message() })),
         )
-            .into_response()
+            .into_response();
+        if let ApiError::TooManyRequests {
+            retry_after_seconds,
+        } = self
+        {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_seconds));
+        }
+        response
     }
 }

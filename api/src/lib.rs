@@ -5,6 +5,7 @@
 //! - [`auth`]: who is calling.
 //! - [`error`]: THE mapping from failures to statuses and JSON bodies.
 //! - [`publisher`]: group commit to the partition queues, confirms, replies.
+//! - [`rate_limit`]: requests per second per environment (429).
 //! - [`embedded`]: the single-process default (api + worker, SQLite, in-process broker).
 //! - [`signals`]: every instrumentation point (log line and metric together).
 //!
@@ -17,6 +18,7 @@ pub mod embedded;
 pub mod error;
 pub mod live;
 pub mod publisher;
+pub mod rate_limit;
 pub mod routes;
 pub mod signals;
 
@@ -32,6 +34,10 @@ use tokio::net::TcpListener;
 
 use publisher::Publisher;
 
+/// How long a stopping api waits for in-flight requests after it stopped accepting. Appends
+/// wait for at most the confirm timeout (5 s by default) and live streams end at once.
+pub const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// What every handler can reach.
 #[derive(Clone, Debug)]
 pub struct AppState {
@@ -41,6 +47,7 @@ pub struct AppState {
     pub cache: Arc<Cache>,
     pub hub: Arc<live::Hub>,
     pub verification_keys: Arc<auth::VerificationKeys>,
+    pub rate_limits: Arc<rate_limit::RateLimits>,
 }
 
 /// Why the api could not start.
@@ -114,6 +121,7 @@ impl Application {
             settings.publish_batch_max,
             settings.reply_timeout,
         ));
+        let rate_limits = Arc::new(rate_limit::RateLimits::from_settings(&settings));
         Ok(Self {
             listener,
             state: AppState {
@@ -123,6 +131,7 @@ impl Application {
                 cache,
                 hub,
                 verification_keys: Arc::default(),
+                rate_limits,
             },
         })
     }
@@ -138,17 +147,39 @@ impl Application {
         &self.state
     }
 
-    /// Serves until `shutdown` resolves, then stops accepting and lets in-flight requests finish.
+    /// Serves until `shutdown` resolves, then stops accepting, ends live (SSE) streams and lets
+    /// in-flight requests finish for at most [`SHUTDOWN_GRACE`].
     pub async fn run_until_stopped(
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
         let link = self.state.publisher.clone();
+        let hub = self.state.hub.clone();
         let router = routes::router(self.state);
         tracing::info!(addr = %self.listener.local_addr()?, "api listening");
-        let served = axum::serve(self.listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let (draining, drain_started) = tokio::sync::oneshot::channel::<()>();
+        let signal = async move {
+            shutdown.await;
+            hub.stop_readers();
+            let _ = draining.send(());
+        };
+        let serving = axum::serve(self.listener, router)
+            .with_graceful_shutdown(signal)
+            .into_future();
+        let grace = async move {
+            if drain_started.await.is_ok() {
+                tokio::time::sleep(SHUTDOWN_GRACE).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        let served = tokio::select! {
+            served = serving => served,
+            () = grace => {
+                tracing::warn!(grace = ?SHUTDOWN_GRACE, "in-flight requests did not finish in time; stopping anyway");
+                Ok(())
+            }
+        };
         link.link().close().await;
         served
     }

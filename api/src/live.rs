@@ -42,6 +42,9 @@ struct Feed {
 pub struct Hub {
     store: Store,
     feeds: Mutex<HashMap<ChannelKey, Arc<Feed>>>,
+    /// Turns true when the api shuts down: live readers end their streams (clients resume
+    /// with `Last-Event-ID` on another instance), so the drain is not held by long polls.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 impl std::fmt::Debug for Hub {
@@ -56,9 +59,21 @@ impl Hub {
         let hub = Arc::new(Self {
             store,
             feeds: Mutex::new(HashMap::new()),
+            stopping: tokio::sync::watch::Sender::new(false),
         });
         tokio::spawn(listen(Arc::downgrade(&hub), notifications));
         hub
+    }
+
+    /// Ends every live reader's stream now and any that starts later.
+    pub fn stop_readers(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Resolves once [`Hub::stop_readers`] was called.
+    pub async fn readers_stopped(&self) {
+        let mut stopping = self.stopping.subscribe();
+        let _ = stopping.wait_for(|stopping| *stopping).await;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ChannelKey, Arc<Feed>>> {

@@ -75,3 +75,21 @@ pub fn live_feeds(count: usize) {
     tracing::trace!(count, "live feeds");
     metrics::gauge!("sessions_api_live_feeds").set(count as f64);
 }
+
+/// A request was refused because its environment exhausted its rate limit.
+pub fn rate_limited(retry_after_seconds: u64) {
+    tracing::debug!(retry_after_seconds, "rate limit exceeded");
+    metrics::counter!("sessions_api_rate_limited_total").increment(1);
+}
+
+/// Makes the panic counter visible at 0 before the first panic (so a scrape can tell "no
+/// panics" from "not instrumented").
+pub fn register_panic_counter() {
+    metrics::counter!("sessions_api_panics_total").increment(0);
+}
+
+/// A handler panicked; the request was answered 500.
+pub fn handler_panicked(message: &str) {
+    tracing::error!(panic = message, "request handler panicked");
+    metrics::counter!("sessions_api_panics_total").increment(1);
+}

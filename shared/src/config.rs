@@ -89,6 +89,12 @@ pub struct Settings {
     /// `SESSIONS_QUEUE_EXPIRES_MS`: optional `x-expires` on partition queues (tests and
     /// throw-away deployments; unset in production).
     pub queue_expires: Option<Duration>,
+    /// `SESSIONS_RATE_LIMIT_PER_SECOND`: authenticated requests per second per environment
+    /// (per api instance); `0` disables rate limiting.
+    pub rate_limit_per_second: u32,
+    /// `SESSIONS_RATE_LIMIT_BURST`: how many requests an environment may send at once above its
+    /// rate (the bucket size); default twice the rate.
+    pub rate_limit_burst: u32,
 }
 
 /// The master key used when `SESSIONS_MASTER_KEY` is unset: fine for a laptop, never for
@@ -182,6 +188,31 @@ fn millis(
     Ok(Duration::from_millis(ms))
 }
 
+/// `SESSIONS_RATE_LIMIT_PER_SECOND` and `SESSIONS_RATE_LIMIT_BURST`.
+fn rate_limit(get: impl Fn(&str) -> Option<String>) -> Result<(u32, u32), ConfigError> {
+    let per_second = in_range(
+        "SESSIONS_RATE_LIMIT_PER_SECOND",
+        parse(
+            "SESSIONS_RATE_LIMIT_PER_SECOND",
+            get("SESSIONS_RATE_LIMIT_PER_SECOND"),
+            1000_u32,
+        )?,
+        0,
+        1_000_000,
+    )?;
+    let burst = in_range(
+        "SESSIONS_RATE_LIMIT_BURST",
+        parse(
+            "SESSIONS_RATE_LIMIT_BURST",
+            get("SESSIONS_RATE_LIMIT_BURST"),
+            per_second.saturating_mul(2).max(1),
+        )?,
+        1,
+        10_000_000,
+    )?;
+    Ok((per_second, burst))
+}
+
 impl Settings {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -198,6 +229,7 @@ impl Settings {
             1024,
         )?;
         let worker_index: u16 = parse("WORKER_INDEX", get("WORKER_INDEX"), 0)?;
+        let (rate_limit_per_second, rate_limit_burst) = rate_limit(get)?;
         if worker_index >= worker_count {
             return Err(ConfigError {
                 variable: "WORKER_INDEX",
@@ -367,6 +399,8 @@ impl Settings {
                 None => None,
                 raw => Some(millis("SESSIONS_QUEUE_EXPIRES_MS", raw, 0)?),
             },
+            rate_limit_per_second,
+            rate_limit_burst,
         })
     }
 }
@@ -411,5 +445,34 @@ mod tests {
         assert_eq!(error.variable, "WORKER_COUNT");
         let error = settings(&[("SESSIONS_BROKER_PREFIX", "a b")]).expect_err("bad");
         assert_eq!(error.variable, "SESSIONS_BROKER_PREFIX");
+        let error = settings(&[("SESSIONS_RATE_LIMIT_PER_SECOND", "-1")]).expect_err("bad");
+        assert_eq!(error.variable, "SESSIONS_RATE_LIMIT_PER_SECOND");
+        let error = settings(&[("SESSIONS_RATE_LIMIT_BURST", "0")]).expect_err("bad");
+        assert_eq!(error.variable, "SESSIONS_RATE_LIMIT_BURST");
+    }
+
+    #[test]
+    fn the_rate_limit_burst_defaults_to_twice_the_rate() {
+        let defaults = settings(&[]).expect("defaults");
+        assert_eq!(
+            (defaults.rate_limit_per_second, defaults.rate_limit_burst),
+            (1000, 2000)
+        );
+        let custom = settings(&[("SESSIONS_RATE_LIMIT_PER_SECOND", "7")]).expect("custom");
+        assert_eq!(
+            (custom.rate_limit_per_second, custom.rate_limit_burst),
+            (7, 14)
+        );
+        let disabled = settings(&[("SESSIONS_RATE_LIMIT_PER_SECOND", "0")]).expect("disabled");
+        assert_eq!(
+            (disabled.rate_limit_per_second, disabled.rate_limit_burst),
+            (0, 1)
+        );
+        let burst = settings(&[
+            ("SESSIONS_RATE_LIMIT_PER_SECOND", "10"),
+            ("SESSIONS_RATE_LIMIT_BURST", "3"),
+        ])
+        .expect("burst");
+        assert_eq!(burst.rate_limit_burst, 3);
     }
 }

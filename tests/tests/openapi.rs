@@ -1,6 +1,6 @@
 //! The committed OpenAPI document (`api/openapi.json`, served at `/openapi.json`) and the router
 //! describe the same routes: same paths, and every documented method answers while every
-//! undocumented one is 405.
+//! undocumented one is 405; every authenticated operation documents 429 (rate limits).
 
 use std::collections::BTreeSet;
 
@@ -87,6 +87,29 @@ async fn the_router_and_the_openapi_document_agree() {
                     .is_some_and(|r| !r.is_empty()),
                 "{method} {path}"
             );
+            // Every authenticated operation (a bearer credential, or a signed URL: those
+            // document 401 or 403) can be rate limited: 429 with Retry-After.
+            let responses = &operation["responses"];
+            let bearer = operation["security"]
+                .as_array()
+                .is_some_and(|schemes| schemes.iter().any(|scheme| scheme.get("bearer").is_some()));
+            if bearer {
+                assert!(responses.get("401").is_some(), "{method} {path}: 401");
+            }
+            if bearer || responses.get("401").is_some() || responses.get("403").is_some() {
+                let limited = &responses["429"];
+                assert!(
+                    limited["headers"]["Retry-After"].is_object(),
+                    "{method} {path} documents 429 with Retry-After"
+                );
+                if method != "head" {
+                    assert_eq!(
+                        limited["content"]["application/json"]["schema"]["$ref"],
+                        "#/components/schemas/Error",
+                        "{method} {path}: 429 body"
+                    );
+                }
+            }
         }
     }
     app.cleanup().await;

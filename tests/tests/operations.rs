@@ -359,3 +359,97 @@ async fn api_readiness_names_a_lost_database_or_broker_and_recovers() {
     readiness_becomes(&app, 200).await;
     app.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_sigterm_ends_live_streams_finishes_appends_and_exits_cleanly() {
+    let app = std::sync::Arc::new(TestApp::spawn().await);
+    app.create_session("api-term").await;
+    let port = free_port();
+    let address = format!("http://127.0.0.1:{port}");
+    let mut api = tokio::process::Command::new(tests::workspace_binary("sessions-api"))
+        .envs(tests::settings_env(&app.settings))
+        .env("SESSIONS_HTTP_ADDR", format!("127.0.0.1:{port}"))
+        .env("SESSIONS_MODE", "production")
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("api process starts");
+    let health = get_when_up(&app.client, &format!("{address}/healthz")).await;
+    assert_eq!(health.status(), 200);
+
+    // A live reader with a long deadline, and a producer on the stopping instance.
+    let reader = app
+        .subscribe_at(&address, "api-term", "in", &[("Timeout-Seconds", "600")])
+        .await;
+    assert_eq!(reader.status(), 200);
+    let mut reader = tests::sse::SseReader::new(reader);
+    let producer = {
+        let (app, address) = (app.clone(), address.clone());
+        tokio::spawn(async move {
+            let mut accepted = Vec::new();
+            for n in 0..400 {
+                let response = app
+                    .client
+                    .post(format!("{address}/realtime/v1/sessions/api-term/in/append"))
+                    .bearer_auth(&app.secret_key)
+                    .header("X-Part-Id", format!("t{n}"))
+                    .body(n.to_string())
+                    .send()
+                    .await;
+                match response {
+                    Ok(response) if response.status() == 200 => accepted.push(n.to_string()),
+                    // Refused or cut off once the instance stops accepting: not acknowledged.
+                    _ => break,
+                }
+            }
+            accepted
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pid = api.id().expect("pid");
+    let signalled = std::time::Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = tokio::time::timeout(api::SHUTDOWN_GRACE + Duration::from_secs(10), api.wait())
+        .await
+        .expect("the api exits within its shutdown grace")
+        .expect("exit status");
+    assert!(exit.success(), "the api exits 0 on SIGTERM, got {exit}");
+    // The live stream ended instead of holding the shutdown for its 600 s deadline.
+    let mut ended = false;
+    for _ in 0..1000 {
+        match reader.next_event(Duration::from_secs(5)).await {
+            Ok(None) | Err("stream failed") => {
+                ended = true;
+                break;
+            }
+            Ok(Some(_)) => {}
+            Err(other) => panic!("the stream neither ended nor delivered: {other}"),
+        }
+    }
+    assert!(ended, "the SSE stream ended at shutdown");
+    println!("api stopped {:?} after SIGTERM", signalled.elapsed());
+
+    // Every acknowledged append is persisted exactly once, in order.
+    let accepted = producer.await.expect("producer");
+    assert!(
+        !accepted.is_empty(),
+        "some appends were accepted before the stop"
+    );
+    let records = app
+        .wait_for_records("api-term", "in", accepted.len(), Duration::from_secs(30))
+        .await;
+    let bodies: Vec<String> = records.iter().map(|record| record.data.clone()).collect();
+    assert_eq!(bodies[..accepted.len()], accepted[..]);
+    assert!(
+        bodies.len() <= accepted.len() + 1,
+        "at most the one cut-off append may also have landed"
+    );
+    let app = std::sync::Arc::into_inner(app).expect("single owner");
+    app.cleanup().await;
+}

@@ -115,6 +115,7 @@ pub async fn append(
     })?;
     let text = String::from_utf8(bytes.to_vec())
         .map_err(|_| ApiError::BadRequest("Body must be UTF-8 text".into()))?;
+    validation::no_nul("body", &text)?;
     let accepted_at = Utc::now();
     match session_state(session.closed_at, session.expires_at, accepted_at) {
         SessionState::Closed => return Err(ApiError::BadRequest("Session is closed".into())),

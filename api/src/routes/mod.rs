@@ -12,6 +12,7 @@ use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, Method, header};
 use axum::routing::{MethodRouter, get, post};
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::AppState;
@@ -85,9 +86,12 @@ pub fn router(state: AppState) -> Router {
     for (path, methods) in route_table() {
         router = router.route(path, methods);
     }
+    crate::signals::register_panic_counter();
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(refuse_nul_in_url))
+        .layer(CatchPanicLayer::custom(panic_response))
         .layer(axum::middleware::from_fn(record_request))
         .layer(DefaultBodyLimit::max(max_json_bytes))
         .layer(cors())
@@ -166,6 +170,34 @@ async fn record_request(
     response
 }
 
+/// A handler that panicked: counted (`sessions_api_panics_total`), logged, answered 500 with
+/// the fixed JSON error body.
+fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> axum::response::Response {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|text| (*text).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic payload".to_owned());
+    crate::signals::handler_panicked(&message);
+    axum::response::IntoResponse::into_response(ApiError::Internal(message))
+}
+
+/// A percent-encoded NUL (`%00`) in the path or query is refused before any handler: no id,
+/// cursor or filter may contain U+0000 (the database cannot compare or store it).
+async fn refuse_nul_in_url(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let has_nul = |text: &str| text.as_bytes().windows(3).any(|w| w == b"%00");
+    let uri = request.uri();
+    if has_nul(uri.path()) || uri.query().is_some_and(has_nul) {
+        return axum::response::IntoResponse::into_response(ApiError::BadRequest(
+            "The URL must not contain NUL (%00) characters".into(),
+        ));
+    }
+    next.run(request).await
+}
+
 async fn not_found() -> ApiError {
     ApiError::NotFound("No such route")
 }
@@ -199,4 +231,32 @@ fn cors() -> CorsLayer {
             HeaderName::from_static("x-stream-version"),
             header::RETRY_AFTER,
         ])
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower::Service;
+
+    use super::*;
+
+    async fn buggy_handler() -> &'static str {
+        panic!("a handler bug")
+    }
+
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_with_the_fixed_json_error() {
+        let mut app: Router = Router::new()
+            .route("/boom", get(buggy_handler))
+            .layer(CatchPanicLayer::custom(panic_response));
+        let request = Request::get("/boom").body(Body::empty()).expect("request");
+        let response = app.call(request).await.expect("infallible");
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = axum::body::to_bytes(response.into_body(), 1024)
+            .await
+            .expect("body");
+        let body: serde_json::Value = serde_json::from_slice(&body).expect("JSON body");
+        assert_eq!(body, serde_json::json!({ "error": "Internal error" }));
+    }
 }

@@ -128,7 +128,7 @@ pub async fn subscribe(
         .get("x-trigger-stream-start")
         .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"latest"));
     let next_seq = match resume {
-        Some(last) => last + 1,
+        Some(last) => last.saturating_add(1),
         None if start_latest => {
             state
                 .store
@@ -259,6 +259,7 @@ async fn serve_reader(
         loop {
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => return Err(Stop::Deadline),
+                _ = hub.readers_stopped() => return Err(Stop::Deadline),
                 _ = events.closed() => return Err(Stop::ClientGone),
                 _ = ping.tick() => {
                     events

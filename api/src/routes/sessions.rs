@@ -45,9 +45,10 @@ impl DateInput {
                 .ok(),
             DateInput::Millis(millis) => DateTime::from_timestamp_millis(*millis),
         };
-        parsed.ok_or_else(|| {
+        let parsed = parsed.ok_or_else(|| {
             ApiError::BadRequest("expiresAt: must be an ISO 8601 date or epoch milliseconds".into())
-        })
+        })?;
+        Ok(validation::storable_date("expiresAt", parsed)?)
     }
 }
 
@@ -64,10 +65,14 @@ struct CreateSessionBody {
     expires_at: Option<DateInput>,
 }
 
-/// Parses a JSON body with a 400 that says what is wrong.
+/// Parses a JSON body with a 400 that says what is wrong. No string in it may hold U+0000
+/// (nothing could store it).
 pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|error| ApiError::BadRequest(format!("Invalid JSON body: {error}")))
+    let invalid =
+        |error: serde_json::Error| ApiError::BadRequest(format!("Invalid JSON body: {error}"));
+    let value: Value = serde_json::from_slice(body).map_err(invalid)?;
+    validation::json_without_nul("body", &value)?;
+    serde_json::from_value(value).map_err(invalid)
 }
 
 /// Validates the `:session` segment and classifies it.
@@ -411,11 +416,12 @@ fn date_filter(name: &'static str, value: Option<&str>) -> Result<Option<DateTim
             .ok()
             .map(|date| date.with_timezone(&Utc)),
     };
-    parsed.map(Some).ok_or_else(|| {
+    let parsed = parsed.ok_or_else(|| {
         ApiError::BadRequest(format!(
             "{name}: must be epoch milliseconds or an ISO 8601 date"
         ))
-    })
+    })?;
+    Ok(Some(validation::storable_date(name, parsed)?))
 }
 
 const KNOWN_LIST_PARAMETERS: [&str; 10] = [

@@ -100,6 +100,8 @@ pub async fn blob(
         .environment_by_public_id(&signed.environment)
         .await?
         .ok_or(ApiError::NotFound("Session not found"))?;
+    // The signature identified the environment: the request counts against its rate limit.
+    state.rate_limits.check(environment.id)?;
     let session = state
         .store
         .find_session(environment.id, &SessionAddress::FriendlyId(session_id))

@@ -51,9 +51,11 @@ fn last_seq_num(value: Option<&Value>) -> Result<Option<i64>, ApiError> {
         None | Some(Value::Null) => Ok(None),
         Some(value) => value
             .as_i64()
-            .filter(|n| *n >= -1)
+            .filter(|n| (-1..i64::MAX).contains(n))
             .map(Some)
-            .ok_or_else(|| ApiError::BadRequest("lastSeqNum: must be an integer ≥ -1".into())),
+            .ok_or_else(|| {
+                ApiError::BadRequest("lastSeqNum: must be an integer from -1 to 2^63 - 2".into())
+            }),
     }
 }
 
@@ -84,9 +86,13 @@ pub async fn wait(
         .map(|duration| accepted_at + duration);
     if let Some(key) = &body.idempotency_key {
         let length = key.chars().count();
-        if length == 0 || length > MAX_IDEMPOTENCY_KEY_CHARS {
+        // Bytes bound it too: the key is indexed, and an index entry must stay small.
+        if length == 0
+            || length > MAX_IDEMPOTENCY_KEY_CHARS
+            || key.len() > MAX_IDEMPOTENCY_KEY_CHARS
+        {
             return Err(ApiError::BadRequest(format!(
-                "idempotencyKey: must be 1–{MAX_IDEMPOTENCY_KEY_CHARS} characters"
+                "idempotencyKey: must be 1–{MAX_IDEMPOTENCY_KEY_CHARS} characters and at most {MAX_IDEMPOTENCY_KEY_CHARS} bytes"
             )));
         }
     }

@@ -99,6 +99,58 @@ pub fn session_segment(value: &str) -> Result<(), ValidationError> {
     char_len_between("session", value, 1, MAX_SESSION_SEGMENT_CHARS)
 }
 
+/// Refuses U+0000 in a client string: the database's text and JSON types cannot hold it, so a
+/// command carrying one could never be applied.
+pub fn no_nul(field: &'static str, value: &str) -> Result<(), ValidationError> {
+    if value.contains('\0') {
+        return Err(ValidationError::new(
+            field,
+            "must not contain NUL (U+0000) characters",
+        ));
+    }
+    Ok(())
+}
+
+/// [`no_nul`] for every string and object key of a JSON document.
+pub fn json_without_nul(
+    field: &'static str,
+    value: &serde_json::Value,
+) -> Result<(), ValidationError> {
+    let mut pending = vec![value];
+    while let Some(value) = pending.pop() {
+        match value {
+            serde_json::Value::String(text) => no_nul(field, text)?,
+            serde_json::Value::Array(items) => pending.extend(items),
+            serde_json::Value::Object(fields) => {
+                for (key, item) in fields {
+                    no_nul(field, key)?;
+                    pending.push(item);
+                }
+            }
+            serde_json::Value::Null | serde_json::Value::Bool(_) | serde_json::Value::Number(_) => {
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Refuses dates outside the years 1–9999 (the database cannot store or compare all of
+/// chrono's range, and no session needs more).
+pub fn storable_date(
+    field: &'static str,
+    date: chrono::DateTime<chrono::Utc>,
+) -> Result<chrono::DateTime<chrono::Utc>, ValidationError> {
+    use chrono::Datelike;
+    if (1..=9999).contains(&date.year()) {
+        Ok(date)
+    } else {
+        Err(ValidationError::new(
+            field,
+            "must be a date in the years 1–9999",
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,6 +171,29 @@ mod tests {
         assert!(part_id(&"x".repeat(255)).is_ok());
         assert!(part_id(&"x".repeat(256)).is_err());
         assert!(part_id(&"é".repeat(128)).is_err());
+    }
+
+    #[test]
+    fn nul_is_refused_anywhere_in_json() {
+        assert!(no_nul("x", "fine").is_ok());
+        assert!(no_nul("x", "a\0b").is_err());
+        let clean = serde_json::json!({ "a": [1, "b", { "c": null }] });
+        assert!(json_without_nul("body", &clean).is_ok());
+        let nested = serde_json::json!({ "a": [1, "b", { "c": "d\u{0}" }] });
+        assert!(json_without_nul("body", &nested).is_err());
+        let key = serde_json::json!({ "k\u{0}": 1 });
+        assert!(json_without_nul("body", &key).is_err());
+    }
+
+    #[test]
+    fn dates_stay_within_four_digit_years() {
+        let ok = chrono::DateTime::from_timestamp_millis(0).expect("epoch");
+        assert!(storable_date("d", ok).is_ok());
+        let ancient =
+            chrono::DateTime::from_timestamp_millis(-8_000_000_000_000_000).expect("date");
+        assert!(storable_date("d", ancient).is_err());
+        let far = chrono::DateTime::from_timestamp_millis(8_000_000_000_000_000).expect("date");
+        assert!(storable_date("d", far).is_err());
     }
 
     #[test]
