@@ -7,6 +7,8 @@
 //! topology and drops the database. Leftovers of crashed runs are swept: databases older than
 //! two hours at the next start, queues by their `x-expires`.
 
+pub mod bench;
+pub mod checker;
 pub mod events;
 pub mod proxy;
 pub mod sse;
@@ -58,6 +60,9 @@ pub fn test_settings(name: &str, overrides: &[(&str, &str)]) -> Settings {
         ("SESSIONS_QUEUE_EXPIRES_MS".into(), "1800000".into()),
         ("SESSIONS_CONFIRM_TIMEOUT_MS".into(), "3000".into()),
         ("SESSIONS_DB_MAX_CONNECTIONS".into(), "5".into()),
+        // Suites not about rate limits must not depend on how fast this machine is;
+        // tests/tests/rate_limits.rs sets its own limits.
+        ("SESSIONS_RATE_LIMIT_PER_SECOND".into(), "0".into()),
     ]);
     for (key, value) in overrides {
         variables.insert((*key).into(), (*value).into());
@@ -87,6 +92,14 @@ pub fn settings_env(settings: &Settings) -> Vec<(&'static str, String)> {
         (
             "SESSIONS_CONFIRM_TIMEOUT_MS",
             settings.confirm_timeout.as_millis().to_string(),
+        ),
+        (
+            "SESSIONS_RATE_LIMIT_PER_SECOND",
+            settings.rate_limit_per_second.to_string(),
+        ),
+        (
+            "SESSIONS_RATE_LIMIT_BURST",
+            settings.rate_limit_burst.to_string(),
         ),
     ];
     env.extend([
