@@ -1,0 +1,605 @@
+//! `sessions-bench`: the benchmark of QUALITY §1, with both references measured in the same
+//! run. Start it through `tests/bench/run.sh` (services, release build, reference install,
+//! plot); it expects `sessions-api` and `sessions-worker` next to its own executable.
+//!
+//! Per run: the maximum sustained append rate (closed loop) with SSE readers, the latency at
+//! half that rate (open loop), the duplicate cost (20 % retries), the pipeline floor and the
+//! Durable Streams server; the first run also sweeps the offered rate for the curve. The
+//! summary is the median over runs, with ratios to the references of the same run.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use shared::storage::{CountedTable, Store};
+use tests::bench::durable_streams;
+use tests::bench::floor::{FloorConfig, run_pipeline_floor};
+use tests::bench::load::{LoadConfig, LoadResult, LoadSession, create_sessions, run_load};
+use tests::bench::report::ThroughputReport;
+
+const USAGE: &str = "usage: sessions-bench [--runs N (3)] [--duration SECONDS (20)] \
+[--sessions N (1000)] [--clients N (64)] [--readers N (100)] [--tools DIR (target/bench-tools)] \
+[--json PATH (target/bench/latest.json)] [--markdown PATH] [--skip-references]";
+
+#[derive(Debug)]
+struct Options {
+    runs: usize,
+    duration: Duration,
+    sessions: usize,
+    clients: usize,
+    readers: usize,
+    tools: PathBuf,
+    json: PathBuf,
+    markdown: Option<PathBuf>,
+    skip_references: bool,
+}
+
+fn parse_options() -> Result<Options, String> {
+    let mut options = Options {
+        runs: 3,
+        duration: Duration::from_secs(20),
+        sessions: 1000,
+        clients: 64,
+        readers: 100,
+        tools: PathBuf::from("target/bench-tools"),
+        json: PathBuf::from("target/bench/latest.json"),
+        markdown: None,
+        skip_references: false,
+    };
+    let mut arguments = std::env::args().skip(1);
+    while let Some(flag) = arguments.next() {
+        if flag == "--skip-references" {
+            options.skip_references = true;
+            continue;
+        }
+        let value = arguments
+            .next()
+            .ok_or_else(|| format!("{flag} needs a value"))?;
+        let number = || {
+            value
+                .parse::<usize>()
+                .map_err(|_| format!("{flag}: {value:?} is not a number"))
+        };
+        match flag.as_str() {
+            "--runs" => options.runs = number()?.max(1),
+            "--duration" => options.duration = Duration::from_secs(number()?.max(1) as u64),
+            "--sessions" => options.sessions = number()?.max(1),
+            "--clients" => options.clients = number()?.max(1),
+            "--readers" => options.readers = number()?,
+            "--tools" => options.tools = PathBuf::from(value),
+            "--json" => options.json = PathBuf::from(value),
+            "--markdown" => options.markdown = Some(PathBuf::from(value)),
+            _ => return Err(format!("unknown option {flag}")),
+        }
+    }
+    Ok(options)
+}
+
+/// A child process of the benchmark (api or worker), killed when dropped.
+struct Service {
+    child: std::process::Child,
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Service {
+    /// Peak resident memory (VmHWM) in MiB.
+    fn peak_rss_mib(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default();
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmHWM:"))
+            .and_then(|value| {
+                value
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<f64>()
+                    .ok()
+            })
+            .map_or(0.0, |kib| kib / 1024.0)
+    }
+}
+
+fn sibling_binary(name: &str) -> Result<PathBuf, String> {
+    let exe = std::env::current_exe().map_err(|error| error.to_string())?;
+    let path = exe.with_file_name(name);
+    if path.exists() {
+        Ok(path)
+    } else {
+        Err(format!(
+            "{} not found: build it with `cargo build --release --workspace` (tests/bench/run.sh does)",
+            path.display()
+        ))
+    }
+}
+
+fn free_port() -> Result<u16, String> {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .map_err(|error| error.to_string())
+}
+
+fn start(binary: &Path, env: &[(String, String)]) -> Result<Service, String> {
+    let child = std::process::Command::new(binary)
+        .envs(
+            env.iter()
+                .map(|(key, value)| (key.as_str(), value.as_str())),
+        )
+        .env("RUST_LOG", "warn")
+        .env("SESSIONS_MODE", "production")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .map_err(|error| format!("start {}: {error}", binary.display()))?;
+    Ok(Service { child })
+}
+
+async fn wait_ready(client: &reqwest::Client, url: &str) -> Result<(), String> {
+    for _ in 0..300 {
+        if let Ok(response) = client.get(url).send().await
+            && response.status().is_success()
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(format!("{url} never became ready"))
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    if values.len() % 2 == 1 {
+        values[middle]
+    } else {
+        (values[middle - 1] + values[middle]) / 2.0
+    }
+}
+
+/// Everything one run measured.
+#[derive(Debug, serde::Serialize)]
+struct RunFigures {
+    max: ThroughputReport,
+    max_visible_p50_ms: f64,
+    max_visible_p99_ms: f64,
+    read_records_per_second: f64,
+    backlog_at_end: i64,
+    drain_seconds: f64,
+    half: ThroughputReport,
+    half_visible_p50_ms: f64,
+    half_visible_p99_ms: f64,
+    duplicates: ThroughputReport,
+    floor: Option<ThroughputReport>,
+    durable_streams: Option<ThroughputReport>,
+    api_peak_rss_mib: f64,
+    worker_peak_rss_mib: f64,
+}
+
+struct Bench {
+    options: Options,
+    api_url: String,
+    store: Store,
+    sessions: Vec<LoadSession>,
+    durable_streams_binary: Option<PathBuf>,
+    /// Unique appends (retries excluded) accepted so far: what the database must hold.
+    expected_records: u64,
+}
+
+impl Bench {
+    fn load(&self, rate: Option<f64>, retry_share: f64, duration: Duration) -> LoadConfig {
+        LoadConfig {
+            api_url: self.api_url.clone(),
+            clients: self.options.clients,
+            rate,
+            duration,
+            retry_share,
+            body_bytes: 256,
+            sse_readers: self.options.readers,
+            progress: true,
+        }
+    }
+
+    async fn records_in_database(&self) -> Result<u64, String> {
+        self.store
+            .count_rows(CountedTable::Records)
+            .await
+            .map_err(|error| error.to_string())
+    }
+
+    async fn measure(
+        &mut self,
+        what: &str,
+        config: &LoadConfig,
+    ) -> Result<(LoadResult, i64, f64), String> {
+        eprintln!("== {what}");
+        let result = run_load(config, &self.sessions).await?;
+        self.expected_records += result.accepted - result.retries;
+        let persisted = self.records_in_database().await?;
+        let backlog = self.expected_records as i64 - persisted as i64;
+        let drain_started = Instant::now();
+        while self.records_in_database().await? < self.expected_records {
+            if drain_started.elapsed() > Duration::from_secs(300) {
+                return Err("the worker did not catch up within 300 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let drain = drain_started.elapsed().as_secs_f64();
+        let report = result.report("sessions", what);
+        eprintln!("{report}");
+        eprintln!(
+            "   visible p50 {:.2} ms p99 {:.2} ms, SSE {:.0} records/s, backlog at end {backlog}, drained in {drain:.2} s",
+            result.visible.quantile_ms(0.5),
+            result.visible.quantile_ms(0.99),
+            result.records_read_per_second()
+        );
+        Ok((result, backlog, drain))
+    }
+
+    async fn run_once(
+        &mut self,
+        run: usize,
+        api: &Service,
+        worker: &Service,
+        sweep: &mut Vec<Value>,
+    ) -> Result<RunFigures, String> {
+        let duration = self.options.duration;
+        let clients = self.options.clients;
+        let (max, backlog, drain) = self
+            .measure(
+                &format!("max: closed loop, {clients} clients"),
+                &self.load(None, 0.0, duration),
+            )
+            .await?;
+        let max_rate = max.accepted as f64 / max.elapsed.as_secs_f64();
+        let (half, _, _) = self
+            .measure(
+                &format!("half: open loop at {:.0}/s", max_rate / 2.0),
+                &self.load(Some(max_rate / 2.0), 0.0, duration),
+            )
+            .await?;
+        let (duplicates, _, _) = self
+            .measure(
+                &format!("20% retries: closed loop, {clients} clients"),
+                &self.load(None, 0.2, duration),
+            )
+            .await?;
+        if run == 0 {
+            for share in [0.2, 0.4, 0.6, 0.8, 1.0, 1.2] {
+                let offered = max_rate * share;
+                let (point, _, _) = self
+                    .measure(
+                        &format!("sweep: open loop at {offered:.0}/s"),
+                        &self.load(Some(offered), 0.0, duration / 2),
+                    )
+                    .await?;
+                sweep.push(json!({
+                    "offered_per_second": offered,
+                    "accepted_per_second": point.accepted as f64 / point.elapsed.as_secs_f64(),
+                    "p50_ms": point.accept.quantile_ms(0.5),
+                    "p99_ms": point.accept.quantile_ms(0.99),
+                }));
+            }
+        }
+        let floor = if self.options.skip_references {
+            None
+        } else {
+            eprintln!("== pipeline floor");
+            let report = run_pipeline_floor(&FloorConfig {
+                amqp_url: tests::AMQP_URL.into(),
+                redis_url: tests::REDIS_URL.into(),
+                postgres_server: tests::POSTGRES_SERVER.into(),
+                duration,
+                publishers: clients,
+                message_bytes: 256,
+            })
+            .await?;
+            eprintln!("{report}");
+            Some(report)
+        };
+        let durable = match &self.durable_streams_binary {
+            Some(binary) => {
+                eprintln!("== durable-streams --durability wal");
+                let report =
+                    durable_streams::run_durable_streams(binary, duration, clients, 100, 256)
+                        .await?;
+                eprintln!("{report}");
+                Some(report)
+            }
+            None => None,
+        };
+        Ok(RunFigures {
+            max_visible_p50_ms: max.visible.quantile_ms(0.5),
+            max_visible_p99_ms: max.visible.quantile_ms(0.99),
+            read_records_per_second: max.records_read_per_second(),
+            backlog_at_end: backlog,
+            drain_seconds: drain,
+            max: max.report("sessions", "max: closed loop"),
+            half_visible_p50_ms: half.visible.quantile_ms(0.5),
+            half_visible_p99_ms: half.visible.quantile_ms(0.99),
+            half: half.report("sessions", "half rate: open loop"),
+            duplicates: duplicates.report("sessions", "20% retries"),
+            floor,
+            durable_streams: durable,
+            api_peak_rss_mib: api.peak_rss_mib(),
+            worker_peak_rss_mib: worker.peak_rss_mib(),
+        })
+    }
+}
+
+fn summarize(runs: &[RunFigures]) -> Value {
+    let m = |pick: &dyn Fn(&RunFigures) -> f64| median(runs.iter().map(pick).collect());
+    let floor = m(&|run| run.floor.as_ref().map_or(0.0, |report| report.per_second));
+    let durable = m(&|run| {
+        run.durable_streams
+            .as_ref()
+            .map_or(0.0, |report| report.per_second)
+    });
+    let max = m(&|run| run.max.per_second);
+    let ratio = |reference: f64| (reference > 0.0).then(|| max / reference);
+    json!({
+        "runs": runs.len(),
+        "appends_per_second": max,
+        "accept_p50_ms_at_max": m(&|run| run.max.p50_ms),
+        "accept_p99_ms_at_max": m(&|run| run.max.p99_ms),
+        "accept_p50_ms_at_half": m(&|run| run.half.p50_ms),
+        "accept_p99_ms_at_half": m(&|run| run.half.p99_ms),
+        "visible_p50_ms_at_max": m(&|run| run.max_visible_p50_ms),
+        "visible_p99_ms_at_max": m(&|run| run.max_visible_p99_ms),
+        "visible_p50_ms_at_half": m(&|run| run.half_visible_p50_ms),
+        "visible_p99_ms_at_half": m(&|run| run.half_visible_p99_ms),
+        "appends_per_second_with_20pct_retries": m(&|run| run.duplicates.per_second),
+        "sse_records_per_second": m(&|run| run.read_records_per_second),
+        "backlog_at_end_of_max_window": m(&|run| run.backlog_at_end as f64),
+        "drain_seconds_after_max_window": m(&|run| run.drain_seconds),
+        "api_peak_rss_mib": runs.iter().map(|run| run.api_peak_rss_mib).fold(0.0, f64::max),
+        "worker_peak_rss_mib": runs.iter().map(|run| run.worker_peak_rss_mib).fold(0.0, f64::max),
+        "pipeline_floor_per_second": floor,
+        "durable_streams_per_second": durable,
+        "ratio_to_pipeline_floor": ratio(floor),
+        "ratio_to_durable_streams": ratio(durable),
+    })
+}
+
+fn markdown(options: &Options, summary: &Value, runs: &[RunFigures], command: &str) -> String {
+    let number = |key: &str| summary[key].as_f64().unwrap_or(0.0);
+    let ratio = |key: &str| {
+        summary[key]
+            .as_f64()
+            .map_or("not measured".to_owned(), |value| format!("{value:.2}×"))
+    };
+    let machine = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("model name"))
+                .map(|name| name.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let mut text = format!(
+        "## Latest run (generated by sessions-bench)\n\n\
+         - Date: {date}\n- Machine: {machine}, {cores} cores (shared, noisy); everything (RabbitMQ, \
+         Postgres, Redis, api, worker, load generator, references) on the same cores\n\
+         - Command: `{command}`\n\
+         - Workload: {sessions} sessions over 2 environments, 256-byte JSON appends with \
+         `X-Part-Id`, {clients} clients, {readers} SSE readers, {secs} s windows, medians of {runs} runs\n\n\
+         | figure | value |\n|---|---|\n\
+         | appends/s (closed loop, max) | {max:.0} |\n\
+         | ratio to the pipeline floor (same run) | {floor_ratio} (floor {floor:.0}/s) |\n\
+         | ratio to Durable Streams `--durability wal` (same run) | {ds_ratio} ({ds:.0}/s) |\n\
+         | backlog at the end of the max window → drained in | {backlog:.0} records → {drain:.2} s |\n\
+         | accept latency p50 / p99 at max | {a50:.2} / {a99:.2} ms |\n\
+         | accept latency p50 / p99 at half rate | {h50:.2} / {h99:.2} ms |\n\
+         | visible latency p50 / p99 at max | {v50:.2} / {v99:.2} ms |\n\
+         | visible latency p50 / p99 at half rate | {vh50:.2} / {vh99:.2} ms |\n\
+         | appends/s with 20 % retries | {dup:.0} |\n\
+         | SSE records/s delivered to {readers} readers during the max window | {sse:.0} |\n\
+         | peak RSS api / worker | {api_rss:.0} / {worker_rss:.0} MiB |\n\n",
+        date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
+        sessions = options.sessions,
+        clients = options.clients,
+        readers = options.readers,
+        secs = options.duration.as_secs(),
+        runs = runs.len(),
+        max = number("appends_per_second"),
+        floor_ratio = ratio("ratio_to_pipeline_floor"),
+        floor = number("pipeline_floor_per_second"),
+        ds_ratio = ratio("ratio_to_durable_streams"),
+        ds = number("durable_streams_per_second"),
+        backlog = number("backlog_at_end_of_max_window"),
+        drain = number("drain_seconds_after_max_window"),
+        a50 = number("accept_p50_ms_at_max"),
+        a99 = number("accept_p99_ms_at_max"),
+        h50 = number("accept_p50_ms_at_half"),
+        h99 = number("accept_p99_ms_at_half"),
+        v50 = number("visible_p50_ms_at_max"),
+        v99 = number("visible_p99_ms_at_max"),
+        vh50 = number("visible_p50_ms_at_half"),
+        vh99 = number("visible_p99_ms_at_half"),
+        dup = number("appends_per_second_with_20pct_retries"),
+        sse = number("sse_records_per_second"),
+        api_rss = number("api_peak_rss_mib"),
+        worker_rss = number("worker_peak_rss_mib"),
+    );
+    text.push_str("### Every run\n\n```\n");
+    for (index, run) in runs.iter().enumerate() {
+        text.push_str(&format!(
+            "run {}\n  {}\n  {}\n  {}\n",
+            index + 1,
+            run.max,
+            run.half,
+            run.duplicates
+        ));
+        if let Some(floor) = &run.floor {
+            text.push_str(&format!("  {floor}\n"));
+        }
+        if let Some(durable) = &run.durable_streams {
+            text.push_str(&format!("  {durable}\n"));
+        }
+    }
+    text.push_str("```\n");
+    text
+}
+
+const SECTION_START: &str = "<!-- sessions-bench:start -->";
+const SECTION_END: &str = "<!-- sessions-bench:end -->";
+
+/// `document` with the text between the generated-section markers replaced by `section` (the
+/// section is appended, with markers, when they are missing). The rest is written by people.
+fn replace_generated_section(document: &str, section: &str) -> String {
+    let generated = format!("{SECTION_START}\n{section}{SECTION_END}");
+    match (document.find(SECTION_START), document.find(SECTION_END)) {
+        (Some(start), Some(end)) if end > start => format!(
+            "{}{generated}{}",
+            &document[..start],
+            &document[end + SECTION_END.len()..]
+        ),
+        _ => format!("{document}\n{generated}\n"),
+    }
+}
+
+async fn bench(options: Options) -> Result<(), String> {
+    let command = std::env::args().collect::<Vec<_>>().join(" ");
+    let api_binary = sibling_binary("sessions-api")?;
+    let worker_binary = sibling_binary("sessions-worker")?;
+    let durable_streams_binary = if options.skip_references {
+        None
+    } else {
+        Some(durable_streams::ensure_installed(&options.tools)?)
+    };
+    let name = tests::unique_name();
+    let database_url = format!("{}/sessions_bench_{name}", tests::POSTGRES_SERVER);
+    let store = Store::connect(&database_url, 2)
+        .await
+        .map_err(|error| format!("database: {error}"))?;
+    let settings = tests::test_settings(&name, &[]);
+    let mut secret_keys = Vec::new();
+    for environment in ["a", "b"] {
+        let created = store
+            .create_environment("bench", environment, &settings.master_key)
+            .await
+            .map_err(|error| format!("environment: {error}"))?;
+        secret_keys.push(created.secret_key.ok_or("a new environment has a key")?);
+    }
+    let api_port = free_port()?;
+    let worker_port = free_port()?;
+    let env: Vec<(String, String)> = vec![
+        ("DATABASE_URL".into(), database_url.clone()),
+        ("AMQP_URL".into(), tests::AMQP_URL.into()),
+        ("REDIS_URL".into(), tests::REDIS_URL.into()),
+        ("SESSIONS_BROKER_PREFIX".into(), format!("bench_{name}")),
+        ("SESSIONS_REDIS_PREFIX".into(), format!("bench_{name}")),
+        ("SESSIONS_QUEUE_EXPIRES_MS".into(), "600000".into()),
+        // Rate limits are a policy cap per environment, not capacity: off while measuring it.
+        ("SESSIONS_RATE_LIMIT_PER_SECOND".into(), "0".into()),
+        ("SESSIONS_HTTP_ADDR".into(), format!("127.0.0.1:{api_port}")),
+        (
+            "SESSIONS_WORKER_HTTP_ADDR".into(),
+            format!("127.0.0.1:{worker_port}"),
+        ),
+    ];
+    let worker = start(&worker_binary, &env)?;
+    let api = start(&api_binary, &env)?;
+    let client = reqwest::Client::new();
+    let api_url = format!("http://127.0.0.1:{api_port}");
+    wait_ready(&client, &format!("{api_url}/readyz")).await?;
+    wait_ready(&client, &format!("http://127.0.0.1:{worker_port}/readyz")).await?;
+    eprintln!("== creating {} sessions", options.sessions);
+    let sessions =
+        create_sessions(&client, &api_url, &secret_keys, options.sessions, "bench").await?;
+    let mut bench = Bench {
+        options,
+        api_url,
+        store,
+        sessions,
+        durable_streams_binary,
+        expected_records: 0,
+    };
+    let mut runs = Vec::new();
+    let mut sweep = Vec::new();
+    for run in 0..bench.options.runs {
+        eprintln!("==== run {} of {}", run + 1, bench.options.runs);
+        runs.push(bench.run_once(run, &api, &worker, &mut sweep).await?);
+    }
+    drop(api);
+    drop(worker);
+    let summary = summarize(&runs);
+    let document = json!({
+        "date": chrono::Utc::now().to_rfc3339(),
+        "command": command,
+        "summary": summary,
+        "sweep": sweep,
+        "runs": runs,
+    });
+    if let Some(folder) = bench.options.json.parent() {
+        std::fs::create_dir_all(folder).map_err(|error| error.to_string())?;
+    }
+    let pretty = serde_json::to_string_pretty(&document).map_err(|error| error.to_string())?;
+    std::fs::write(&bench.options.json, pretty).map_err(|error| error.to_string())?;
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&summary).unwrap_or_default()
+    );
+    if let Some(path) = &bench.options.markdown {
+        let section = markdown(&bench.options, &summary, &runs, &command);
+        let existing = std::fs::read_to_string(path).unwrap_or_default();
+        std::fs::write(path, replace_generated_section(&existing, &section))
+            .map_err(|error| error.to_string())?;
+        eprintln!("wrote {}", path.display());
+    }
+    tests::drop_database(&database_url).await;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let options = match parse_options() {
+        Ok(options) => options,
+        Err(error) => {
+            eprintln!("sessions-bench: {error}\n{USAGE}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match bench(options).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("sessions-bench: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod checks {
+    use super::*;
+
+    #[test]
+    fn the_generated_section_is_replaced_and_the_rest_kept() {
+        let first = replace_generated_section("# Benchmarks\n\nnotes\n", "run 1\n");
+        assert!(first.starts_with("# Benchmarks\n\nnotes\n"));
+        assert!(first.contains(&format!("{SECTION_START}\nrun 1\n{SECTION_END}")));
+        let second = replace_generated_section(&first, "run 2\n");
+        assert!(second.contains("run 2\n") && !second.contains("run 1\n"));
+        assert!(second.starts_with("# Benchmarks\n\nnotes\n"));
+        assert_eq!(second.matches(SECTION_START).count(), 1);
+    }
+
+    #[test]
+    fn medians_of_odd_and_even_counts() {
+        assert!((median(vec![3.0, 1.0, 2.0]) - 2.0).abs() < 1e-9);
+        assert!((median(vec![4.0, 1.0, 2.0, 3.0]) - 2.5).abs() < 1e-9);
+        assert!(median(Vec::new()).abs() < 1e-9);
+    }
+}
