@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use sea_orm::sea_query::Expr;
+use sea_orm::sea_query::{CaseStatement, Expr};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, Condition, DatabaseTransaction, EntityTrait, IntoActiveModel,
     QueryFilter, TransactionTrait,
@@ -325,29 +325,55 @@ async fn write(
             .exec_without_returning(txn)
             .await?;
     }
-    for session in writes.updated_sessions {
+    // One UPDATE per chunk of sessions, not one per session: a batch touches many sessions and
+    // each round trip costs more than the row (per-column CASE on the id; every row of the
+    // chunk matches a branch, so no ELSE is needed and JSON values keep their own type).
+    for chunk in writes.updated_sessions.chunks(SESSION_UPDATE_CHUNK) {
+        let per_session = |value: &dyn Fn(&SessionRow) -> sea_orm::Value| {
+            let mut case = CaseStatement::new();
+            for session in chunk {
+                case = case.case(
+                    sessions::Column::Id.eq(session.id),
+                    Expr::value(value(session)),
+                );
+            }
+            let expression: Expr = case.into();
+            expression
+        };
         sessions::Entity::update_many()
             .col_expr(
                 sessions::Column::NextSeqIn,
-                Expr::value(session.next_seq_in),
+                per_session(&|session| session.next_seq_in.into()),
             )
             .col_expr(
                 sessions::Column::NextSeqOut,
-                Expr::value(session.next_seq_out),
+                per_session(&|session| session.next_seq_out.into()),
             )
-            .col_expr(sessions::Column::ClosedAt, Expr::value(session.closed_at))
+            .col_expr(
+                sessions::Column::ClosedAt,
+                per_session(&|session| session.closed_at.into()),
+            )
             .col_expr(
                 sessions::Column::ClosedReason,
-                Expr::value(session.closed_reason),
+                per_session(&|session| session.closed_reason.clone().into()),
             )
             .col_expr(
                 sessions::Column::CurrentRunId,
-                Expr::value(session.current_run_id),
+                per_session(&|session| session.current_run_id.into()),
             )
-            .col_expr(sessions::Column::Tags, Expr::value(session.tags))
-            .col_expr(sessions::Column::Metadata, Expr::value(session.metadata))
-            .col_expr(sessions::Column::UpdatedAt, Expr::value(session.updated_at))
-            .filter(sessions::Column::Id.eq(session.id))
+            .col_expr(
+                sessions::Column::Tags,
+                per_session(&|session| session.tags.clone().into()),
+            )
+            .col_expr(
+                sessions::Column::Metadata,
+                per_session(&|session| session.metadata.clone().into()),
+            )
+            .col_expr(
+                sessions::Column::UpdatedAt,
+                per_session(&|session| session.updated_at.into()),
+            )
+            .filter(sessions::Column::Id.is_in(chunk.iter().map(|session| session.id)))
             .exec(txn)
             .await?;
     }
@@ -397,6 +423,10 @@ async fn write(
     }
     insert_outbox(txn, outbox_events).await
 }
+
+/// Sessions per batched UPDATE (8 columns × 2 parameters each, well within both backends'
+/// parameter limits).
+const SESSION_UPDATE_CHUNK: usize = 64;
 
 fn fresh_session(session: SessionRow) -> sessions::ActiveModel {
     session.into_active_model().reset_all()

@@ -19,7 +19,8 @@ use tests::bench::load::{LoadConfig, LoadResult, LoadSession, create_sessions, r
 use tests::bench::report::ThroughputReport;
 
 const USAGE: &str = "usage: sessions-bench [--runs N (3)] [--duration SECONDS (20)] \
-[--sessions N (1000)] [--clients N (64)] [--readers N (100)] [--tools DIR (target/bench-tools)] \
+[--sessions N (1000)] [--clients N (64)] [--readers N (100)] [--partitions N (64)] \
+[--tools DIR (target/bench-tools)] \
 [--json PATH (target/bench/latest.json)] [--markdown PATH] [--skip-references]";
 
 #[derive(Debug)]
@@ -29,6 +30,7 @@ struct Options {
     sessions: usize,
     clients: usize,
     readers: usize,
+    partitions: usize,
     tools: PathBuf,
     json: PathBuf,
     markdown: Option<PathBuf>,
@@ -42,6 +44,7 @@ fn parse_options() -> Result<Options, String> {
         sessions: 1000,
         clients: 64,
         readers: 100,
+        partitions: 64,
         tools: PathBuf::from("target/bench-tools"),
         json: PathBuf::from("target/bench/latest.json"),
         markdown: None,
@@ -67,6 +70,7 @@ fn parse_options() -> Result<Options, String> {
             "--sessions" => options.sessions = number()?.max(1),
             "--clients" => options.clients = number()?.max(1),
             "--readers" => options.readers = number()?,
+            "--partitions" => options.partitions = number()?.clamp(1, 1024),
             "--tools" => options.tools = PathBuf::from(value),
             "--json" => options.json = PathBuf::from(value),
             "--markdown" => options.markdown = Some(PathBuf::from(value)),
@@ -394,7 +398,7 @@ fn markdown(options: &Options, summary: &Value, runs: &[RunFigures], command: &s
          Postgres, Redis, api, worker, load generator, references) on the same cores\n\
          - Command: `{command}`\n\
          - Workload: {sessions} sessions over 2 environments, 256-byte JSON appends with \
-         `X-Part-Id`, {clients} clients, {readers} SSE readers, {secs} s windows, medians of {runs} runs\n\n\
+         `X-Part-Id`, {clients} clients, {readers} SSE readers, {partitions} partitions, {secs} s windows, medians of {runs} runs\n\n\
          | figure | value |\n|---|---|\n\
          | appends/s (closed loop, max) | {max:.0} |\n\
          | ratio to the pipeline floor (same run) | {floor_ratio} (floor {floor:.0}/s) |\n\
@@ -411,6 +415,7 @@ fn markdown(options: &Options, summary: &Value, runs: &[RunFigures], command: &s
         sessions = options.sessions,
         clients = options.clients,
         readers = options.readers,
+        partitions = options.partitions,
         secs = options.duration.as_secs(),
         runs = runs.len(),
         max = number("appends_per_second"),
@@ -501,6 +506,7 @@ async fn bench(options: Options) -> Result<(), String> {
         ("REDIS_URL".into(), tests::REDIS_URL.into()),
         ("SESSIONS_BROKER_PREFIX".into(), format!("bench_{name}")),
         ("SESSIONS_REDIS_PREFIX".into(), format!("bench_{name}")),
+        ("SESSIONS_PARTITIONS".into(), options.partitions.to_string()),
         ("SESSIONS_QUEUE_EXPIRES_MS".into(), "600000".into()),
         // Rate limits are a policy cap per environment, not capacity: off while measuring it.
         ("SESSIONS_RATE_LIMIT_PER_SECOND".into(), "0".into()),
