@@ -43,6 +43,14 @@ pub fn unique_name() -> String {
     format!("t{seconds}_{random}")
 }
 
+/// A loopback port that was free a moment ago (for child processes' listeners).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free port")
+}
+
 /// Settings for an isolated test deployment named `name`.
 pub fn test_settings(name: &str, overrides: &[(&str, &str)]) -> Settings {
     let mut variables: HashMap<String, String> = HashMap::from([

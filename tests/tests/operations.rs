@@ -6,12 +6,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 use tests::{ChildWorker, TestApp};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free port")
-}
+use tests::free_port;
 
 async fn get_when_up(client: &reqwest::Client, url: &str) -> reqwest::Response {
     for _ in 0..100 {

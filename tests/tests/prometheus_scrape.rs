@@ -14,12 +14,7 @@ use tests::{ChildWorker, TestApp};
 const PROMETHEUS: &str = "/usr/bin/prometheus";
 const APPENDS: u64 = 25;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free port")
-}
+use tests::free_port;
 
 async fn get_when_up(client: &reqwest::Client, url: &str) -> reqwest::Response {
     for _ in 0..100 {

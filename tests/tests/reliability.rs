@@ -602,12 +602,7 @@ impl WorkerProcess {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free port")
-}
+use tests::free_port;
 
 /// A private `redis-server` without persistence: killing it loses every key.
 struct PrivateRedis {

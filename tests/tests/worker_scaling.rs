@@ -14,12 +14,7 @@ use tests::{ChildWorker, SpawnOptions, TestApp};
 const PARTITIONS: u16 = 12;
 const WORKERS: u16 = 3;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("a free port")
-}
+use tests::free_port;
 
 /// A worker process with its index and metrics address.
 struct IndexedWorker {
