@@ -22,7 +22,7 @@ use shared::domain::scopes::{Action, SessionNames, allows};
 use shared::domain::tokens::{
     decrypt_secret, secret_key_digest, unverified_subject, verify_public_token,
 };
-use shared::storage::{EnvironmentRow, SessionRow};
+use shared::storage::{EnvironmentRow, LiveKey, SessionRow};
 use uuid::Uuid;
 
 use crate::AppState;
@@ -90,6 +90,60 @@ impl VerificationKeys {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(environment_id, (Instant::now(), keys.clone()));
         Ok(keys)
+    }
+}
+
+/// Most secret keys remembered by [`SecretKeyLookups`]; past it the cache starts over (it only
+/// saves reads, so forgetting is always safe).
+const SECRET_KEY_CACHE_CAPACITY: usize = 10_000;
+
+/// Live secret keys (by digest) and their environments, reused for `SESSIONS_AUTH_CACHE_TTL_MS`
+/// so that a stream of appends does not read the key table once per request. A key's own end
+/// (`revoked_at`, e.g. the end of a rotation's grace period) is checked on every use; only a
+/// revocation made after the lookup waits for the entry to age out. Unknown keys are never
+/// cached.
+#[derive(Debug, Default)]
+pub struct SecretKeyLookups {
+    entries: Mutex<HashMap<String, (Instant, LiveKey)>>,
+}
+
+impl SecretKeyLookups {
+    async fn environment(
+        &self,
+        state: &AppState,
+        digest: String,
+    ) -> Result<Option<EnvironmentRow>, ApiError> {
+        let ttl = state.settings.auth_cache_ttl;
+        if !ttl.is_zero() {
+            let entries = self.lock();
+            if let Some((fetched, live_key)) = entries.get(&digest)
+                && fetched.elapsed() < ttl
+            {
+                let still_live = live_key
+                    .revoked_at
+                    .is_none_or(|revoked_at| revoked_at > chrono::Utc::now());
+                return Ok(still_live.then(|| live_key.environment.clone()));
+            }
+        }
+        let Some(live_key) = state.store.live_key(&digest).await? else {
+            return Ok(None);
+        };
+        let environment = live_key.environment.clone();
+        if !ttl.is_zero() {
+            let mut entries = self.lock();
+            if entries.len() >= SECRET_KEY_CACHE_CAPACITY {
+                entries.clear();
+            }
+            entries.insert(digest, (Instant::now(), live_key));
+        }
+        Ok(Some(environment))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, LiveKey)>> {
+        // A poisoned lock only means another request panicked mid-insert; the map is still valid.
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -166,8 +220,8 @@ async fn authenticate(parts: &Parts, state: &AppState) -> Result<Caller, ApiErro
         return authenticate_token(state, token).await;
     }
     let environment = state
-        .store
-        .environment_for_key_digest(&secret_key_digest(token))
+        .secret_keys
+        .environment(state, secret_key_digest(token))
         .await?
         .ok_or(ApiError::Unauthorized("Invalid API key"))?;
     Ok(Caller {

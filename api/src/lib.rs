@@ -47,6 +47,7 @@ pub struct AppState {
     pub cache: Arc<Cache>,
     pub hub: Arc<live::Hub>,
     pub verification_keys: Arc<auth::VerificationKeys>,
+    pub secret_keys: Arc<auth::SecretKeyLookups>,
     pub rate_limits: Arc<rate_limit::RateLimits>,
 }
 
@@ -131,6 +132,7 @@ impl Application {
                 cache,
                 hub,
                 verification_keys: Arc::default(),
+                secret_keys: Arc::default(),
                 rate_limits,
             },
         })

@@ -51,6 +51,9 @@ pub struct Settings {
     pub publish_batch_max: usize,
     /// `SESSIONS_WORKER_BATCH_MAX`: most broker messages applied in one transaction.
     pub worker_batch_max: usize,
+    /// `SESSIONS_WORKER_APPLY_LANES`: batches a worker applies at once (each its own
+    /// transaction, on disjoint partitions).
+    pub worker_apply_lanes: usize,
     /// `SESSIONS_CLAIM_TTL_MS`: lifetime of a dedup claim in Redis.
     pub claim_ttl: Duration,
     /// `SESSIONS_RETRY_BUDGET_MS`: how long the worker retries a transient failure while holding
@@ -67,6 +70,9 @@ pub struct Settings {
     /// `SESSIONS_WORKER_HAND_BACK_AFTER_MS`: how long a worker stays active on another
     /// worker's home partition before handing it back (only while that worker is present).
     pub worker_hand_back_after: Duration,
+    /// `SESSIONS_AUTH_CACHE_TTL_MS`: how long an api instance reuses a secret-key lookup (so
+    /// also how long a revocation can take to reach it); zero disables the cache.
+    pub auth_cache_ttl: Duration,
     /// `SESSIONS_DB_MAX_CONNECTIONS`.
     pub db_max_connections: u32,
     /// `SESSIONS_JWT_ISSUER`.
@@ -350,6 +356,16 @@ impl Settings {
                 1,
                 1024,
             )?,
+            worker_apply_lanes: in_range(
+                "SESSIONS_WORKER_APPLY_LANES",
+                parse(
+                    "SESSIONS_WORKER_APPLY_LANES",
+                    get("SESSIONS_WORKER_APPLY_LANES"),
+                    1,
+                )?,
+                1,
+                64,
+            )?,
             claim_ttl: millis(
                 "SESSIONS_CLAIM_TTL_MS",
                 get("SESSIONS_CLAIM_TTL_MS"),
@@ -372,6 +388,16 @@ impl Settings {
                 get("SESSIONS_WORKER_HAND_BACK_AFTER_MS"),
                 10_000,
             )?,
+            auth_cache_ttl: Duration::from_millis(in_range(
+                "SESSIONS_AUTH_CACHE_TTL_MS",
+                parse(
+                    "SESSIONS_AUTH_CACHE_TTL_MS",
+                    get("SESSIONS_AUTH_CACHE_TTL_MS"),
+                    1_000_u64,
+                )?,
+                0,
+                60_000,
+            )?),
             db_max_connections: in_range(
                 "SESSIONS_DB_MAX_CONNECTIONS",
                 parse(

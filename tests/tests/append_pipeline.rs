@@ -15,9 +15,23 @@ fn body_for(session: usize, n: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_sessions_many_appends_are_persisted_once_in_send_order() {
-    let app = TestApp::spawn().await;
-    let sessions = 100;
-    let appends = 100;
+    appends_are_persisted_once_in_send_order(TestApp::spawn().await, 100, 100).await;
+}
+
+/// Several batches applied at once (each its own transaction) never share a partition, so the
+/// same guarantees hold.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_apply_lanes_keep_send_order_and_write_once() {
+    let app = TestApp::spawn_with(SpawnOptions {
+        overrides: &[("SESSIONS_WORKER_APPLY_LANES", "4")],
+        ..SpawnOptions::default()
+    })
+    .await;
+    assert_eq!(app.settings.worker_apply_lanes, 4);
+    appends_are_persisted_once_in_send_order(app, 64, 60).await;
+}
+
+async fn appends_are_persisted_once_in_send_order(app: TestApp, sessions: usize, appends: usize) {
     for s in 0..sessions {
         app.create_session(&format!("load-{s}")).await;
     }

@@ -158,7 +158,8 @@ async fn secret_keys_never_reach_the_database_or_the_logs_in_plaintext() {
         .await;
     assert_eq!(applied.len(), 2, "both appends were applied");
 
-    // Revocation of the first key (the harness's key): it stops at once.
+    // Revocation of the first key (the harness's key): it stops once the api's lookup of it
+    // has aged out (`SESSIONS_AUTH_CACHE_TTL_MS`).
     let keys = app
         .store
         .list_secret_keys(environment.id)
@@ -175,6 +176,7 @@ async fn secret_keys_never_reach_the_database_or_the_logs_in_plaintext() {
             .await
             .expect("revoke")
     );
+    tokio::time::sleep(app.settings.auth_cache_ttl + Duration::from_millis(100)).await;
     let revoked = app
         .append_as(&first_key, "secret-chat", "in", "after revocation", None)
         .await;

@@ -3,8 +3,10 @@
 //! One connection carries a channel per partition with prefetch 1, so each partition has at
 //! most one unacknowledged message. The ready messages of all partitions are applied together:
 //! one Redis pipeline of claims, one database transaction, then replies, events and acks.
-//! Per-session order holds because a session lives on one partition and a message keeps its
-//! commands in acceptance order.
+//! Up to `SESSIONS_WORKER_APPLY_LANES` such batches run at once (the worker is bound by round
+//! trips, not CPU); they never share a partition, because a partition's next message is only
+//! delivered after the previous one is acked. Per-session order holds because a session lives
+//! on one partition and a message keeps its commands in acceptance order.
 //!
 //! Which partitions this worker subscribes, and when it hands one back, is decided in
 //! [`crate::assignment`]; this loop acts on it between batches.
@@ -18,6 +20,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use backon::{ExponentialBuilder, Retryable};
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
 use shared::broker::{
     BrokerConfig, BrokerLink, InProcessBroker, Incoming, PartitionConsumers, WorkerPresence,
 };
@@ -162,21 +166,51 @@ async fn consume_loop(
 ) -> LoopEnd {
     let mut tick = tokio::time::interval(ASSIGNMENT_TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let lanes = context.settings.worker_apply_lanes;
+    // Batches being applied. They never share a partition: a partition's next message is only
+    // delivered once its previous one is acked (prefetch 1), so concurrent transactions touch
+    // disjoint sessions and per-session order holds.
+    let mut in_flight = FuturesUnordered::new();
+    let mut ending: Option<LoopEnd> = None;
+    // Standby subscriptions and hand-backs happen between batches only: when one is due, no new
+    // batch starts until the lanes are empty.
+    let mut rebalance_due = false;
     loop {
+        if rebalance_due && in_flight.is_empty() && ending.is_none() {
+            rebalance_due = false;
+            if let Err(error) = rebalance(consumers, assignment).await {
+                tracing::warn!(%error, "partition subscription failed; reconnecting");
+                ending = Some(LoopEnd::ConnectionBroken);
+            }
+        }
+        if let Some(end) = ending.take() {
+            // Let the batches already applying finish (and settle their messages) first.
+            while let Some(result) = in_flight.next().await {
+                if let Err(BudgetExhausted) = result {
+                    tracing::debug!("another batch also exhausted its retry budget");
+                }
+            }
+            return end;
+        }
+        let take_more = in_flight.len() < lanes && !rebalance_due;
         let first = tokio::select! {
-            _ = shutdown.changed() => return LoopEnd::Shutdown,
-            _ = consumers.broken() => return LoopEnd::ConnectionBroken,
-            _ = tick.tick() => {
-                // Between batches: nothing of this worker is in flight.
-                if let Err(error) = rebalance(consumers, assignment).await {
-                    tracing::warn!(%error, "partition subscription failed; reconnecting");
-                    return LoopEnd::ConnectionBroken;
+            _ = shutdown.changed() => { ending = Some(LoopEnd::Shutdown); continue; }
+            _ = consumers.broken() => { ending = Some(LoopEnd::ConnectionBroken); continue; }
+            Some(result) = in_flight.next(), if !in_flight.is_empty() => {
+                if let Err(BudgetExhausted) = result {
+                    ending = Some(LoopEnd::RetryBudgetExhausted);
+                } else if *shutdown.borrow() {
+                    ending = Some(LoopEnd::Shutdown);
                 }
                 continue;
             }
-            first = deliveries.recv() => match first {
+            _ = tick.tick() => {
+                rebalance_due = assignment.is_shared();
+                continue;
+            }
+            first = deliveries.recv(), if take_more => match first {
                 Some(first) => first,
-                None => return LoopEnd::ConnectionBroken,
+                None => { ending = Some(LoopEnd::ConnectionBroken); continue; }
             },
         };
         let mut batch = vec![first];
@@ -196,12 +230,7 @@ async fn consume_loop(
         for incoming in &batch {
             assignment.delivered(incoming.partition, now);
         }
-        if let Err(BudgetExhausted) = process_batch(context, batch).await {
-            return LoopEnd::RetryBudgetExhausted;
-        }
-        if *shutdown.borrow() {
-            return LoopEnd::Shutdown;
-        }
+        in_flight.push(process_batch(context, batch));
     }
 }
 

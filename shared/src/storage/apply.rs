@@ -4,10 +4,11 @@
 use std::collections::HashMap;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use sea_orm::sea_query::{CaseStatement, Expr};
+use sea_orm::sea_query::extension::postgres::PgFunc;
+use sea_orm::sea_query::{CaseStatement, Expr, ExprTrait};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, Condition, DatabaseTransaction, EntityTrait, IntoActiveModel,
-    QueryFilter, TransactionTrait,
+    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, DbBackend,
+    EntityTrait, IntoActiveModel, QueryFilter, Statement, TransactionTrait, Value,
 };
 use uuid::Uuid;
 
@@ -136,10 +137,70 @@ impl Store {
     }
 }
 
+/// `column IN (ids)`. On Postgres it is written `column = ANY($1)` with one array parameter:
+/// the statement text is the same whatever the batch size, so it is prepared and planned once
+/// per connection instead of once per distinct size (measured: statements with hundreds of
+/// parameters cost tens of milliseconds each to parse and plan under load). SQLite (the
+/// embedded default) keeps the IN list.
+fn id_in(backend: DbBackend, column: impl ColumnTrait, ids: &[Uuid]) -> Expr {
+    match backend {
+        DbBackend::Postgres => ExprTrait::eq(
+            column.into_expr(),
+            PgFunc::any(Expr::val(Value::from(ids.to_vec()))),
+        ),
+        _ => column.is_in(ids.iter().copied()),
+    }
+}
+
+/// The records owning `keys` (Postgres): one join against the unnested key arrays, one
+/// statement shape, resolved by the `(environment, session, io, part_id)` unique index.
+const PART_OWNERS_SQL: &str = r#"SELECT r.* FROM records AS r
+JOIN unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[]) AS k(environment_id, session_id, io, part_id)
+  ON r.environment_id = k.environment_id AND r.session_id = k.session_id
+ AND r.io = k.io AND r.part_id = k.part_id"#;
+
+async fn part_owner_rows(
+    txn: &DatabaseTransaction,
+    keys: &[DedupKey],
+) -> Result<Vec<RecordRow>, StorageError> {
+    if txn.get_database_backend() == DbBackend::Postgres {
+        let values = [
+            Value::from(keys.iter().map(|k| k.environment_id).collect::<Vec<_>>()),
+            Value::from(keys.iter().map(|k| k.session_id).collect::<Vec<_>>()),
+            Value::from(
+                keys.iter()
+                    .map(|k| k.io.as_str().to_owned())
+                    .collect::<Vec<_>>(),
+            ),
+            Value::from(keys.iter().map(|k| k.part_id.clone()).collect::<Vec<_>>()),
+        ];
+        return Ok(records::Entity::find()
+            .from_raw_sql(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                PART_OWNERS_SQL,
+                values,
+            ))
+            .all(txn)
+            .await?);
+    }
+    let mut any = Condition::any();
+    for key in keys {
+        any = any.add(
+            Condition::all()
+                .add(records::Column::EnvironmentId.eq(key.environment_id))
+                .add(records::Column::SessionId.eq(key.session_id))
+                .add(records::Column::Io.eq(key.io.as_str()))
+                .add(records::Column::PartId.eq(key.part_id.as_str())),
+        );
+    }
+    Ok(records::Entity::find().filter(any).all(txn).await?)
+}
+
 async fn load_state(
     txn: &DatabaseTransaction,
     commands: &[Command],
 ) -> Result<LoadedState, StorageError> {
+    let backend = txn.get_database_backend();
     let mut state = LoadedState {
         // Postgres keeps microseconds: outcomes computed in memory must equal what a read returns.
         now: Utc::now().trunc_subsecs(6),
@@ -150,7 +211,7 @@ async fn load_state(
     session_ids.dedup();
     for chunk in session_ids.chunks(CHUNK) {
         for session in sessions::Entity::find()
-            .filter(sessions::Column::Id.is_in(chunk.iter().copied()))
+            .filter(id_in(backend, sessions::Column::Id, chunk))
             .all(txn)
             .await?
         {
@@ -165,7 +226,7 @@ async fn load_state(
         .collect();
     for chunk in append_ids.chunks(CHUNK) {
         for record in records::Entity::find()
-            .filter(records::Column::CommandId.is_in(chunk.iter().copied()))
+            .filter(id_in(backend, records::Column::CommandId, chunk))
             .all(txn)
             .await?
         {
@@ -182,7 +243,7 @@ async fn load_state(
         .collect();
     for chunk in other_ids.chunks(CHUNK) {
         for applied in applied_commands::Entity::find()
-            .filter(applied_commands::Column::CommandId.is_in(chunk.iter().copied()))
+            .filter(id_in(backend, applied_commands::Column::CommandId, chunk))
             .all(txn)
             .await?
         {
@@ -209,17 +270,7 @@ async fn load_state(
         })
         .collect();
     for chunk in part_keys.chunks(CHUNK / 4) {
-        let mut any = Condition::any();
-        for key in chunk {
-            any = any.add(
-                Condition::all()
-                    .add(records::Column::EnvironmentId.eq(key.environment_id))
-                    .add(records::Column::SessionId.eq(key.session_id))
-                    .add(records::Column::Io.eq(key.io.as_str()))
-                    .add(records::Column::PartId.eq(key.part_id.as_str())),
-            );
-        }
-        for record in records::Entity::find().filter(any).all(txn).await? {
+        for record in part_owner_rows(txn, chunk).await? {
             let (Some(part_id), Ok(io)) = (record.part_id, record.io.parse()) else {
                 continue;
             };
@@ -241,7 +292,7 @@ async fn load_state(
 
     for chunk in session_ids.chunks(CHUNK) {
         for waitpoint in waitpoints::Entity::find()
-            .filter(waitpoints::Column::SessionId.is_in(chunk.iter().copied()))
+            .filter(id_in(backend, waitpoints::Column::SessionId, chunk))
             .filter(waitpoints::Column::Status.eq(STATUS_WAITING))
             .all(txn)
             .await?
@@ -305,7 +356,7 @@ async fn load_state(
             .collect();
         for chunk in run_ids.chunks(CHUNK) {
             for run in runs::Entity::find()
-                .filter(runs::Column::Id.is_in(chunk.iter().copied()))
+                .filter(id_in(backend, runs::Column::Id, chunk))
                 .all(txn)
                 .await?
             {
@@ -325,10 +376,68 @@ async fn write(
             .exec_without_returning(txn)
             .await?;
     }
+    if txn.get_database_backend() == DbBackend::Postgres {
+        update_sessions_postgres(txn, &writes.updated_sessions).await?;
+        insert_records_postgres(txn, &writes.records).await?;
+    } else {
+        update_sessions_generic(txn, &writes.updated_sessions).await?;
+        for chunk in writes.records.chunks(CHUNK) {
+            records::Entity::insert_many(
+                chunk
+                    .iter()
+                    .cloned()
+                    .map(|record| record.into_active_model().reset_all()),
+            )
+            .exec_without_returning(txn)
+            .await?;
+        }
+    }
+    for chunk in writes.runs.chunks(CHUNK) {
+        runs::Entity::insert_many(
+            chunk
+                .iter()
+                .cloned()
+                .map(|run| run.into_active_model().reset_all()),
+        )
+        .exec_without_returning(txn)
+        .await?;
+    }
+    for chunk in writes.new_waitpoints.chunks(CHUNK / 4) {
+        waitpoints::Entity::insert_many(
+            chunk
+                .iter()
+                .cloned()
+                .map(|waitpoint| waitpoint.into_active_model().reset_all()),
+        )
+        .exec_without_returning(txn)
+        .await?;
+    }
+    let mut outbox_events = writes.outbox;
+    outbox_events.extend(complete_waitpoints(txn, writes.waitpoint_completions).await?);
+    let now = Utc::now();
+    for chunk in writes.applied_outcomes.chunks(CHUNK) {
+        applied_commands::Entity::insert_many(chunk.iter().map(|(command_id, outcome)| {
+            applied_commands::ActiveModel {
+                command_id: sea_orm::Set(*command_id),
+                outcome: sea_orm::Set(serde_json::to_value(outcome).unwrap_or_default()),
+                applied_at: sea_orm::Set(now),
+            }
+        }))
+        .exec_without_returning(txn)
+        .await?;
+    }
+    insert_outbox(txn, outbox_events).await
+}
+
+/// The touched sessions' mutable columns (SQLite).
+async fn update_sessions_generic(
+    txn: &DatabaseTransaction,
+    updated_sessions: &[SessionRow],
+) -> Result<(), StorageError> {
     // One UPDATE per chunk of sessions, not one per session: a batch touches many sessions and
     // each round trip costs more than the row (per-column CASE on the id; every row of the
     // chunk matches a branch, so no ELSE is needed and JSON values keep their own type).
-    for chunk in writes.updated_sessions.chunks(SESSION_UPDATE_CHUNK) {
+    for chunk in updated_sessions.chunks(SESSION_UPDATE_CHUNK) {
         let per_session = |value: &dyn Fn(&SessionRow) -> sea_orm::Value| {
             let mut case = CaseStatement::new();
             for session in chunk {
@@ -377,51 +486,94 @@ async fn write(
             .exec(txn)
             .await?;
     }
-    for chunk in writes.runs.chunks(CHUNK) {
-        runs::Entity::insert_many(
-            chunk
-                .iter()
-                .cloned()
-                .map(|run| run.into_active_model().reset_all()),
-        )
-        .exec_without_returning(txn)
-        .await?;
+    Ok(())
+}
+
+/// The touched sessions' mutable columns (Postgres): one `UPDATE … FROM jsonb_to_recordset($1)`
+/// whatever the number of sessions, so the statement is prepared and planned once per
+/// connection. (One JSON parameter rather than one array per column: the driver binds arrays
+/// without NULL elements only.)
+const UPDATE_SESSIONS_SQL: &str = r#"UPDATE sessions AS s SET
+  next_seq_in = u.next_seq_in, next_seq_out = u.next_seq_out, closed_at = u.closed_at,
+  closed_reason = u.closed_reason, current_run_id = u.current_run_id, tags = u.tags,
+  metadata = u.metadata, updated_at = u.updated_at
+FROM jsonb_to_recordset($1::jsonb) AS u(id uuid, next_seq_in int8, next_seq_out int8,
+  closed_at timestamptz, closed_reason text, current_run_id uuid, tags jsonb, metadata jsonb,
+  updated_at timestamptz)
+WHERE s.id = u.id"#;
+
+async fn update_sessions_postgres(
+    txn: &DatabaseTransaction,
+    updated: &[SessionRow],
+) -> Result<(), StorageError> {
+    if updated.is_empty() {
+        return Ok(());
     }
-    for chunk in writes.records.chunks(CHUNK) {
-        records::Entity::insert_many(
-            chunk
-                .iter()
-                .cloned()
-                .map(|record| record.into_active_model().reset_all()),
-        )
-        .exec_without_returning(txn)
-        .await?;
+    let rows: Vec<serde_json::Value> = updated
+        .iter()
+        .map(|row| {
+            serde_json::json!({
+                "id": row.id,
+                "next_seq_in": row.next_seq_in,
+                "next_seq_out": row.next_seq_out,
+                "closed_at": row.closed_at,
+                "closed_reason": row.closed_reason,
+                "current_run_id": row.current_run_id,
+                "tags": row.tags,
+                "metadata": row.metadata,
+                "updated_at": row.updated_at,
+            })
+        })
+        .collect();
+    txn.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        UPDATE_SESSIONS_SQL,
+        [Value::from(serde_json::Value::Array(rows))],
+    ))
+    .await?;
+    Ok(())
+}
+
+/// New records (Postgres): one `INSERT … SELECT FROM jsonb_to_recordset($1)` whatever their
+/// number.
+const INSERT_RECORDS_SQL: &str = r#"INSERT INTO records
+  (session_id, io, seq_num, environment_id, part_id, body, body_fingerprint, command_id, created_at)
+SELECT session_id, io, seq_num, environment_id, part_id, body, body_fingerprint, command_id,
+       created_at
+FROM jsonb_to_recordset($1::jsonb) AS r(session_id uuid, io text, seq_num int8,
+  environment_id uuid, part_id text, body text, body_fingerprint text, command_id uuid,
+  created_at timestamptz)"#;
+
+async fn insert_records_postgres(
+    txn: &DatabaseTransaction,
+    new_records: &[RecordRow],
+) -> Result<(), StorageError> {
+    if new_records.is_empty() {
+        return Ok(());
     }
-    for chunk in writes.new_waitpoints.chunks(CHUNK / 4) {
-        waitpoints::Entity::insert_many(
-            chunk
-                .iter()
-                .cloned()
-                .map(|waitpoint| waitpoint.into_active_model().reset_all()),
-        )
-        .exec_without_returning(txn)
-        .await?;
-    }
-    let mut outbox_events = writes.outbox;
-    outbox_events.extend(complete_waitpoints(txn, writes.waitpoint_completions).await?);
-    let now = Utc::now();
-    for chunk in writes.applied_outcomes.chunks(CHUNK) {
-        applied_commands::Entity::insert_many(chunk.iter().map(|(command_id, outcome)| {
-            applied_commands::ActiveModel {
-                command_id: sea_orm::Set(*command_id),
-                outcome: sea_orm::Set(serde_json::to_value(outcome).unwrap_or_default()),
-                applied_at: sea_orm::Set(now),
-            }
-        }))
-        .exec_without_returning(txn)
-        .await?;
-    }
-    insert_outbox(txn, outbox_events).await
+    let rows: Vec<serde_json::Value> = new_records
+        .iter()
+        .map(|row| {
+            serde_json::json!({
+                "session_id": row.session_id,
+                "io": row.io,
+                "seq_num": row.seq_num,
+                "environment_id": row.environment_id,
+                "part_id": row.part_id,
+                "body": row.body,
+                "body_fingerprint": row.body_fingerprint,
+                "command_id": row.command_id,
+                "created_at": row.created_at,
+            })
+        })
+        .collect();
+    txn.execute_raw(Statement::from_sql_and_values(
+        DbBackend::Postgres,
+        INSERT_RECORDS_SQL,
+        [Value::from(serde_json::Value::Array(rows))],
+    ))
+    .await?;
+    Ok(())
 }
 
 /// Sessions per batched UPDATE (8 columns × 2 parameters each, well within both backends'

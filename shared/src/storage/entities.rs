@@ -57,7 +57,20 @@ pub mod secret_keys {
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
-    pub enum Relation {}
+    pub enum Relation {
+        #[sea_orm(
+            belongs_to = "super::environments::Entity",
+            from = "Column::EnvironmentId",
+            to = "super::environments::Column::Id"
+        )]
+        Environment,
+    }
+
+    impl Related<super::environments::Entity> for Entity {
+        fn to() -> RelationDef {
+            Relation::Environment.def()
+        }
+    }
 
     impl ActiveModelBehavior for ActiveModel {}
 }

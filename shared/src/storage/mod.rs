@@ -369,17 +369,27 @@ impl Store {
         &self,
         digest: &str,
     ) -> Result<Option<EnvironmentRow>, StorageError> {
-        let Some(key) = secret_keys::Entity::find()
+        Ok(self
+            .live_key(digest)
+            .await?
+            .map(|live_key| live_key.environment))
+    }
+
+    /// The live secret key with this digest and its environment, in one query (every append
+    /// authenticated by a secret key runs it).
+    pub async fn live_key(&self, digest: &str) -> Result<Option<LiveKey>, StorageError> {
+        let found = secret_keys::Entity::find()
             .filter(secret_keys::Column::Digest.eq(digest))
             .filter(key_is_live(Utc::now()))
+            .find_also_related(environments::Entity)
             .one(&self.db)
-            .await?
-        else {
-            return Ok(None);
-        };
-        Ok(environments::Entity::find_by_id(key.environment_id)
-            .one(&self.db)
-            .await?)
+            .await?;
+        Ok(found.and_then(|(key, environment)| {
+            environment.map(|environment| LiveKey {
+                environment,
+                revoked_at: key.revoked_at,
+            })
+        }))
     }
 
     /// The environment with this public id (`env_…`).
@@ -625,6 +635,14 @@ impl Store {
 }
 
 /// A key works until its `revoked_at` (none = forever; a future time = a rotation's grace).
+/// A live secret key's environment, and when the key stops working (a rotation's grace period
+/// ends, or a future revocation); `None`: until it is revoked.
+#[derive(Clone, Debug)]
+pub struct LiveKey {
+    pub environment: EnvironmentRow,
+    pub revoked_at: Option<DateTime<Utc>>,
+}
+
 fn key_is_live(now: DateTime<Utc>) -> sea_orm::Condition {
     sea_orm::Condition::any()
         .add(secret_keys::Column::RevokedAt.is_null())
