@@ -100,9 +100,13 @@ start_node() {
 
 await_node() {
   local node=$1
-  if ! ctl "$node" -q --timeout 120 await_startup >/dev/null 2>&1; then
-    log "$(node_name "$node") did not start; see $(node_dir "$node")/log"; return 1
-  fi
+  # await_startup gives up at once while the new VM is not reachable yet (it registers with
+  # epmd a few seconds after -detached returns, longer on a busy machine): ask again until 120 s.
+  for _ in $(seq 1 24); do
+    if ctl "$node" -q --timeout 5 await_startup >/dev/null 2>&1; then return 0; fi
+    sleep 5
+  done
+  log "$(node_name "$node") did not start; see $(node_dir "$node")/log"; return 1
 }
 
 in_cluster_of_a() {
