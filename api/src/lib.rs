@@ -100,7 +100,8 @@ impl Application {
         let store = Store::connect(&settings.database_url, settings.db_max_connections).await?;
         let cache = Arc::new(cache);
         let instance = uuid::Uuid::now_v7().simple().to_string();
-        let config = BrokerConfig::from_settings(&settings, format!("api-{instance}"), in_process);
+        let config = BrokerConfig::from_settings(&settings, format!("api-{instance}"), in_process)
+            .with_signals(signals::BROKER);
         let reply_queue = config.names.reply_queue(&instance);
         let (reply_sink, replies) = tokio::sync::mpsc::unbounded_channel();
         let (notification_sink, notifications) = tokio::sync::mpsc::unbounded_channel();

@@ -93,3 +93,33 @@ pub fn handler_panicked(message: &str) {
     tracing::error!(panic = message, "request handler panicked");
     metrics::counter!("sessions_api_panics_total").increment(1);
 }
+
+/// How the broker adapter reports to the api: connections (counted when they replace a lost
+/// one) and partition queues that exist with other arguments.
+pub const BROKER: shared::broker::BrokerSignals = shared::broker::BrokerSignals {
+    connected: broker_connected,
+    queue_arguments_differ,
+};
+
+/// The api's broker link connected to `node` (`host:port`); `reconnect`: it replaced a lost
+/// connection (the node went away, or a publish failed and the link was rebuilt).
+fn broker_connected(connection: &str, node: &str, reconnect: bool) {
+    if reconnect {
+        tracing::warn!(connection, node, "broker link reconnected");
+        metrics::counter!("sessions_api_broker_reconnects_total").increment(1);
+    } else {
+        tracing::info!(connection, node, "broker connected");
+        metrics::counter!("sessions_api_broker_reconnects_total").increment(0);
+    }
+}
+
+/// A partition queue exists with other arguments than this version declares (e.g. created
+/// before `SESSIONS_QUORUM_GROUP_SIZE` or the leader locator): it is used as it is.
+fn queue_arguments_differ(queue: &str, error: &str) {
+    tracing::warn!(
+        queue,
+        error,
+        "partition queue exists with other arguments; using it as it is (delete and re-declare \
+         it when drained to apply the new ones)"
+    );
+}

@@ -20,8 +20,13 @@ pub struct ConfigError {
 pub struct Settings {
     /// `DATABASE_URL`: Postgres (`postgres://…`) or SQLite (`sqlite://…`).
     pub database_url: String,
-    /// `AMQP_URL`.
+    /// `AMQP_URL`: one AMQP URL, or the nodes of a RabbitMQ cluster as a comma-separated list
+    /// (validated here; parsed into [`crate::broker::BrokerAddresses`] by the broker adapter).
     pub amqp_url: String,
+    /// `SESSIONS_QUORUM_GROUP_SIZE`: replicas of each partition queue when it is first declared
+    /// (`x-quorum-initial-group-size`); `None`: the broker's default (every cluster node, up to
+    /// its limit).
+    pub quorum_group_size: Option<u16>,
     /// `REDIS_URL`.
     pub redis_url: String,
     /// `SESSIONS_HTTP_ADDR`: where the api listens.
@@ -164,6 +169,16 @@ fn url_with_scheme(
     }
 }
 
+/// `AMQP_URL`: one or more `amqp://`/`amqps://` URLs separated by commas.
+fn amqp_urls(value: String) -> Result<String, ConfigError> {
+    crate::broker::BrokerAddresses::parse(&value)
+        .map(|_| value)
+        .map_err(|message| ConfigError {
+            variable: "AMQP_URL",
+            message,
+        })
+}
+
 fn name_prefix(variable: &'static str, value: String) -> Result<String, ConfigError> {
     let valid = !value.is_empty()
         && value.len() <= 64
@@ -251,12 +266,19 @@ impl Settings {
                     .unwrap_or_else(|| "postgres://postgres@127.0.0.1:5432/sessions".into()),
                 &["postgres://", "postgresql://", "sqlite:"],
             )?,
-            amqp_url: url_with_scheme(
-                "AMQP_URL",
+            amqp_url: amqp_urls(
                 get("AMQP_URL")
                     .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=10".into()),
-                &["amqp://"],
             )?,
+            quorum_group_size: match get("SESSIONS_QUORUM_GROUP_SIZE") {
+                None => None,
+                raw => Some(in_range(
+                    "SESSIONS_QUORUM_GROUP_SIZE",
+                    parse("SESSIONS_QUORUM_GROUP_SIZE", raw, 0_u16)?,
+                    1,
+                    99,
+                )?),
+            },
             redis_url: url_with_scheme(
                 "REDIS_URL",
                 get("REDIS_URL").unwrap_or_else(|| "redis://127.0.0.1:6379/".into()),
@@ -461,6 +483,14 @@ mod tests {
         assert_eq!(error.variable, "SESSIONS_PARTITIONS");
         let error = settings(&[("AMQP_URL", "http://x")]).expect_err("bad");
         assert!(error.to_string().contains("AMQP_URL"));
+        let error = settings(&[("AMQP_URL", "amqp://a/,http://b/")]).expect_err("bad");
+        assert_eq!(error.variable, "AMQP_URL");
+        let error = settings(&[("AMQP_URL", "amqp://a/,,amqp://c/")]).expect_err("bad");
+        assert_eq!(error.variable, "AMQP_URL");
+        let error = settings(&[("SESSIONS_QUORUM_GROUP_SIZE", "0")]).expect_err("bad");
+        assert_eq!(error.variable, "SESSIONS_QUORUM_GROUP_SIZE");
+        let error = settings(&[("SESSIONS_QUORUM_GROUP_SIZE", "three")]).expect_err("bad");
+        assert_eq!(error.variable, "SESSIONS_QUORUM_GROUP_SIZE");
         let error = settings(&[("SESSIONS_HTTP_ADDR", "nowhere")]).expect_err("bad");
         assert_eq!(error.variable, "SESSIONS_HTTP_ADDR");
         let error = settings(&[("SESSIONS_MASTER_KEY", "abcd")]).expect_err("bad");
@@ -475,6 +505,21 @@ mod tests {
         assert_eq!(error.variable, "SESSIONS_RATE_LIMIT_PER_SECOND");
         let error = settings(&[("SESSIONS_RATE_LIMIT_BURST", "0")]).expect_err("bad");
         assert_eq!(error.variable, "SESSIONS_RATE_LIMIT_BURST");
+    }
+
+    #[test]
+    fn amqp_url_takes_one_url_or_a_list() {
+        let single = settings(&[]).expect("defaults");
+        assert_eq!(
+            single.amqp_url,
+            "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=10"
+        );
+        assert_eq!(single.quorum_group_size, None);
+        let list = "amqp://guest:guest@127.0.0.1:5701/%2f,amqps://guest:guest@127.0.0.1:5702/%2f";
+        let cluster =
+            settings(&[("AMQP_URL", list), ("SESSIONS_QUORUM_GROUP_SIZE", "3")]).expect("a list");
+        assert_eq!(cluster.amqp_url, list);
+        assert_eq!(cluster.quorum_group_size, Some(3));
     }
 
     #[test]

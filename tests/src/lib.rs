@@ -9,7 +9,9 @@
 
 pub mod bench;
 pub mod checker;
+pub mod cluster;
 pub mod events;
+pub mod load;
 pub mod proxy;
 pub mod sse;
 
@@ -78,6 +80,16 @@ pub fn test_settings(name: &str, overrides: &[(&str, &str)]) -> Settings {
     // Invalid test settings are a bug in the test itself.
     Settings::from_lookup(|name| variables.get(name).cloned())
         .unwrap_or_else(|error| panic!("test settings: {error}"))
+}
+
+/// Settings of worker `index` of `count`, with short standby and hand-back delays.
+pub fn worker_settings(base: &Settings, index: u16, count: u16) -> Settings {
+    let mut settings = base.clone();
+    settings.worker_index = index;
+    settings.worker_count = count;
+    settings.worker_standby_delay = Duration::from_millis(300);
+    settings.worker_hand_back_after = Duration::from_secs(2);
+    settings
 }
 
 /// The environment variables that reproduce `settings` in a child process.
@@ -317,6 +329,14 @@ pub struct SpawnOptions<'a> {
     pub api_postgres_server: Option<String>,
     /// Do not start an in-process worker.
     pub without_worker: bool,
+}
+
+/// Spawn options for a test that starts its workers itself (child processes).
+pub fn without_worker() -> SpawnOptions<'static> {
+    SpawnOptions {
+        without_worker: true,
+        ..SpawnOptions::default()
+    }
 }
 
 impl TestApp {

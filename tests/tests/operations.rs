@@ -448,3 +448,93 @@ async fn api_sigterm_ends_live_streams_finishes_appends_and_exits_cleanly() {
     let app = std::sync::Arc::into_inner(app).expect("single owner");
     app.cleanup().await;
 }
+
+/// Partition queues are declared with the `balanced` leader locator (and the configured
+/// `x-quorum-initial-group-size`). A partition queue that already exists with other arguments
+/// (made by an older version) makes the broker refuse the declaration with PRECONDITION_FAILED
+/// and close the channel: the process still starts, uses the queue as it is, and reports it.
+#[tokio::test]
+async fn partition_queues_with_other_arguments_are_used_as_they_are() {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    static DIFFERING: AtomicUsize = AtomicUsize::new(0);
+    let name = tests::unique_name();
+    let settings = tests::test_settings(
+        &name,
+        &[
+            ("SESSIONS_PARTITIONS", "3"),
+            ("SESSIONS_QUORUM_GROUP_SIZE", "3"),
+        ],
+    );
+    let old_queue = format!("{name}.p001");
+    let connection = lapin::Connection::connect(tests::AMQP_URL, Default::default())
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let mut old_arguments = FieldTable::default();
+    old_arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    old_arguments.insert("x-expires".into(), AMQPValue::LongLongInt(600_000));
+    channel
+        .queue_declare(
+            old_queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            old_arguments,
+        )
+        .await
+        .expect("the old declaration");
+    let signals = shared::broker::BrokerSignals {
+        queue_arguments_differ: |_, _| {
+            DIFFERING.fetch_add(1, Ordering::SeqCst);
+        },
+        ..shared::broker::BrokerSignals::default()
+    };
+    let link = shared::broker::BrokerLink::new(
+        shared::broker::BrokerConfig::from_settings(&settings, "old-queue".into(), None)
+            .with_signals(signals),
+        None,
+    );
+    link.ensure_connected()
+        .await
+        .expect("starts despite the old queue");
+    assert_eq!(DIFFERING.load(Ordering::SeqCst), 1, "reported once");
+    // The old queue is bound and takes commands like the others (mandatory publishes: an
+    // unbound queue would make them unroutable).
+    link.publish_commands(1, "m1", None, b"{}")
+        .await
+        .expect("published to the old queue");
+    link.publish_commands(2, "m2", None, b"{}")
+        .await
+        .expect("published to a new queue");
+    let listed = std::process::Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "name", "arguments"])
+        .output()
+        .expect("rabbitmqctl");
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    let line_of = |queue: &str| {
+        listed
+            .lines()
+            .find(|line| line.starts_with(&format!("{queue}\t")))
+            .unwrap_or_else(|| panic!("{queue} listed in {listed}"))
+            .to_owned()
+    };
+    let new_queue = line_of(&format!("{name}.p002"));
+    assert!(new_queue.contains("x-queue-leader-locator"), "{new_queue}");
+    assert!(new_queue.contains("balanced"), "{new_queue}");
+    assert!(
+        new_queue.contains("x-quorum-initial-group-size"),
+        "{new_queue}"
+    );
+    let old = line_of(&old_queue);
+    assert!(!old.contains("x-queue-leader-locator"), "{old}");
+    link.delete_topology().await.expect("delete");
+    link.close().await;
+    let _ = connection.close(200, "done".into()).await;
+}

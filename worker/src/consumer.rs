@@ -70,7 +70,8 @@ pub async fn run(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool
         &context.settings,
         format!("{}-consumer", context.instance),
         context.in_process.clone(),
-    );
+    )
+    .with_signals(signals::BROKER);
     let reconnect = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
         .with_max_delay(Duration::from_secs(5))

@@ -66,7 +66,8 @@ impl Worker {
                 &settings,
                 format!("{instance}-publisher"),
                 in_process.clone(),
-            ),
+            )
+            .with_signals(crate::signals::BROKER),
             None,
         );
         Ok(Self {

@@ -100,3 +100,26 @@ pub fn partition_handed_back(partition: u16, home_worker: u16) {
     );
     metrics::counter!("sessions_worker_partition_hand_backs_total").increment(1);
 }
+
+/// How the broker adapter reports to the worker: which node each connection reached, and
+/// partition queues that exist with other arguments. Consumer reconnects are counted by
+/// [`reconnecting`].
+pub const BROKER: shared::broker::BrokerSignals = shared::broker::BrokerSignals {
+    connected: broker_connected,
+    queue_arguments_differ,
+};
+
+/// A connection of this worker (consumer or publisher) reached `node` (`host:port`).
+fn broker_connected(connection: &str, node: &str, reconnect: bool) {
+    tracing::info!(connection, node, reconnect, "broker connected");
+}
+
+/// A partition queue exists with other arguments than this version declares: used as it is.
+fn queue_arguments_differ(queue: &str, error: &str) {
+    tracing::warn!(
+        queue,
+        error,
+        "partition queue exists with other arguments; using it as it is (delete and re-declare \
+         it when drained to apply the new ones)"
+    );
+}

@@ -9,10 +9,19 @@
 //!   dead-letters; partitions are subscribed and handed back one by one; the worker's presence
 //!   queue tells other workers that its home partitions are covered.
 //!
+//! - [`BrokerAddresses`]: the node URLs (`AMQP_URL` may list the nodes of a cluster); every
+//!   (re)connect tries them in turn, starting after the node last used.
+//!
 //! Topology (declared idempotently by every process at connect): a direct exchange
 //! `<prefix>.commands` routing to `P` quorum queues `<prefix>.p<NNN>` (single active consumer,
-//! delivery limit, dead-lettering to the quorum queue `<prefix>.dead`), and a topic exchange
-//! `<prefix>.events` for runners.
+//! delivery limit, dead-lettering to the quorum queue `<prefix>.dead`, leaders placed by the
+//! broker's `balanced` locator, optionally `x-quorum-initial-group-size` replicas), and a topic
+//! exchange `<prefix>.events` for runners.
+//!
+//! Every broker operation is bounded by a timeout (a half-dead connection to a node that is
+//! going away must not hang a publisher or a consumer), and a link that saw a failure or a nack
+//! publishes on a new channel: RabbitMQ 3.10 kept stalling publishes on a channel that was open
+//! across a quorum leader election, while a fresh channel was confirmed within about a second.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,12 +32,15 @@ use lapin::options::{
     ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
     QueueDeleteOptions,
 };
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::{Mutex, mpsc};
 
+mod addresses;
 mod in_process;
 mod partition_consumers;
+pub use addresses::BrokerAddresses;
 pub use in_process::InProcessBroker;
 pub use partition_consumers::{Incoming, PartitionConsumers, WorkerPresence};
 
@@ -97,11 +109,57 @@ impl BrokerError {
     }
 }
 
+/// Where the broker adapter reports connections and topology surprises, so that each binary
+/// logs and counts them in its own signals module (the adapter records no metrics).
+#[derive(Clone, Copy, Debug)]
+pub struct BrokerSignals {
+    /// A connection was opened to `node` (`host:port`); `reconnect` is false for the first.
+    pub connected: fn(connection: &str, node: &str, reconnect: bool),
+    /// `queue` exists with other arguments than this version declares (e.g. made before the
+    /// cluster settings): it is used as it is.
+    pub queue_arguments_differ: fn(queue: &str, error: &str),
+}
+
+impl Default for BrokerSignals {
+    fn default() -> Self {
+        Self {
+            connected: |connection, node, reconnect| {
+                tracing::info!(connection, node, reconnect, "broker connected");
+            },
+            queue_arguments_differ: |queue, error| {
+                tracing::warn!(
+                    queue,
+                    error,
+                    "queue exists with other arguments; using it as it is"
+                );
+            },
+        }
+    }
+}
+
+/// The longest any single broker operation (connect, declare, open a channel, consume, close)
+/// may take before the connection is treated as broken.
+pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Runs one broker operation under [`OPERATION_TIMEOUT`].
+async fn bounded<T>(
+    what: &'static str,
+    operation: impl std::future::Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, BrokerError> {
+    match tokio::time::timeout(OPERATION_TIMEOUT, operation).await {
+        Ok(result) => result.map_err(BrokerError::from),
+        Err(_) => Err(BrokerError::Unavailable(format!("{what} timed out"))),
+    }
+}
+
 /// How to reach and shape the broker.
 #[derive(Clone, Debug)]
 pub struct BrokerConfig {
-    pub url: String,
+    pub addresses: BrokerAddresses,
     pub names: BrokerNames,
+    /// `x-quorum-initial-group-size` of new partition queues (`None`: the broker's default).
+    pub quorum_group_size: Option<u16>,
+    pub signals: BrokerSignals,
     pub delivery_limit: u32,
     pub queue_expires: Option<Duration>,
     pub confirm_timeout: Duration,
@@ -119,17 +177,28 @@ impl BrokerConfig {
         in_process: Option<Arc<InProcessBroker>>,
     ) -> Self {
         Self {
-            url: settings.amqp_url.clone(),
+            // Settings validated the list; a value set by hand that does not parse is kept as
+            // one URL, and connecting to it reports the error.
+            addresses: BrokerAddresses::parse(&settings.amqp_url)
+                .unwrap_or_else(|_| BrokerAddresses::unchecked(&settings.amqp_url)),
             names: BrokerNames {
                 prefix: settings.broker_prefix.clone(),
                 partitions: settings.partitions,
             },
+            quorum_group_size: settings.quorum_group_size,
+            signals: BrokerSignals::default(),
             delivery_limit: settings.delivery_limit,
             queue_expires: settings.queue_expires,
             confirm_timeout: settings.confirm_timeout,
             connection_name,
             in_process,
         }
+    }
+
+    /// Reports connections and topology surprises to `signals` instead of plain logs.
+    pub fn with_signals(mut self, signals: BrokerSignals) -> Self {
+        self.signals = signals;
+        self
     }
 }
 
@@ -149,89 +218,152 @@ fn expires_argument(arguments: &mut FieldTable, expires: Option<Duration>) {
     }
 }
 
-/// Declares the whole topology. Idempotent; every process calls it when it connects.
-async fn declare_topology(channel: &Channel, config: &BrokerConfig) -> Result<(), BrokerError> {
+/// The arguments of partition queue declarations.
+fn partition_arguments(config: &BrokerConfig) -> FieldTable {
+    let names = &config.names;
+    let mut arguments = quorum_arguments();
+    arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    arguments.insert(
+        "x-delivery-limit".into(),
+        AMQPValue::LongInt(i32::try_from(config.delivery_limit).unwrap_or(i32::MAX)),
+    );
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    arguments.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(names.dead_letter_queue().as_str().into()),
+    );
+    // Leaders spread over the nodes when the queues are created (RabbitMQ ≥ 3.10); a node that
+    // comes back after a failure leads nothing until `rabbitmq-queues rebalance quorum`.
+    arguments.insert(
+        "x-queue-leader-locator".into(),
+        AMQPValue::LongString("balanced".into()),
+    );
+    if let Some(size) = config.quorum_group_size {
+        arguments.insert(
+            "x-quorum-initial-group-size".into(),
+            AMQPValue::LongInt(i32::from(size)),
+        );
+    }
+    expires_argument(&mut arguments, config.queue_expires);
+    arguments
+}
+
+/// Declares the whole topology on a channel of its own, which it closes. Idempotent; every
+/// process calls it when it connects.
+///
+/// A partition queue that already exists with other arguments (declared by an older version,
+/// or with another group size) makes the broker refuse the declaration with
+/// PRECONDITION_FAILED and close the channel: the queue is then checked passively on a new
+/// channel and used as it is (reported through [`BrokerSignals::queue_arguments_differ`]).
+async fn declare_topology(
+    connection: &Connection,
+    config: &BrokerConfig,
+) -> Result<(), BrokerError> {
     let names = &config.names;
     let durable = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
     };
+    let mut channel = bounded("opening a channel", connection.create_channel()).await?;
     let mut dead_arguments = quorum_arguments();
     expires_argument(&mut dead_arguments, config.queue_expires);
-    channel
-        .queue_declare(names.dead_letter_queue().into(), durable, dead_arguments)
-        .await?;
+    bounded(
+        "declaring the dead-letter queue",
+        channel.queue_declare(names.dead_letter_queue().into(), durable, dead_arguments),
+    )
+    .await?;
     let durable_exchange = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
     };
-    channel
-        .exchange_declare(
-            names.commands_exchange().into(),
-            ExchangeKind::Direct,
-            durable_exchange,
-            FieldTable::default(),
+    for (exchange, kind) in [
+        (names.commands_exchange(), ExchangeKind::Direct),
+        (names.events_exchange(), ExchangeKind::Topic),
+        (names.notify_exchange(), ExchangeKind::Fanout),
+    ] {
+        bounded(
+            "declaring an exchange",
+            channel.exchange_declare(
+                exchange.as_str().into(),
+                kind,
+                durable_exchange,
+                FieldTable::default(),
+            ),
         )
         .await?;
-    channel
-        .exchange_declare(
-            names.events_exchange().into(),
-            ExchangeKind::Topic,
-            durable_exchange,
-            FieldTable::default(),
-        )
-        .await?;
-    channel
-        .exchange_declare(
-            names.notify_exchange().into(),
-            ExchangeKind::Fanout,
-            durable_exchange,
-            FieldTable::default(),
-        )
-        .await?;
+    }
+    let arguments = partition_arguments(config);
     for partition in 0..names.partitions {
         let queue = names.partition_queue(partition);
-        let mut arguments = quorum_arguments();
-        arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
-        arguments.insert(
-            "x-delivery-limit".into(),
-            AMQPValue::LongInt(i32::try_from(config.delivery_limit).unwrap_or(i32::MAX)),
-        );
-        arguments.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString("".into()),
-        );
-        arguments.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(names.dead_letter_queue().as_str().into()),
-        );
-        expires_argument(&mut arguments, config.queue_expires);
-        channel
-            .queue_declare(queue.as_str().into(), durable, arguments)
+        let declared = tokio::time::timeout(
+            OPERATION_TIMEOUT,
+            channel.queue_declare(queue.as_str().into(), durable, arguments.clone()),
+        )
+        .await
+        .map_err(|_| BrokerError::Unavailable("declaring a partition queue timed out".into()))?;
+        if let Err(error) = declared {
+            if soft_error(&error) != Some(AMQPSoftError::PRECONDITIONFAILED) {
+                return Err(error.into());
+            }
+            (config.signals.queue_arguments_differ)(&queue, &error.to_string());
+            channel = bounded("opening a channel", connection.create_channel()).await?;
+            bounded(
+                "checking a partition queue",
+                channel.queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                ),
+            )
             .await?;
-        channel
-            .queue_bind(
+        }
+        bounded(
+            "binding a partition queue",
+            channel.queue_bind(
                 queue.as_str().into(),
                 names.commands_exchange().into(),
                 queue.as_str().into(),
                 QueueBindOptions::default(),
                 FieldTable::default(),
-            )
-            .await?;
+            ),
+        )
+        .await?;
     }
+    let _ = bounded(
+        "closing a channel",
+        channel.close(200, "topology declared".into()),
+    )
+    .await;
     Ok(())
 }
 
-async fn connect(config: &BrokerConfig) -> Result<Connection, BrokerError> {
-    let properties = ConnectionProperties::default()
-        .with_connection_name(config.connection_name.as_str().into());
-    let connection = tokio::time::timeout(
-        Duration::from_secs(5),
-        Connection::connect(&config.url, properties),
-    )
-    .await
-    .map_err(|_| BrokerError::Unavailable("connect timed out".into()))??;
-    Ok(connection)
+/// Connects to the first node of the rotation that answers (each attempt bounded), and moves
+/// the rotation past it. `reconnect` only changes what is reported.
+async fn connect(config: &BrokerConfig, reconnect: bool) -> Result<Connection, BrokerError> {
+    let mut failures = Vec::new();
+    for (index, url) in config.addresses.rotation() {
+        let properties = ConnectionProperties::default()
+            .with_connection_name(config.connection_name.as_str().into());
+        match bounded("connecting", Connection::connect(url, properties)).await {
+            Ok(connection) => {
+                config.addresses.connected_to(index);
+                (config.signals.connected)(
+                    &config.connection_name,
+                    &config.addresses.describe(index),
+                    reconnect,
+                );
+                return Ok(connection);
+            }
+            Err(error) => failures.push(format!("{}: {error}", config.addresses.describe(index))),
+        }
+    }
+    Err(BrokerError::Unavailable(failures.join("; ")))
 }
 
 /// Where the messages of a reply queue go.
@@ -250,8 +382,11 @@ pub enum Notification {
 pub type NotificationSink = mpsc::UnboundedSender<Notification>;
 
 struct Live {
-    connection: Connection,
+    connection: Arc<Connection>,
+    /// The confirm-mode publishing channel.
     channel: Channel,
+    /// Set after a nack: the next publish opens a new channel on the same connection.
+    stale: std::sync::atomic::AtomicBool,
 }
 
 /// A connection to the broker that is rebuilt on demand, with a confirm-mode publishing channel.
@@ -262,6 +397,8 @@ pub struct BrokerLink {
     live: Mutex<Option<Arc<Live>>>,
     /// Set by [`BrokerLink::close`]: no reconnects after a graceful shutdown.
     closed: std::sync::atomic::AtomicBool,
+    /// Whether a connection was ever made (later ones are reported as reconnects).
+    connected_once: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for BrokerLink {
@@ -296,6 +433,7 @@ impl BrokerLink {
             notifications: None,
             live: Mutex::new(None),
             closed: std::sync::atomic::AtomicBool::new(false),
+            connected_once: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -327,32 +465,64 @@ impl BrokerLink {
         }
         if let Some(live) = guard.as_ref()
             && live.connection.status().connected()
-            && live.channel.status().connected()
         {
-            return Ok(live.clone());
+            if live.channel.status().connected()
+                && !live.stale.load(std::sync::atomic::Ordering::SeqCst)
+            {
+                return Ok(live.clone());
+            }
+            // The connection is fine but the channel saw a nack or was closed by the broker:
+            // publish on a new channel (see the module documentation).
+            let connection = live.connection.clone();
+            let old = live.channel.clone();
+            let channel = publishing_channel(&connection).await?;
+            if old.status().connected() {
+                let _ = bounded("closing a channel", old.close(200, "replaced".into())).await;
+            }
+            let live = Arc::new(Live {
+                connection,
+                channel,
+                stale: false.into(),
+            });
+            *guard = Some(live.clone());
+            return Ok(live);
         }
-        if let Some(old) = guard.take() {
+        let reconnect = if let Some(old) = guard.take() {
             // Best effort: the old connection is broken or half-open.
-            let _ = old.connection.close(320, "rebuilding".into()).await;
+            let _ = bounded("closing", old.connection.close(320, "rebuilding".into())).await;
+            true
+        } else {
+            self.connected_once
+                .swap(true, std::sync::atomic::Ordering::SeqCst)
+        };
+        let connection = Arc::new(connect(&self.config, reconnect).await?);
+        let result = async {
+            declare_topology(&connection, &self.config).await?;
+            let channel = publishing_channel(&connection).await?;
+            if let Some((queue, sink)) = &self.reply_queue {
+                start_reply_consumer(&connection, queue, sink.clone()).await?;
+            }
+            if let Some(sink) = &self.notifications {
+                start_notification_consumer(&connection, &self.config.names, sink.clone()).await?;
+            }
+            Ok::<_, BrokerError>(channel)
         }
-        let connection = connect(&self.config).await?;
-        let channel = connection.create_channel().await?;
-        declare_topology(&channel, &self.config).await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
-        if let Some((queue, sink)) = &self.reply_queue {
-            start_reply_consumer(&connection, queue, sink.clone()).await?;
-        }
-        if let Some(sink) = &self.notifications {
-            start_notification_consumer(&connection, &self.config.names, sink.clone()).await?;
-        }
+        .await;
+        let channel = match result {
+            Ok(channel) => channel,
+            Err(error) => {
+                let _ = bounded("closing", connection.close(320, "setup failed".into())).await;
+                return Err(error);
+            }
+        };
+        self.connected_once
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let live = Arc::new(Live {
             connection,
             channel,
+            stale: false.into(),
         });
         *guard = Some(live.clone());
-        tracing::info!(connection = %self.config.connection_name, "broker connected");
         Ok(live)
     }
 
@@ -365,6 +535,13 @@ impl BrokerLink {
 
     /// Publishes one message with `mandatory` and waits for its confirm (bounded by the
     /// configured timeout). Ok means the broker durably queued it.
+    ///
+    /// A publish that fails because the connection broke, the confirm did not come or the
+    /// broker nacked (a quorum leader going away) is published once more, with the same
+    /// message id and payload, on a new channel or a new connection (possibly to another node):
+    /// the worker deduplicates by command id and part id, so a repeat is harmless, while an
+    /// answer of 503 would make every client retry. The two attempts together take at most
+    /// about twice the confirm timeout.
     async fn publish_confirmed(
         &self,
         exchange: &str,
@@ -373,11 +550,41 @@ impl BrokerLink {
         payload: &[u8],
         properties: BasicProperties,
     ) -> Result<(), BrokerError> {
+        let first = self
+            .publish_once(
+                exchange,
+                routing_key,
+                mandatory,
+                payload,
+                properties.clone(),
+            )
+            .await;
+        match first {
+            Err(
+                BrokerError::Unavailable(_) | BrokerError::ConfirmTimeout | BrokerError::Nacked,
+            ) if !self.closed.load(std::sync::atomic::Ordering::SeqCst) => {
+                self.publish_once(exchange, routing_key, mandatory, payload, properties)
+                    .await
+            }
+            other => other,
+        }
+    }
+
+    async fn publish_once(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        mandatory: bool,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), BrokerError> {
+        // Not cut short by the confirm timeout: a reconnect abandoned halfway would only be
+        // started again by the next publish. Each step of it is bounded instead.
         let live = self.live().await?;
         let result = async {
-            let pending = live
-                .channel
-                .basic_publish(
+            let pending = bounded(
+                "publishing",
+                live.channel.basic_publish(
                     exchange.into(),
                     routing_key.into(),
                     BasicPublishOptions {
@@ -386,8 +593,9 @@ impl BrokerLink {
                     },
                     payload,
                     properties,
-                )
-                .await?;
+                ),
+            )
+            .await?;
             let confirmation = tokio::time::timeout(self.config.confirm_timeout, pending)
                 .await
                 .map_err(|_| BrokerError::ConfirmTimeout)??;
@@ -400,11 +608,14 @@ impl BrokerLink {
             Ok(())
         }
         .await;
-        if matches!(
-            result,
-            Err(BrokerError::Unavailable(_) | BrokerError::ConfirmTimeout)
-        ) {
-            self.forget(&live).await;
+        match result {
+            Err(BrokerError::Unavailable(_) | BrokerError::ConfirmTimeout) => {
+                self.forget(&live).await;
+            }
+            Err(BrokerError::Nacked) => {
+                live.stale.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            _ => {}
         }
         result
     }
@@ -569,7 +780,7 @@ impl BrokerLink {
         let mut guard = self.live.lock().await;
         self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(live) = guard.take() {
-            let _ = live.connection.close(200, "shutdown".into()).await;
+            let _ = bounded("closing", live.connection.close(200, "shutdown".into())).await;
         }
     }
 
@@ -650,20 +861,45 @@ impl BrokerLink {
     }
 }
 
+/// A new confirm-mode channel for publishing.
+async fn publishing_channel(connection: &Connection) -> Result<Channel, BrokerError> {
+    let channel = bounded("opening a channel", connection.create_channel()).await?;
+    bounded(
+        "enabling confirms",
+        channel.confirm_select(ConfirmSelectOptions::default()),
+    )
+    .await?;
+    Ok(channel)
+}
+
+/// The channel-level AMQP error code of `error`, if it is one.
+pub(super) fn soft_error(error: &lapin::Error) -> Option<AMQPSoftError> {
+    match error.kind() {
+        lapin::ErrorKind::ProtocolError(amqp) => match amqp.kind() {
+            AMQPErrorKind::Soft(soft) => Some(soft.clone()),
+            AMQPErrorKind::Hard(_) => None,
+        },
+        _ => None,
+    }
+}
+
 async fn start_reply_consumer(
     connection: &Connection,
     queue: &str,
     sink: ReplySink,
 ) -> Result<(), BrokerError> {
-    let channel = connection.create_channel().await?;
+    let channel = bounded("opening a channel", connection.create_channel()).await?;
     let mut arguments = FieldTable::default();
     // The queue outlives a short reconnect but disappears a while after its api instance died.
     arguments.insert("x-expires".into(), AMQPValue::LongLongInt(300_000));
-    channel
-        .queue_declare(queue.into(), QueueDeclareOptions::default(), arguments)
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
+    bounded(
+        "declaring the reply queue",
+        channel.queue_declare(queue.into(), QueueDeclareOptions::default(), arguments),
+    )
+    .await?;
+    let mut consumer = bounded(
+        "consuming the reply queue",
+        channel.basic_consume(
             queue.into(),
             "".into(),
             BasicConsumeOptions {
@@ -671,8 +907,9 @@ async fn start_reply_consumer(
                 ..BasicConsumeOptions::default()
             },
             FieldTable::default(),
-        )
-        .await?;
+        ),
+    )
+    .await?;
     tokio::spawn(async move {
         // Ends with the connection; the next publish rebuilds both.
         while let Some(Ok(delivery)) = consumer.next().await {
@@ -690,9 +927,10 @@ async fn start_notification_consumer(
     names: &BrokerNames,
     sink: NotificationSink,
 ) -> Result<(), BrokerError> {
-    let channel = connection.create_channel().await?;
-    let queue = channel
-        .queue_declare(
+    let channel = bounded("opening a channel", connection.create_channel()).await?;
+    let queue = bounded(
+        "declaring the notification queue",
+        channel.queue_declare(
             "".into(),
             QueueDeclareOptions {
                 exclusive: true,
@@ -700,19 +938,23 @@ async fn start_notification_consumer(
                 ..QueueDeclareOptions::default()
             },
             FieldTable::default(),
-        )
-        .await?;
-    channel
-        .queue_bind(
+        ),
+    )
+    .await?;
+    bounded(
+        "binding the notification queue",
+        channel.queue_bind(
             queue.name().clone(),
             names.notify_exchange().into(),
             "".into(),
             QueueBindOptions::default(),
             FieldTable::default(),
-        )
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
+        ),
+    )
+    .await?;
+    let mut consumer = bounded(
+        "consuming the notification queue",
+        channel.basic_consume(
             queue.name().clone(),
             "".into(),
             BasicConsumeOptions {
@@ -721,8 +963,9 @@ async fn start_notification_consumer(
                 ..BasicConsumeOptions::default()
             },
             FieldTable::default(),
-        )
-        .await?;
+        ),
+    )
+    .await?;
     let _ = sink.send(Notification::Reconnected);
     tokio::spawn(async move {
         while let Some(Ok(delivery)) = consumer.next().await {

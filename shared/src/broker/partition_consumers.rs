@@ -15,12 +15,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures_lite::StreamExt;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
-use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
+use lapin::protocol::AMQPSoftError;
 use lapin::types::{FieldTable, ShortString};
-use lapin::{Channel, Connection, ErrorKind};
+use lapin::{Channel, Connection};
 use tokio::sync::mpsc;
 
-use super::{BrokerConfig, BrokerError, InProcessBroker, connect, declare_topology};
+use super::{
+    BrokerConfig, BrokerError, InProcessBroker, bounded, connect, declare_topology, soft_error,
+};
+
+/// How often [`PartitionConsumers::broken`] looks at the connection's state, in case a dead
+/// connection does not end the delivery streams (lapin#389).
+const CONNECTION_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// One command message taken from a partition queue, not yet acknowledged.
 pub struct Incoming {
@@ -55,7 +61,7 @@ impl Incoming {
     pub async fn ack(&self) -> Result<(), BrokerError> {
         match &self.delivery {
             Acker::Amqp(delivery) => {
-                delivery.ack(BasicAckOptions::default()).await?;
+                bounded("acknowledging", delivery.ack(BasicAckOptions::default())).await?;
             }
             Acker::InProcess(ack) => {
                 let sender = ack
@@ -137,10 +143,11 @@ impl PartitionConsumers {
             broker.attach_consumer(consumers.sink.clone());
             return Ok(consumers);
         }
-        let connection = connect(config).await?;
-        let setup = connection.create_channel().await?;
-        declare_topology(&setup, config).await?;
-        let _ = setup.close(200, "topology declared".into()).await;
+        let connection = connect(config, false).await?;
+        if let Err(error) = declare_topology(&connection, config).await {
+            let _ = bounded("closing", connection.close(320, "setup failed".into())).await;
+            return Err(error);
+        }
         consumers.connection = Some(connection);
         Ok(consumers)
     }
@@ -157,20 +164,26 @@ impl PartitionConsumers {
         if self.in_process.is_some() || self.subscriptions.contains_key(&partition) {
             return Ok(());
         }
-        let channel = self.connection()?.create_channel().await?;
+        let channel = bounded("opening a channel", self.connection()?.create_channel()).await?;
         // Strict order on quorum queues needs prefetch 1 (DESIGN §2).
-        channel.basic_qos(1, BasicQosOptions::default()).await?;
+        bounded(
+            "setting prefetch",
+            channel.basic_qos(1, BasicQosOptions::default()),
+        )
+        .await?;
         let queue = self.config.names.partition_queue(partition);
         let tag = ShortString::try_new(format!("{}.{queue}", self.consumer_name))
             .unwrap_or_else(|_| ShortString::from(""));
-        let mut consumer = channel
-            .basic_consume(
+        let mut consumer = bounded(
+            "subscribing a partition",
+            channel.basic_consume(
                 queue.as_str().into(),
                 tag,
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
-            )
-            .await?;
+            ),
+        )
+        .await?;
         let id = self.next_subscription;
         self.next_subscription += 1;
         let handed_back = Arc::new(AtomicBool::new(false));
@@ -233,10 +246,13 @@ impl PartitionConsumers {
     pub async fn hand_back(&mut self, partition: u16) {
         if let Some(subscription) = self.subscriptions.remove(&partition) {
             subscription.handed_back.store(true, Ordering::SeqCst);
-            let _ = subscription
-                .channel
-                .close(200, "handing the partition back".into())
-                .await;
+            let _ = bounded(
+                "handing a partition back",
+                subscription
+                    .channel
+                    .close(200, "handing the partition back".into()),
+            )
+            .await;
         }
     }
 
@@ -258,19 +274,26 @@ impl PartitionConsumers {
         if self.in_process.is_some() {
             return Ok(true);
         }
-        let channel = self.connection()?.create_channel().await?;
+        let channel = bounded("opening a channel", self.connection()?.create_channel()).await?;
         let options = QueueDeclareOptions {
             exclusive: true,
             auto_delete: true,
             ..QueueDeclareOptions::default()
         };
         let queue = self.config.names.worker_presence_queue(worker_index);
-        match channel
-            .queue_declare(queue.as_str().into(), options, FieldTable::default())
-            .await
-        {
+        let declared = tokio::time::timeout(
+            super::OPERATION_TIMEOUT,
+            channel.queue_declare(queue.as_str().into(), options, FieldTable::default()),
+        )
+        .await
+        .map_err(|_| BrokerError::Unavailable("declaring the presence queue timed out".into()))?;
+        match declared {
             Ok(_) => {
-                let _ = channel.close(200, "presence declared".into()).await;
+                let _ = bounded(
+                    "closing a channel",
+                    channel.close(200, "presence declared".into()),
+                )
+                .await;
                 Ok(true)
             }
             Err(error) if soft_error(&error) == Some(AMQPSoftError::RESOURCELOCKED) => Ok(false),
@@ -285,7 +308,7 @@ impl PartitionConsumers {
         let Ok(connection) = self.connection() else {
             return WorkerPresence::Unknown;
         };
-        let Ok(channel) = connection.create_channel().await else {
+        let Ok(channel) = bounded("opening a channel", connection.create_channel()).await else {
             return WorkerPresence::Unknown;
         };
         let options = QueueDeclareOptions {
@@ -293,31 +316,55 @@ impl PartitionConsumers {
             ..QueueDeclareOptions::default()
         };
         let queue = self.config.names.worker_presence_queue(worker_index);
-        let presence = match channel
-            .queue_declare(queue.as_str().into(), options, FieldTable::default())
-            .await
+        let presence = match tokio::time::timeout(
+            super::OPERATION_TIMEOUT,
+            channel.queue_declare(queue.as_str().into(), options, FieldTable::default()),
+        )
+        .await
         {
-            Ok(_) => WorkerPresence::Present,
-            Err(error) => match soft_error(&error) {
+            Err(_) => WorkerPresence::Unknown,
+            Ok(Ok(_)) => WorkerPresence::Present,
+            Ok(Err(error)) => match soft_error(&error) {
                 Some(AMQPSoftError::RESOURCELOCKED) => WorkerPresence::Present,
                 Some(AMQPSoftError::NOTFOUND) => WorkerPresence::Absent,
                 _ => WorkerPresence::Unknown,
             },
         };
         if channel.status().connected() {
-            let _ = channel.close(200, "presence checked".into()).await;
+            let _ = bounded(
+                "closing a channel",
+                channel.close(200, "presence checked".into()),
+            )
+            .await;
         }
         presence
     }
 
     /// Resolves when a partition consumer stopped without being handed back (the connection
-    /// or a channel broke).
+    /// or a channel broke), or when the connection is no longer connected even though no
+    /// delivery stream ended (a node that went away without closing its sockets is detected by
+    /// missed heartbeats: `heartbeat=` in `AMQP_URL`).
     pub async fn broken(&mut self) {
         if self.in_process.is_some() {
             // An in-process consumer only ends when it is closed.
             return std::future::pending().await;
         }
-        let _ = self.broken_rx.recv().await;
+        let mut check = tokio::time::interval(CONNECTION_CHECK);
+        loop {
+            tokio::select! {
+                _ = self.broken_rx.recv() => return,
+                _ = check.tick() => {
+                    let connected = self
+                        .connection
+                        .as_ref()
+                        .is_some_and(|connection| connection.status().connected());
+                    if !connected {
+                        tracing::warn!("consumer connection is no longer connected");
+                        return;
+                    }
+                }
+            }
+        }
     }
 
     /// Closes every channel; unacknowledged messages go back to their queues in order.
@@ -330,18 +377,7 @@ impl PartitionConsumers {
         }
         self.subscriptions.clear();
         if let Some(connection) = &self.connection {
-            let _ = connection.close(200, "worker closing".into()).await;
+            let _ = bounded("closing", connection.close(200, "worker closing".into())).await;
         }
-    }
-}
-
-/// The channel-level AMQP error code of `error`, if it is one.
-fn soft_error(error: &lapin::Error) -> Option<AMQPSoftError> {
-    match error.kind() {
-        ErrorKind::ProtocolError(amqp) => match amqp.kind() {
-            AMQPErrorKind::Soft(soft) => Some(soft.clone()),
-            AMQPErrorKind::Hard(_) => None,
-        },
-        _ => None,
     }
 }

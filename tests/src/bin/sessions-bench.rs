@@ -21,7 +21,8 @@ use tests::bench::report::ThroughputReport;
 const USAGE: &str = "usage: sessions-bench [--runs N (3)] [--duration SECONDS (20)] \
 [--sessions N (1000)] [--clients N (64)] [--readers N (100)] [--partitions N (64)] \
 [--tools DIR (target/bench-tools)] \
-[--json PATH (target/bench/latest.json)] [--markdown PATH] [--skip-references]";
+[--json PATH (target/bench/latest.json)] [--markdown PATH] [--skip-references] \
+[--amqp-url URL[,URL…] (the default broker; e.g. `deploy/rabbitmq-cluster.sh urls`)]";
 
 #[derive(Debug)]
 struct Options {
@@ -35,6 +36,8 @@ struct Options {
     json: PathBuf,
     markdown: Option<PathBuf>,
     skip_references: bool,
+    /// `AMQP_URL` of the api and worker (a list: a cluster).
+    amqp_url: String,
 }
 
 fn parse_options() -> Result<Options, String> {
@@ -49,6 +52,7 @@ fn parse_options() -> Result<Options, String> {
         json: PathBuf::from("target/bench/latest.json"),
         markdown: None,
         skip_references: false,
+        amqp_url: tests::AMQP_URL.into(),
     };
     let mut arguments = std::env::args().skip(1);
     while let Some(flag) = arguments.next() {
@@ -74,6 +78,7 @@ fn parse_options() -> Result<Options, String> {
             "--tools" => options.tools = PathBuf::from(value),
             "--json" => options.json = PathBuf::from(value),
             "--markdown" => options.markdown = Some(PathBuf::from(value)),
+            "--amqp-url" => options.amqp_url = value,
             _ => return Err(format!("unknown option {flag}")),
         }
     }
@@ -301,7 +306,14 @@ impl Bench {
         } else {
             eprintln!("== pipeline floor");
             let report = run_pipeline_floor(&FloorConfig {
-                amqp_url: tests::AMQP_URL.into(),
+                // The floor opens plain connections: the first node of a list.
+                amqp_url: self
+                    .options
+                    .amqp_url
+                    .split(',')
+                    .next()
+                    .unwrap_or(tests::AMQP_URL)
+                    .into(),
                 redis_url: tests::REDIS_URL.into(),
                 postgres_server: tests::POSTGRES_SERVER.into(),
                 duration,
@@ -502,7 +514,7 @@ async fn bench(options: Options) -> Result<(), String> {
     let worker_port = free_port()?;
     let env: Vec<(String, String)> = vec![
         ("DATABASE_URL".into(), database_url.clone()),
-        ("AMQP_URL".into(), tests::AMQP_URL.into()),
+        ("AMQP_URL".into(), options.amqp_url.clone()),
         ("REDIS_URL".into(), tests::REDIS_URL.into()),
         ("SESSIONS_BROKER_PREFIX".into(), format!("bench_{name}")),
         ("SESSIONS_REDIS_PREFIX".into(), format!("bench_{name}")),
