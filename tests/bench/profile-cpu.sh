@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Where the CPU goes per append: runs sessions-bench once (release build from tests/bench/run.sh)
+# and, during 8 s of its first max window, reads every process's CPU time from /proc; prints
+# microseconds of CPU per accepted append and share of one core, per command name (api, worker,
+# RabbitMQ's beam.smp, postgres backends together, redis, the load generator itself).
+#   tests/bench/profile-cpu.sh [sessions-bench options, e.g. --partitions 16]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+log=$(mktemp)
+cpu_by_command() {
+  for stat in /proc/[0-9]*/stat; do
+    cat "$stat" 2>/dev/null || true
+  done | sed -E 's/^[0-9]+ \((.*)\) [A-Za-z] (.*)$/\1\t\2/' |
+    awk -F'\t' '{ split($2, f, " "); cpu[$1] += f[11] + f[12] } END { for (c in cpu) print c "\t" cpu[c] }' |
+    sort
+}
+accepted() { grep -E '^ +[0-9.]+ s ' "$log" | tail -1 | awk '{print $5}'; }
+target/release/sessions-bench --runs 1 --duration 12 --skip-references \
+  --json target/bench/profile.json "$@" >"$log" 2>&1 &
+bench=$!
+until grep -q '^== max' "$log"; do sleep 0.2; done
+sleep 3
+before_count=$(accepted); cpu_by_command >"$log.a"
+sleep 8
+after_count=$(accepted); cpu_by_command >"$log.b"
+wait "$bench"
+appends=$((after_count - before_count))
+ticks=$(getconf CLK_TCK)
+echo "appends accepted in the 8 s window: $appends"
+join -t $'\t' "$log.a" "$log.b" |
+  awk -F'\t' -v n="$appends" -v hz="$ticks" '{ d = $3 - $2; if (d > 0) printf "%-24s %6.0f us/append %6.1f %% of a core\n", $1, d * 1e6 / hz / n, d * 100 / hz / 8 }' |
+  sort -k2 -n -r | head -12
+rm -f "$log" "$log.a" "$log.b"
