@@ -457,9 +457,14 @@ impl TestApp {
 
     /// Creates a session with this externalId and returns the response body (asserting 2xx).
     pub async fn create_session(&self, external_id: &str) -> Value {
+        self.create_session_as(&self.secret_key, external_id).await
+    }
+
+    /// Creates (or returns) the session `external_id` with `key`; panics unless 2xx.
+    pub async fn create_session_as(&self, key: &str, external_id: &str) -> Value {
         let response = self
             .create_session_with(
-                &self.secret_key,
+                key,
                 json!({
                     "type": "chat.agent",
                     "externalId": external_id,

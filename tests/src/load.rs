@@ -324,21 +324,10 @@ pub fn body_of(channel: &Channel, n: usize) -> String {
 }
 
 pub async fn create_session(app: &TestApp, key: &str, external_id: &str) -> String {
-    let response = app
-        .create_session_with(
-            key,
-            json!({
-                "type": "chat.agent",
-                "externalId": external_id,
-                "taskIdentifier": "agent",
-                "triggerConfig": { "basePayload": { "chatId": external_id } },
-            }),
-        )
-        .await;
-    let status = response.status();
-    let body: Value = response.json().await.expect("json body");
-    assert!(status.is_success(), "create failed: {status} {body}");
-    body["runId"].as_str().expect("runId").to_owned()
+    app.create_session_as(key, external_id).await["runId"]
+        .as_str()
+        .expect("runId")
+        .to_owned()
 }
 
 /// Closes a session (retrying through faults).
@@ -544,21 +533,7 @@ pub async fn produce(
         let channel = Channel::new(&tenant.environment.id, &session, io);
         let part_id = format!("p{n}-{}", tenant.tag());
         let body = body_of(&channel, n);
-        let result = append_settled(
-            &app,
-            &history,
-            &tenant.environment.key,
-            &channel,
-            Some(&part_id),
-            &body,
-            n as u64,
-            plan.give_up_after,
-        )
-        .await;
-        if plan.resend_every > 0
-            && n % plan.resend_every == plan.resend_every - 1
-            && result == AppendResult::Acknowledged
-        {
+        let send = || {
             append_settled(
                 &app,
                 &history,
@@ -569,7 +544,13 @@ pub async fn produce(
                 n as u64,
                 plan.give_up_after,
             )
-            .await;
+        };
+        let result = send().await;
+        if plan.resend_every > 0
+            && n % plan.resend_every == plan.resend_every - 1
+            && result == AppendResult::Acknowledged
+        {
+            send().await;
         }
     }
 }

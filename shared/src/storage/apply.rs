@@ -535,9 +535,18 @@ async fn update_sessions_postgres(
             })
         })
         .collect();
+    execute_with_rows(txn, UPDATE_SESSIONS_SQL, rows).await
+}
+
+/// Runs a Postgres statement whose `$1` is the batch's rows as one `jsonb` array.
+async fn execute_with_rows(
+    txn: &DatabaseTransaction,
+    sql: &str,
+    rows: Vec<serde_json::Value>,
+) -> Result<(), StorageError> {
     txn.execute_raw(Statement::from_sql_and_values(
         DbBackend::Postgres,
-        UPDATE_SESSIONS_SQL,
+        sql,
         [Value::from(serde_json::Value::Array(rows))],
     ))
     .await?;
@@ -577,13 +586,7 @@ async fn insert_records_postgres(
             })
         })
         .collect();
-    txn.execute_raw(Statement::from_sql_and_values(
-        DbBackend::Postgres,
-        INSERT_RECORDS_SQL,
-        [Value::from(serde_json::Value::Array(rows))],
-    ))
-    .await?;
-    Ok(())
+    execute_with_rows(txn, INSERT_RECORDS_SQL, rows).await
 }
 
 /// Sessions per batched UPDATE (8 columns × 2 parameters each, well within both backends'
