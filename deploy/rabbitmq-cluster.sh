@@ -94,8 +94,10 @@ start_node() {
   fi
   write_files "$node"
   log "starting $(node_name "$node") (AMQP $(amqp_port "$node"), distribution $(dist_port "$node"))"
-  # The default 1,024 descriptors once made a broker stop answering under test load.
-  (ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"; as_rabbitmq "$node" "$RABBIT_BIN/rabbitmq-server" -detached)
+  # The default 1,024 descriptors once made a broker stop answering under test load. Start from
+  # / so the node's working directory never depends on the caller's (a node started from a
+  # checkout that was later deleted could no longer stop: getcwd failed in rabbit_plugins).
+  (cd / && { ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"; } && as_rabbitmq "$node" "$RABBIT_BIN/rabbitmq-server" -detached)
 }
 
 await_node() {
