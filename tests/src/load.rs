@@ -234,9 +234,61 @@ impl Run {
         report
     }
 
+    /// Starts an [`AppendProbe`] on a session of its own in the first environment.
+    pub async fn start_probe(&self) -> AppendProbe {
+        let tenant = self.tenants[0].clone();
+        create_session(&self.app, &tenant.environment.key, AppendProbe::SESSION).await;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let history = Arc::new(History::default());
+        let task = tokio::spawn({
+            let (app, history, stop) = (self.app.clone(), history.clone(), stop.clone());
+            async move {
+                let channel = Channel::new(&tenant.environment.id, AppendProbe::SESSION, "in");
+                let mut n = 0_u64;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let body = json!({ "probe": n }).to_string();
+                    let part_id = format!("probe-{n}");
+                    let key = &tenant.environment.key;
+                    append_once(&app, &history, key, &channel, Some(&part_id), &body, n).await;
+                    n += 1;
+                    tokio::time::sleep(AppendProbe::PERIOD).await;
+                }
+            }
+        });
+        AppendProbe {
+            history,
+            stop,
+            task,
+        }
+    }
+
     pub async fn cleanup(self) {
         let app = Arc::into_inner(self.app).expect("producers finished");
         app.cleanup().await;
+    }
+}
+
+/// Appends to a session of its own, one at a time, every [`AppendProbe::PERIOD`], until
+/// stopped, into a history of its own (the checker does not read that session back).
+///
+/// Why: a fault test must know that appends were sent while the fault lasted, whatever phase
+/// the producers are in. A waitpoint registration can hold every producer through a whole
+/// outage (it waits for the worker), so the producers' own history cannot promise that.
+pub struct AppendProbe {
+    history: Arc<History>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl AppendProbe {
+    pub const SESSION: &str = "append-probe";
+    const PERIOD: Duration = Duration::from_millis(100);
+
+    /// Stops after the append in flight and returns what was sent.
+    pub async fn stop(self) -> History {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.task.await.expect("append probe");
+        Arc::into_inner(self.history).expect("the probe task has ended")
     }
 }
 
