@@ -355,6 +355,83 @@ pub fn inside_outage(history: &History, windows: &[(Instant, Instant)]) -> Insid
     }
 }
 
+/// What the history says about the time around a loss (of a broker node, an address).
+pub struct Pause {
+    /// The longest time between two consecutive accepted appends (of any session) after the
+    /// loss began: how long the service as a whole accepted nothing.
+    pub longest: Duration,
+    /// The longest time one channel waited between two accepted appends after the loss began
+    /// (its partition's leader was on the lost node, or its request was in flight there): what
+    /// the slowest client saw.
+    pub longest_per_channel: Duration,
+    /// Attempts answered 503 (not durably queued: the client retries with the same part id).
+    pub answered_503: usize,
+    /// Attempts with no usable answer (timeout, connection error, other 5xx).
+    pub indeterminate: usize,
+}
+
+pub fn pause_after(history: &History, lost_at: Instant, until: Instant) -> Pause {
+    let attempts = history.appends();
+    let mut accepted: Vec<Instant> = attempts
+        .iter()
+        .filter(|attempt| attempt.result == AppendResult::Acknowledged)
+        .map(|attempt| attempt.answered_at)
+        .filter(|answered| *answered <= until)
+        .collect();
+    accepted.sort_unstable();
+    // The last acceptance before the loss opens the window.
+    let before = accepted
+        .iter()
+        .rev()
+        .find(|answered| **answered <= lost_at)
+        .copied()
+        .unwrap_or(lost_at);
+    let mut longest = Duration::ZERO;
+    let mut previous = before;
+    for answered in accepted.into_iter().filter(|answered| *answered > lost_at) {
+        longest = longest.max(answered - previous);
+        previous = answered;
+    }
+    longest = longest.max(until.saturating_duration_since(previous));
+    let mut per_channel: std::collections::HashMap<String, Vec<Instant>> = Default::default();
+    for attempt in &attempts {
+        if attempt.result == AppendResult::Acknowledged && attempt.answered_at <= until {
+            per_channel
+                .entry(attempt.channel.to_string())
+                .or_default()
+                .push(attempt.answered_at);
+        }
+    }
+    let mut longest_per_channel = Duration::ZERO;
+    for mut answers in per_channel.into_values() {
+        answers.sort_unstable();
+        for pair in answers.windows(2) {
+            if pair[1] > lost_at {
+                longest_per_channel = longest_per_channel.max(pair[1] - pair[0].max(lost_at));
+            }
+        }
+        // A channel that got nothing accepted after its last answer stalled until `until`.
+        if let Some(last) = answers.last() {
+            longest_per_channel =
+                longest_per_channel.max(until.saturating_duration_since((*last).max(lost_at)));
+        }
+    }
+    let answered_503 = attempts
+        .iter()
+        .filter(|attempt| attempt.status == Some(503))
+        .count();
+    let indeterminate = attempts
+        .iter()
+        .filter(|attempt| attempt.result == AppendResult::Indeterminate)
+        .count();
+    Pause {
+        longest,
+        longest_per_channel,
+        answered_503,
+        indeterminate,
+    }
+}
+
 pub fn assert_clean(report: &Report) {
     assert!(
         report.is_clean(),
