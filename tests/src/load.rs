@@ -432,6 +432,16 @@ pub fn pause_after(history: &History, lost_at: Instant, until: Instant) -> Pause
     }
 }
 
+/// Appends sent after `since` (or at any time: `None`) that were answered 2xx.
+pub fn accepted_since(history: &History, since: Option<Instant>) -> usize {
+    history
+        .appends()
+        .iter()
+        .filter(|attempt| attempt.result == AppendResult::Acknowledged)
+        .filter(|attempt| since.is_none_or(|since| attempt.sent_at > since))
+        .count()
+}
+
 pub fn assert_clean(report: &Report) {
     assert!(
         report.is_clean(),

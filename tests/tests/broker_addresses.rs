@@ -13,8 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use tests::checker::AppendResult;
-use tests::load::{Plan, Run, assert_clean, join_all, pause_after};
+use tests::load::{Plan, Run, accepted_since, assert_clean, join_all, pause_after};
 use tests::proxy::TcpProxy;
 use tests::{ChildWorker, SpawnOptions, TestApp, worker_settings};
 
@@ -46,7 +45,7 @@ async fn a_silently_vanished_broker_address_is_left_for_the_next_one_under_load(
     let run = Run::new(app, &[], SESSIONS, Plan::new(APPENDS_CEILING)).await;
     let producers = run.start();
     tokio::time::sleep(LOAD_BEFORE).await;
-    let accepted_before = accepted_count(&run);
+    let accepted_before = accepted_since(&run.history, None);
     assert!(accepted_before > 0, "the load runs before the vanish");
     let on_first = first.open_connections();
     assert!(
@@ -60,14 +59,7 @@ async fn a_silently_vanished_broker_address_is_left_for_the_next_one_under_load(
     run.stop_producers();
     join_all(producers).await;
     let pause = pause_after(&run.history, vanished_at, Instant::now());
-    let accepted_after_vanish = run
-        .history
-        .appends()
-        .iter()
-        .filter(|attempt| {
-            attempt.result == AppendResult::Acknowledged && attempt.sent_at > vanished_at
-        })
-        .count();
+    let accepted_after_vanish = accepted_since(&run.history, Some(vanished_at));
     let on_second = second.open_connections();
     let report = run
         .finish(
@@ -99,12 +91,4 @@ async fn a_silently_vanished_broker_address_is_left_for_the_next_one_under_load(
     );
     worker.kill_9().await;
     run.cleanup().await;
-}
-
-fn accepted_count(run: &Run) -> usize {
-    run.history
-        .appends()
-        .iter()
-        .filter(|attempt| attempt.result == AppendResult::Acknowledged)
-        .count()
 }

@@ -15,9 +15,8 @@
 
 use std::time::{Duration, Instant};
 
-use tests::checker::AppendResult;
 use tests::cluster::{self, ClusterLock};
-use tests::load::{Plan, Run, assert_clean, join_all, pause_after};
+use tests::load::{Plan, Run, accepted_since, assert_clean, join_all, pause_after};
 use tests::{ChildWorker, SpawnOptions, TestApp, worker_settings};
 
 /// Sessions of a run (one sequential producer each).
@@ -114,12 +113,7 @@ async fn lose_the_busiest_leader(loss: Loss, scenario: &str) {
     join_all(producers).await;
     let phase_one_done = Instant::now();
     let pause = pause_after(&run.history, lost_at, phase_one_done);
-    let accepted_while_away = run
-        .history
-        .appends()
-        .iter()
-        .filter(|attempt| attempt.result == AppendResult::Acknowledged && attempt.sent_at > lost_at)
-        .count();
+    let accepted_while_away = accepted_since(&run.history, Some(lost_at));
     let rejoin = cluster::bring_back(&node, another(&node)).await;
     let rejoined_at = Instant::now();
     // A node that comes back leads nothing until the operator rebalances (README).
@@ -131,14 +125,7 @@ async fn lose_the_busiest_leader(loss: Loss, scenario: &str) {
     tokio::time::sleep(LOAD_AFTER).await;
     run.stop_producers();
     join_all(producers).await;
-    let accepted_after_rejoin = run
-        .history
-        .appends()
-        .iter()
-        .filter(|attempt| {
-            attempt.result == AppendResult::Acknowledged && attempt.sent_at > rejoined_at
-        })
-        .count();
+    let accepted_after_rejoin = accepted_since(&run.history, Some(rejoined_at));
     let report = run
         .finish(
             scenario,
