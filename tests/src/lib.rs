@@ -661,19 +661,21 @@ impl TestApp {
             // Nothing outside the data directory; the caller owns (and removes) it.
             return;
         }
-        let link = shared::broker::BrokerLink::new(
-            shared::broker::BrokerConfig::from_settings(
-                &self.settings,
-                format!("{}-cleanup", self.name),
-                None,
-            ),
-            None,
-        );
-        let _ = link.delete_topology().await;
-        link.close().await;
+        delete_broker_topology(&self.settings, &self.name).await;
         drop(self.store);
         drop_database(&self.settings.database_url).await;
     }
+}
+
+/// Deletes the exchanges and the partition queues of `settings`' broker prefix (best effort: a
+/// broker that is away keeps them until their `x-expires`).
+pub async fn delete_broker_topology(settings: &Settings, name: &str) {
+    let link = shared::broker::BrokerLink::new(
+        shared::broker::BrokerConfig::from_settings(settings, format!("{name}-cleanup"), None),
+        None,
+    );
+    let _ = link.delete_topology().await;
+    link.close().await;
 }
 
 /// Percent-encodes a path segment (the client does `encodeURIComponent`).

@@ -501,7 +501,12 @@ async fn bench(options: Options) -> Result<(), String> {
     let store = Store::connect(&database_url, 2)
         .await
         .map_err(|error| format!("database: {error}"))?;
-    let settings = tests::test_settings(&name, &[]);
+    let mut settings = tests::test_settings(&name, &[]);
+    // What the api and the worker below use: the same names, for the cleanup at the end.
+    settings.amqp_url = options.amqp_url.clone();
+    settings.broker_prefix = format!("bench_{name}");
+    settings.partitions =
+        u16::try_from(options.partitions).map_err(|_| "--partitions: at most 1024")?;
     let mut secret_keys = Vec::new();
     for environment in ["a", "b"] {
         let created = store
@@ -516,7 +521,10 @@ async fn bench(options: Options) -> Result<(), String> {
         ("DATABASE_URL".into(), database_url.clone()),
         ("AMQP_URL".into(), options.amqp_url.clone()),
         ("REDIS_URL".into(), tests::REDIS_URL.into()),
-        ("SESSIONS_BROKER_PREFIX".into(), format!("bench_{name}")),
+        (
+            "SESSIONS_BROKER_PREFIX".into(),
+            settings.broker_prefix.clone(),
+        ),
         ("SESSIONS_REDIS_PREFIX".into(), format!("bench_{name}")),
         ("SESSIONS_PARTITIONS".into(), options.partitions.to_string()),
         ("SESSIONS_QUEUE_EXPIRES_MS".into(), "600000".into()),
@@ -547,12 +555,26 @@ async fn bench(options: Options) -> Result<(), String> {
     };
     let mut runs = Vec::new();
     let mut sweep = Vec::new();
+    let mut failure = None;
     for run in 0..bench.options.runs {
         eprintln!("==== run {} of {}", run + 1, bench.options.runs);
-        runs.push(bench.run_once(run, &api, &worker, &mut sweep).await?);
+        match bench.run_once(run, &api, &worker, &mut sweep).await {
+            Ok(figures) => runs.push(figures),
+            Err(error) => {
+                failure = Some(error);
+                break;
+            }
+        }
     }
     drop(api);
     drop(worker);
+    // Every run leaves nothing behind: quorum queues left on the broker would cost it CPU in
+    // the next runs (and skew an A/B comparison made of several invocations).
+    tests::delete_broker_topology(&settings, &name).await;
+    if let Some(error) = failure {
+        tests::drop_database(&database_url).await;
+        return Err(error);
+    }
     let summary = summarize(&runs);
     let document = json!({
         "date": chrono::Utc::now().to_rfc3339(),
