@@ -502,11 +502,13 @@ async fn bench(options: Options) -> Result<(), String> {
         .await
         .map_err(|error| format!("database: {error}"))?;
     let mut settings = tests::test_settings(&name, &[]);
-    // What the api and the worker below use: the same names, for the cleanup at the end.
+    // What the api and the worker below use (the cleanup at the end declares the same topology
+    // before it deletes it: any other queue argument would be refused, and nothing deleted).
     settings.amqp_url = options.amqp_url.clone();
     settings.broker_prefix = format!("bench_{name}");
     settings.partitions =
         u16::try_from(options.partitions).map_err(|_| "--partitions: at most 1024")?;
+    settings.queue_expires = Some(std::time::Duration::from_secs(600));
     let mut secret_keys = Vec::new();
     for environment in ["a", "b"] {
         let created = store
@@ -519,15 +521,28 @@ async fn bench(options: Options) -> Result<(), String> {
     let worker_port = free_port()?;
     let env: Vec<(String, String)> = vec![
         ("DATABASE_URL".into(), database_url.clone()),
-        ("AMQP_URL".into(), options.amqp_url.clone()),
+        ("AMQP_URL".into(), settings.amqp_url.clone()),
         ("REDIS_URL".into(), tests::REDIS_URL.into()),
         (
             "SESSIONS_BROKER_PREFIX".into(),
             settings.broker_prefix.clone(),
         ),
-        ("SESSIONS_REDIS_PREFIX".into(), format!("bench_{name}")),
-        ("SESSIONS_PARTITIONS".into(), options.partitions.to_string()),
-        ("SESSIONS_QUEUE_EXPIRES_MS".into(), "600000".into()),
+        (
+            "SESSIONS_REDIS_PREFIX".into(),
+            settings.broker_prefix.clone(),
+        ),
+        (
+            "SESSIONS_PARTITIONS".into(),
+            settings.partitions.to_string(),
+        ),
+        (
+            "SESSIONS_QUEUE_EXPIRES_MS".into(),
+            settings
+                .queue_expires
+                .unwrap_or_default()
+                .as_millis()
+                .to_string(),
+        ),
         // Rate limits are a policy cap per environment, not capacity: off while measuring it.
         ("SESSIONS_RATE_LIMIT_PER_SECOND".into(), "0".into()),
         ("SESSIONS_HTTP_ADDR".into(), format!("127.0.0.1:{api_port}")),
@@ -568,11 +583,13 @@ async fn bench(options: Options) -> Result<(), String> {
     }
     drop(api);
     drop(worker);
-    // Every run leaves nothing behind: quorum queues left on the broker would cost it CPU in
-    // the next runs (and skew an A/B comparison made of several invocations).
+    // Every invocation removes its database, partition queues and exchanges, whether its runs
+    // succeeded or not: quorum queues left on the broker would cost it CPU in the next
+    // invocations (and skew an A/B comparison made of several). The api's reply queue (a
+    // classic queue) expires by itself 5 min after the api is gone.
     tests::delete_broker_topology(&settings, &name).await;
+    tests::drop_database(&database_url).await;
     if let Some(error) = failure {
-        tests::drop_database(&database_url).await;
         return Err(error);
     }
     let summary = summarize(&runs);
@@ -599,7 +616,6 @@ async fn bench(options: Options) -> Result<(), String> {
             .map_err(|error| error.to_string())?;
         eprintln!("wrote {}", path.display());
     }
-    tests::drop_database(&database_url).await;
     Ok(())
 }
 
