@@ -161,10 +161,6 @@ for source in list(pathlib.Path("api").rglob("*.rs")) + list(pathlib.Path("worke
         kinds[name] = kind
 if not kinds:
     error("found no metrics::counter!/gauge!/histogram! in api/, worker/, shared/")
-# The worker's partition gauges (being added with WORKER_INDEX/WORKER_COUNT).
-for name in ("sessions_worker_partitions_total", "sessions_worker_partitions_subscribed",
-             "sessions_worker_partitions_active"):
-    kinds.setdefault(name, "gauge")
 # Histograms whose name ends with a suffix given buckets in telemetry.rs are Prometheus
 # histograms (_bucket, _sum, _count); the others are rendered as summaries (quantile, _sum, _count).
 suffixes = re.findall(r'Matcher::Suffix\("([^"]+)"', pathlib.Path("shared/src/telemetry.rs").read_text())

@@ -98,9 +98,25 @@ impl Embedded {
                 .and_then(|sealed| decrypt_secret(&settings.master_key, sealed))
                 .ok_or_else(|| EmbeddedError::KeyUnreadable(data_dir.to_path_buf()))?,
         };
+        // The in-process logs start right after what the worker applied before the restart
+        // (their messages lived in memory; everything confirmed was committed).
+        let names = shared::broker::BrokerNames {
+            prefix: settings.broker_prefix.clone(),
+            partitions: settings.partitions,
+        };
+        let logs: Vec<String> = (0..settings.partitions)
+            .map(|partition| names.partition_log(partition))
+            .collect();
+        let stored = store.log_positions(&logs).await.map_err(StartError::from)?;
+        let positions = (0..settings.partitions)
+            .zip(&logs)
+            .filter_map(|(partition, log)| {
+                stored.get(log).map(|resume| (partition, resume.clone()))
+            })
+            .collect();
         drop(store);
 
-        let broker = InProcessBroker::start(settings.partitions);
+        let broker = InProcessBroker::start(settings.partitions, &positions);
         let worker = worker::Worker::build_with(
             settings.clone(),
             Some(broker.clone()),

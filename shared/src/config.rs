@@ -23,10 +23,18 @@ pub struct Settings {
     /// `AMQP_URL`: one AMQP URL, or the nodes of a RabbitMQ cluster as a comma-separated list
     /// (validated here; parsed into [`crate::broker::BrokerAddresses`] by the broker adapter).
     pub amqp_url: String,
-    /// `SESSIONS_QUORUM_GROUP_SIZE`: replicas of each partition queue when it is first declared
-    /// (`x-quorum-initial-group-size`); `None`: the broker's default (every cluster node, up to
-    /// its limit).
-    pub quorum_group_size: Option<u16>,
+    /// `SESSIONS_LOG_REPLICAS` (formerly `SESSIONS_QUORUM_GROUP_SIZE`, still read): replicas of
+    /// each partition log when it is first declared (`x-initial-cluster-size`); `None`: the
+    /// broker's default (every cluster node).
+    pub log_replicas: Option<u16>,
+    /// `SESSIONS_LOG_MAX_BYTES`: retention of each partition log by size (`x-max-length-bytes`).
+    pub log_max_bytes: u64,
+    /// `SESSIONS_LOG_MAX_AGE`: retention of each partition log by age (`x-max-age`, e.g. `7D`,
+    /// `24h`, `90m`, `3600s`).
+    pub log_max_age: String,
+    /// `SESSIONS_LOG_SEGMENT_BYTES`: segment size of the partition logs
+    /// (`x-stream-max-segment-size-bytes`); retention removes whole segments.
+    pub log_segment_bytes: u64,
     /// `REDIS_URL`.
     pub redis_url: String,
     /// `SESSIONS_HTTP_ADDR`: where the api listens.
@@ -50,14 +58,15 @@ pub struct Settings {
     pub max_json_bytes: usize,
     /// `SESSIONS_MAX_SNAPSHOT_BYTES`: largest chat snapshot blob.
     pub max_snapshot_bytes: usize,
-    /// `SESSIONS_DELIVERY_LIMIT`: redeliveries before the broker dead-letters a command.
-    pub delivery_limit: u32,
     /// `SESSIONS_PUBLISH_BATCH_MAX`: most commands in one broker message.
     pub publish_batch_max: usize,
     /// `SESSIONS_WORKER_BATCH_MAX`: most broker messages applied in one transaction.
     pub worker_batch_max: usize,
+    /// `SESSIONS_WORKER_PREFETCH`: how many messages of each partition log a worker reads
+    /// ahead of what it has applied (the stream consumer's prefetch).
+    pub worker_prefetch: u16,
     /// `SESSIONS_WORKER_APPLY_LANES`: batches a worker applies at once (each its own
-    /// transaction, on disjoint partitions).
+    /// transaction; batches of one partition are serialized by its offset row).
     pub worker_apply_lanes: usize,
     /// `SESSIONS_CLAIM_TTL_MS`: lifetime of a dedup claim in Redis.
     pub claim_ttl: Duration,
@@ -69,12 +78,18 @@ pub struct Settings {
     pub worker_index: u16,
     /// `WORKER_COUNT`: how many workers share the partitions (1: every partition is home).
     pub worker_count: u16,
-    /// `SESSIONS_WORKER_STANDBY_DELAY_MS`: how long after connecting a worker subscribes the
-    /// non-home partitions as standby (and re-subscribes one it handed back).
+    /// `SESSIONS_WORKER_STANDBY_DELAY_MS`: how long after starting a worker begins to take
+    /// over other workers' partitions whose lease expired (so that workers starting together
+    /// each get their home partitions first).
     pub worker_standby_delay: Duration,
-    /// `SESSIONS_WORKER_HAND_BACK_AFTER_MS`: how long a worker stays active on another
-    /// worker's home partition before handing it back (only while that worker is present).
-    pub worker_hand_back_after: Duration,
+    /// `SESSIONS_PARTITION_LEASE_MS`: how long a worker's claim on a partition lasts without
+    /// renewal (renewed every third of it): a silent worker's partitions are taken over after
+    /// at most this long.
+    pub partition_lease: Duration,
+    /// `SESSIONS_DRAIN_LEGACY_QUEUES`: `1` during an upgrade from the version with quorum
+    /// partition queues: each worker first applies what its home partitions' old queues still
+    /// hold, then deletes them (README, "Upgrading from partition queues"). Default off.
+    pub drain_legacy_queues: bool,
     /// `SESSIONS_AUTH_CACHE_TTL_MS`: how long an api instance reuses a secret-key lookup (so
     /// also how long a revocation can take to reach it); zero disables the cache.
     pub auth_cache_ttl: Duration,
@@ -97,9 +112,6 @@ pub struct Settings {
     /// abort right after a batch that appended records commits, before events, replies and acks). Never set it in
     /// production.
     pub test_failpoint: Option<String>,
-    /// `SESSIONS_QUEUE_EXPIRES_MS`: optional `x-expires` on partition queues (tests and
-    /// throw-away deployments; unset in production).
-    pub queue_expires: Option<Duration>,
     /// `SESSIONS_RATE_LIMIT_PER_SECOND`: authenticated requests per second per environment
     /// (per api instance); `0` disables rate limiting.
     pub rate_limit_per_second: u32,
@@ -234,6 +246,62 @@ fn rate_limit(get: impl Fn(&str) -> Option<String>) -> Result<(u32, u32), Config
     Ok((per_second, burst))
 }
 
+/// `SESSIONS_LOG_REPLICAS`, or the variable it replaced, `SESSIONS_QUORUM_GROUP_SIZE`.
+fn log_replicas(get: impl Fn(&str) -> Option<String>) -> Result<Option<u16>, ConfigError> {
+    for variable in ["SESSIONS_LOG_REPLICAS", "SESSIONS_QUORUM_GROUP_SIZE"] {
+        if let Some(raw) = get(variable) {
+            return Ok(Some(in_range(
+                variable,
+                parse(variable, Some(raw), 0_u16)?,
+                1,
+                99,
+            )?));
+        }
+    }
+    Ok(None)
+}
+
+/// `SESSIONS_LOG_MAX_AGE`: a positive number and one unit of `Y M D h m s` (RabbitMQ's
+/// `x-max-age` notation).
+fn log_max_age(raw: Option<String>) -> Result<String, ConfigError> {
+    let value = raw.unwrap_or_else(|| "7D".into()).trim().to_owned();
+    let (number, unit) = value.split_at(value.len().saturating_sub(1));
+    let valid = ["Y", "M", "D", "h", "m", "s"].contains(&unit)
+        && number.parse::<u32>().is_ok_and(|number| number > 0);
+    if valid {
+        Ok(value)
+    } else {
+        Err(ConfigError {
+            variable: "SESSIONS_LOG_MAX_AGE",
+            message: format!(
+                "{value:?}: must be a positive number and one unit of Y M D h m s, e.g. 7D or 24h"
+            ),
+        })
+    }
+}
+
+/// `SESSIONS_LOG_SEGMENT_BYTES`, at most a quarter of `SESSIONS_LOG_MAX_BYTES` (retention removes
+/// whole segments, so a log of one segment would never shrink).
+fn log_segment_bytes(get: impl Fn(&str) -> Option<String>) -> Result<u64, ConfigError> {
+    let max_bytes: u64 = parse(
+        "SESSIONS_LOG_MAX_BYTES",
+        get("SESSIONS_LOG_MAX_BYTES"),
+        256 << 20,
+    )?;
+    let default = (max_bytes / 16).clamp(64 << 10, 64 << 20);
+    let segment = parse(
+        "SESSIONS_LOG_SEGMENT_BYTES",
+        get("SESSIONS_LOG_SEGMENT_BYTES"),
+        default,
+    )?;
+    in_range(
+        "SESSIONS_LOG_SEGMENT_BYTES",
+        segment,
+        64 << 10,
+        (max_bytes / 4).max(64 << 10),
+    )
+}
+
 impl Settings {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -270,15 +338,19 @@ impl Settings {
                 get("AMQP_URL")
                     .unwrap_or_else(|| "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=10".into()),
             )?,
-            quorum_group_size: match get("SESSIONS_QUORUM_GROUP_SIZE") {
-                None => None,
-                raw => Some(in_range(
-                    "SESSIONS_QUORUM_GROUP_SIZE",
-                    parse("SESSIONS_QUORUM_GROUP_SIZE", raw, 0_u16)?,
-                    1,
-                    99,
-                )?),
-            },
+            log_replicas: log_replicas(get)?,
+            log_max_bytes: in_range(
+                "SESSIONS_LOG_MAX_BYTES",
+                parse(
+                    "SESSIONS_LOG_MAX_BYTES",
+                    get("SESSIONS_LOG_MAX_BYTES"),
+                    256_u64 << 20,
+                )?,
+                1 << 20,
+                1 << 50,
+            )?,
+            log_max_age: log_max_age(get("SESSIONS_LOG_MAX_AGE"))?,
+            log_segment_bytes: log_segment_bytes(get)?,
             redis_url: url_with_scheme(
                 "REDIS_URL",
                 get("REDIS_URL").unwrap_or_else(|| "redis://127.0.0.1:6379/".into()),
@@ -348,16 +420,6 @@ impl Settings {
                 1,
                 256 << 20,
             )?,
-            delivery_limit: in_range(
-                "SESSIONS_DELIVERY_LIMIT",
-                parse(
-                    "SESSIONS_DELIVERY_LIMIT",
-                    get("SESSIONS_DELIVERY_LIMIT"),
-                    20,
-                )?,
-                1,
-                1000,
-            )?,
             publish_batch_max: in_range(
                 "SESSIONS_PUBLISH_BATCH_MAX",
                 parse(
@@ -373,10 +435,20 @@ impl Settings {
                 parse(
                     "SESSIONS_WORKER_BATCH_MAX",
                     get("SESSIONS_WORKER_BATCH_MAX"),
-                    64,
+                    512,
                 )?,
                 1,
-                1024,
+                10_000,
+            )?,
+            worker_prefetch: in_range(
+                "SESSIONS_WORKER_PREFETCH",
+                parse(
+                    "SESSIONS_WORKER_PREFETCH",
+                    get("SESSIONS_WORKER_PREFETCH"),
+                    2000_u16,
+                )?,
+                1,
+                u16::MAX,
             )?,
             worker_apply_lanes: in_range(
                 "SESSIONS_WORKER_APPLY_LANES",
@@ -405,11 +477,26 @@ impl Settings {
                 get("SESSIONS_WORKER_STANDBY_DELAY_MS"),
                 5_000,
             )?,
-            worker_hand_back_after: millis(
-                "SESSIONS_WORKER_HAND_BACK_AFTER_MS",
-                get("SESSIONS_WORKER_HAND_BACK_AFTER_MS"),
-                10_000,
-            )?,
+            partition_lease: Duration::from_millis(in_range(
+                "SESSIONS_PARTITION_LEASE_MS",
+                parse(
+                    "SESSIONS_PARTITION_LEASE_MS",
+                    get("SESSIONS_PARTITION_LEASE_MS"),
+                    5_000_u64,
+                )?,
+                300,
+                600_000,
+            )?),
+            drain_legacy_queues: match get("SESSIONS_DRAIN_LEGACY_QUEUES").as_deref() {
+                None | Some("0" | "false") => false,
+                Some("1" | "true") => true,
+                Some(other) => {
+                    return Err(ConfigError {
+                        variable: "SESSIONS_DRAIN_LEGACY_QUEUES",
+                        message: format!("{other:?}: must be 1 or 0"),
+                    });
+                }
+            },
             auth_cache_ttl: Duration::from_millis(in_range(
                 "SESSIONS_AUTH_CACHE_TTL_MS",
                 parse(
@@ -443,10 +530,6 @@ impl Settings {
             public_url: get("SESSIONS_PUBLIC_URL")
                 .map(|url| url_with_scheme("SESSIONS_PUBLIC_URL", url, &["http://", "https://"]))
                 .transpose()?,
-            queue_expires: match get("SESSIONS_QUEUE_EXPIRES_MS") {
-                None => None,
-                raw => Some(millis("SESSIONS_QUEUE_EXPIRES_MS", raw, 0)?),
-            },
             rate_limit_per_second,
             rate_limit_burst,
         })
@@ -489,8 +572,20 @@ mod tests {
         assert_eq!(error.variable, "AMQP_URL");
         let error = settings(&[("SESSIONS_QUORUM_GROUP_SIZE", "0")]).expect_err("bad");
         assert_eq!(error.variable, "SESSIONS_QUORUM_GROUP_SIZE");
-        let error = settings(&[("SESSIONS_QUORUM_GROUP_SIZE", "three")]).expect_err("bad");
-        assert_eq!(error.variable, "SESSIONS_QUORUM_GROUP_SIZE");
+        let error = settings(&[("SESSIONS_LOG_REPLICAS", "three")]).expect_err("bad");
+        assert_eq!(error.variable, "SESSIONS_LOG_REPLICAS");
+        let error = settings(&[("SESSIONS_LOG_MAX_AGE", "7 days")]).expect_err("bad");
+        assert_eq!(error.variable, "SESSIONS_LOG_MAX_AGE");
+        let error = settings(&[("SESSIONS_LOG_MAX_AGE", "0D")]).expect_err("bad");
+        assert_eq!(error.variable, "SESSIONS_LOG_MAX_AGE");
+        let error = settings(&[
+            ("SESSIONS_LOG_MAX_BYTES", "10000000"),
+            ("SESSIONS_LOG_SEGMENT_BYTES", "5000000"),
+        ])
+        .expect_err("bad");
+        assert_eq!(error.variable, "SESSIONS_LOG_SEGMENT_BYTES");
+        let error = settings(&[("SESSIONS_WORKER_PREFETCH", "0")]).expect_err("bad");
+        assert_eq!(error.variable, "SESSIONS_WORKER_PREFETCH");
         let error = settings(&[("SESSIONS_HTTP_ADDR", "nowhere")]).expect_err("bad");
         assert_eq!(error.variable, "SESSIONS_HTTP_ADDR");
         let error = settings(&[("SESSIONS_MASTER_KEY", "abcd")]).expect_err("bad");
@@ -514,12 +609,17 @@ mod tests {
             single.amqp_url,
             "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=10"
         );
-        assert_eq!(single.quorum_group_size, None);
+        assert_eq!(single.log_replicas, None);
+        assert_eq!(single.log_max_age, "7D");
+        assert_eq!(single.log_max_bytes, 256 << 20);
+        assert_eq!(single.log_segment_bytes, 16 << 20);
         let list = "amqp://guest:guest@127.0.0.1:5701/%2f,amqps://guest:guest@127.0.0.1:5702/%2f";
         let cluster =
-            settings(&[("AMQP_URL", list), ("SESSIONS_QUORUM_GROUP_SIZE", "3")]).expect("a list");
+            settings(&[("AMQP_URL", list), ("SESSIONS_LOG_REPLICAS", "3")]).expect("a list");
         assert_eq!(cluster.amqp_url, list);
-        assert_eq!(cluster.quorum_group_size, Some(3));
+        assert_eq!(cluster.log_replicas, Some(3));
+        let renamed = settings(&[("SESSIONS_QUORUM_GROUP_SIZE", "2")]).expect("old name");
+        assert_eq!(renamed.log_replicas, Some(2));
     }
 
     #[test]

@@ -4,8 +4,8 @@
 //!
 //! Shape after zero-to-production's `spawn_app`: [`TestApp::spawn`] returns typed helpers.
 //! Call [`TestApp::cleanup`] at the end of a test: it stops the processes, deletes the broker
-//! topology and drops the database. Leftovers of crashed runs are swept: databases older than
-//! two hours at the next start, queues by their `x-expires`.
+//! topology and drops the database. Leftovers of crashed runs are swept at the next start:
+//! databases and partition logs (streams cannot expire on their own) older than two hours.
 
 pub mod bench;
 pub mod checker;
@@ -67,7 +67,9 @@ pub fn test_settings(name: &str, overrides: &[(&str, &str)]) -> Settings {
         ("SESSIONS_PARTITIONS".into(), "8".into()),
         ("SESSIONS_BROKER_PREFIX".into(), name.into()),
         ("SESSIONS_REDIS_PREFIX".into(), name.into()),
-        ("SESSIONS_QUEUE_EXPIRES_MS".into(), "1800000".into()),
+        // Small partition logs: a test writes a few MB at most.
+        ("SESSIONS_LOG_MAX_BYTES".into(), "67108864".into()),
+        ("SESSIONS_LOG_SEGMENT_BYTES".into(), "4194304".into()),
         ("SESSIONS_CONFIRM_TIMEOUT_MS".into(), "3000".into()),
         ("SESSIONS_DB_MAX_CONNECTIONS".into(), "5".into()),
         // Suites not about rate limits must not depend on how fast this machine is;
@@ -82,13 +84,13 @@ pub fn test_settings(name: &str, overrides: &[(&str, &str)]) -> Settings {
         .unwrap_or_else(|error| panic!("test settings: {error}"))
 }
 
-/// Settings of worker `index` of `count`, with short standby and hand-back delays.
+/// Settings of worker `index` of `count`, with a short standby delay and short leases.
 pub fn worker_settings(base: &Settings, index: u16, count: u16) -> Settings {
     let mut settings = base.clone();
     settings.worker_index = index;
     settings.worker_count = count;
     settings.worker_standby_delay = Duration::from_millis(300);
-    settings.worker_hand_back_after = Duration::from_secs(2);
+    settings.partition_lease = Duration::from_millis(1500);
     settings
 }
 
@@ -130,15 +132,32 @@ pub fn settings_env(settings: &Settings) -> Vec<(&'static str, String)> {
             settings.worker_standby_delay.as_millis().to_string(),
         ),
         (
-            "SESSIONS_WORKER_HAND_BACK_AFTER_MS",
-            settings.worker_hand_back_after.as_millis().to_string(),
+            "SESSIONS_PARTITION_LEASE_MS",
+            settings.partition_lease.as_millis().to_string(),
+        ),
+        ("SESSIONS_LOG_MAX_BYTES", settings.log_max_bytes.to_string()),
+        ("SESSIONS_LOG_MAX_AGE", settings.log_max_age.clone()),
+        (
+            "SESSIONS_LOG_SEGMENT_BYTES",
+            settings.log_segment_bytes.to_string(),
+        ),
+        (
+            "SESSIONS_WORKER_PREFETCH",
+            settings.worker_prefetch.to_string(),
+        ),
+        (
+            "SESSIONS_WORKER_BATCH_MAX",
+            settings.worker_batch_max.to_string(),
         ),
     ]);
+    if let Some(replicas) = settings.log_replicas {
+        env.push(("SESSIONS_LOG_REPLICAS", replicas.to_string()));
+    }
+    if settings.drain_legacy_queues {
+        env.push(("SESSIONS_DRAIN_LEGACY_QUEUES", "1".into()));
+    }
     if let Some(failpoint) = &settings.test_failpoint {
         env.push(("SESSIONS_TEST_FAILPOINT", failpoint.clone()));
-    }
-    if let Some(expires) = settings.queue_expires {
-        env.push(("SESSIONS_QUEUE_EXPIRES_MS", expires.as_millis().to_string()));
     }
     env
 }
@@ -193,6 +212,69 @@ async fn sweep_stale_databases() {
                         .await;
                 }
             }
+        })
+        .await;
+}
+
+/// Deletes partition logs of test prefixes older than two hours (left by crashed or failed
+/// runs: streams cannot expire on their own). Lists queues with `rabbitmqctl`, at most once per
+/// half hour on this machine (a marker file), since every test binary starts here.
+async fn sweep_stale_streams() {
+    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    SWEPT
+        .get_or_init(|| async {
+            let marker = std::env::temp_dir().join("sessions-tests-stream-sweep");
+            let recent = std::fs::metadata(&marker)
+                .and_then(|meta| meta.modified())
+                .ok()
+                .and_then(|modified| modified.elapsed().ok())
+                .is_some_and(|age| age < Duration::from_secs(1800));
+            if recent {
+                return;
+            }
+            let _ = std::fs::write(&marker, b"");
+            let Ok(output) = tokio::process::Command::new("rabbitmqctl")
+                .args(["list_queues", "name", "-q", "--no-table-headers"])
+                .stdin(Stdio::null())
+                .output()
+                .await
+            else {
+                return;
+            };
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|elapsed| elapsed.as_secs())
+                .unwrap_or(0);
+            let stale: Vec<String> = String::from_utf8_lossy(&output.stdout)
+                .lines()
+                .map(str::trim)
+                .filter(|name| {
+                    name.strip_prefix('t')
+                        .and_then(|rest| rest.split('_').next())
+                        .and_then(|seconds| seconds.parse::<u64>().ok())
+                        .is_some_and(|created| now.saturating_sub(created) > 7200)
+                })
+                .map(str::to_owned)
+                .collect();
+            if stale.is_empty() {
+                return;
+            }
+            let Ok(connection) =
+                lapin::Connection::connect(AMQP_URL, lapin::ConnectionProperties::default()).await
+            else {
+                return;
+            };
+            if let Ok(channel) = connection.create_channel().await {
+                for queue in stale {
+                    let _ = channel
+                        .queue_delete(
+                            queue.as_str().into(),
+                            lapin::options::QueueDeleteOptions::default(),
+                        )
+                        .await;
+                }
+            }
+            let _ = connection.close(200, "swept".into()).await;
         })
         .await;
 }
@@ -347,6 +429,7 @@ impl TestApp {
     pub async fn spawn_with(options: SpawnOptions<'_>) -> Self {
         init_test_logging();
         sweep_stale_databases().await;
+        sweep_stale_streams().await;
         let name = unique_name();
         let settings = test_settings(&name, options.overrides);
         let mut api_settings = settings.clone();
@@ -667,8 +750,8 @@ impl TestApp {
     }
 }
 
-/// Deletes the exchanges and the partition queues of `settings`' broker prefix (best effort: a
-/// broker that is away keeps them until their `x-expires`).
+/// Deletes the exchanges and the partition logs of `settings`' broker prefix (best effort: a
+/// broker that is away keeps them until the sweep of a later run).
 pub async fn delete_broker_topology(settings: &Settings, name: &str) {
     let link = shared::broker::BrokerLink::new(
         shared::broker::BrokerConfig::from_settings(settings, format!("{name}-cleanup"), None),

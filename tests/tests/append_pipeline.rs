@@ -638,15 +638,24 @@ async fn undecodable_command_is_dead_lettered_and_its_partition_keeps_flowing() 
         200
     );
     assert_eq!(app.wait_for_records("poison", "in", 1, WAIT).await.len(), 1);
-    let mut dead = 0;
+    let mut dead = Vec::new();
     for _ in 0..50 {
-        dead = link.dead_letter_count().await.expect("count");
-        if dead == u32::from(app.settings.partitions) {
+        dead = app.store.dead_letters().await.expect("dead letters");
+        if dead.len() == usize::from(app.settings.partitions) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(dead, u32::from(app.settings.partitions));
+    assert_eq!(dead.len(), usize::from(app.settings.partitions));
+    // Each is recorded with where it was in its log, its payload and why.
+    let mut partitions: Vec<u16> = dead.iter().map(|letter| letter.partition).collect();
+    partitions.sort_unstable();
+    assert_eq!(partitions, (0..app.settings.partitions).collect::<Vec<_>>());
+    for letter in &dead {
+        assert_eq!(letter.payload, b"not an envelope");
+        assert!(letter.offset.is_some(), "{letter:?}");
+        assert!(letter.reason.contains("envelope"), "{letter:?}");
+    }
     link.close().await;
     app.cleanup().await;
 }

@@ -86,7 +86,7 @@ fn metrics_are_recorded_only_at_the_defined_instrumentation_points() {
             &[
                 "api/src/signals.rs",
                 "worker/src/signals.rs",
-                "worker/src/assignment.rs",
+                "worker/src/ownership.rs",
                 "shared/src/telemetry.rs",
             ],
         ),

@@ -63,7 +63,7 @@ async fn the_worker_serves_health_readiness_and_metrics() {
     );
     for expected in [
         "sessions_worker_command_lag_seconds_bucket",
-        "sessions_worker_partitions_subscribed",
+        "sessions_worker_partitions_active",
         "sessions_build_info",
         "process_resident_memory_bytes",
     ] {
@@ -115,6 +115,30 @@ fn worker_admin(settings: &shared::config::Settings, arguments: &[&str]) -> Vec<
         .collect()
 }
 
+/// Writes a dead letter row directly (the harness may talk to the database).
+async fn park_dead_letter(app: &TestApp, partition: u16, message_id: &str, payload: &[u8]) {
+    use sea_orm::ConnectionTrait;
+    let database = sea_orm::Database::connect(app.settings.database_url.as_str())
+        .await
+        .expect("database");
+    database
+        .execute_raw(sea_orm::Statement::from_sql_and_values(
+            sea_orm::DbBackend::Postgres,
+            "INSERT INTO dead_letters (id, log, partition, log_offset, message_id, payload, \
+             reason, created_at) VALUES ($1, $2, $3, 0, $4, $5, 'parked by the test', now())",
+            [
+                uuid::Uuid::now_v7().into(),
+                format!("{}.log.p{partition:03}", app.settings.broker_prefix).into(),
+                i32::from(partition).into(),
+                message_id.to_owned().into(),
+                payload.to_vec().into(),
+            ],
+        ))
+        .await
+        .expect("dead letter parked");
+    let _ = database.close().await;
+}
+
 #[tokio::test]
 async fn dead_letters_are_listed_with_their_reason_and_replayed_to_their_partition() {
     let app = TestApp::spawn().await;
@@ -127,7 +151,8 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed_to_their_partiti
     link.publish_commands(0, "poison-1", None, b"not an envelope")
         .await
         .expect("publish");
-    // A valid command that ended in the dead-letter queue (as after a long outage).
+    // A valid command recorded as a dead letter (as an operator would find one after fixing
+    // what made it fail): written straight into the table.
     let session_id = app
         .store
         .find_session(
@@ -153,14 +178,13 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed_to_their_partiti
         }),
     );
     let partition = shared::domain::partition::partition_of(session_id.id, app.settings.partitions);
-    link.publish_dead_letter(
-        &shared::commands::Envelope::new(vec![command]).encode(),
-        Some("valid-1"),
+    park_dead_letter(
+        &app,
         partition,
-        "parked by the test",
+        "valid-1",
+        &shared::commands::Envelope::new(vec![command]).encode(),
     )
-    .await
-    .expect("dead-letter");
+    .await;
     let mut listed = Vec::new();
     for _ in 0..50 {
         listed = worker_admin(&app.settings, &["admin", "dead-letters", "list"]);
@@ -449,12 +473,13 @@ async fn api_sigterm_ends_live_streams_finishes_appends_and_exits_cleanly() {
     app.cleanup().await;
 }
 
-/// Partition queues are declared with the `balanced` leader locator (and the configured
-/// `x-quorum-initial-group-size`). A partition queue that already exists with other arguments
-/// (made by an older version) makes the broker refuse the declaration with PRECONDITION_FAILED
-/// and close the channel: the process still starts, uses the queue as it is, and reports it.
+/// Partition logs are streams declared with the retention settings, the `balanced` leader
+/// locator and the configured `x-initial-cluster-size`. A log that already exists with other
+/// arguments (declared with other retention settings) makes the broker refuse the declaration
+/// with PRECONDITION_FAILED and close the channel: the process still starts, uses the log as it
+/// is, and reports it.
 #[tokio::test]
-async fn partition_queues_with_other_arguments_are_used_as_they_are() {
+async fn partition_logs_with_other_arguments_are_used_as_they_are() {
     use lapin::options::QueueDeclareOptions;
     use lapin::types::{AMQPValue, FieldTable};
     use std::sync::atomic::{AtomicUsize, Ordering};
@@ -463,12 +488,9 @@ async fn partition_queues_with_other_arguments_are_used_as_they_are() {
     let name = tests::unique_name();
     let settings = tests::test_settings(
         &name,
-        &[
-            ("SESSIONS_PARTITIONS", "3"),
-            ("SESSIONS_QUORUM_GROUP_SIZE", "3"),
-        ],
+        &[("SESSIONS_PARTITIONS", "3"), ("SESSIONS_LOG_REPLICAS", "1")],
     );
-    let old_queue = format!("{name}.p001");
+    let old_log = format!("{name}.log.p001");
     let connection = lapin::Connection::connect(tests::AMQP_URL, Default::default())
         .await
         .expect("connect");
@@ -476,12 +498,12 @@ async fn partition_queues_with_other_arguments_are_used_as_they_are() {
     let mut old_arguments = FieldTable::default();
     old_arguments.insert(
         "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
+        AMQPValue::LongString("stream".into()),
     );
-    old_arguments.insert("x-expires".into(), AMQPValue::LongLongInt(600_000));
+    old_arguments.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(1 << 30));
     channel
         .queue_declare(
-            old_queue.as_str().into(),
+            old_log.as_str().into(),
             QueueDeclareOptions {
                 durable: true,
                 ..QueueDeclareOptions::default()
@@ -497,24 +519,24 @@ async fn partition_queues_with_other_arguments_are_used_as_they_are() {
         ..shared::broker::BrokerSignals::default()
     };
     let link = shared::broker::BrokerLink::new(
-        shared::broker::BrokerConfig::from_settings(&settings, "old-queue".into(), None)
+        shared::broker::BrokerConfig::from_settings(&settings, "old-log".into(), None)
             .with_signals(signals),
         None,
     );
     link.ensure_connected()
         .await
-        .expect("starts despite the old queue");
+        .expect("starts despite the old log");
     assert_eq!(DIFFERING.load(Ordering::SeqCst), 1, "reported once");
-    // The old queue is bound and takes commands like the others (mandatory publishes: an
+    // The old log is bound and takes commands like the others (mandatory publishes: an
     // unbound queue would make them unroutable).
     link.publish_commands(1, "m1", None, b"{}")
         .await
-        .expect("published to the old queue");
+        .expect("published to the old log");
     link.publish_commands(2, "m2", None, b"{}")
         .await
-        .expect("published to a new queue");
+        .expect("published to a new log");
     let listed = std::process::Command::new("rabbitmqctl")
-        .args(["list_queues", "-q", "name", "arguments"])
+        .args(["list_queues", "-q", "name", "type", "arguments"])
         .output()
         .expect("rabbitmqctl");
     let listed = String::from_utf8_lossy(&listed.stdout);
@@ -525,14 +547,18 @@ async fn partition_queues_with_other_arguments_are_used_as_they_are() {
             .unwrap_or_else(|| panic!("{queue} listed in {listed}"))
             .to_owned()
     };
-    let new_queue = line_of(&format!("{name}.p002"));
-    assert!(new_queue.contains("x-queue-leader-locator"), "{new_queue}");
-    assert!(new_queue.contains("balanced"), "{new_queue}");
-    assert!(
-        new_queue.contains("x-quorum-initial-group-size"),
-        "{new_queue}"
-    );
-    let old = line_of(&old_queue);
+    let new_log = line_of(&format!("{name}.log.p002"));
+    for expected in [
+        "stream",
+        "x-queue-leader-locator",
+        "balanced",
+        "x-initial-cluster-size",
+        "x-max-age",
+        "x-stream-max-segment-size-bytes",
+    ] {
+        assert!(new_log.contains(expected), "{expected} in {new_log}");
+    }
+    let old = line_of(&old_log);
     assert!(!old.contains("x-queue-leader-locator"), "{old}");
     link.delete_topology().await.expect("delete");
     link.close().await;

@@ -291,7 +291,7 @@ async fn prometheus_with_the_shipped_config_scrapes_the_api_and_the_worker() {
     prometheus
         .wait_for(
             client,
-            "max(sum by (instance) (sessions_worker_partitions_subscribed))",
+            "sum(sessions_worker_partitions_active)",
             Duration::from_secs(30),
             |result| single_value(result) == Some(partitions),
         )
@@ -299,8 +299,7 @@ async fn prometheus_with_the_shipped_config_scrapes_the_api_and_the_worker() {
     let uncovered = prometheus
         .query(
             client,
-            "max(sum by (instance) (sessions_worker_partitions_subscribed)) \
-             < max(sessions_worker_partitions_total)",
+            "sum(sessions_worker_partitions_active) < max(sessions_worker_partitions_total)",
         )
         .await
         .expect("query");

@@ -1,6 +1,6 @@
-//! Three workers with `WORKER_COUNT=3` (DESIGN §2): home partitions spread evenly, a killed
-//! worker's partitions become active on the others, a restarted worker gets them back, and
-//! per-session order holds with no duplicates throughout.
+//! Three workers with `WORKER_COUNT=3`: home partitions spread evenly, a killed worker's
+//! partitions are taken over by the others once its leases expire, a restarted worker takes
+//! them back, and per-session order holds with no duplicates throughout.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -33,8 +33,8 @@ fn spawn_worker(app: &TestApp, index: u16) -> IndexedWorker {
     }
 }
 
-/// `(home subscribed, home active, foreign active)` from a worker's `/metrics`, or `None` while
-/// it does not answer yet.
+/// `(home active, foreign active, stalled)` from a worker's `/metrics`, or `None` while it does
+/// not answer yet.
 async fn partition_gauges(app: &TestApp, worker: &IndexedWorker) -> Option<(f64, f64, f64)> {
     let text = app
         .client
@@ -46,16 +46,20 @@ async fn partition_gauges(app: &TestApp, worker: &IndexedWorker) -> Option<(f64,
         .await
         .ok()?;
     let gauge = |name: &str, role: &str| -> f64 {
-        let prefix = format!("{name}{{role=\"{role}\"}} ");
+        let prefix = if role.is_empty() {
+            format!("{name} ")
+        } else {
+            format!("{name}{{role=\"{role}\"}} ")
+        };
         text.lines()
             .find_map(|line| line.strip_prefix(prefix.as_str()))
             .and_then(|value| value.trim().parse().ok())
             .unwrap_or(0.0)
     };
     Some((
-        gauge("sessions_worker_partitions_subscribed", "home"),
         gauge("sessions_worker_partitions_active", "home"),
         gauge("sessions_worker_partitions_active", "foreign"),
+        gauge("sessions_worker_partitions_stalled", ""),
     ))
 }
 
@@ -130,7 +134,7 @@ async fn wait_for_gauges(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     panic!(
-        "{what}: not reached within {timeout:?}; gauges (home subscribed, home active, foreign active): {last:?}"
+        "{what}: not reached within {timeout:?}; gauges (home active, foreign active, stalled): {last:?}"
     );
 }
 
@@ -142,7 +146,7 @@ async fn three_workers_balance_fail_over_and_hand_back_keeping_order() {
                 ("SESSIONS_PARTITIONS", "12"),
                 ("WORKER_COUNT", "3"),
                 ("SESSIONS_WORKER_STANDBY_DELAY_MS", "1500"),
-                ("SESSIONS_WORKER_HAND_BACK_AFTER_MS", "1000"),
+                ("SESSIONS_PARTITION_LEASE_MS", "1500"),
             ],
             without_worker: true,
             ..SpawnOptions::default()
@@ -178,8 +182,8 @@ async fn three_workers_balance_fail_over_and_hand_back_keeping_order() {
         &all,
         Duration::from_secs(60),
         "even spread",
-        |_, (home_subscribed, home_active, foreign_active)| {
-            home_subscribed == home_count && home_active == home_count && foreign_active == 0.0
+        |_, (home_active, foreign_active, stalled)| {
+            home_active == home_count && foreign_active == 0.0 && stalled == 0.0
         },
     )
     .await;
@@ -209,7 +213,7 @@ async fn three_workers_balance_fail_over_and_hand_back_keeping_order() {
     for _ in 0..50 {
         foreign_total = 0.0;
         for worker in &workers {
-            foreign_total += partition_gauges(&app, worker).await.expect("gauges").2;
+            foreign_total += partition_gauges(&app, worker).await.expect("gauges").1;
         }
         if foreign_total == home_count {
             break;
@@ -232,8 +236,8 @@ async fn three_workers_balance_fail_over_and_hand_back_keeping_order() {
         &all,
         Duration::from_secs(60),
         "hand-back",
-        |_, (home_subscribed, home_active, foreign_active)| {
-            home_subscribed == home_count && home_active == home_count && foreign_active == 0.0
+        |_, (home_active, foreign_active, stalled)| {
+            home_active == home_count && foreign_active == 0.0 && stalled == 0.0
         },
     )
     .await;

@@ -1,21 +1,28 @@
-//! Partition consumption and micro-batching.
+//! Reading partition logs and applying them in batches.
 //!
-//! One connection carries a channel per partition with prefetch 1, so each partition has at
-//! most one unacknowledged message. The ready messages of all partitions are applied together:
-//! one Redis pipeline of claims, one database transaction, then replies, events and acks.
-//! Up to `SESSIONS_WORKER_APPLY_LANES` such batches run at once (the worker is bound by round
-//! trips, not CPU); they never share a partition, because a partition's next message is only
-//! delivered after the previous one is acked. Per-session order holds because a session lives
-//! on one partition and a message keeps its commands in acceptance order.
+//! The worker reads every partition log it holds a lease on ([`crate::ownership`]) from the
+//! position stored in the database, at depth (`SESSIONS_WORKER_PREFETCH` messages ahead), and
+//! applies whatever has arrived across partitions in one database transaction: one Redis
+//! pipeline of claims, then the transaction that first moves each log's stored position
+//! forward with a compare-and-set (the offsets fence), then writes; after the commit it
+//! publishes events, replies and the "new records" notification, and acknowledges (on a
+//! stream, an acknowledgement is only flow control). The next batch is read while one commits.
 //!
-//! Which partitions this worker subscribes, and when it hands one back, is decided in
-//! [`crate::assignment`]; this loop acts on it between batches.
+//! Order and exactly-once application come from the fence alone: a batch commits only if every
+//! log it read is still where the batch started, so a failover, a restart or two workers on one
+//! partition can neither reorder nor double-apply; the loser drops its batch and re-reads from
+//! the stored position. Per-session order holds because a session lives on one partition and a
+//! message keeps its commands in acceptance order.
 //!
-//! A supervisor loop rebuilds the connection and consumers after any failure. Transient apply
-//! failures are retried with backoff while the deliveries are held; past the retry budget the
-//! connection is closed (the messages return to the head of their queues) and the worker pauses.
+//! Failures: a transient one (database or Redis down, serialization failure) is retried in
+//! place with backoff; past `SESSIONS_RETRY_BUDGET_MS` the reader connection is rebuilt and
+//! every partition re-read from its stored position. A message that can never be applied
+//! (undecodable, or a deterministic database error, isolated by applying the batch's messages
+//! one by one) is recorded in `dead_letters` in the transaction that moves past it. A reader
+//! whose first message shows a gap (retention removed messages not yet applied) stops that
+//! partition and says so ([`crate::signals::log_gap`]); it never skips silently.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,18 +30,19 @@ use backon::{ExponentialBuilder, Retryable};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use shared::broker::{
-    BrokerConfig, BrokerLink, InProcessBroker, Incoming, PartitionConsumers, WorkerPresence,
+    BrokerConfig, BrokerLink, InProcessBroker, LegacyPartitionQueues, LogDelivery, PartitionLogs,
 };
 use shared::cache::Cache;
 use shared::commands::{Command, CommandBody, Envelope, NewRecords, Outcome, Reply};
 use shared::config::Settings;
 use shared::domain::dedup::DedupKey;
-use shared::storage::{OutboxEventRow, StorageError, Store};
+use shared::domain::log::{FirstMessage, ResumePoint, judge_first_message};
+use shared::storage::{LogAdvance, NewDeadLetter, OutboxEventRow, StorageError, Store};
 use tokio::sync::{mpsc, watch};
 
 use crate::apply::plan_batch;
-use crate::assignment::PartitionAssignment;
-use crate::outcome::{MessageResult, settle};
+use crate::outcome::{BatchOutcome, settle};
+use crate::ownership::Ownership;
 use crate::signals;
 
 /// Why the consume loop returned.
@@ -50,7 +58,7 @@ pub struct WorkerContext {
     pub store: Store,
     pub cache: Cache,
     pub link: BrokerLink,
-    /// Names this worker in claims and consumer tags.
+    /// Names this worker in claims, leases and consumer tags.
     pub instance: String,
     /// The embedded default's in-process broker (`None`: RabbitMQ).
     pub in_process: Option<Arc<InProcessBroker>>,
@@ -64,7 +72,17 @@ impl std::fmt::Debug for WorkerContext {
     }
 }
 
-/// Runs until `shutdown` turns true: consume, apply, ack; rebuild on failure.
+impl WorkerContext {
+    fn log_name(&self, partition: u16) -> String {
+        self.link.names().partition_log(partition)
+    }
+}
+
+/// How long a partition stopped at a gap waits before its reader is tried again (an operator
+/// may have accepted the gap meanwhile).
+const STALLED_RETRY: Duration = Duration::from_secs(30);
+
+/// Runs until `shutdown` turns true: read, apply, acknowledge; rebuild on failure.
 pub async fn run(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool>) {
     let config = BrokerConfig::from_settings(
         &context.settings,
@@ -78,11 +96,36 @@ pub async fn run(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool
         .with_jitter()
         .without_max_times();
     let mut delays = backon::BackoffBuilder::build(reconnect);
+    let started = Instant::now();
+    let mut legacy_drained = context.in_process.is_some() || !context.settings.drain_legacy_queues;
     while !*shutdown.borrow() {
-        let (sink, deliveries) = mpsc::channel(usize::from(context.settings.partitions) * 2);
-        let mut assignment = PartitionAssignment::new(&context.settings, Instant::now());
-        let mut consumers = match connect_home(&context, &config, sink, &mut assignment).await {
-            Ok(consumers) => consumers,
+        let (sink, deliveries) = mpsc::channel(
+            usize::from(context.settings.worker_prefetch)
+                .saturating_mul(2)
+                .max(1024),
+        );
+        let connected = async {
+            let logs = PartitionLogs::connect(
+                &config,
+                &context.instance,
+                context.settings.worker_prefetch,
+                sink,
+            )
+            .await
+            .map_err(|error| error.to_string())?;
+            let names: Vec<String> = (0..context.settings.partitions)
+                .map(|partition| context.log_name(partition))
+                .collect();
+            context
+                .store
+                .ensure_log_positions(&names)
+                .await
+                .map_err(|error| error.to_string())?;
+            Ok::<_, String>(logs)
+        }
+        .await;
+        let mut logs = match connected {
+            Ok(logs) => logs,
             Err(error) => {
                 let delay = delays.next().unwrap_or(Duration::from_secs(5));
                 signals::reconnecting(&error, delay);
@@ -93,22 +136,35 @@ pub async fn run(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool
                 continue;
             }
         };
+        if !legacy_drained {
+            match drain_legacy_queues(&context, &config).await {
+                Ok(()) => legacy_drained = true,
+                Err(error) => {
+                    logs.close().await;
+                    let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                    signals::reconnecting(&error, delay);
+                    tokio::time::sleep(delay).await;
+                    continue;
+                }
+            }
+        }
         delays = backon::BackoffBuilder::build(reconnect);
+        let mut ownership = Ownership::new(&context.settings, started);
         let end = consume_loop(
             &context,
             deliveries,
-            &mut consumers,
-            &mut assignment,
+            &mut logs,
+            &mut ownership,
             &mut shutdown,
         )
         .await;
-        consumers.close().await;
-        PartitionAssignment::clear_gauges();
+        logs.close().await;
+        Ownership::clear_gauges();
         match end {
             LoopEnd::Shutdown => break,
             LoopEnd::ConnectionBroken => {
                 let delay = Duration::from_millis(200);
-                signals::reconnecting(&"a partition consumer stopped", delay);
+                signals::reconnecting(&"a partition log reader stopped", delay);
                 tokio::time::sleep(delay).await;
             }
             LoopEnd::RetryBudgetExhausted => {
@@ -119,94 +175,204 @@ pub async fn run(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool
             }
         }
     }
-    tracing::info!("worker stopped consuming");
-}
-
-/// Connects, subscribes the home partitions, then announces this worker's presence (the other
-/// workers hand its partitions back only once it is present).
-async fn connect_home(
-    context: &WorkerContext,
-    config: &BrokerConfig,
-    sink: mpsc::Sender<Incoming>,
-    assignment: &mut PartitionAssignment,
-) -> Result<PartitionConsumers, shared::broker::BrokerError> {
-    let mut consumers = PartitionConsumers::connect(config, &context.instance, sink).await?;
-    for partition in assignment.home_partitions() {
-        consumers.subscribe(partition).await?;
-        assignment.subscribed(partition);
-    }
-    if assignment.is_shared()
-        && !consumers
-            .announce_presence(assignment.worker_index())
-            .await?
+    // Let the other workers take this worker's partitions at once.
+    if let Err(error) = context
+        .store
+        .release_partition_leases(&context.instance)
+        .await
     {
-        tracing::error!(
-            worker_index = assignment.worker_index(),
-            "another connected worker has the same WORKER_INDEX; partitions are still applied \
-             correctly, but not balanced: give every worker its own index"
-        );
+        tracing::warn!(%error, "could not release partition leases; they expire on their own");
     }
-    tracing::info!(
-        worker_index = assignment.worker_index(),
-        home_partitions = assignment.home_partitions().len(),
-        "consuming home partitions; the others follow as standby"
-    );
-    assignment.record_gauges();
-    Ok(consumers)
+    tracing::info!("worker stopped reading");
 }
 
-/// How often the loop looks at standby subscriptions and hand-backs when no message arrives.
-const ASSIGNMENT_TICK: Duration = Duration::from_millis(500);
+/// Where a running reader of one partition is.
+struct ReaderState {
+    resume: ResumePoint,
+    /// Whether the first message of the reader is still to be judged.
+    awaiting_first: bool,
+    /// The stored position once every batch taken from this reader has committed: the
+    /// compare-and-set's expected value for the next batch.
+    taken_through: Option<i64>,
+}
+
+/// The partitions being read and their readers' positions.
+struct Readers {
+    states: HashMap<u16, ReaderState>,
+    stalled_at: HashMap<u16, Instant>,
+}
+
+impl Readers {
+    /// Starts (or restarts) the readers of `partitions` from their stored positions.
+    async fn start(
+        &mut self,
+        context: &WorkerContext,
+        logs: &mut PartitionLogs,
+        partitions: &[u16],
+    ) -> Result<(), String> {
+        if partitions.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = partitions.iter().map(|&p| context.log_name(p)).collect();
+        let positions = context
+            .store
+            .log_positions(&names)
+            .await
+            .map_err(|error| error.to_string())?;
+        for (&partition, name) in partitions.iter().zip(&names) {
+            let resume = positions
+                .get(name)
+                .cloned()
+                .unwrap_or(ResumePoint::Beginning);
+            logs.read(partition, &resume)
+                .await
+                .map_err(|error| error.to_string())?;
+            self.stalled_at.remove(&partition);
+            self.states.insert(
+                partition,
+                ReaderState {
+                    taken_through: resume.applied_offset(),
+                    resume,
+                    awaiting_first: true,
+                },
+            );
+        }
+        Ok(())
+    }
+
+    async fn stop(&mut self, logs: &mut PartitionLogs, partition: u16) {
+        logs.stop(partition).await;
+        self.states.remove(&partition);
+    }
+
+    /// Judges a delivery of a current reader: `Some` if it is to be applied.
+    async fn admit(
+        &mut self,
+        context: &WorkerContext,
+        logs: &mut PartitionLogs,
+        ownership: &mut Ownership,
+        delivery: LogDelivery,
+    ) -> Option<LogDelivery> {
+        if !logs.is_current(&delivery) {
+            return None;
+        }
+        let partition = delivery.partition;
+        let state = self.states.get_mut(&partition)?;
+        if !state.awaiting_first {
+            return Some(delivery);
+        }
+        match judge_first_message(
+            &state.resume,
+            delivery.offset,
+            delivery.message_id.as_deref(),
+        ) {
+            FirstMessage::Apply => {
+                state.awaiting_first = false;
+                Some(delivery)
+            }
+            FirstMessage::AlreadyApplied => {
+                state.awaiting_first = false;
+                if let Err(error) = delivery.ack_through().await {
+                    tracing::debug!(%error, "acknowledging an already applied message failed");
+                }
+                None
+            }
+            FirstMessage::Gap { expected, found } => {
+                signals::log_gap(partition, &context.log_name(partition), &expected, &found);
+                self.stop(logs, partition).await;
+                ownership.stall(partition);
+                self.stalled_at.insert(partition, Instant::now());
+                ownership.record_gauges();
+                None
+            }
+        }
+    }
+
+    /// The log advances of `batch` (deliveries in per-partition offset order), moving each
+    /// reader's expected position forward.
+    fn advances(&mut self, context: &WorkerContext, batch: &[LogDelivery]) -> Vec<LogAdvance> {
+        let mut advances: Vec<LogAdvance> = Vec::new();
+        let mut slot_of: HashMap<u16, usize> = HashMap::new();
+        for delivery in batch {
+            let slot = *slot_of.entry(delivery.partition).or_insert_with(|| {
+                let from = self
+                    .states
+                    .get(&delivery.partition)
+                    .and_then(|state| state.taken_through);
+                advances.push(LogAdvance {
+                    log: context.log_name(delivery.partition),
+                    from,
+                    to: delivery.offset,
+                    to_message_id: None,
+                });
+                advances.len() - 1
+            });
+            advances[slot].to = delivery.offset;
+            advances[slot].to_message_id = delivery.message_id.clone();
+            if let Some(state) = self.states.get_mut(&delivery.partition) {
+                state.taken_through = Some(delivery.offset);
+            }
+        }
+        advances
+    }
+}
 
 async fn consume_loop(
     context: &WorkerContext,
-    mut deliveries: mpsc::Receiver<Incoming>,
-    consumers: &mut PartitionConsumers,
-    assignment: &mut PartitionAssignment,
+    mut deliveries: mpsc::Receiver<LogDelivery>,
+    logs: &mut PartitionLogs,
+    ownership: &mut Ownership,
     shutdown: &mut watch::Receiver<bool>,
 ) -> LoopEnd {
-    let mut tick = tokio::time::interval(ASSIGNMENT_TICK);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut readers = Readers {
+        states: HashMap::new(),
+        stalled_at: HashMap::new(),
+    };
+    let mut lease_tick = tokio::time::interval(ownership.renew_every());
+    lease_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let lanes = context.settings.worker_apply_lanes;
-    // Batches being applied. They never share a partition: a partition's next message is only
-    // delivered once its previous one is acked (prefetch 1), so concurrent transactions touch
-    // disjoint sessions and per-session order holds.
+    // Batches being applied. Two of them may hold messages of one partition: the later one's
+    // compare-and-set waits on the earlier one's row lock, and fails if that one failed.
     let mut in_flight = FuturesUnordered::new();
     let mut ending: Option<LoopEnd> = None;
-    // Standby subscriptions and hand-backs happen between batches only: when one is due, no new
-    // batch starts until the lanes are empty.
-    let mut rebalance_due = false;
+    // Partitions whose readers restart from the stored positions once no batch is in flight.
+    let mut restart_due: BTreeSet<u16> = BTreeSet::new();
     loop {
-        if rebalance_due && in_flight.is_empty() && ending.is_none() {
-            rebalance_due = false;
-            if let Err(error) = rebalance(consumers, assignment).await {
-                tracing::warn!(%error, "partition subscription failed; reconnecting");
+        if !restart_due.is_empty() && in_flight.is_empty() && ending.is_none() {
+            let due: Vec<u16> = std::mem::take(&mut restart_due)
+                .into_iter()
+                .filter(|&partition| ownership.holds(partition))
+                .collect();
+            if let Err(error) = readers.start(context, logs, &due).await {
+                tracing::warn!(%error, "restarting partition readers failed; reconnecting");
                 ending = Some(LoopEnd::ConnectionBroken);
             }
         }
         if let Some(end) = ending.take() {
-            // Let the batches already applying finish (and settle their messages) first.
-            while let Some(result) = in_flight.next().await {
-                if let Err(BudgetExhausted) = result {
-                    tracing::debug!("another batch also exhausted its retry budget");
-                }
-            }
+            // Let the batches already applying finish first.
+            while in_flight.next().await.is_some() {}
             return end;
         }
-        let take_more = in_flight.len() < lanes && !rebalance_due;
+        let take_more = in_flight.len() < lanes;
         let first = tokio::select! {
             _ = shutdown.changed() => { ending = Some(LoopEnd::Shutdown); continue; }
-            _ = consumers.broken() => { ending = Some(LoopEnd::ConnectionBroken); continue; }
+            _ = logs.broken() => { ending = Some(LoopEnd::ConnectionBroken); continue; }
             Some(result) = in_flight.next(), if !in_flight.is_empty() => {
-                if let Err(BudgetExhausted) = result {
-                    ending = Some(LoopEnd::RetryBudgetExhausted);
-                } else if *shutdown.borrow() {
+                match result {
+                    BatchEnd::Committed => {}
+                    BatchEnd::Fenced(partitions) => restart_due.extend(partitions),
+                    BatchEnd::BudgetExhausted => ending = Some(LoopEnd::RetryBudgetExhausted),
+                }
+                if ending.is_none() && *shutdown.borrow() {
                     ending = Some(LoopEnd::Shutdown);
                 }
                 continue;
             }
-            _ = tick.tick() => {
-                rebalance_due = assignment.is_shared();
+            _ = lease_tick.tick() => {
+                if let Err(error) = renew_leases(context, logs, ownership, &mut readers, &mut restart_due).await {
+                    tracing::warn!(%error, "partition readers could not follow the leases; reconnecting");
+                    ending = Some(LoopEnd::ConnectionBroken);
+                }
                 continue;
             }
             first = deliveries.recv(), if take_more => match first {
@@ -214,156 +380,258 @@ async fn consume_loop(
                 None => { ending = Some(LoopEnd::ConnectionBroken); continue; }
             },
         };
-        let mut batch = vec![first];
+        let mut batch = Vec::new();
+        if let Some(admitted) = readers.admit(context, logs, ownership, first).await {
+            batch.push(admitted);
+        }
         while batch.len() < context.settings.worker_batch_max {
             match deliveries.try_recv() {
-                Ok(next) => batch.push(next),
+                Ok(next) => {
+                    if let Some(admitted) = readers.admit(context, logs, ownership, next).await {
+                        batch.push(admitted);
+                    }
+                }
                 Err(_) => break,
             }
         }
-        // A delivery of a handed-back channel went back to its queue; its new consumer applies
-        // it in order. Never apply or ack the stale copy.
-        batch.retain(|incoming| consumers.is_current(incoming));
         if batch.is_empty() {
             continue;
         }
-        let now = Instant::now();
-        for incoming in &batch {
-            assignment.delivered(incoming.partition, now);
-        }
-        in_flight.push(process_batch(context, batch));
+        let advances = readers.advances(context, &batch);
+        in_flight.push(process_batch(context, batch, advances));
     }
 }
 
-/// Subscribes due standby partitions and hands back other workers' partitions whose home worker
-/// is present. Runs between batches only.
-async fn rebalance(
-    consumers: &mut PartitionConsumers,
-    assignment: &mut PartitionAssignment,
-) -> Result<(), shared::broker::BrokerError> {
-    if !assignment.is_shared() {
-        return Ok(());
-    }
+/// Claims and renews leases, starts readers of gained partitions, stops lost ones, and retries
+/// partitions stopped at a gap after [`STALLED_RETRY`].
+async fn renew_leases(
+    context: &WorkerContext,
+    logs: &mut PartitionLogs,
+    ownership: &mut Ownership,
+    readers: &mut Readers,
+    restart_due: &mut BTreeSet<u16>,
+) -> Result<(), String> {
     let now = Instant::now();
-    let mut presence: HashMap<u16, WorkerPresence> = HashMap::new();
-    for partition in assignment.hand_back_candidates(now) {
-        let home = assignment.home_of(partition);
-        let present = match presence.get(&home) {
-            Some(known) => *known,
-            None => {
-                let asked = consumers.presence_of(home).await;
-                presence.insert(home, asked);
-                asked
-            }
-        };
-        if present == WorkerPresence::Present {
-            consumers.hand_back(partition).await;
-            assignment.handed_back(partition, now);
-            signals::partition_handed_back(partition, home);
+    let wanted = ownership.wanted(now);
+    let claims: Vec<(String, bool)> = wanted
+        .iter()
+        .map(|&(partition, home)| (context.log_name(partition), home))
+        .collect();
+    let held = match context
+        .store
+        .claim_partition_leases(
+            &context.instance,
+            &claims,
+            chrono::Utc::now(),
+            ownership.lease(),
+        )
+        .await
+    {
+        Ok(held) => held,
+        Err(error) => {
+            // Keep reading what it reads: the fence keeps it correct if a lease lapses.
+            tracing::warn!(%error, "could not renew partition leases");
+            return Ok(());
         }
+    };
+    let held: BTreeSet<u16> = wanted
+        .iter()
+        .map(|&(partition, _)| partition)
+        .filter(|&partition| held.contains(&context.log_name(partition)))
+        .collect();
+    let change = ownership.granted(held);
+    for &partition in &change.lost {
+        readers.stop(logs, partition).await;
+        readers.stalled_at.remove(&partition);
+        restart_due.remove(&partition);
+        signals::partition_released(partition, ownership.is_home(partition));
     }
-    let due = assignment.due_standby_subscriptions(now);
-    for &partition in &due {
-        consumers.subscribe(partition).await?;
-        assignment.subscribed(partition);
+    for &partition in &change.gained {
+        signals::partition_taken(partition, ownership.is_home(partition));
     }
-    if !due.is_empty() {
-        tracing::debug!(partitions = due.len(), "subscribed standby partitions");
+    let retry: Vec<u16> = readers
+        .stalled_at
+        .iter()
+        .filter(|(_, at)| at.elapsed() >= STALLED_RETRY)
+        .map(|(&partition, _)| partition)
+        .collect();
+    for &partition in &retry {
+        ownership.unstall(partition);
     }
-    assignment.record_gauges();
+    let mut start = change.gained.clone();
+    start.extend(retry);
+    readers.start(context, logs, &start).await?;
+    ownership.record_gauges();
     Ok(())
 }
 
-struct BudgetExhausted;
+/// How applying a batch ended.
+enum BatchEnd {
+    Committed,
+    /// The fence refused it (or an earlier batch of its partitions failed): these partitions'
+    /// readers must restart from the stored positions.
+    Fenced(Vec<u16>),
+    BudgetExhausted,
+}
 
-/// A decoded message and its commands.
+/// One message of a batch, decoded, with its commands' place in the batch's command list.
 struct Decoded {
-    incoming: Incoming,
-    commands: Vec<Command>,
+    commands: std::ops::Range<usize>,
+    reply_to: Option<String>,
 }
 
 async fn process_batch(
     context: &WorkerContext,
-    batch: Vec<Incoming>,
-) -> Result<(), BudgetExhausted> {
+    batch: Vec<LogDelivery>,
+    advances: Vec<LogAdvance>,
+) -> BatchEnd {
     signals::batch_taken(batch.len());
-    let mut decoded = Vec::with_capacity(batch.len());
-    for incoming in batch {
-        match Envelope::decode(&incoming.payload) {
-            Ok(envelope) => decoded.push(Decoded {
-                incoming,
-                commands: envelope.commands,
-            }),
-            Err(error) => {
-                settle(
-                    &context.link,
-                    &incoming,
-                    MessageResult::Poison(error.to_string()),
-                )
-                .await;
+    let partitions: Vec<u16> = {
+        let unique: BTreeSet<u16> = batch.iter().map(|delivery| delivery.partition).collect();
+        unique.into_iter().collect()
+    };
+    let mut commands: Vec<Command> = Vec::new();
+    let mut decoded: Vec<Decoded> = Vec::with_capacity(batch.len());
+    let mut dead_letters: Vec<NewDeadLetter> = Vec::new();
+    for delivery in &batch {
+        match Envelope::decode(&delivery.payload) {
+            Ok(envelope) => {
+                let start = commands.len();
+                commands.extend(envelope.commands);
+                decoded.push(Decoded {
+                    commands: start..commands.len(),
+                    reply_to: delivery.reply_to.clone(),
+                });
             }
+            Err(error) => dead_letters.push(dead_letter(context, delivery, error.to_string())),
         }
     }
-    if decoded.is_empty() {
-        return Ok(());
-    }
-    match apply_messages(context, &decoded).await {
-        Ok(()) => Ok(()),
-        Err(ApplyFailure::Transient) => {
-            for message in &decoded {
-                settle(&context.link, &message.incoming, MessageResult::Abandoned).await;
+    let result = apply_messages(context, &advances, &dead_letters, &commands, &decoded).await;
+    let end = match result {
+        Ok(()) => {
+            for letter in &dead_letters {
+                signals::dead_lettered(
+                    letter.partition,
+                    letter.message_id.as_deref(),
+                    &letter.reason,
+                );
             }
-            Err(BudgetExhausted)
+            BatchEnd::Committed
         }
-        Err(ApplyFailure::Permanent(reason)) if decoded.len() == 1 => {
-            settle(
-                &context.link,
-                &decoded[0].incoming,
-                MessageResult::Poison(reason),
-            )
-            .await;
-            Ok(())
+        Err(ApplyFailure::Fenced(reason)) => {
+            signals::batch_fenced(&reason);
+            BatchEnd::Fenced(partitions.clone())
         }
+        Err(ApplyFailure::Transient) => BatchEnd::BudgetExhausted,
         Err(ApplyFailure::Permanent(reason)) => {
-            // Isolate the culprit: apply the messages one by one.
             tracing::warn!(%reason, "batch failed permanently; applying its messages one by one");
-            for message in decoded {
-                let single = [message];
-                match apply_messages(context, &single).await {
-                    Ok(()) => {}
-                    Err(ApplyFailure::Transient) => {
-                        settle(&context.link, &single[0].incoming, MessageResult::Abandoned).await;
-                        return Err(BudgetExhausted);
-                    }
-                    Err(ApplyFailure::Permanent(reason)) => {
-                        settle(
-                            &context.link,
-                            &single[0].incoming,
-                            MessageResult::Poison(reason),
-                        )
-                        .await;
-                    }
+            apply_one_by_one(context, &batch, &advances).await
+        }
+    };
+    let outcome = match &end {
+        BatchEnd::Committed => BatchOutcome::Committed,
+        BatchEnd::Fenced(_) => BatchOutcome::Fenced,
+        BatchEnd::BudgetExhausted => BatchOutcome::Abandoned,
+    };
+    settle(&batch, outcome).await;
+    end
+}
+
+/// Isolates the message(s) that fail deterministically: each message alone, in order, each
+/// moving its log one message forward; one that fails is recorded as a dead letter instead.
+async fn apply_one_by_one(
+    context: &WorkerContext,
+    batch: &[LogDelivery],
+    advances: &[LogAdvance],
+) -> BatchEnd {
+    let mut position: HashMap<&str, Option<i64>> = advances
+        .iter()
+        .map(|advance| (advance.log.as_str(), advance.from))
+        .collect();
+    let names: Vec<String> = batch
+        .iter()
+        .map(|delivery| context.log_name(delivery.partition))
+        .collect();
+    for (delivery, log) in batch.iter().zip(&names) {
+        let advance = [LogAdvance {
+            log: log.clone(),
+            from: position.get(log.as_str()).copied().flatten(),
+            to: delivery.offset,
+            to_message_id: delivery.message_id.clone(),
+        }];
+        let (commands, decoded) = match Envelope::decode(&delivery.payload) {
+            Ok(envelope) => {
+                let count = envelope.commands.len();
+                (
+                    envelope.commands,
+                    vec![Decoded {
+                        commands: 0..count,
+                        reply_to: delivery.reply_to.clone(),
+                    }],
+                )
+            }
+            Err(_) => (Vec::new(), Vec::new()),
+        };
+        let failure = if decoded.is_empty() {
+            Some("the message does not decode".to_owned())
+        } else {
+            match apply_messages(context, &advance, &[], &commands, &decoded).await {
+                Ok(()) => None,
+                Err(ApplyFailure::Permanent(reason)) => Some(reason),
+                Err(ApplyFailure::Fenced(reason)) => {
+                    signals::batch_fenced(&reason);
+                    return BatchEnd::Fenced(batch.iter().map(|d| d.partition).collect());
+                }
+                Err(ApplyFailure::Transient) => return BatchEnd::BudgetExhausted,
+            }
+        };
+        if let Some(reason) = failure {
+            let letter = [dead_letter(context, delivery, reason)];
+            match apply_messages(context, &advance, &letter, &[], &[]).await {
+                Ok(()) => signals::dead_lettered(
+                    delivery.partition,
+                    delivery.message_id.as_deref(),
+                    &letter[0].reason,
+                ),
+                Err(ApplyFailure::Transient) => return BatchEnd::BudgetExhausted,
+                Err(ApplyFailure::Fenced(reason) | ApplyFailure::Permanent(reason)) => {
+                    signals::batch_fenced(&reason);
+                    return BatchEnd::Fenced(batch.iter().map(|d| d.partition).collect());
                 }
             }
-            Ok(())
         }
+        position.insert(log.as_str(), Some(delivery.offset));
+    }
+    BatchEnd::Committed
+}
+
+fn dead_letter(context: &WorkerContext, delivery: &LogDelivery, reason: String) -> NewDeadLetter {
+    NewDeadLetter {
+        log: context.log_name(delivery.partition),
+        partition: delivery.partition,
+        offset: Some(delivery.offset),
+        message_id: delivery.message_id.clone(),
+        payload: delivery.payload.clone(),
+        reason,
     }
 }
 
 enum ApplyFailure {
     Transient,
     Permanent(String),
+    Fenced(String),
 }
 
 /// Claims, applies in one transaction (retrying transient failures), then publishes events,
-/// replies, releases claims and acks.
-async fn apply_messages(context: &WorkerContext, messages: &[Decoded]) -> Result<(), ApplyFailure> {
-    let commands: Vec<Command> = messages
-        .iter()
-        .flat_map(|message| message.commands.iter().cloned())
-        .collect();
-    let claims = claim_parts(context, &commands).await;
-
+/// replies and the notification.
+async fn apply_messages(
+    context: &WorkerContext,
+    advances: &[LogAdvance],
+    dead_letters: &[NewDeadLetter],
+    commands: &[Command],
+    messages: &[Decoded],
+) -> Result<(), ApplyFailure> {
+    let claims = claim_parts(context, commands).await;
     let started = Instant::now();
     let policy = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(50))
@@ -374,7 +642,9 @@ async fn apply_messages(context: &WorkerContext, messages: &[Decoded]) -> Result
     let applied = (|| async {
         context
             .store
-            .apply_batch(&commands, |state| plan_batch(&commands, state))
+            .apply_batch(advances, dead_letters, commands, |state| {
+                plan_batch(commands, state)
+            })
             .await
     })
     .retry(policy)
@@ -384,17 +654,18 @@ async fn apply_messages(context: &WorkerContext, messages: &[Decoded]) -> Result
     release_claims(context, &claims).await;
     let (outcomes, outbox) = match applied {
         Ok(result) => result,
+        Err(StorageError::Fenced(reason)) => return Err(ApplyFailure::Fenced(reason)),
         Err(error) if error.is_transient() => return Err(ApplyFailure::Transient),
         Err(error) => return Err(ApplyFailure::Permanent(error.to_string())),
     };
-    signals::batch_committed(&commands, started.elapsed());
+    signals::batch_committed(commands, started.elapsed());
     let appended_records = outcomes
         .iter()
         .any(|outcome| matches!(outcome, Outcome::Appended { .. }));
     if appended_records && context.settings.test_failpoint.as_deref() == Some("abort_after_commit")
     {
         // Test-only: die between persisting records and everything that follows (events,
-        // replies, acks).
+        // replies, acknowledgements).
         tracing::error!("SESSIONS_TEST_FAILPOINT=abort_after_commit: aborting");
         std::process::abort();
     }
@@ -404,30 +675,106 @@ async fn apply_messages(context: &WorkerContext, messages: &[Decoded]) -> Result
         .filter(|event| event.routing_key == shared::domain::waitpoint::WAITPOINT_COMPLETED)
         .count();
     signals::waitpoints_completed(completed);
-    publish_outbox(context, outbox).await;
-
-    let new_records = NewRecords::from_outcomes(&commands, &outcomes);
-    let mut offset = 0;
-    for message in messages {
-        let outcomes_of_message = &outcomes[offset..offset + message.commands.len()];
-        offset += message.commands.len();
-        send_replies(context, message, outcomes_of_message).await;
-        settle(
-            &context.link,
-            &message.incoming,
-            MessageResult::Applied {
-                commands: &message.commands,
-                outcomes: outcomes_of_message,
-            },
-        )
-        .await;
-    }
+    signals::commands_settled(commands, &outcomes);
+    let new_records = NewRecords::from_outcomes(commands, &outcomes);
+    // Replies and events go out together; the notification is not confirmed (best effort).
+    let replies = async {
+        for message in messages {
+            send_replies(
+                context,
+                message.reply_to.as_deref(),
+                &commands[message.commands.clone()],
+                &outcomes[message.commands.clone()],
+            )
+            .await;
+        }
+    };
+    tokio::join!(publish_outbox(context, outbox), replies);
     if !new_records.channels.is_empty() {
         let payload = serde_json::to_vec(&new_records).unwrap_or_default();
         if let Err(error) = context.link.publish_notification(&payload).await {
             tracing::debug!(%error, "notification lost; readers catch up on their safety re-read");
         }
     }
+    Ok(())
+}
+
+/// After an upgrade from the version with quorum partition queues: applies what this worker's
+/// home partitions' old queues still hold, in queue order, before any log is read, and deletes
+/// each queue once it is empty. Only home partitions: two workers taking from one queue would
+/// interleave its messages. (Old api instances must be stopped first: README, "Upgrading".)
+async fn drain_legacy_queues(context: &WorkerContext, config: &BrokerConfig) -> Result<(), String> {
+    let Some(mut legacy) = LegacyPartitionQueues::connect(config)
+        .await
+        .map_err(|error| error.to_string())?
+    else {
+        return Ok(());
+    };
+    let present = legacy.present().await.map_err(|error| error.to_string())?;
+    let ownership = Ownership::new(&context.settings, Instant::now());
+    for partition in present.into_iter().filter(|&p| ownership.is_home(p)) {
+        let mut applied = 0_usize;
+        while let Some(message) = legacy
+            .next(partition)
+            .await
+            .map_err(|error| error.to_string())?
+        {
+            let (commands, decoded) = match Envelope::decode(&message.payload) {
+                Ok(envelope) => {
+                    let count = envelope.commands.len();
+                    (
+                        envelope.commands,
+                        vec![Decoded {
+                            commands: 0..count,
+                            reply_to: message.reply_to.clone(),
+                        }],
+                    )
+                }
+                Err(_) => (Vec::new(), Vec::new()),
+            };
+            let failure = if decoded.is_empty() {
+                Some("the message does not decode".to_owned())
+            } else {
+                match apply_messages(context, &[], &[], &commands, &decoded).await {
+                    Ok(()) => None,
+                    Err(ApplyFailure::Permanent(reason) | ApplyFailure::Fenced(reason)) => {
+                        Some(reason)
+                    }
+                    Err(ApplyFailure::Transient) => {
+                        return Err("legacy queue drain: the database is unavailable".into());
+                    }
+                }
+            };
+            if let Some(reason) = failure {
+                let letter = [NewDeadLetter {
+                    log: context.link.names().legacy_partition_queue(partition),
+                    partition,
+                    offset: None,
+                    message_id: message.message_id.clone(),
+                    payload: message.payload.clone(),
+                    reason,
+                }];
+                apply_messages(context, &[], &letter, &[], &[])
+                    .await
+                    .map_err(|_| "legacy queue drain: could not record a dead letter".to_owned())?;
+                signals::dead_lettered(partition, message.message_id.as_deref(), &letter[0].reason);
+            }
+            message.ack().await.map_err(|error| error.to_string())?;
+            applied += 1;
+        }
+        match legacy.delete_if_empty(partition).await {
+            Ok(true) => signals::legacy_queue_drained(partition, applied),
+            Ok(false) => tracing::warn!(
+                partition,
+                "legacy partition queue got new messages (is an old api still running?); \
+                 drained again at the next start"
+            ),
+            Err(error) => {
+                tracing::warn!(partition, %error, "legacy partition queue not deleted; drained again at the next start")
+            }
+        }
+    }
+    legacy.close().await;
     Ok(())
 }
 
@@ -520,12 +867,16 @@ pub async fn sweep_outbox(context: Arc<WorkerContext>, mut shutdown: watch::Rece
 }
 
 /// Sends the outcomes of the commands that asked for a reply, as one reply message.
-async fn send_replies(context: &WorkerContext, message: &Decoded, outcomes: &[Outcome]) {
-    let Some(reply_to) = message.incoming.reply_to.as_deref() else {
+async fn send_replies(
+    context: &WorkerContext,
+    reply_to: Option<&str>,
+    commands: &[Command],
+    outcomes: &[Outcome],
+) {
+    let Some(reply_to) = reply_to else {
         return;
     };
-    let replies: Vec<Reply> = message
-        .commands
+    let replies: Vec<Reply> = commands
         .iter()
         .zip(outcomes)
         .filter(|(command, _)| command.wants_reply)

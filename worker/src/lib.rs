@@ -1,9 +1,10 @@
-//! The worker: consumes partition queues and applies commands.
+//! The worker: reads partition logs and applies commands.
 //!
-//! - [`consumer`]: partitions, micro-batching, the supervisor that rebuilds connections.
+//! - [`consumer`]: partition log readers, batching, the offsets fence, poison isolation, the
+//!   supervisor that rebuilds connections, the drain of legacy partition queues.
 //! - [`apply`]: THE apply logic, pure: command kind → writes and outcome.
-//! - [`assignment`]: home and standby partitions, hand-backs (bookkeeping, no IO).
-//! - [`outcome`]: the one function that acks, dead-letters or hands back a message.
+//! - [`ownership`]: home partitions, takeover and hand-back through leases (bookkeeping, no IO).
+//! - [`outcome`]: the one function that acknowledges what was read.
 //! - [`signals`]: every instrumentation point (log line and metric together).
 //! - [`timeouts`]: the waitpoint timer.
 //! - [`health`]: the worker's `/healthz`, `/readyz` and `/metrics` listener.
@@ -13,10 +14,10 @@
 //! then finishes its current batch before returning.
 
 pub mod apply;
-pub mod assignment;
 pub mod consumer;
 pub mod health;
 pub mod outcome;
+pub mod ownership;
 pub mod signals;
 pub mod timeouts;
 
@@ -94,6 +95,7 @@ impl Worker {
             shutdown.clone(),
         ));
         let timer = tokio::spawn(timeouts::run(self.context.clone(), shutdown.clone()));
+        signals::log_retention(&self.context.settings.log_max_age);
         consumer::run(self.context.clone(), shutdown).await;
         sweeper.abort();
         timer.abort();

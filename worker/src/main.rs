@@ -54,39 +54,38 @@ async fn main() -> std::process::ExitCode {
 const USAGE: &str = "usage:
   sessions-worker
   sessions-worker admin dead-letters list
-  sessions-worker admin dead-letters replay <message id> | --all";
+  sessions-worker admin dead-letters replay <message id or dead letter id> | --all
+  sessions-worker admin logs positions
+  sessions-worker admin logs accept-gap --partition <n>";
 
-/// `admin dead-letters list|replay`: inspect and re-publish dead-lettered commands.
+/// `admin dead-letters list|replay` and `admin logs positions|accept-gap`: inspect and re-publish
+/// dead-lettered commands; see where each partition log is applied up to, and restart a
+/// partition stopped at a gap.
 async fn admin(settings: &Settings, arguments: &[String]) -> std::process::ExitCode {
     let words: Vec<&str> = arguments.iter().map(String::as_str).collect();
+    let store = match shared::storage::Store::connect(&settings.database_url, 2).await {
+        Ok(store) => store,
+        Err(error) => {
+            eprintln!("sessions-worker admin: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
     let link = shared::broker::BrokerLink::new(
         shared::broker::BrokerConfig::from_settings(settings, "sessions-worker-admin".into(), None),
         None,
     );
-    let result = match words.as_slice() {
-        ["admin", "dead-letters", "list"] => link.dead_letters().await.map(|letters| {
-            let now = chrono::Utc::now().timestamp_millis();
-            for letter in letters {
-                println!(
-                    "{}",
-                    serde_json::json!({
-                        "messageId": letter.message_id,
-                        "reason": letter.reason,
-                        "partition": letter.partition,
-                        "session": letter.session_id,
-                        "ageSeconds": letter.dead_lettered_at_ms.map(|at| (now - at) / 1000),
-                    })
-                );
-            }
-        }),
-        ["admin", "dead-letters", "replay", "--all"] => link
-            .replay_dead_letters(None)
-            .await
-            .map(|count| println!("{}", serde_json::json!({ "replayed": count }))),
-        ["admin", "dead-letters", "replay", id] => link
-            .replay_dead_letters(Some(id))
-            .await
-            .map(|count| println!("{}", serde_json::json!({ "replayed": count }))),
+    let result: Result<(), String> = match words.as_slice() {
+        ["admin", "dead-letters", "list"] => list_dead_letters(&store).await,
+        ["admin", "dead-letters", "replay", "--all"] => {
+            replay_dead_letters(&store, &link, None).await
+        }
+        ["admin", "dead-letters", "replay", id] => {
+            replay_dead_letters(&store, &link, Some(id)).await
+        }
+        ["admin", "logs", "positions"] => log_positions(settings, &store).await,
+        ["admin", "logs", "accept-gap", "--partition", partition] => {
+            accept_gap(settings, &store, partition).await
+        }
         _ => {
             eprintln!("{USAGE}");
             return std::process::ExitCode::from(2);
@@ -100,6 +99,131 @@ async fn admin(settings: &Settings, arguments: &[String]) -> std::process::ExitC
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+async fn list_dead_letters(store: &shared::storage::Store) -> Result<(), String> {
+    let letters = store
+        .dead_letters()
+        .await
+        .map_err(|error| error.to_string())?;
+    let now = chrono::Utc::now();
+    for letter in letters {
+        let session = shared::commands::Envelope::decode(&letter.payload)
+            .ok()
+            .and_then(|envelope| envelope.commands.first().map(|command| command.session_id));
+        println!(
+            "{}",
+            serde_json::json!({
+                "id": letter.id,
+                "messageId": letter.message_id,
+                "reason": letter.reason,
+                "partition": letter.partition,
+                "log": letter.log,
+                "offset": letter.offset,
+                "session": session,
+                "ageSeconds": (now - letter.created_at).num_seconds(),
+            })
+        );
+    }
+    Ok(())
+}
+
+/// Publishes the dead letters matching `id` (all with `None`) to their partitions again, then
+/// marks them replayed. A replayed command that still cannot be applied comes back as a new
+/// dead letter.
+async fn replay_dead_letters(
+    store: &shared::storage::Store,
+    link: &shared::broker::BrokerLink,
+    id: Option<&str>,
+) -> Result<(), String> {
+    let letters = store
+        .dead_letters()
+        .await
+        .map_err(|error| error.to_string())?;
+    let mut replayed = 0;
+    for letter in letters {
+        let matches = id.is_none_or(|id| {
+            letter.message_id.as_deref() == Some(id) || letter.id.to_string() == id
+        });
+        if !matches {
+            continue;
+        }
+        let message_id = uuid::Uuid::now_v7().to_string();
+        link.publish_commands(letter.partition, &message_id, None, &letter.payload)
+            .await
+            .map_err(|error| error.to_string())?;
+        store
+            .mark_dead_letter_replayed(letter.id)
+            .await
+            .map_err(|error| error.to_string())?;
+        replayed += 1;
+    }
+    println!("{}", serde_json::json!({ "replayed": replayed }));
+    Ok(())
+}
+
+fn partition_log_names(settings: &Settings) -> Vec<String> {
+    let names = shared::broker::BrokerNames {
+        prefix: settings.broker_prefix.clone(),
+        partitions: settings.partitions,
+    };
+    (0..settings.partitions)
+        .map(|partition| names.partition_log(partition))
+        .collect()
+}
+
+async fn log_positions(settings: &Settings, store: &shared::storage::Store) -> Result<(), String> {
+    let names = partition_log_names(settings);
+    let positions = store
+        .log_positions(&names)
+        .await
+        .map_err(|error| error.to_string())?;
+    for (partition, name) in names.iter().enumerate() {
+        let (applied_offset, resume) = match positions.get(name) {
+            Some(shared::domain::log::ResumePoint::AfterApplied { offset, .. }) => {
+                (Some(*offset), "after-applied")
+            }
+            Some(shared::domain::log::ResumePoint::FirstAvailable) => (None, "first-available"),
+            _ => (None, "beginning"),
+        };
+        println!(
+            "{}",
+            serde_json::json!({
+                "partition": partition,
+                "log": name,
+                "appliedOffset": applied_offset,
+                "resume": resume,
+            })
+        );
+    }
+    Ok(())
+}
+
+async fn accept_gap(
+    settings: &Settings,
+    store: &shared::storage::Store,
+    partition: &str,
+) -> Result<(), String> {
+    let partition: u16 = partition
+        .parse()
+        .ok()
+        .filter(|partition| *partition < settings.partitions)
+        .ok_or_else(|| {
+            format!(
+                "--partition must be a number below SESSIONS_PARTITIONS ({})",
+                settings.partitions
+            )
+        })?;
+    let name = &partition_log_names(settings)[usize::from(partition)];
+    let known = store
+        .accept_log_gap(name)
+        .await
+        .map_err(|error| error.to_string())?;
+    println!(
+        "{}",
+        serde_json::json!({ "partition": partition, "log": name, "accepted": known })
+    );
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -1,69 +1,49 @@
-//! THE place where the worker decides what happens to a broker message: ack it, dead-letter it,
-//! or leave it unacknowledged for redelivery. Every such decision goes through [`settle`].
+//! THE place where the worker decides what happens to the messages it read: every
+//! acknowledgement goes through [`settle`].
+//!
+//! On a partition log an acknowledgement is flow control only: the stored log position (moved
+//! in the batch's own transaction) is what says a message was applied, so a message that is
+//! not acknowledged is never lost, and one that is acknowledged too early is never skipped.
+//! Acknowledging after the commit keeps the reader's prefetch window a bound on what is read
+//! but not yet applied; on the embedded default's in-process log it is also what confirms the
+//! publishers (there, a publish is answered only after its commit).
 
-use shared::broker::{BrokerLink, Incoming};
-use shared::commands::{Command, Outcome};
+use std::collections::HashMap;
 
-use crate::signals;
+use shared::broker::LogDelivery;
 
-/// What processing one broker message came to.
-#[derive(Debug)]
-pub enum MessageResult<'a> {
-    /// Every command was applied (or deterministically rejected) and committed.
-    Applied {
-        commands: &'a [Command],
-        outcomes: &'a [Outcome],
-    },
-    /// The message can never be processed: undecodable, or a permanent error. Dead-lettered
-    /// with the reason.
-    Poison(String),
-    /// A transient failure outlasted the retry budget. Left unacknowledged: closing the channel
-    /// puts it back at the head of its partition, order intact.
+/// How the batch that holds some deliveries ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// Its transaction committed (including dead letters recorded for poison messages).
+    Committed,
+    /// The offsets fence refused it: another reader applied these messages, or an earlier
+    /// batch failed. Its readers restart from the stored positions.
+    Fenced,
+    /// A transient failure outlasted the retry budget. The reader connection is rebuilt and
+    /// every partition re-read from its stored position.
     Abandoned,
 }
 
-/// Acts on `result` for `incoming`. Errors are logged: an ack that fails means a redelivery,
-/// which the idempotent apply absorbs.
-pub async fn settle(link: &BrokerLink, incoming: &Incoming, result: MessageResult<'_>) {
-    match result {
-        MessageResult::Applied { commands, outcomes } => {
-            signals::commands_settled(commands, outcomes);
-            if let Err(error) = incoming.ack().await {
-                tracing::warn!(partition = incoming.partition, %error, "ack failed; the message will be redelivered and deduplicated");
+/// Acts on `outcome` for `deliveries` (in per-partition offset order). Errors are logged: an
+/// acknowledgement that fails only costs the reader's credit, and the connection is rebuilt.
+pub async fn settle(deliveries: &[LogDelivery], outcome: BatchOutcome) {
+    match outcome {
+        BatchOutcome::Committed => {
+            // One acknowledgement per partition: the last delivery, with `multiple`.
+            let mut last: HashMap<u16, &LogDelivery> = HashMap::new();
+            for delivery in deliveries {
+                last.insert(delivery.partition, delivery);
             }
-        }
-        MessageResult::Poison(reason) => {
-            match link
-                .publish_dead_letter(
-                    &incoming.payload,
-                    incoming.message_id.as_deref(),
-                    incoming.partition,
-                    &reason,
-                )
-                .await
-            {
-                Ok(()) => {
-                    signals::dead_lettered(
-                        incoming.partition,
-                        incoming.message_id.as_deref(),
-                        &reason,
-                    );
-                    if let Err(error) = incoming.ack().await {
-                        tracing::warn!(%error, "ack after dead-lettering failed");
-                    }
-                }
-                Err(error) => {
-                    // Not acked: the broker redelivers it, and its delivery limit dead-letters
-                    // it if this keeps failing.
-                    tracing::error!(%error, %reason, "could not dead-letter; leaving the message for redelivery");
+            for delivery in last.values() {
+                if let Err(error) = delivery.ack_through().await {
+                    tracing::warn!(partition = delivery.partition, %error, "acknowledgement failed; the reader is rebuilt and resumes from the stored position");
                 }
             }
         }
-        MessageResult::Abandoned => {
-            tracing::warn!(
-                partition = incoming.partition,
-                "retry budget exhausted; handing the message back for redelivery"
-            );
+        BatchOutcome::Fenced | BatchOutcome::Abandoned => {
+            // Not acknowledged: their readers are restarted and read them again from the
+            // stored positions; the fence decides what is applied.
         }
     }
 }

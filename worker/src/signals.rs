@@ -2,7 +2,7 @@
 //! writes its log line and records its metric together, so the two never drift apart and the
 //! list of what the worker reports is this file. Labels are low-cardinality (never ids).
 //!
-//! What does not live here: the partition gauges (state, not events: `assignment`), and the
+//! What does not live here: the partition gauges (state, not events: `ownership`), and the
 //! process gauges shared with the api (`shared::telemetry`).
 
 use std::fmt::Display;
@@ -16,7 +16,7 @@ pub fn reconnecting(reason: &dyn Display, delay: Duration) {
     metrics::counter!("sessions_worker_reconnects_total").increment(1);
 }
 
-/// A batch of broker messages was taken for one transaction.
+/// A batch of partition log messages was taken for one transaction.
 pub fn batch_taken(messages: usize) {
     tracing::trace!(messages, "applying a batch");
     metrics::histogram!("sessions_worker_batch_size").record(messages as f64);
@@ -33,14 +33,66 @@ pub fn batch_committed(commands: &[Command], elapsed: Duration) {
     tracing::debug!(commands = commands.len(), ?elapsed, "batch committed");
     metrics::histogram!("sessions_worker_apply_seconds").record(elapsed.as_secs_f64());
     let applied_at = chrono::Utc::now();
+    let mut oldest = 0.0_f64;
     for command in commands {
         let lag = (applied_at - command.accepted_at)
             .num_microseconds()
             .unwrap_or(0) as f64
             / 1e6;
+        oldest = oldest.max(lag);
         metrics::histogram!("sessions_worker_command_lag_seconds", "kind" => command.body.kind_name())
             .record(lag.max(0.0));
     }
+    if !commands.is_empty() {
+        // How far behind the partition logs this worker applies: compared with the logs'
+        // retention by the alert `SessionsLogLagNearRetention`.
+        metrics::gauge!("sessions_worker_log_lag_seconds").set(oldest);
+    }
+}
+
+/// The partition logs' retention by age, for the alert that compares it with the lag.
+pub fn log_retention(max_age: &str) {
+    let seconds = retention_seconds(max_age);
+    tracing::info!(max_age, seconds, "partition log retention");
+    metrics::gauge!("sessions_worker_log_retention_seconds").set(seconds);
+}
+
+/// `7D`, `24h`, ... in seconds (RabbitMQ counts a month as 30 days and a year as 365).
+fn retention_seconds(max_age: &str) -> f64 {
+    let (number, unit) = max_age.split_at(max_age.len().saturating_sub(1));
+    let number: f64 = number.parse().unwrap_or(0.0);
+    let unit = match unit {
+        "Y" => 365.0 * 86_400.0,
+        "M" => 30.0 * 86_400.0,
+        "D" => 86_400.0,
+        "h" => 3_600.0,
+        "m" => 60.0,
+        _ => 1.0,
+    };
+    number * unit
+}
+
+/// A partition log's first message after a reader resumed is not the last applied one:
+/// messages between them may have been removed by retention (or the log was declared anew).
+/// The partition stops; nothing is skipped silently.
+pub fn log_gap(partition: u16, log: &str, expected: &str, found: &str) {
+    tracing::error!(
+        partition,
+        log,
+        expected,
+        found,
+        "partition log gap: messages that were never applied are no longer in the log; the \
+         partition is stopped. See README, \"A partition stopped at a gap\" (sessions-worker \
+         admin logs accept-gap)"
+    );
+    metrics::counter!("sessions_worker_log_gaps_total").increment(1);
+}
+
+/// A batch was refused by the offsets fence (another reader applied its messages first, or
+/// an earlier batch failed); its partitions are re-read from the stored positions.
+pub fn batch_fenced(reason: &str) {
+    tracing::info!(%reason, "batch refused by the partition log fence; re-reading");
+    metrics::counter!("sessions_worker_batches_fenced_total").increment(1);
 }
 
 /// The commands of one acknowledged message, by outcome (applied, duplicate, conflict, …).
@@ -53,7 +105,8 @@ pub fn commands_settled(commands: &[Command], outcomes: &[Outcome]) {
     }
 }
 
-/// A message was moved to the dead-letter queue with `reason`.
+/// A message that can never be applied was recorded in `dead_letters` with `reason`, in the
+/// transaction that moved its partition past it.
 pub fn dead_lettered(partition: u16, message_id: Option<&str>, reason: &str) {
     tracing::error!(
         partition,
@@ -91,14 +144,32 @@ pub fn claims_contended(count: usize) {
     }
 }
 
-/// This worker handed `partition` back to its home worker.
-pub fn partition_handed_back(partition: u16, home_worker: u16) {
+/// This worker took the lease of `partition` and reads its log.
+pub fn partition_taken(partition: u16, home: bool) {
+    tracing::info!(partition, home, "reading a partition log");
+    metrics::counter!("sessions_worker_partition_takeovers_total", "role" => if home { "home" } else { "foreign" })
+        .increment(1);
+}
+
+/// This worker lost the lease of `partition` (its home worker took it back, or this worker
+/// could not renew it in time) and stopped reading its log.
+pub fn partition_released(partition: u16, home: bool) {
     tracing::info!(
         partition,
-        home_worker,
-        "handed a partition back to its home worker"
+        home,
+        "stopped reading a partition log (lease lost)"
     );
     metrics::counter!("sessions_worker_partition_hand_backs_total").increment(1);
+}
+
+/// A partition queue of the version before partition logs was drained (`applied` messages)
+/// and deleted.
+pub fn legacy_queue_drained(partition: u16, applied: usize) {
+    tracing::info!(
+        partition,
+        applied,
+        "legacy partition queue drained and deleted"
+    );
 }
 
 /// How the broker adapter reports to the worker: which node each connection reached, and
@@ -114,12 +185,25 @@ fn broker_connected(connection: &str, node: &str, reconnect: bool) {
     tracing::info!(connection, node, reconnect, "broker connected");
 }
 
-/// A partition queue exists with other arguments than this version declares: used as it is.
+/// A partition log exists with other arguments than this version declares (other retention
+/// or replica settings): used as it is.
 fn queue_arguments_differ(queue: &str, error: &str) {
     tracing::warn!(
         queue,
         error,
-        "partition queue exists with other arguments; using it as it is (delete and re-declare \
-         it when drained to apply the new ones)"
+        "partition log exists with other arguments; using it as it is (change a stream's \
+         retention with a RabbitMQ policy)"
     );
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn retention_ages_are_read_in_seconds() {
+        assert_eq!(super::retention_seconds("7D"), 7.0 * 86_400.0);
+        assert_eq!(super::retention_seconds("24h"), 86_400.0);
+        assert_eq!(super::retention_seconds("90m"), 5_400.0);
+        assert_eq!(super::retention_seconds("30s"), 30.0);
+        assert_eq!(super::retention_seconds("1Y"), 365.0 * 86_400.0);
+    }
 }

@@ -4,9 +4,9 @@
 #[test]
 fn bad_configuration_fails_at_start_naming_the_variable() {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_sessions-worker"))
-        .env("SESSIONS_DELIVERY_LIMIT", "-3")
+        .env("SESSIONS_WORKER_PREFETCH", "-3")
         .output()
         .expect("the binary runs");
     assert_eq!(output.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&output.stderr).contains("SESSIONS_DELIVERY_LIMIT"));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("SESSIONS_WORKER_PREFETCH"));
 }

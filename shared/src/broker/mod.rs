@@ -2,47 +2,47 @@
 //!
 //! - [`BrokerNames`]: every exchange and queue name of a deployment, from one prefix.
 //! - [`BrokerLink`]: a connection that is rebuilt on demand, with a confirm-mode channel for
-//!   publishing commands, events, replies and dead letters (each publish awaits its confirm
-//!   under a timeout), and an optional reply queue whose messages are forwarded to a channel.
-//! - [`PartitionConsumers`]: a worker's consumer connection: one channel per subscribed
-//!   partition, prefetch 1, deliveries forwarded as [`Incoming`] values that the worker acks or
-//!   dead-letters; partitions are subscribed and handed back one by one; the worker's presence
-//!   queue tells other workers that its home partitions are covered.
-//!
+//!   publishing commands, events and replies (each publish awaits its confirm under a timeout),
+//!   and an optional reply queue whose messages are forwarded to a channel.
+//! - [`PartitionLogs`] (`log.rs`): a worker's reader connection: each owned partition log read
+//!   from a given offset at depth, deliveries forwarded as [`LogDelivery`] values.
+//! - [`InProcessBroker`] (`in_process.rs`): the embedded default's logs, replies and
+//!   notifications inside one process, used through the same two types.
 //! - [`BrokerAddresses`]: the node URLs (`AMQP_URL` may list the nodes of a cluster); every
 //!   (re)connect tries them in turn, starting after the node last used.
 //!
 //! Topology (declared idempotently by every process at connect): a direct exchange
-//! `<prefix>.commands` routing to `P` quorum queues `<prefix>.p<NNN>` (single active consumer,
-//! delivery limit, dead-lettering to the quorum queue `<prefix>.dead`, leaders placed by the
-//! broker's `balanced` locator, optionally `x-quorum-initial-group-size` replicas), and a topic
-//! exchange `<prefix>.events` for runners.
+//! `<prefix>.commands` routing to `P` partition logs `<prefix>.log.p<NNN>` (RabbitMQ streams:
+//! retention by bytes and age, segment size, leaders placed by the broker's `balanced` locator,
+//! optionally `x-initial-cluster-size` replicas), a topic exchange `<prefix>.events` for runners
+//! and a fanout exchange `<prefix>.notify` for the api instances' live readers.
 //!
 //! Every broker operation is bounded by a timeout (a half-dead connection to a node that is
-//! going away must not hang a publisher or a consumer), and a link that saw a failure or a nack
+//! going away must not hang a publisher or a reader), and a link that saw a failure or a nack
 //! publishes on a new channel: RabbitMQ 3.10 kept stalling publishes on a channel that was open
-//! across a quorum leader election, while a fresh channel was confirmed within about a second.
+//! across a leader election, while a fresh channel was confirmed within about a second.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_lite::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions,
-    ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions, ExchangeDeclareOptions,
+    ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
-use lapin::types::{AMQPValue, FieldTable, LongString};
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::{Mutex, mpsc};
 
 mod addresses;
 mod in_process;
-mod partition_consumers;
+mod legacy;
+mod log;
 pub use addresses::BrokerAddresses;
 pub use in_process::InProcessBroker;
-pub use partition_consumers::{Incoming, PartitionConsumers, WorkerPresence};
+pub use legacy::{LegacyMessage, LegacyPartitionQueues};
+pub use log::{LogDelivery, PartitionLogs};
 
 /// Names of everything a deployment declares on the broker.
 #[derive(Clone, Debug)]
@@ -58,19 +58,21 @@ impl BrokerNames {
     pub fn events_exchange(&self) -> String {
         format!("{}.events", self.prefix)
     }
-    pub fn partition_queue(&self, partition: u16) -> String {
+    /// The stream that is partition `partition`'s log.
+    pub fn partition_log(&self, partition: u16) -> String {
+        format!("{}.log.p{partition:03}", self.prefix)
+    }
+    /// The quorum queue that was partition `partition` before partitions became logs (read
+    /// only to drain it after an upgrade).
+    pub fn legacy_partition_queue(&self, partition: u16) -> String {
         format!("{}.p{partition:03}", self.prefix)
     }
-    pub fn dead_letter_queue(&self) -> String {
+    /// The dead-letter queue of versions before partition logs (deleted with the topology).
+    pub fn legacy_dead_letter_queue(&self) -> String {
         format!("{}.dead", self.prefix)
     }
     pub fn reply_queue(&self, instance: &str) -> String {
         format!("{}.reply.{instance}", self.prefix)
-    }
-    /// Exclusive queue that exists while worker `index`'s consumer connection lives: how the
-    /// other workers learn that its home partitions are covered.
-    pub fn worker_presence_queue(&self, worker_index: u16) -> String {
-        format!("{}.worker{worker_index}.present", self.prefix)
     }
     /// Fanout exchange of "new records" notifications from workers to api instances.
     pub fn notify_exchange(&self) -> String {
@@ -152,16 +154,28 @@ async fn bounded<T>(
     }
 }
 
+/// Retention of the partition logs: a stream drops whole segments once it is over either limit.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogRetention {
+    /// `x-max-length-bytes` per partition log.
+    pub max_bytes: u64,
+    /// `x-max-age`, in RabbitMQ's notation (`7D`, `24h`, `30m`, `90s`).
+    pub max_age: String,
+    /// `x-stream-max-segment-size-bytes`: retention removes whole segments, so a log holds up to
+    /// `max_bytes` plus one segment.
+    pub segment_bytes: u64,
+}
+
 /// How to reach and shape the broker.
 #[derive(Clone, Debug)]
 pub struct BrokerConfig {
     pub addresses: BrokerAddresses,
     pub names: BrokerNames,
-    /// `x-quorum-initial-group-size` of new partition queues (`None`: the broker's default).
-    pub quorum_group_size: Option<u16>,
+    /// `x-initial-cluster-size` of new partition logs (`None`: the broker's default, every
+    /// cluster node).
+    pub log_replicas: Option<u16>,
+    pub retention: LogRetention,
     pub signals: BrokerSignals,
-    pub delivery_limit: u32,
-    pub queue_expires: Option<Duration>,
     pub confirm_timeout: Duration,
     /// Shown in the broker's connection list.
     pub connection_name: String,
@@ -185,10 +199,13 @@ impl BrokerConfig {
                 prefix: settings.broker_prefix.clone(),
                 partitions: settings.partitions,
             },
-            quorum_group_size: settings.quorum_group_size,
+            log_replicas: settings.log_replicas,
+            retention: LogRetention {
+                max_bytes: settings.log_max_bytes,
+                max_age: settings.log_max_age.clone(),
+                segment_bytes: settings.log_segment_bytes,
+            },
             signals: BrokerSignals::default(),
-            delivery_limit: settings.delivery_limit,
-            queue_expires: settings.queue_expires,
             confirm_timeout: settings.confirm_timeout,
             connection_name,
             in_process,
@@ -202,61 +219,46 @@ impl BrokerConfig {
     }
 }
 
-fn quorum_arguments() -> FieldTable {
+/// The arguments of partition log declarations.
+fn partition_log_arguments(config: &BrokerConfig) -> FieldTable {
     let mut arguments = FieldTable::default();
     arguments.insert(
         "x-queue-type".into(),
-        AMQPValue::LongString("quorum".into()),
+        AMQPValue::LongString("stream".into()),
     );
-    arguments
-}
-
-fn expires_argument(arguments: &mut FieldTable, expires: Option<Duration>) {
-    if let Some(expires) = expires {
-        let millis = i64::try_from(expires.as_millis()).unwrap_or(i64::MAX);
-        arguments.insert("x-expires".into(), AMQPValue::LongLongInt(millis));
-    }
-}
-
-/// The arguments of partition queue declarations.
-fn partition_arguments(config: &BrokerConfig) -> FieldTable {
-    let names = &config.names;
-    let mut arguments = quorum_arguments();
-    arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    let retention = &config.retention;
     arguments.insert(
-        "x-delivery-limit".into(),
-        AMQPValue::LongInt(i32::try_from(config.delivery_limit).unwrap_or(i32::MAX)),
+        "x-max-length-bytes".into(),
+        AMQPValue::LongLongInt(i64::try_from(retention.max_bytes).unwrap_or(i64::MAX)),
     );
     arguments.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString("".into()),
+        "x-max-age".into(),
+        AMQPValue::LongString(retention.max_age.as_str().into()),
     );
     arguments.insert(
-        "x-dead-letter-routing-key".into(),
-        AMQPValue::LongString(names.dead_letter_queue().as_str().into()),
+        "x-stream-max-segment-size-bytes".into(),
+        AMQPValue::LongLongInt(i64::try_from(retention.segment_bytes).unwrap_or(i64::MAX)),
     );
-    // Leaders spread over the nodes when the queues are created (RabbitMQ ≥ 3.10); a node that
-    // comes back after a failure leads nothing until `rabbitmq-queues rebalance quorum`.
+    // Leaders spread over the nodes when the logs are created (RabbitMQ ≥ 3.10).
     arguments.insert(
         "x-queue-leader-locator".into(),
         AMQPValue::LongString("balanced".into()),
     );
-    if let Some(size) = config.quorum_group_size {
+    if let Some(size) = config.log_replicas {
         arguments.insert(
-            "x-quorum-initial-group-size".into(),
+            "x-initial-cluster-size".into(),
             AMQPValue::LongInt(i32::from(size)),
         );
     }
-    expires_argument(&mut arguments, config.queue_expires);
     arguments
 }
 
 /// Declares the whole topology on a channel of its own, which it closes. Idempotent; every
 /// process calls it when it connects.
 ///
-/// A partition queue that already exists with other arguments (declared by an older version,
-/// or with another group size) makes the broker refuse the declaration with
-/// PRECONDITION_FAILED and close the channel: the queue is then checked passively on a new
+/// A partition log that already exists with other arguments (declared with other retention
+/// settings or another replica count) makes the broker refuse the declaration with
+/// PRECONDITION_FAILED and close the channel: the log is then checked passively on a new
 /// channel and used as it is (reported through [`BrokerSignals::queue_arguments_differ`]).
 async fn declare_topology(
     connection: &Connection,
@@ -268,13 +270,6 @@ async fn declare_topology(
         ..QueueDeclareOptions::default()
     };
     let mut channel = bounded("opening a channel", connection.create_channel()).await?;
-    let mut dead_arguments = quorum_arguments();
-    expires_argument(&mut dead_arguments, config.queue_expires);
-    bounded(
-        "declaring the dead-letter queue",
-        channel.queue_declare(names.dead_letter_queue().into(), durable, dead_arguments),
-    )
-    .await?;
     let durable_exchange = ExchangeDeclareOptions {
         durable: true,
         ..ExchangeDeclareOptions::default()
@@ -295,15 +290,15 @@ async fn declare_topology(
         )
         .await?;
     }
-    let arguments = partition_arguments(config);
+    let arguments = partition_log_arguments(config);
     for partition in 0..names.partitions {
-        let queue = names.partition_queue(partition);
+        let queue = names.partition_log(partition);
         let declared = tokio::time::timeout(
             OPERATION_TIMEOUT,
             channel.queue_declare(queue.as_str().into(), durable, arguments.clone()),
         )
         .await
-        .map_err(|_| BrokerError::Unavailable("declaring a partition queue timed out".into()))?;
+        .map_err(|_| BrokerError::Unavailable("declaring a partition log timed out".into()))?;
         if let Err(error) = declared {
             if soft_error(&error) != Some(AMQPSoftError::PRECONDITIONFAILED) {
                 return Err(error.into());
@@ -311,7 +306,7 @@ async fn declare_topology(
             (config.signals.queue_arguments_differ)(&queue, &error.to_string());
             channel = bounded("opening a channel", connection.create_channel()).await?;
             bounded(
-                "checking a partition queue",
+                "checking a partition log",
                 channel.queue_declare(
                     queue.as_str().into(),
                     QueueDeclareOptions {
@@ -324,7 +319,7 @@ async fn declare_topology(
             .await?;
         }
         bounded(
-            "binding a partition queue",
+            "binding a partition log",
             channel.queue_bind(
                 queue.as_str().into(),
                 names.commands_exchange().into(),
@@ -645,7 +640,7 @@ impl BrokerLink {
         }
         self.publish_confirmed(
             &self.config.names.commands_exchange(),
-            &self.config.names.partition_queue(partition),
+            &self.config.names.partition_log(partition),
             true,
             payload,
             properties,
@@ -674,21 +669,32 @@ impl BrokerLink {
         .await
     }
 
-    /// Tells every api instance which channels have new records. Not persistent: a lost
-    /// notification only delays readers until their safety re-read.
+    /// Tells every api instance which channels have new records. Not persistent and not
+    /// confirmed (the confirm is not awaited): a lost notification only delays readers until
+    /// their safety re-read, so the worker does not wait a broker round trip for it.
     pub async fn publish_notification(&self, payload: &[u8]) -> Result<(), BrokerError> {
         if let Some(broker) = &self.config.in_process {
             broker.publish_notification(payload);
             return Ok(());
         }
-        self.publish_confirmed(
-            &self.config.names.notify_exchange(),
-            "",
-            false,
-            payload,
-            BasicProperties::default(),
+        let live = self.live().await?;
+        let published = bounded(
+            "publishing a notification",
+            live.channel.basic_publish(
+                self.config.names.notify_exchange().as_str().into(),
+                "".into(),
+                BasicPublishOptions::default(),
+                payload,
+                BasicProperties::default(),
+            ),
         )
-        .await
+        .await;
+        if let Err(error) = &published
+            && matches!(error, BrokerError::Unavailable(_))
+        {
+            self.forget(&live).await;
+        }
+        published.map(drop)
     }
 
     /// Sends a reply to an api instance's reply queue.
@@ -701,76 +707,48 @@ impl BrokerLink {
             .await
     }
 
-    /// Moves a command message to the dead-letter queue with the reason in a header.
-    pub async fn publish_dead_letter(
-        &self,
-        payload: &[u8],
-        message_id: Option<&str>,
-        partition: u16,
-        reason: &str,
-    ) -> Result<(), BrokerError> {
-        if let Some(broker) = &self.config.in_process {
-            broker.publish_dead_letter(payload, reason);
-            return Ok(());
-        }
-        let mut headers = FieldTable::default();
-        headers.insert(
-            "x-sessions-dead-letter-reason".into(),
-            AMQPValue::LongString(LongString::from(reason)),
-        );
-        headers.insert(
-            "x-sessions-partition".into(),
-            AMQPValue::LongInt(i32::from(partition)),
-        );
-        headers.insert(
-            "x-sessions-dead-lettered-at".into(),
-            AMQPValue::LongLongInt(chrono::Utc::now().timestamp_millis()),
-        );
-        let properties = persistent(message_id).with_headers(headers);
-        self.publish_confirmed(
-            "",
-            &self.config.names.dead_letter_queue(),
-            true,
-            payload,
-            properties,
-        )
-        .await
-    }
-
     /// Whether the broker answers (connecting if needed).
     pub async fn ping(&self) -> Result<(), BrokerError> {
         self.ensure_connected().await
     }
 
-    /// Deletes every queue and exchange of this deployment's prefix. For tests and teardown.
+    /// Deletes every queue and exchange of this deployment's prefix (partition logs, and the
+    /// queues of versions before them if they are still there). For tests and teardown.
     pub async fn delete_topology(&self) -> Result<(), BrokerError> {
         if self.config.in_process.is_some() {
             return Ok(());
         }
         let live = self.live().await?;
         let names = &self.config.names;
-        for partition in 0..names.partitions {
-            live.channel
-                .queue_delete(
-                    names.partition_queue(partition).into(),
-                    QueueDeleteOptions::default(),
-                )
-                .await?;
-        }
-        live.channel
-            .queue_delete(
-                names.dead_letter_queue().into(),
-                QueueDeleteOptions::default(),
+        let mut queues: Vec<String> = (0..names.partitions)
+            .flat_map(|partition| {
+                [
+                    names.partition_log(partition),
+                    names.legacy_partition_queue(partition),
+                ]
+            })
+            .collect();
+        queues.push(names.legacy_dead_letter_queue());
+        // Deleting a queue that does not exist succeeds.
+        for queue in queues {
+            bounded(
+                "deleting a queue",
+                live.channel
+                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default()),
             )
             .await?;
+        }
         for exchange in [
             names.commands_exchange(),
             names.events_exchange(),
             names.notify_exchange(),
         ] {
-            live.channel
-                .exchange_delete(exchange.into(), ExchangeDeleteOptions::default())
-                .await?;
+            bounded(
+                "deleting an exchange",
+                live.channel
+                    .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default()),
+            )
+            .await?;
         }
         Ok(())
     }
@@ -782,82 +760,6 @@ impl BrokerLink {
         if let Some(live) = guard.take() {
             let _ = bounded("closing", live.connection.close(200, "shutdown".into())).await;
         }
-    }
-
-    /// Every message in the dead-letter queue (they stay there). For operators.
-    pub async fn dead_letters(&self) -> Result<Vec<DeadLetter>, BrokerError> {
-        self.take_dead_letters(|_| false)
-            .await
-            .map(|(listed, _)| listed)
-    }
-
-    /// Re-publishes the dead letters whose message id is `id` (all of them with `None`) to their
-    /// partition and removes them from the dead-letter queue. Returns how many.
-    pub async fn replay_dead_letters(&self, id: Option<&str>) -> Result<usize, BrokerError> {
-        self.take_dead_letters(|letter| {
-            id.is_none_or(|id| letter.message_id.as_deref() == Some(id))
-        })
-        .await
-        .map(|(_, replayed)| replayed)
-    }
-
-    /// Reads the whole dead-letter queue on one channel; `replay` picks the ones to re-publish
-    /// and ack; closing the channel puts the others back.
-    async fn take_dead_letters(
-        &self,
-        replay: impl Fn(&DeadLetter) -> bool,
-    ) -> Result<(Vec<DeadLetter>, usize), BrokerError> {
-        if self.config.in_process.is_some() {
-            return Ok((Vec::new(), 0));
-        }
-        let live = self.live().await?;
-        let channel = live.connection.create_channel().await?;
-        let mut listed = Vec::new();
-        let mut replayed = 0;
-        while let Some(message) = channel
-            .basic_get(
-                self.config.names.dead_letter_queue().into(),
-                lapin::options::BasicGetOptions::default(),
-            )
-            .await?
-        {
-            let delivery = message.delivery;
-            let letter = DeadLetter::from_delivery(&delivery, self.config.names.partitions);
-            if replay(&letter) {
-                self.publish_commands(
-                    letter.partition,
-                    letter.message_id.as_deref().unwrap_or("replayed"),
-                    None,
-                    &delivery.data,
-                )
-                .await?;
-                delivery.ack(BasicAckOptions::default()).await?;
-                replayed += 1;
-            }
-            listed.push(letter);
-        }
-        let _ = channel.close(200, "dead letters read".into()).await;
-        Ok((listed, replayed))
-    }
-
-    /// Counts messages ready in the dead-letter queue. For tests and operators.
-    pub async fn dead_letter_count(&self) -> Result<u32, BrokerError> {
-        if let Some(broker) = &self.config.in_process {
-            return Ok(broker.dead_letter_count());
-        }
-        let live = self.live().await?;
-        let queue = live
-            .channel
-            .queue_declare(
-                self.config.names.dead_letter_queue().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await?;
-        Ok(queue.message_count())
     }
 }
 
@@ -976,60 +878,4 @@ async fn start_notification_consumer(
         drop(channel);
     });
     Ok(())
-}
-
-/// A message of the dead-letter queue, as operators see it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DeadLetter {
-    pub message_id: Option<String>,
-    /// Our reason (`x-sessions-dead-letter-reason`) or the broker's (`x-first-death-reason`,
-    /// e.g. `delivery_limit`).
-    pub reason: String,
-    pub partition: u16,
-    /// Internal id of the first command's session, if the payload decodes.
-    pub session_id: Option<String>,
-    /// When it was dead-lettered (epoch ms), if known.
-    pub dead_lettered_at_ms: Option<i64>,
-}
-
-impl DeadLetter {
-    fn from_delivery(delivery: &lapin::message::Delivery, partitions: u16) -> Self {
-        let headers = delivery.properties.headers().clone().unwrap_or_default();
-        let header = |name: &str| headers.inner().get(name).cloned();
-        let text = |value: Option<AMQPValue>| match value {
-            Some(AMQPValue::LongString(text)) => {
-                Some(String::from_utf8_lossy(text.as_bytes()).into_owned())
-            }
-            Some(AMQPValue::ShortString(text)) => Some(text.as_str().to_owned()),
-            _ => None,
-        };
-        let number = |value: Option<AMQPValue>| match value {
-            Some(AMQPValue::LongInt(n)) => Some(i64::from(n)),
-            Some(AMQPValue::LongLongInt(n)) => Some(n),
-            Some(AMQPValue::Timestamp(n)) => i64::try_from(n).ok().map(|seconds| seconds * 1000),
-            _ => None,
-        };
-        let envelope = crate::commands::Envelope::decode(&delivery.data).ok();
-        let session_id = envelope
-            .as_ref()
-            .and_then(|envelope| envelope.commands.first())
-            .map(|command| command.session_id);
-        let partition = number(header("x-sessions-partition"))
-            .and_then(|n| u16::try_from(n).ok())
-            .or_else(|| session_id.map(|id| crate::domain::partition::partition_of(id, partitions)))
-            .unwrap_or(0);
-        Self {
-            message_id: delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|id| id.as_str().to_owned()),
-            reason: text(header("x-sessions-dead-letter-reason"))
-                .or_else(|| text(header("x-first-death-reason")))
-                .unwrap_or_else(|| "unknown".into()),
-            partition,
-            session_id: session_id.map(|id| id.to_string()),
-            dead_lettered_at_ms: number(header("x-sessions-dead-lettered-at")),
-        }
-    }
 }

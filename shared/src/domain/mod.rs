@@ -4,6 +4,7 @@
 pub mod channel;
 pub mod dedup;
 pub mod ids;
+pub mod log;
 pub mod partition;
 pub mod scopes;
 pub mod session;

@@ -121,10 +121,14 @@ impl SessionRow {
 }
 
 impl Store {
-    /// Applies a batch: loads what `commands` need, calls `decide`, writes its result and
-    /// commits. Returns `decide`'s value and the outbox events to publish.
+    /// Applies a batch: moves the partition logs it read forward (the offsets fence: fails
+    /// with [`StorageError::Fenced`] if any log is no longer where the batch started), loads
+    /// what `commands` need, calls `decide`, writes its result and the batch's dead letters,
+    /// and commits. Returns `decide`'s value and the outbox events to publish.
     pub async fn apply_batch<T>(
         &self,
+        advances: &[super::LogAdvance],
+        dead_letters: &[super::NewDeadLetter],
         commands: &[Command],
         decide: impl FnOnce(LoadedState) -> (BatchWrites, T),
     ) -> Result<(T, Vec<OutboxEventRow>), StorageError> {
@@ -139,6 +143,10 @@ impl Store {
             txn.execute_unprepared("SET LOCAL plan_cache_mode = force_custom_plan")
                 .await?;
         }
+        // Before anything else: the row locks make a later batch of the same logs wait for this commit, and
+        // a batch that lost the race writes nothing.
+        super::logs::advance_logs(&txn, advances).await?;
+        super::logs::insert_dead_letters(&txn, dead_letters).await?;
         let state = load_state(&txn, commands).await?;
         let (writes, value) = decide(state);
         let outbox = write(&txn, writes).await?;

@@ -13,6 +13,7 @@ impl MigratorTrait for Migrator {
             Box::new(Waitpoints),
             Box::new(EncryptedSecretKeys),
             Box::new(SessionSnapshots),
+            Box::new(PartitionLogs),
         ]
     }
 }
@@ -312,6 +313,66 @@ impl MigrationTrait for SessionSnapshots {
                     .col(uuid("environment_id"))
                     .col(blob("body"))
                     .col(timestamp_with_time_zone("updated_at"))
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+struct PartitionLogs;
+
+impl MigrationName for PartitionLogs {
+    fn name(&self) -> &str {
+        "m20261206_000005_partition_logs"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for PartitionLogs {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        // The last message applied from each partition log: advanced with a compare-and-set in
+        // the transaction that writes the batch (the offsets fence).
+        manager
+            .create_table(
+                Table::create()
+                    .table("log_positions")
+                    .if_not_exists()
+                    .col(text("log").primary_key())
+                    .col(big_integer_null("applied_offset"))
+                    .col(text_null("applied_message_id"))
+                    .col(boolean("resume_from_first").default(false))
+                    .col(timestamp_with_time_zone("updated_at"))
+                    .to_owned(),
+            )
+            .await?;
+        // Which worker reads which partition log (efficiency only; the fence decides).
+        manager
+            .create_table(
+                Table::create()
+                    .table("partition_leases")
+                    .if_not_exists()
+                    .col(text("log").primary_key())
+                    .col(text("owner"))
+                    .col(boolean("owner_is_home"))
+                    .col(timestamp_with_time_zone("expires_at"))
+                    .to_owned(),
+            )
+            .await?;
+        // Commands that can never be applied, written in the transaction that moves past them.
+        manager
+            .create_table(
+                Table::create()
+                    .table("dead_letters")
+                    .if_not_exists()
+                    .col(pk_uuid("id"))
+                    .col(text("log"))
+                    .col(integer("partition"))
+                    .col(big_integer_null("log_offset"))
+                    .col(text_null("message_id"))
+                    .col(blob("payload"))
+                    .col(text("reason"))
+                    .col(timestamp_with_time_zone("created_at"))
+                    .col(timestamp_with_time_zone_null("replayed_at"))
                     .to_owned(),
             )
             .await

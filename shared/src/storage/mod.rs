@@ -7,6 +7,7 @@
 mod apply;
 mod entities;
 mod listing;
+mod logs;
 mod migrations;
 
 use std::time::Duration;
@@ -32,6 +33,7 @@ pub use entities::runs::Model as RunRow;
 pub use entities::sessions::Model as SessionRow;
 pub use entities::waitpoints::Model as WaitpointRow;
 pub use listing::{ListError, PageCursor, SessionListQuery, SessionPage, StatusFilter};
+pub use logs::{DeadLetter, LogAdvance, NewDeadLetter};
 
 use entities::{
     environments, outbox_events, projects, records, runs, secret_keys, session_snapshots, sessions,
@@ -47,24 +49,74 @@ pub enum StorageError {
     InvalidUrl(String),
     #[error("stored data is inconsistent: {0}")]
     Inconsistent(String),
+    /// A batch's partition logs were no longer where it started: another reader applied them
+    /// (or an earlier batch failed). Nothing was written; re-read from the stored positions.
+    #[error("partition log fence: {0}")]
+    Fenced(String),
 }
 
 impl StorageError {
-    /// Connection loss, timeouts, and constraint races between concurrent appliers are
-    /// transient: retrying the whole transaction is safe and will succeed or see the winner.
+    /// Whether retrying the same transaction may succeed: the database was unreachable, busy,
+    /// shutting down, or aborted the transaction for a concurrency reason (serialization
+    /// failure, deadlock, lock timeout). Deterministic errors (a constraint or a value the
+    /// database refuses) are not transient: retrying them would only burn the retry budget
+    /// while the partition stalls; the worker isolates the command instead.
     pub fn is_transient(&self) -> bool {
         match self {
-            StorageError::Database(error) => matches!(
-                error,
-                DbErr::Conn(_)
-                    | DbErr::ConnectionAcquire(_)
-                    | DbErr::Exec(_)
-                    | DbErr::Query(_)
-                    | DbErr::RecordNotInserted
-            ),
-            StorageError::InvalidUrl(_) | StorageError::Inconsistent(_) => false,
+            StorageError::Database(error) => database_error_is_transient(error),
+            StorageError::InvalidUrl(_)
+            | StorageError::Inconsistent(_)
+            | StorageError::Fenced(_) => false,
         }
     }
+}
+
+/// See [`StorageError::is_transient`].
+fn database_error_is_transient(error: &DbErr) -> bool {
+    use sea_orm::RuntimeErr;
+    use sea_orm::sqlx::Error as SqlxError;
+    let runtime = match error {
+        DbErr::Conn(_) | DbErr::ConnectionAcquire(_) => return true,
+        DbErr::Exec(runtime) | DbErr::Query(runtime) => runtime,
+        _ => return false,
+    };
+    let RuntimeErr::SqlxError(sqlx_error) = runtime else {
+        return false;
+    };
+    match sqlx_error.as_ref() {
+        SqlxError::Database(database) => {
+            let code = database.code().unwrap_or_default();
+            sqlstate_is_transient(&code)
+        }
+        SqlxError::Io(_)
+        | SqlxError::Tls(_)
+        | SqlxError::Protocol(_)
+        | SqlxError::PoolTimedOut
+        | SqlxError::PoolClosed
+        | SqlxError::WorkerCrashed => true,
+        _ => false,
+    }
+}
+
+/// Postgres SQLSTATEs (and SQLite result codes) that say "try again".
+fn sqlstate_is_transient(code: &str) -> bool {
+    const POSTGRES_CLASSES: [&str; 4] = [
+        "08", // connection exception
+        "40", // transaction rollback: serialization failure, deadlock
+        "53", // insufficient resources (too many connections, disk full, out of memory)
+        "57", // operator intervention: admin shutdown, query canceled, cannot connect now
+    ];
+    const POSTGRES_CODES: [&str; 2] = [
+        "55P03", // lock not available
+        "55006", // object in use
+    ];
+    // SQLite: BUSY, LOCKED and their extended codes (BUSY_RECOVERY, BUSY_SNAPSHOT, ...).
+    const SQLITE_CODES: [&str; 5] = ["5", "6", "261", "517", "262"];
+    POSTGRES_CLASSES
+        .iter()
+        .any(|class| code.len() == 5 && code.starts_with(class))
+        || POSTGRES_CODES.contains(&code)
+        || SQLITE_CODES.contains(&code)
 }
 
 /// An environment that the admin CLI created or found.
@@ -660,6 +712,20 @@ pub enum CountedTable {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sqlstates_are_classified() {
+        for transient in [
+            "08006", "40001", "40P01", "53300", "57P01", "57014", "55P03", "5",
+        ] {
+            assert!(sqlstate_is_transient(transient), "{transient}");
+        }
+        for permanent in [
+            "23505", "23502", "22P02", "22021", "42P01", "42703", "", "1",
+        ] {
+            assert!(!sqlstate_is_transient(permanent), "{permanent}");
+        }
+    }
 
     #[test]
     fn splits_postgres_urls() {

@@ -508,7 +508,6 @@ async fn bench(options: Options) -> Result<(), String> {
     settings.broker_prefix = format!("bench_{name}");
     settings.partitions =
         u16::try_from(options.partitions).map_err(|_| "--partitions: at most 1024")?;
-    settings.queue_expires = Some(std::time::Duration::from_secs(600));
     let mut secret_keys = Vec::new();
     for environment in ["a", "b"] {
         let created = store
@@ -536,12 +535,12 @@ async fn bench(options: Options) -> Result<(), String> {
             settings.partitions.to_string(),
         ),
         (
-            "SESSIONS_QUEUE_EXPIRES_MS".into(),
-            settings
-                .queue_expires
-                .unwrap_or_default()
-                .as_millis()
-                .to_string(),
+            "SESSIONS_LOG_MAX_BYTES".into(),
+            settings.log_max_bytes.to_string(),
+        ),
+        (
+            "SESSIONS_LOG_SEGMENT_BYTES".into(),
+            settings.log_segment_bytes.to_string(),
         ),
         // Rate limits are a policy cap per environment, not capacity: off while measuring it.
         ("SESSIONS_RATE_LIMIT_PER_SECOND".into(), "0".into()),

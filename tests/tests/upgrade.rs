@@ -1,0 +1,140 @@
+//! Upgrading from the version whose partitions were quorum queues: commands still in an old
+//! partition queue are applied before anything of the new partition logs, in queue order, and
+//! the old queue is deleted once empty (`SESSIONS_DRAIN_LEGACY_QUEUES=1`).
+
+use std::time::Duration;
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use shared::commands::{AppendCommand, Command, CommandBody, Envelope};
+use shared::domain::partition::partition_of;
+use tests::{InProcessWorker, SpawnOptions, TestApp};
+
+/// The arguments the previous version declared its partition queues with.
+fn legacy_queue_arguments() -> FieldTable {
+    let mut arguments = FieldTable::default();
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    arguments.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+    arguments.insert("x-delivery-limit".into(), AMQPValue::LongInt(20));
+    arguments
+}
+
+#[tokio::test]
+async fn commands_left_in_legacy_partition_queues_are_applied_first_then_the_queues_go() {
+    let app = TestApp::spawn_with(SpawnOptions {
+        overrides: &[("SESSIONS_DRAIN_LEGACY_QUEUES", "1")],
+        without_worker: true,
+        ..SpawnOptions::default()
+    })
+    .await;
+    // The session exists (created through the new path by a first worker).
+    let first = InProcessWorker::spawn(app.settings.clone()).await;
+    app.create_session("upgraded").await;
+    assert_eq!(
+        app.append("upgraded", "in", "1", Some("p1")).await.status(),
+        200
+    );
+    app.wait_for_records("upgraded", "in", 1, Duration::from_secs(30))
+        .await;
+    first.stop().await;
+
+    // What an old api instance left in the old queue of the session's partition.
+    let session = app
+        .store
+        .find_session(
+            app.store
+                .environment_by_public_id(&app.environment_id)
+                .await
+                .expect("lookup")
+                .expect("environment")
+                .id,
+            &shared::domain::SessionAddress::ExternalId("upgraded".into()),
+        )
+        .await
+        .expect("lookup")
+        .expect("session");
+    let partition = partition_of(session.id, app.settings.partitions);
+    let legacy_queue = format!("{}.p{partition:03}", app.settings.broker_prefix);
+    let connection = lapin::Connection::connect(tests::AMQP_URL, Default::default())
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirms");
+    channel
+        .queue_declare(
+            legacy_queue.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            legacy_queue_arguments(),
+        )
+        .await
+        .expect("the old partition queue");
+    for body in ["2", "3"] {
+        let command = Command::new(
+            session.environment_id,
+            session.id,
+            chrono::Utc::now(),
+            CommandBody::Append(AppendCommand {
+                io: shared::domain::Io::In,
+                part_id: Some(format!("p{body}")),
+                body: body.into(),
+            }),
+        );
+        let confirm = channel
+            .basic_publish(
+                "".into(),
+                legacy_queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &Envelope::new(vec![command]).encode(),
+                lapin::BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_message_id(format!("legacy-{body}").as_str().into()),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("confirm");
+        assert!(confirm.is_ack());
+    }
+    // Accepted by the new api while no worker runs: it waits in the partition log.
+    assert_eq!(
+        app.append("upgraded", "in", "4", Some("p4")).await.status(),
+        200
+    );
+
+    let upgraded = InProcessWorker::spawn(app.settings.clone()).await;
+    let records = app
+        .wait_for_records("upgraded", "in", 4, Duration::from_secs(30))
+        .await;
+    let bodies: Vec<&str> = records.iter().map(|record| record.data.as_str()).collect();
+    assert_eq!(
+        bodies,
+        ["1", "2", "3", "4"],
+        "old queue first, in order, once"
+    );
+
+    // The drained queue is gone: a passive declare is refused with NOT_FOUND.
+    let check = connection.create_channel().await.expect("channel");
+    let gone = check
+        .queue_declare(
+            legacy_queue.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await;
+    assert!(gone.is_err(), "the drained legacy queue was deleted");
+    upgraded.stop().await;
+    let _ = connection.close(200, "done".into()).await;
+    app.cleanup().await;
+}
