@@ -304,6 +304,25 @@ impl Caller {
         Ok(session)
     }
 
+    /// As [`Caller::session`] for the append route: served from the api instance's session
+    /// cache when it holds the session (no database read), read and cached otherwise. The
+    /// authorization check runs either way.
+    pub async fn session_for_append(
+        &self,
+        state: &AppState,
+        address: &SessionAddress,
+    ) -> Result<std::sync::Arc<SessionRow>, ApiError> {
+        if let Some(session) = state.sessions.get(self.environment.id, address) {
+            self.authorize(Action::Write, address, Some(&session))?;
+            return Ok(session);
+        }
+        let session = std::sync::Arc::new(self.session(state, Action::Write, address).await?);
+        state
+            .sessions
+            .put(self.environment.id, address, session.clone());
+        Ok(session)
+    }
+
     /// As [`Caller::find_session`], with 404 for a missing session.
     pub async fn session(
         &self,

@@ -20,6 +20,7 @@ pub mod live;
 pub mod publisher;
 pub mod rate_limit;
 pub mod routes;
+pub mod session_cache;
 pub mod signals;
 
 use std::future::Future;
@@ -46,6 +47,8 @@ pub struct AppState {
     pub publisher: Arc<Publisher>,
     pub cache: Arc<Cache>,
     pub hub: Arc<live::Hub>,
+    /// Sessions read by the append route (see `session_cache`).
+    pub sessions: Arc<session_cache::SessionCache>,
     pub verification_keys: Arc<auth::VerificationKeys>,
     pub secret_keys: Arc<auth::SecretKeyLookups>,
     pub rate_limits: Arc<rate_limit::RateLimits>,
@@ -115,7 +118,8 @@ impl Application {
         // Keeps the link (and with it the reply and notification consumers) up even when no
         // request publishes, so live readers hear about new records.
         tokio::spawn(keep_connected(Arc::downgrade(&link)));
-        let hub = live::Hub::start(store.clone(), notifications);
+        let sessions = Arc::new(session_cache::SessionCache::new(settings.session_cache_ttl));
+        let hub = live::Hub::start(store.clone(), notifications, sessions.clone());
         let publisher = Arc::new(Publisher::start(
             link,
             reply_queue,
@@ -132,6 +136,7 @@ impl Application {
                 publisher,
                 cache,
                 hub,
+                sessions,
                 verification_keys: Arc::default(),
                 secret_keys: Arc::default(),
                 rate_limits,

@@ -41,6 +41,8 @@ struct Feed {
 /// The feeds of this instance.
 pub struct Hub {
     store: Store,
+    /// Told which sessions changed, and to forget everything after a reconnect.
+    sessions: Arc<crate::session_cache::SessionCache>,
     feeds: Mutex<HashMap<ChannelKey, Arc<Feed>>>,
     /// Turns true when the api shuts down: live readers end their streams (clients resume
     /// with `Last-Event-ID` on another instance), so the drain is not held by long polls.
@@ -55,9 +57,14 @@ impl std::fmt::Debug for Hub {
 
 impl Hub {
     /// Starts the hub; `notifications` come from the broker link.
-    pub fn start(store: Store, notifications: mpsc::UnboundedReceiver<Notification>) -> Arc<Self> {
+    pub fn start(
+        store: Store,
+        notifications: mpsc::UnboundedReceiver<Notification>,
+        sessions: Arc<crate::session_cache::SessionCache>,
+    ) -> Arc<Self> {
         let hub = Arc::new(Self {
             store,
+            sessions,
             feeds: Mutex::new(HashMap::new()),
             stopping: tokio::sync::watch::Sender::new(false),
         });
@@ -138,12 +145,16 @@ async fn listen(
     while let Some(notification) = notifications.recv().await {
         let Some(hub) = hub.upgrade() else { return };
         match notification {
-            Notification::Reconnected => hub.wake_all(),
+            Notification::Reconnected => {
+                hub.sessions.clear();
+                hub.wake_all();
+            }
             Notification::Message(payload) => {
                 let Ok(notice) = serde_json::from_slice::<NewRecords>(&payload) else {
                     tracing::warn!("ignoring an unreadable notification");
                     continue;
                 };
+                hub.sessions.invalidate(&notice.sessions_changed);
                 for head in notice.channels {
                     hub.wake(&ChannelKey {
                         environment_id: head.environment_id,

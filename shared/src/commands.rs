@@ -274,6 +274,10 @@ impl Outcome {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NewRecords {
     pub channels: Vec<ChannelHead>,
+    /// Sessions whose row changed (closed, patched, a new run, re-created): api instances drop
+    /// them from their session caches. Absent in notices of older workers.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sessions_changed: Vec<Uuid>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -285,10 +289,19 @@ pub struct ChannelHead {
 }
 
 impl NewRecords {
-    /// The highest new seqNum per channel among `commands` and their `outcomes`.
+    /// The highest new seqNum per channel among `commands` and their `outcomes`, and the
+    /// sessions that commands other than appends and waitpoint registrations may have changed.
     pub fn from_outcomes(commands: &[Command], outcomes: &[Outcome]) -> Self {
         let mut channels: Vec<ChannelHead> = Vec::new();
+        let mut sessions_changed: Vec<Uuid> = Vec::new();
         for (command, outcome) in commands.iter().zip(outcomes) {
+            if !matches!(
+                command.body,
+                CommandBody::Append(_) | CommandBody::RegisterWaitpoint(_)
+            ) && !sessions_changed.contains(&command.session_id)
+            {
+                sessions_changed.push(command.session_id);
+            }
             let (CommandBody::Append(append), Outcome::Appended { seq_num }) =
                 (&command.body, outcome)
             else {
@@ -307,7 +320,15 @@ impl NewRecords {
                 }),
             }
         }
-        Self { channels }
+        Self {
+            channels,
+            sessions_changed,
+        }
+    }
+
+    /// Whether there is anything to tell the api instances.
+    pub fn is_empty(&self) -> bool {
+        self.channels.is_empty() && self.sessions_changed.is_empty()
     }
 }
 

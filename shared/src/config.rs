@@ -93,6 +93,11 @@ pub struct Settings {
     /// `SESSIONS_AUTH_CACHE_TTL_MS`: how long an api instance reuses a secret-key lookup (so
     /// also how long a revocation can take to reach it); zero disables the cache.
     pub auth_cache_ttl: Duration,
+    /// `SESSIONS_SESSION_CACHE_TTL_MS`: how long an api instance reuses a session it read for
+    /// the append route (invalidated at once by the workers' notices; zero disables the
+    /// cache). Workers also read it: an append accepted up to this long after its session was
+    /// closed is still applied (the api answered it 2xx on a state it could not know was stale).
+    pub session_cache_ttl: Duration,
     /// `SESSIONS_DB_MAX_CONNECTIONS`.
     pub db_max_connections: u32,
     /// `SESSIONS_JWT_ISSUER`.
@@ -497,6 +502,16 @@ impl Settings {
                     });
                 }
             },
+            session_cache_ttl: Duration::from_millis(in_range(
+                "SESSIONS_SESSION_CACHE_TTL_MS",
+                parse(
+                    "SESSIONS_SESSION_CACHE_TTL_MS",
+                    get("SESSIONS_SESSION_CACHE_TTL_MS"),
+                    1_000_u64,
+                )?,
+                0,
+                60_000,
+            )?),
             auth_cache_ttl: Duration::from_millis(in_range(
                 "SESSIONS_AUTH_CACHE_TTL_MS",
                 parse(

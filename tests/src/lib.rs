@@ -146,6 +146,10 @@ pub fn settings_env(settings: &Settings) -> Vec<(&'static str, String)> {
             settings.worker_prefetch.to_string(),
         ),
         (
+            "SESSIONS_SESSION_CACHE_TTL_MS",
+            settings.session_cache_ttl.as_millis().to_string(),
+        ),
+        (
             "SESSIONS_WORKER_BATCH_MAX",
             settings.worker_batch_max.to_string(),
         ),

@@ -632,6 +632,8 @@ async fn apply_messages(
     messages: &[Decoded],
 ) -> Result<(), ApplyFailure> {
     let claims = claim_parts(context, commands).await;
+    let close_grace =
+        chrono::TimeDelta::from_std(context.settings.session_cache_ttl).unwrap_or_default();
     let started = Instant::now();
     let policy = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(50))
@@ -642,7 +644,8 @@ async fn apply_messages(
     let applied = (|| async {
         context
             .store
-            .apply_batch(advances, dead_letters, commands, |state| {
+            .apply_batch(advances, dead_letters, commands, |mut state| {
+                state.close_grace = close_grace;
                 plan_batch(commands, state)
             })
             .await
@@ -677,20 +680,21 @@ async fn apply_messages(
     signals::waitpoints_completed(completed);
     signals::commands_settled(commands, &outcomes);
     let new_records = NewRecords::from_outcomes(commands, &outcomes);
-    // Replies and events go out together; the notification is not confirmed (best effort).
-    let replies = async {
-        for message in messages {
-            send_replies(
-                context,
-                message.reply_to.as_deref(),
+    // Events and replies go out together and are confirmed together; the notification is not
+    // confirmed (best effort).
+    let replies: Vec<(&str, Vec<u8>)> = messages
+        .iter()
+        .filter_map(|message| {
+            let reply_to = message.reply_to.as_deref()?;
+            let payload = reply_payload(
                 &commands[message.commands.clone()],
                 &outcomes[message.commands.clone()],
-            )
-            .await;
-        }
-    };
-    tokio::join!(publish_outbox(context, outbox), replies);
-    if !new_records.channels.is_empty() {
+            )?;
+            Some((reply_to, payload))
+        })
+        .collect();
+    publish_outbox_and_replies(context, outbox, &replies).await;
+    if !new_records.is_empty() {
         let payload = serde_json::to_vec(&new_records).unwrap_or_default();
         if let Err(error) = context.link.publish_notification(&payload).await {
             tracing::debug!(%error, "notification lost; readers catch up on their safety re-read");
@@ -866,16 +870,9 @@ pub async fn sweep_outbox(context: Arc<WorkerContext>, mut shutdown: watch::Rece
     }
 }
 
-/// Sends the outcomes of the commands that asked for a reply, as one reply message.
-async fn send_replies(
-    context: &WorkerContext,
-    reply_to: Option<&str>,
-    commands: &[Command],
-    outcomes: &[Outcome],
-) {
-    let Some(reply_to) = reply_to else {
-        return;
-    };
+/// The reply message of one broker message: the outcomes of its commands that asked for a
+/// reply (`None`: none did).
+fn reply_payload(commands: &[Command], outcomes: &[Outcome]) -> Option<Vec<u8>> {
     let replies: Vec<Reply> = commands
         .iter()
         .zip(outcomes)
@@ -886,10 +883,51 @@ async fn send_replies(
         })
         .collect();
     if replies.is_empty() {
-        return;
+        return None;
     }
-    let payload = serde_json::to_vec(&replies).unwrap_or_default();
-    if let Err(error) = context.link.publish_reply(reply_to, &payload).await {
-        tracing::warn!(%error, "reply lost; the api answers its caller with a timeout");
+    serde_json::to_vec(&replies).ok()
+}
+
+/// Publishes committed outbox events and the batch's replies together, then removes the
+/// published events. Events that fail are left to the sweeper; a lost reply makes the api
+/// answer its caller with a timeout.
+async fn publish_outbox_and_replies(
+    context: &WorkerContext,
+    events: Vec<OutboxEventRow>,
+    replies: &[(&str, Vec<u8>)],
+) {
+    let payloads: Vec<Vec<u8>> = events
+        .iter()
+        .map(|event| serde_json::to_vec(&event.payload).unwrap_or_default())
+        .collect();
+    let event_messages: Vec<(&str, &[u8])> = events
+        .iter()
+        .zip(&payloads)
+        .map(|(event, payload)| (event.routing_key.as_str(), payload.as_slice()))
+        .collect();
+    let reply_messages: Vec<(&str, &[u8])> = replies
+        .iter()
+        .map(|(reply_to, payload)| (*reply_to, payload.as_slice()))
+        .collect();
+    let (event_results, reply_results) = context
+        .link
+        .publish_events_and_replies(&event_messages, &reply_messages)
+        .await;
+    for result in reply_results {
+        if let Err(error) = result {
+            tracing::warn!(%error, "reply lost; the api answers its caller with a timeout");
+        }
+    }
+    let mut published = Vec::with_capacity(events.len());
+    for (event, result) in events.iter().zip(event_results) {
+        match result {
+            Ok(()) => published.push(event.id),
+            Err(error) => {
+                tracing::warn!(%error, routing_key = %event.routing_key, "event publish failed; the outbox sweeper retries");
+            }
+        }
+    }
+    if let Err(error) = context.store.delete_outbox_events(&published).await {
+        tracing::warn!(%error, "could not delete published outbox events; they may be published again");
     }
 }

@@ -109,7 +109,7 @@ pub async fn append(
     let limit = state.settings.max_append_bytes;
     declared_length(&headers, limit)?;
     let part_id = part_id(&headers)?;
-    let session = caller.session(&state, Action::Write, &address).await?;
+    let session = caller.session_for_append(&state, &address).await?;
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
         ApiError::PayloadTooLarge(format!("Request body exceeds the limit of {limit} bytes"))
     })?;

@@ -172,7 +172,11 @@ pub async fn create(
             run_friendly_id: ids::new_friendly_id(RUN_PREFIX),
         })),
     );
-    match state.publisher.submit_and_wait(command).await? {
+    let changed = command.session_id;
+    let outcome = state.publisher.submit_and_wait(command).await;
+    // This instance learns of its own change at once; the others from the worker's notice.
+    state.sessions.invalidate(&[changed]);
+    match outcome? {
         Outcome::SessionCreated {
             session,
             run_friendly_id,
@@ -223,7 +227,11 @@ pub async fn close(
             reason: body.reason,
         }),
     );
-    match state.publisher.submit_and_wait(command).await? {
+    let changed = command.session_id;
+    let outcome = state.publisher.submit_and_wait(command).await;
+    // This instance learns of its own change at once; the others from the worker's notice.
+    state.sessions.invalidate(&[changed]);
+    match outcome? {
         Outcome::SessionClosedNow { session } => Ok(Json(session).into_response()),
         Outcome::SessionNotFound => Err(ApiError::NotFound("Session not found")),
         other => Err(ApiError::Internal(format!(
@@ -317,7 +325,11 @@ pub async fn patch(
             clear_metadata,
         }),
     );
-    match state.publisher.submit_and_wait(command).await? {
+    let changed = command.session_id;
+    let outcome = state.publisher.submit_and_wait(command).await;
+    // This instance learns of its own change at once; the others from the worker's notice.
+    state.sessions.invalidate(&[changed]);
+    match outcome? {
         Outcome::SessionUpdated { session } => Ok(Json(session).into_response()),
         Outcome::SessionNotFound => Err(ApiError::NotFound("Session not found")),
         other => Err(ApiError::Internal(format!(
@@ -374,7 +386,11 @@ pub async fn end_and_continue(
             new_run_friendly_id: ids::new_friendly_id(RUN_PREFIX),
         }),
     );
-    match state.publisher.submit_and_wait(command).await? {
+    let changed = command.session_id;
+    let outcome = state.publisher.submit_and_wait(command).await;
+    // This instance learns of its own change at once; the others from the worker's notice.
+    state.sessions.invalidate(&[changed]);
+    match outcome? {
         Outcome::RunContinued {
             run_friendly_id,
             swapped,

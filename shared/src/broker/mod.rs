@@ -648,6 +648,117 @@ impl BrokerLink {
         .await
     }
 
+    /// Publishes a batch's events (`(routing key, payload)`, on the events exchange) and replies
+    /// (`(reply queue, payload)`) together: every message is sent, then every confirm is awaited
+    /// (one round trip for the lot instead of one per message). A message whose confirm failed
+    /// is published once more on its own. Returns the results in order: events, then replies.
+    pub async fn publish_events_and_replies(
+        &self,
+        events: &[(&str, &[u8])],
+        replies: &[(&str, &[u8])],
+    ) -> (Vec<Result<(), BrokerError>>, Vec<Result<(), BrokerError>>) {
+        if let Some(broker) = &self.config.in_process {
+            for (routing_key, payload) in events {
+                broker.publish_event(routing_key, payload);
+            }
+            return (
+                events.iter().map(|_| Ok(())).collect(),
+                replies
+                    .iter()
+                    .map(|(reply_to, payload)| broker.publish_reply(reply_to, payload))
+                    .collect(),
+            );
+        }
+        let events_exchange = self.config.names.events_exchange();
+        let reply_properties =
+            BasicProperties::default().with_content_type("application/json".into());
+        let messages: Vec<(&str, &str, &[u8], BasicProperties)> = events
+            .iter()
+            .map(|(routing_key, payload)| {
+                (
+                    events_exchange.as_str(),
+                    *routing_key,
+                    *payload,
+                    persistent(None),
+                )
+            })
+            .chain(
+                replies
+                    .iter()
+                    .map(|(reply_to, payload)| ("", *reply_to, *payload, reply_properties.clone())),
+            )
+            .collect();
+        let mut results = self.publish_together(&messages).await;
+        for (result, (exchange, routing_key, payload, properties)) in
+            results.iter_mut().zip(&messages)
+        {
+            if result.is_err() {
+                *result = self
+                    .publish_confirmed(exchange, routing_key, false, payload, properties.clone())
+                    .await;
+            }
+        }
+        let replies = results.split_off(events.len());
+        (results, replies)
+    }
+
+    /// Sends every message on the publishing channel, then awaits their confirms (each bounded
+    /// by the confirm timeout). Not retried here.
+    async fn publish_together(
+        &self,
+        messages: &[(&str, &str, &[u8], BasicProperties)],
+    ) -> Vec<Result<(), BrokerError>> {
+        let live = match self.live().await {
+            Ok(live) => live,
+            Err(error) => return messages.iter().map(|_| Err(error.clone())).collect(),
+        };
+        let mut pending = Vec::with_capacity(messages.len());
+        for (exchange, routing_key, payload, properties) in messages {
+            pending.push(
+                bounded(
+                    "publishing",
+                    live.channel.basic_publish(
+                        (*exchange).into(),
+                        (*routing_key).into(),
+                        BasicPublishOptions::default(),
+                        payload,
+                        properties.clone(),
+                    ),
+                )
+                .await,
+            );
+        }
+        let mut results = Vec::with_capacity(messages.len());
+        for sent in pending {
+            let result = match sent {
+                Err(error) => Err(error),
+                Ok(confirm) => {
+                    match tokio::time::timeout(self.config.confirm_timeout, confirm).await {
+                        Err(_) => Err(BrokerError::ConfirmTimeout),
+                        Ok(Err(error)) => Err(error.into()),
+                        Ok(Ok(confirmation)) if confirmation.is_ack() => Ok(()),
+                        Ok(Ok(_)) => Err(BrokerError::Nacked),
+                    }
+                }
+            };
+            results.push(result);
+        }
+        if results.iter().any(|result| {
+            matches!(
+                result,
+                Err(BrokerError::Unavailable(_) | BrokerError::ConfirmTimeout)
+            )
+        }) {
+            self.forget(&live).await;
+        } else if results
+            .iter()
+            .any(|result| matches!(result, Err(BrokerError::Nacked)))
+        {
+            live.stale.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        results
+    }
+
     /// Publishes an event (e.g. `run.requested`) on the events exchange. Unrouted events are
     /// dropped by the broker: runners bind their own queues.
     pub async fn publish_event(

@@ -54,7 +54,7 @@ pub fn session_id_for_external_id(environment_id: Uuid, external_id: &str) -> Uu
 }
 
 /// How a `:session` path segment names a session.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum SessionAddress {
     /// `session_…`: the friendly id.
     FriendlyId(String),

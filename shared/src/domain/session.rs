@@ -56,6 +56,26 @@ pub fn session_state(
     }
 }
 
+/// Whether an append accepted at `accepted_at` may still be written. Like [`session_state`],
+/// except that a close only refuses appends accepted at least `close_grace` after it: an api
+/// instance may have answered an append 2xx on a cached session state that the close had just
+/// made stale (the grace is the api's session cache TTL), and an answered append is never
+/// dropped. With no grace, appends accepted before the close are still written.
+pub fn append_state(
+    closed_at: Option<DateTime<Utc>>,
+    expires_at: Option<DateTime<Utc>>,
+    accepted_at: DateTime<Utc>,
+    close_grace: chrono::TimeDelta,
+) -> SessionState {
+    if closed_at.is_some_and(|closed| accepted_at >= closed + close_grace) {
+        SessionState::Closed
+    } else if expires_at.is_some_and(|expiry| expiry <= accepted_at) {
+        SessionState::Expired
+    } else {
+        SessionState::Open
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -55,6 +55,9 @@ pub struct LoadedState {
     /// Bodies of records that registrations with `lastSeqNum` may complete with at once:
     /// `(session, io, seqNum)` → body.
     pub record_bodies: HashMap<(Uuid, Io, i64), String>,
+    /// How long after a close appends accepted by the api are still written (not loaded: the
+    /// worker sets it from `SESSIONS_SESSION_CACHE_TTL_MS`; see `domain::session::append_state`).
+    pub close_grace: chrono::TimeDelta,
 }
 
 /// A waitpoint completion (or time-out), applied only if the waitpoint is still waiting; its

@@ -20,7 +20,7 @@ use shared::commands::{
 };
 use shared::domain::Io;
 use shared::domain::dedup::{DedupKey, body_fingerprint};
-use shared::domain::session::{SessionItem, SessionState, session_state};
+use shared::domain::session::{SessionItem, SessionState, append_state, session_state};
 use shared::domain::waitpoint::{
     STATUS_COMPLETED, STATUS_TIMED_OUT, STATUS_WAITING, WAITPOINT_COMPLETED, WAITPOINT_TIMED_OUT,
     WaitpointEvent, timeout_output,
@@ -121,11 +121,22 @@ impl Planner {
     }
 
     /// The command's session if it accepts writes at the command's acceptance time, else the
-    /// rejection. Expiry is judged by the time the command was accepted (SPEC §5); a close is
-    /// ordered with the other commands on the partition, so one applied earlier rejects this.
+    /// rejection. Expiry is judged by the time the command was accepted; a close refuses the
+    /// appends accepted after it (past the api's session cache TTL: `append_state`), and every
+    /// other command applied after it.
     fn open_session(&self, command: &Command) -> Result<&SessionRow, Outcome> {
         let session = self.session(command).ok_or(Outcome::SessionNotFound)?;
-        match session_state(session.closed_at, session.expires_at, command.accepted_at) {
+        let state = if matches!(command.body, CommandBody::Append(_)) {
+            append_state(
+                session.closed_at,
+                session.expires_at,
+                command.accepted_at,
+                self.state.close_grace,
+            )
+        } else {
+            session_state(session.closed_at, session.expires_at, command.accepted_at)
+        };
+        match state {
             SessionState::Closed => Err(Outcome::SessionClosed),
             SessionState::Expired => Err(Outcome::SessionExpired),
             SessionState::Open => Ok(session),

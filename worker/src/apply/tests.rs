@@ -376,3 +376,30 @@ fn a_duplicate_drains_waitpoints_left_waiting_with_the_stored_body() {
     assert_eq!(writes.waitpoint_completions.len(), 1);
     assert_eq!(writes.waitpoint_completions[0].output, "stored");
 }
+
+#[test]
+fn appends_answered_before_the_api_could_know_of_a_close_are_written() {
+    let closed_at = now();
+    let mut closed = session_row();
+    closed.closed_at = Some(closed_at);
+    let accepted = |offset_ms: i64| {
+        let mut command = append(10, Io::In, None, "late");
+        command.accepted_at = closed_at + TimeDelta::milliseconds(offset_ms);
+        command
+    };
+    // Accepted before the close was applied: written, whatever the grace.
+    let (_, outcomes) = plan_batch(&[accepted(-1)], state_with(Some(closed.clone())));
+    assert_eq!(outcomes, vec![Outcome::Appended { seq_num: 0 }]);
+    // Within the api's session cache TTL after the close: written.
+    let mut state = state_with(Some(closed.clone()));
+    state.close_grace = TimeDelta::seconds(1);
+    let (writes, outcomes) = plan_batch(&[accepted(500)], state);
+    assert_eq!(outcomes, vec![Outcome::Appended { seq_num: 0 }]);
+    assert_eq!(writes.records.len(), 1);
+    // Past it: no api instance could still believe the session open.
+    let mut state = state_with(Some(closed));
+    state.close_grace = TimeDelta::seconds(1);
+    let (writes, outcomes) = plan_batch(&[accepted(1_000)], state);
+    assert_eq!(outcomes, vec![Outcome::SessionClosed]);
+    assert!(writes.records.is_empty());
+}
