@@ -332,39 +332,7 @@ async fn load_state(
         waitpoints.sort_by_key(|waitpoint| waitpoint.created_at);
     }
 
-    for command in commands {
-        let CommandBody::RegisterWaitpoint(register) = &command.body else {
-            continue;
-        };
-        if let Some(key) = &register.idempotency_key {
-            let live = waitpoints::Entity::find()
-                .filter(waitpoints::Column::EnvironmentId.eq(command.environment_id))
-                .filter(waitpoints::Column::IdempotencyKey.eq(key.as_str()))
-                .filter(waitpoints::Column::IdempotencyKeyExpiresAt.gt(command.accepted_at))
-                .one(txn)
-                .await?;
-            if let Some(live) = live {
-                state
-                    .waitpoints_by_key
-                    .insert((command.environment_id, key.clone()), live);
-            }
-        }
-        if let Some(last_seq_num) = register.last_seq_num {
-            let next = records::Entity::find()
-                .filter(records::Column::EnvironmentId.eq(command.environment_id))
-                .filter(records::Column::SessionId.eq(command.session_id))
-                .filter(records::Column::Io.eq(register.io.as_str()))
-                .filter(records::Column::SeqNum.eq(last_seq_num.saturating_add(1)))
-                .one(txn)
-                .await?;
-            if let Some(record) = next {
-                state.record_bodies.insert(
-                    (record.session_id, register.io, record.seq_num),
-                    record.body,
-                );
-            }
-        }
-    }
+    load_registration_state(txn, commands, &mut state).await?;
 
     let needs_runs = commands
         .iter()
@@ -386,6 +354,138 @@ async fn load_state(
         }
     }
     Ok(state)
+}
+
+/// The records that registrations with `lastSeqNum` wait for (Postgres): one join against the
+/// unnested `(session, io, seqNum)` triples.
+const NEXT_RECORDS_SQL: &str = r#"SELECT r.* FROM records AS r
+JOIN unnest($1::uuid[], $2::text[], $3::int8[]) AS k(session_id, io, seq_num)
+  ON r.session_id = k.session_id AND r.io = k.io AND r.seq_num = k.seq_num"#;
+
+/// What the batch's waitpoint registrations need, in two queries whatever their number: the
+/// live waitpoints of their idempotency keys, and the record right after each `lastSeqNum`.
+async fn load_registration_state(
+    txn: &DatabaseTransaction,
+    commands: &[Command],
+    state: &mut LoadedState,
+) -> Result<(), StorageError> {
+    let registrations: Vec<(&Command, &crate::commands::RegisterWaitpointCommand)> = commands
+        .iter()
+        .filter_map(|command| match &command.body {
+            CommandBody::RegisterWaitpoint(register) => Some((command, register.as_ref())),
+            _ => None,
+        })
+        .collect();
+    if registrations.is_empty() {
+        return Ok(());
+    }
+    let backend = txn.get_database_backend();
+
+    let keyed: Vec<(&Command, &String)> = registrations
+        .iter()
+        .filter_map(|(command, register)| {
+            register.idempotency_key.as_ref().map(|key| (*command, key))
+        })
+        .collect();
+    if !keyed.is_empty() {
+        let mut environments: Vec<Uuid> = keyed.iter().map(|(c, _)| c.environment_id).collect();
+        environments.sort_unstable();
+        environments.dedup();
+        let mut keys: Vec<String> = keyed.iter().map(|(_, key)| (*key).clone()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let key_filter = match backend {
+            DbBackend::Postgres => ExprTrait::eq(
+                waitpoints::Column::IdempotencyKey.into_expr(),
+                PgFunc::any(Expr::val(Value::from(keys))),
+            ),
+            _ => waitpoints::Column::IdempotencyKey.is_in(keys),
+        };
+        let candidates = waitpoints::Entity::find()
+            .filter(id_in(
+                backend,
+                waitpoints::Column::EnvironmentId,
+                &environments,
+            ))
+            .filter(key_filter)
+            .all(txn)
+            .await?;
+        for (command, key) in keyed {
+            let live = candidates.iter().find(|waitpoint| {
+                waitpoint.environment_id == command.environment_id
+                    && waitpoint.idempotency_key.as_ref() == Some(key)
+                    && waitpoint
+                        .idempotency_key_expires_at
+                        .is_some_and(|expires| expires > command.accepted_at)
+            });
+            if let Some(live) = live {
+                state
+                    .waitpoints_by_key
+                    .insert((command.environment_id, key.clone()), live.clone());
+            }
+        }
+    }
+
+    let wanted: Vec<(&Command, Io, i64)> = registrations
+        .iter()
+        .filter_map(|(command, register)| {
+            register
+                .last_seq_num
+                .map(|last| (*command, register.io, last.saturating_add(1)))
+        })
+        .collect();
+    if !wanted.is_empty() {
+        let rows = if backend == DbBackend::Postgres {
+            let values = [
+                Value::from(
+                    wanted
+                        .iter()
+                        .map(|(c, _, _)| c.session_id)
+                        .collect::<Vec<_>>(),
+                ),
+                Value::from(
+                    wanted
+                        .iter()
+                        .map(|(_, io, _)| io.as_str().to_owned())
+                        .collect::<Vec<_>>(),
+                ),
+                Value::from(wanted.iter().map(|(_, _, seq)| *seq).collect::<Vec<_>>()),
+            ];
+            records::Entity::find()
+                .from_raw_sql(Statement::from_sql_and_values(
+                    DbBackend::Postgres,
+                    NEXT_RECORDS_SQL,
+                    values,
+                ))
+                .all(txn)
+                .await?
+        } else {
+            let mut any = Condition::any();
+            for (command, io, seq) in &wanted {
+                any = any.add(
+                    Condition::all()
+                        .add(records::Column::SessionId.eq(command.session_id))
+                        .add(records::Column::Io.eq(io.as_str()))
+                        .add(records::Column::SeqNum.eq(*seq)),
+                );
+            }
+            records::Entity::find().filter(any).all(txn).await?
+        };
+        for (command, io, seq) in wanted {
+            let record = rows.iter().find(|record| {
+                record.environment_id == command.environment_id
+                    && record.session_id == command.session_id
+                    && record.io == io.as_str()
+                    && record.seq_num == seq
+            });
+            if let Some(record) = record {
+                state
+                    .record_bodies
+                    .insert((record.session_id, io, record.seq_num), record.body.clone());
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn write(
@@ -608,12 +708,63 @@ fn fresh_session(session: SessionRow) -> sessions::ActiveModel {
     session.into_active_model().reset_all()
 }
 
+/// The completions of a batch (Postgres): one guarded `UPDATE … FROM jsonb_to_recordset`,
+/// returning the waitpoints it changed.
+const COMPLETE_WAITPOINTS_SQL: &str = r#"UPDATE waitpoints AS w
+SET status = u.status, output = u.output, output_is_error = u.output_is_error,
+    completed_by_seq = u.completed_by_seq, completed_at = u.completed_at
+FROM jsonb_to_recordset($1::jsonb) AS u(id uuid, status text, output text,
+  output_is_error boolean, completed_by_seq int8, completed_at timestamptz)
+WHERE w.id = u.id AND w.status = 'WAITING'
+RETURNING w.id"#;
+
 /// Applies completions guarded by `status = 'WAITING'` and returns the events of those that
-/// took effect: a waitpoint completes (or times out) at most once, whoever tries.
+/// took effect: a waitpoint completes (or times out) at most once, whoever tries. One statement
+/// on Postgres whatever their number.
 pub(crate) async fn complete_waitpoints(
     txn: &DatabaseTransaction,
     completions: Vec<WaitpointCompletion>,
 ) -> Result<Vec<NewOutboxEvent>, StorageError> {
+    // A waitpoint listed twice changes once, with its first completion in batch order (an
+    // `UPDATE … FROM` with two matching rows would pick one of them unpredictably).
+    let mut seen = std::collections::HashSet::new();
+    let completions: Vec<WaitpointCompletion> = completions
+        .into_iter()
+        .filter(|completion| seen.insert(completion.waitpoint_id))
+        .collect();
+    if completions.is_empty() {
+        return Ok(Vec::new());
+    }
+    if txn.get_database_backend() == DbBackend::Postgres {
+        let rows: Vec<serde_json::Value> = completions
+            .iter()
+            .map(|completion| {
+                serde_json::json!({
+                    "id": completion.waitpoint_id,
+                    "status": completion.status,
+                    "output": completion.output,
+                    "output_is_error": completion.output_is_error,
+                    "completed_by_seq": completion.completed_by_seq,
+                    "completed_at": completion.completed_at,
+                })
+            })
+            .collect();
+        let changed: std::collections::HashSet<Uuid> = txn
+            .query_all_raw(Statement::from_sql_and_values(
+                DbBackend::Postgres,
+                COMPLETE_WAITPOINTS_SQL,
+                [Value::from(serde_json::Value::Array(rows))],
+            ))
+            .await?
+            .iter()
+            .filter_map(|row| row.try_get::<Uuid>("", "id").ok())
+            .collect();
+        return Ok(completions
+            .into_iter()
+            .filter(|completion| changed.contains(&completion.waitpoint_id))
+            .map(|completion| completion.event)
+            .collect());
+    }
     let mut events = Vec::with_capacity(completions.len());
     for completion in completions {
         let result = waitpoints::Entity::update_many()
