@@ -11,6 +11,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::response::sse::Event;
+use serde_json::json;
 use shared::broker::Notification;
 use shared::commands::NewRecords;
 use shared::domain::Io;
@@ -35,7 +37,36 @@ pub struct ChannelKey {
 
 struct Feed {
     wake: Notify,
-    sender: broadcast::Sender<Arc<Vec<RecordRow>>>,
+    sender: broadcast::Sender<Arc<FeedBatch>>,
+}
+
+/// New records of one channel, read once and encoded once for every reader of the feed.
+#[derive(Debug)]
+pub struct FeedBatch {
+    /// In seqNum order, without gaps.
+    pub rows: Vec<RecordRow>,
+    /// The SSE `batch` event of all of `rows` (what a reader at the first row sends as is).
+    pub event: Event,
+}
+
+/// The SSE `batch` event of `rows` (the wire shape of the official client's stream reader).
+pub fn batch_event(rows: &[RecordRow]) -> Event {
+    let records: Vec<serde_json::Value> = rows
+        .iter()
+        .map(|row| {
+            let body = json!({ "data": row.body, "id": row.part_id.as_deref().unwrap_or("") });
+            json!({
+                "seq_num": row.seq_num,
+                "timestamp": row.created_at.timestamp_millis(),
+                "body": body.to_string(),
+            })
+        })
+        .collect();
+    let last = rows.last().map_or(-1, |row| row.seq_num);
+    Event::default()
+        .event("batch")
+        .id(last.to_string())
+        .data(json!({ "records": records }).to_string())
 }
 
 /// The feeds of this instance.
@@ -90,10 +121,7 @@ impl Hub {
     }
 
     /// Subscribes to a channel's new records, starting its feed if needed.
-    pub fn subscribe(
-        self: &Arc<Self>,
-        key: ChannelKey,
-    ) -> broadcast::Receiver<Arc<Vec<RecordRow>>> {
+    pub fn subscribe(self: &Arc<Self>, key: ChannelKey) -> broadcast::Receiver<Arc<FeedBatch>> {
         let mut feeds = self.lock();
         if let Some(feed) = feeds.get(&key) {
             return feed.sender.subscribe();
@@ -212,7 +240,8 @@ async fn run_feed(hub: Arc<Hub>, key: ChannelKey, feed: Arc<Feed>) {
             last_sent = last.seq_num;
             let full_page = rows.len() as u64 == READ_PAGE;
             // No receivers is fine: the retire check above runs on the next wake.
-            let _ = feed.sender.send(Arc::new(rows));
+            let event = batch_event(&rows);
+            let _ = feed.sender.send(Arc::new(FeedBatch { rows, event }));
             if !full_page {
                 break;
             }

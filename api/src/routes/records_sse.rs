@@ -16,7 +16,6 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 use shared::domain::SessionAddress;
 use shared::domain::ids::session_id_for_external_id;
 use shared::storage::RecordRow;
@@ -27,7 +26,7 @@ use super::channels::parse_path;
 use crate::AppState;
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::live::{ChannelKey, Hub, READ_PAGE};
+use crate::live::{ChannelKey, FeedBatch, Hub, READ_PAGE, batch_event};
 use shared::domain::scopes::Action;
 
 const DEFAULT_TIMEOUT_SECONDS: u64 = 60;
@@ -159,50 +158,32 @@ pub async fn subscribe(
     Ok(response)
 }
 
-fn batch_event(rows: &[RecordRow]) -> Event {
-    let records: Vec<serde_json::Value> = rows
-        .iter()
-        .map(|row| {
-            let body = json!({ "data": row.body, "id": row.part_id.as_deref().unwrap_or("") });
-            json!({
-                "seq_num": row.seq_num,
-                "timestamp": row.created_at.timestamp_millis(),
-                "body": body.to_string(),
-            })
-        })
-        .collect();
-    let last = rows.last().map_or(-1, |row| row.seq_num);
-    Event::default()
-        .event("batch")
-        .id(last.to_string())
-        .data(json!({ "records": records }).to_string())
-}
-
 /// Why a reader stopped.
 enum Stop {
     ClientGone,
     Deadline,
 }
 
-/// Sends `rows` from `next_seq` on (dropping what was sent already); returns the new position.
+/// Sends `rows` (in seqNum order) from `next_seq` on, dropping what was sent already; returns
+/// the new position. `encoded` is the event of all of `rows` (a feed's batch, encoded once for
+/// all its readers): sent as is when the reader is at its first row.
 async fn send_rows(
     events: &mpsc::Sender<Event>,
     rows: &[RecordRow],
+    encoded: Option<&Event>,
     next_seq: i64,
 ) -> Result<i64, Stop> {
-    let fresh: Vec<RecordRow> = rows
-        .iter()
-        .filter(|row| row.seq_num >= next_seq)
-        .cloned()
-        .collect();
+    let start = rows.partition_point(|row| row.seq_num < next_seq);
+    let fresh = &rows[start..];
     let Some(last) = fresh.last() else {
         return Ok(next_seq);
     };
     let next = last.seq_num + 1;
-    events
-        .send(batch_event(&fresh))
-        .await
-        .map_err(|_| Stop::ClientGone)?;
+    let event = match encoded {
+        Some(event) if start == 0 => event.clone(),
+        _ => batch_event(fresh),
+    };
+    events.send(event).await.map_err(|_| Stop::ClientGone)?;
     Ok(next)
 }
 
@@ -237,7 +218,7 @@ async fn catch_up(
             }
         };
         let full_page = rows.len() as u64 == READ_PAGE;
-        next_seq = send_rows(events, &rows, next_seq).await?;
+        next_seq = send_rows(events, &rows, None, next_seq).await?;
         if !full_page {
             return Ok(next_seq);
         }
@@ -247,7 +228,7 @@ async fn catch_up(
 async fn serve_reader(
     hub: Arc<Hub>,
     key: ChannelKey,
-    mut feed: broadcast::Receiver<Arc<Vec<RecordRow>>>,
+    mut feed: broadcast::Receiver<Arc<FeedBatch>>,
     mut next_seq: i64,
     deadline: Instant,
     events: mpsc::Sender<Event>,
@@ -268,12 +249,12 @@ async fn serve_reader(
                         .map_err(|_| Stop::ClientGone)?;
                 }
                 received = feed.recv() => match received {
-                    Ok(rows) => {
-                        let gap = rows.first().is_some_and(|first| first.seq_num > next_seq);
+                    Ok(batch) => {
+                        let gap = batch.rows.first().is_some_and(|first| first.seq_num > next_seq);
                         next_seq = if gap {
                             catch_up(&hub, key, &events, next_seq, deadline).await?
                         } else {
-                            send_rows(&events, &rows, next_seq).await?
+                            send_rows(&events, &batch.rows, Some(&batch.event), next_seq).await?
                         };
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
