@@ -2,13 +2,17 @@
 //! sessions over several environments, closed loop (each client sends its next append when the
 //! previous one was answered) or open loop (a fixed schedule; latency counted from the
 //! scheduled time, so a slow server cannot hide its queueing), an optional share of retries of
-//! earlier part ids, and SSE readers that measure the time from send to delivery.
+//! earlier part ids, and SSE readers that measure the time from send to delivery and check
+//! that each receives its session's records in order, without gap or repeat, and all of those
+//! accepted during the window. A run may also stop after a number of appends (the drain
+//! figure's backlog).
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rand::{Rng, SeedableRng};
+use serde::Deserialize;
 use serde_json::json;
 
 use super::report::{Latencies, ThroughputReport};
@@ -19,6 +23,31 @@ use crate::sse::SseReader;
 pub struct LoadSession {
     pub secret_key: String,
     pub external_id: String,
+}
+
+/// The channel of a session that a load run appends to and its readers tail.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Channel {
+    /// Client → agent; appended with any key.
+    In,
+    /// Agent → client; appended with the environment's secret key (what the sessions' keys are).
+    Out,
+}
+
+impl Channel {
+    /// The path segment: `in` or `out`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::In => "in",
+            Channel::Out => "out",
+        }
+    }
+}
+
+impl std::fmt::Display for Channel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// The shape of one load run.
@@ -32,8 +61,19 @@ pub struct LoadConfig {
     /// Share of requests (0.0–1.0) that resend an earlier append with the same `X-Part-Id`.
     pub retry_share: f64,
     pub body_bytes: usize,
-    /// SSE readers, each tailing the `in` channel of one of the first sessions.
+    /// The channel appended to and tailed (`out` with the secret key for the benchmark).
+    pub channel: Channel,
+    /// SSE readers in total, tailing `channel` of the first sessions: reader `r` tails session
+    /// `r / readers_per_session`, so `sse_readers / readers_per_session` sessions are tailed.
     pub sse_readers: usize,
+    /// Readers per tailed session (1 for one reader per session; 10 for the fan-out window).
+    pub readers_per_session: usize,
+    /// After the last answer, how long the readers may take at most to receive every append
+    /// accepted during the window (they stop earlier once they all have).
+    pub settle: Duration,
+    /// Stop once this many new appends were sent (all clients together); `None`: at the end of
+    /// `duration` only.
+    pub max_appends: Option<u64>,
     /// Print a progress line every second.
     pub progress: bool,
 }
@@ -50,8 +90,45 @@ pub struct LoadResult {
     pub accept: Latencies,
     /// Send → delivered to an SSE reader, for the sessions with a reader.
     pub visible: Latencies,
-    /// Records delivered to SSE readers in the window.
+    /// Records delivered to SSE readers in the window (over all readers).
     pub records_read: u64,
+    /// New appends (retries excluded) answered 2xx, by index into the run's sessions.
+    pub accepted_per_session: Vec<u64>,
+    /// What each SSE reader received, with the order and completeness checks.
+    pub readers: Vec<ReaderReport>,
+    /// Time from the last answer until the readers stopped (at most `settle`).
+    pub settled_in: Duration,
+}
+
+/// What one SSE reader received in a window.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ReaderReport {
+    /// Index of its session in the run's sessions.
+    pub session: usize,
+    /// Records received.
+    pub received: u64,
+    /// New appends to its session answered 2xx during the window.
+    pub expected: u64,
+    /// seqNum of the first and the last record received (`None` when none arrived).
+    pub first_seq: Option<i64>,
+    pub last_seq: Option<i64>,
+    /// Records whose seqNum was more than one past the previous one.
+    pub gaps: u64,
+    /// Records whose seqNum was not past the previous one (a repeat or a step back).
+    pub repeats: u64,
+}
+
+impl ReaderReport {
+    /// Every record was one past the previous one.
+    pub fn in_order(&self) -> bool {
+        self.gaps == 0 && self.repeats == 0
+    }
+
+    /// It received at least as many records as were accepted for its session (more only if
+    /// an append that failed on the client side was nevertheless written).
+    pub fn complete(&self) -> bool {
+        self.received >= self.expected
+    }
 }
 
 impl LoadResult {
@@ -68,6 +145,38 @@ impl LoadResult {
 
     pub fn records_read_per_second(&self) -> f64 {
         self.records_read as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+
+    /// Readers that received every accepted record of their session.
+    pub fn readers_complete(&self) -> usize {
+        self.readers
+            .iter()
+            .filter(|reader| reader.complete())
+            .count()
+    }
+
+    /// Readers that saw a gap or a repeat.
+    pub fn readers_out_of_order(&self) -> usize {
+        self.readers
+            .iter()
+            .filter(|reader| !reader.in_order())
+            .count()
+    }
+
+    /// Readers both complete and in order.
+    pub fn readers_complete_and_in_order(&self) -> usize {
+        self.readers
+            .iter()
+            .filter(|reader| reader.complete() && reader.in_order())
+            .count()
+    }
+
+    /// Accepted records that readers did not receive, summed over readers.
+    pub fn records_missing(&self) -> u64 {
+        self.readers
+            .iter()
+            .map(|reader| reader.expected.saturating_sub(reader.received))
+            .sum()
     }
 }
 
@@ -93,10 +202,12 @@ pub fn append_body(sent_at_micros: u64, sequence: u64, size: usize) -> String {
 
 /// The send time carried by a body made by [`append_body`].
 pub fn sent_at_micros(body: &str) -> Option<u64> {
-    serde_json::from_str::<serde_json::Value>(body)
-        .ok()?
-        .get("t")?
-        .as_u64()
+    /// Only `t` is read: the rest of the body is skipped, not built.
+    #[derive(Deserialize)]
+    struct SentAt {
+        t: u64,
+    }
+    serde_json::from_str::<SentAt>(body).ok().map(|body| body.t)
 }
 
 /// Creates `count` sessions, spread round-robin over the environments of `secret_keys`.
@@ -134,12 +245,82 @@ pub async fn create_sessions(
     Ok(sessions)
 }
 
-/// Counters shared by the clients, for the progress line.
-#[derive(Default)]
+/// Counters shared by the clients and readers: the progress line, the append budget, the
+/// accepted appends per session.
 struct Progress {
     accepted: AtomicU64,
     errors: AtomicU64,
     read: AtomicU64,
+    /// New appends started (for `max_appends`).
+    started: AtomicU64,
+    /// New appends answered 2xx, by session index.
+    accepted_per_session: Vec<AtomicU64>,
+}
+
+impl Progress {
+    fn new(sessions: usize) -> Self {
+        Self {
+            accepted: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            read: AtomicU64::new(0),
+            started: AtomicU64::new(0),
+            accepted_per_session: (0..sessions).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+}
+
+/// The running tally of one SSE reader: counters and the last seqNum only (a fan-out window
+/// has 1,000 readers; none keeps the records). Written by its reader task only.
+struct ReaderTally {
+    session: usize,
+    received: AtomicU64,
+    /// `i64::MIN` until the first record.
+    first_seq: AtomicI64,
+    last_seq: AtomicI64,
+    gaps: AtomicU64,
+    repeats: AtomicU64,
+}
+
+impl ReaderTally {
+    fn new(session: usize) -> Self {
+        Self {
+            session,
+            received: AtomicU64::new(0),
+            first_seq: AtomicI64::new(i64::MIN),
+            last_seq: AtomicI64::new(i64::MIN),
+            gaps: AtomicU64::new(0),
+            repeats: AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one record and checks it follows the previous one.
+    fn saw(&self, seq_num: i64) {
+        let last = self.last_seq.load(Ordering::Relaxed);
+        if last == i64::MIN {
+            self.first_seq.store(seq_num, Ordering::Relaxed);
+        } else if seq_num <= last {
+            self.repeats.fetch_add(1, Ordering::Relaxed);
+        } else if seq_num != last + 1 {
+            self.gaps.fetch_add(1, Ordering::Relaxed);
+        }
+        if seq_num > last {
+            self.last_seq.store(seq_num, Ordering::Relaxed);
+        }
+        self.received.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn report(&self, expected: u64) -> ReaderReport {
+        let seq = |value: i64| (value != i64::MIN).then_some(value);
+        ReaderReport {
+            session: self.session,
+            received: self.received.load(Ordering::Relaxed),
+            expected,
+            first_seq: seq(self.first_seq.load(Ordering::Relaxed)),
+            last_seq: seq(self.last_seq.load(Ordering::Relaxed)),
+            gaps: self.gaps.load(Ordering::Relaxed),
+            repeats: self.repeats.load(Ordering::Relaxed),
+        }
+    }
 }
 
 struct ClientOutcome {
@@ -147,6 +328,50 @@ struct ClientOutcome {
     retries: u64,
     errors: u64,
     accept: Latencies,
+}
+
+/// Opens the SSE readers of `config` (tailing from the current end), one task each.
+async fn open_readers(
+    client: &reqwest::Client,
+    config: &LoadConfig,
+    sessions: &[LoadSession],
+    progress: &Arc<Progress>,
+    visible: &Arc<Mutex<Latencies>>,
+) -> Result<(tokio::task::JoinSet<()>, Vec<Arc<ReaderTally>>), String> {
+    let per_session = config.readers_per_session.max(1);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut tallies = Vec::with_capacity(config.sse_readers);
+    for reader in 0..config.sse_readers {
+        let index = reader / per_session;
+        let Some(session) = sessions.get(index) else {
+            break;
+        };
+        let response = client
+            .get(format!(
+                "{}/realtime/v1/sessions/{}/{}",
+                config.api_url, session.external_id, config.channel
+            ))
+            .bearer_auth(&session.secret_key)
+            .header("Accept", "text/event-stream")
+            .header("Timeout-Seconds", "600")
+            .header("X-Trigger-Stream-Start", "latest")
+            .timeout(Duration::from_secs(3600))
+            .send()
+            .await
+            .map_err(|error| format!("SSE reader {reader}: {error}"))?;
+        if !response.status().is_success() {
+            return Err(format!("SSE reader {reader}: {}", response.status()));
+        }
+        let tally = Arc::new(ReaderTally::new(index));
+        tallies.push(tally.clone());
+        tasks.spawn(read_records(
+            SseReader::new(response),
+            tally,
+            progress.clone(),
+            visible.clone(),
+        ));
+    }
+    Ok((tasks, tallies))
 }
 
 /// Runs one load window against `sessions`.
@@ -159,30 +384,10 @@ pub async fn run_load(config: &LoadConfig, sessions: &[LoadSession]) -> Result<L
         .timeout(Duration::from_secs(30))
         .build()
         .map_err(|error| error.to_string())?;
-    let progress = Arc::new(Progress::default());
-    let stop_readers = Arc::new(AtomicBool::new(false));
-
-    let mut readers = tokio::task::JoinSet::new();
-    for session in sessions.iter().take(config.sse_readers) {
-        let response = client
-            .get(format!(
-                "{}/realtime/v1/sessions/{}/in",
-                config.api_url, session.external_id
-            ))
-            .bearer_auth(&session.secret_key)
-            .header("Accept", "text/event-stream")
-            .header("Timeout-Seconds", "600")
-            .header("X-Trigger-Stream-Start", "latest")
-            .timeout(Duration::from_secs(3600))
-            .send()
-            .await
-            .map_err(|error| format!("SSE reader: {error}"))?;
-        if !response.status().is_success() {
-            return Err(format!("SSE reader: {}", response.status()));
-        }
-        let (stop, progress) = (stop_readers.clone(), progress.clone());
-        readers.spawn(read_until_stopped(SseReader::new(response), stop, progress));
-    }
+    let progress = Arc::new(Progress::new(sessions.len()));
+    let visible = Arc::new(Mutex::new(Latencies::default()));
+    let (mut readers, tallies) =
+        open_readers(&client, config, sessions, &progress, &visible).await?;
 
     // Part ids are unique per run: a part id reused with another body is a conflict, not a
     // new record.
@@ -194,14 +399,16 @@ pub async fn run_load(config: &LoadConfig, sessions: &[LoadSession]) -> Result<L
         let (client, config, progress) = (client.clone(), config.clone(), progress.clone());
         // Each client owns every `clients`-th session; with fewer sessions than clients,
         // clients share them.
-        let mut owned: Vec<LoadSession> = sessions
+        let mut owned: Vec<(usize, LoadSession)> = sessions
             .iter()
+            .cloned()
+            .enumerate()
             .skip(index)
             .step_by(config.clients)
-            .cloned()
             .collect();
         if owned.is_empty() {
-            owned.push(sessions[index % sessions.len()].clone());
+            let shared = index % sessions.len();
+            owned.push((shared, sessions[shared].clone()));
         }
         clients.spawn(run_client(
             (run_tag, index),
@@ -242,6 +449,9 @@ pub async fn run_load(config: &LoadConfig, sessions: &[LoadSession]) -> Result<L
         accept: Latencies::default(),
         visible: Latencies::default(),
         records_read: 0,
+        accepted_per_session: Vec::new(),
+        readers: Vec::new(),
+        settled_in: Duration::ZERO,
     };
     while let Some(outcome) = clients.join_next().await {
         let outcome = outcome.map_err(|error| format!("client task: {error}"))?;
@@ -251,22 +461,36 @@ pub async fn run_load(config: &LoadConfig, sessions: &[LoadSession]) -> Result<L
         result.accept.merge(&outcome.accept);
     }
     result.elapsed = started.elapsed();
-    // Give readers a moment to receive what was accepted last.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    // Readers notice the flag within a second (their read timeout) and return what they saw.
-    stop_readers.store(true, Ordering::SeqCst);
-    while let Ok(Some(read)) =
-        tokio::time::timeout(Duration::from_secs(5), readers.join_next()).await
-    {
-        if let Ok(visible) = read {
-            result.visible.merge(&visible);
-        }
+    result.accepted_per_session = progress
+        .accepted_per_session
+        .iter()
+        .map(|count| count.load(Ordering::Relaxed))
+        .collect();
+    // Give the readers up to `settle` to receive what was accepted last.
+    let settle_started = Instant::now();
+    let all_received = || {
+        tallies.iter().all(|tally| {
+            tally.received.load(Ordering::Relaxed) >= result.accepted_per_session[tally.session]
+        })
+    };
+    while !all_received() && settle_started.elapsed() < config.settle {
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    readers.abort_all();
-    result.records_read = progress.read.load(Ordering::Relaxed);
+    result.settled_in = settle_started.elapsed();
+    // Stops every reader (closing its connection) and waits until they are gone.
+    readers.shutdown().await;
     if let Some(ticker) = ticker {
         ticker.abort();
     }
+    result.records_read = progress.read.load(Ordering::Relaxed);
+    result.visible = visible
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    result.readers = tallies
+        .iter()
+        .map(|tally| tally.report(result.accepted_per_session[tally.session]))
+        .collect();
     Ok(result)
 }
 
@@ -274,7 +498,7 @@ async fn run_client(
     (run_tag, index): (u32, usize),
     client: reqwest::Client,
     config: LoadConfig,
-    sessions: Vec<LoadSession>,
+    sessions: Vec<(usize, LoadSession)>,
     (started, deadline): (Instant, Instant),
     progress: Arc<Progress>,
 ) -> ClientOutcome {
@@ -319,17 +543,22 @@ async fn run_client(
         let (slot, part_id, body) = if retry {
             sent[rng.random_range(0..sent.len())].clone()
         } else {
+            if let Some(budget) = config.max_appends
+                && progress.started.fetch_add(1, Ordering::Relaxed) >= budget
+            {
+                break;
+            }
             let slot = (sequence as usize) % sessions.len();
             let body = append_body(unix_micros(), sequence, config.body_bytes);
             let part_id = format!("{run_tag:x}-{index}-{sequence}");
             sequence += 1;
             (slot, part_id, body)
         };
-        let session = &sessions[slot];
+        let (session_index, session) = &sessions[slot];
         let response = client
             .post(format!(
-                "{}/realtime/v1/sessions/{}/in/append",
-                config.api_url, session.external_id
+                "{}/realtime/v1/sessions/{}/{}/append",
+                config.api_url, session.external_id, config.channel
             ))
             .bearer_auth(&session.secret_key)
             .header("X-Part-Id", &part_id)
@@ -344,11 +573,14 @@ async fn run_client(
                 progress.accepted.fetch_add(1, Ordering::Relaxed);
                 if retry {
                     outcome.retries += 1;
-                } else if sent.len() < 1024 {
-                    sent.push((slot, part_id, body));
                 } else {
-                    let victim = rng.random_range(0..sent.len());
-                    sent[victim] = (slot, part_id, body);
+                    progress.accepted_per_session[*session_index].fetch_add(1, Ordering::Relaxed);
+                    if sent.len() < 1024 {
+                        sent.push((slot, part_id, body));
+                    } else {
+                        let victim = rng.random_range(0..sent.len());
+                        sent[victim] = (slot, part_id, body);
+                    }
                 }
             }
             _ => {
@@ -360,39 +592,65 @@ async fn run_client(
     outcome
 }
 
-/// The send time of each record of an SSE `batch` event (`None` for records the load
-/// generator did not write). A record's `body` is `{"data": …, "id": …}` as a string, where
-/// `data` is the appended JSON (parsed) or text.
-fn sent_times_of_batch(data: &str) -> Vec<Option<u64>> {
-    let batch: serde_json::Value = serde_json::from_str(data).unwrap_or_default();
-    let Some(records) = batch["records"].as_array() else {
+/// `{"records":[{"seq_num","timestamp","body"}]}` of an SSE `batch` event.
+#[derive(Deserialize)]
+struct Batch {
+    records: Vec<BatchRecord>,
+}
+
+#[derive(Deserialize)]
+struct BatchRecord {
+    seq_num: i64,
+    #[serde(default)]
+    body: String,
+}
+
+/// A record's `body`: `{"data": …, "id": …}` as a string.
+#[derive(Deserialize)]
+struct Envelope {
+    #[serde(default)]
+    data: serde_json::Value,
+}
+
+/// The seqNum and the send time of each record of an SSE `batch` event (`None` for records
+/// the load generator did not write). `data` is the appended JSON as text (or parsed).
+fn records_of_batch(data: &str) -> Vec<(i64, Option<u64>)> {
+    let Ok(batch) = serde_json::from_str::<Batch>(data) else {
         return Vec::new();
     };
-    records
+    batch
+        .records
         .iter()
         .map(|record| {
-            let body: serde_json::Value =
-                serde_json::from_str(record["body"].as_str().unwrap_or("")).unwrap_or_default();
-            match &body["data"] {
-                serde_json::Value::String(text) => sent_at_micros(text),
-                value => value.get("t").and_then(serde_json::Value::as_u64),
-            }
+            let sent = serde_json::from_str::<Envelope>(&record.body)
+                .ok()
+                .and_then(|envelope| match &envelope.data {
+                    serde_json::Value::String(text) => sent_at_micros(text),
+                    value => value.get("t").and_then(serde_json::Value::as_u64),
+                });
+            (record.seq_num, sent)
         })
         .collect()
 }
 
-async fn read_until_stopped(
+/// Reads until aborted: counts and checks every record, and records its visible latency.
+async fn read_records(
     mut reader: SseReader,
-    stop: Arc<AtomicBool>,
+    tally: Arc<ReaderTally>,
     progress: Arc<Progress>,
-) -> Latencies {
-    let mut visible = Latencies::default();
-    while !stop.load(Ordering::SeqCst) {
-        match reader.next_event(Duration::from_secs(1)).await {
+    visible: Arc<Mutex<Latencies>>,
+) {
+    loop {
+        match reader.next_event(Duration::from_secs(60)).await {
             Ok(Some(event)) if event.event == "batch" => {
                 let now = unix_micros();
-                for sent in sent_times_of_batch(&event.data) {
-                    progress.read.fetch_add(1, Ordering::Relaxed);
+                let records = records_of_batch(&event.data);
+                progress
+                    .read
+                    .fetch_add(records.len() as u64, Ordering::Relaxed);
+                let mut visible = visible.lock().unwrap_or_else(PoisonError::into_inner);
+                for (seq_num, sent) in records {
+                    tally.saw(seq_num);
                     if let Some(sent) = sent {
                         visible.record(Duration::from_micros(now.saturating_sub(sent)));
                     }
@@ -402,7 +660,6 @@ async fn read_until_stopped(
             Ok(None) | Err(_) => break,
         }
     }
-    visible
 }
 
 #[cfg(test)]
@@ -429,6 +686,28 @@ mod tests {
             { "seq_num": 2, "body": "{}" },
         ]})
         .to_string();
-        assert_eq!(sent_times_of_batch(&batch), vec![Some(7), Some(9), None]);
+        assert_eq!(
+            records_of_batch(&batch),
+            vec![(0, Some(7)), (1, Some(9)), (2, None)]
+        );
+    }
+
+    #[test]
+    fn readers_count_gaps_and_repeats_from_the_first_record_they_saw() {
+        let tally = ReaderTally::new(3);
+        for seq_num in [5, 6, 7] {
+            tally.saw(seq_num);
+        }
+        let report = tally.report(3);
+        assert!(report.in_order() && report.complete());
+        assert_eq!((report.first_seq, report.last_seq), (Some(5), Some(7)));
+        tally.saw(9);
+        tally.saw(9);
+        tally.saw(4);
+        let report = tally.report(8);
+        assert_eq!((report.gaps, report.repeats, report.received), (1, 2, 6));
+        assert!(!report.in_order() && !report.complete());
+        assert_eq!(report.last_seq, Some(9));
+        assert_eq!(ReaderTally::new(0).report(0).first_seq, None);
     }
 }

@@ -2,10 +2,14 @@
 //! run. Start it through `tests/bench/run.sh` (services, release build, reference install,
 //! plot); it expects `sessions-api` and `sessions-worker` next to its own executable.
 //!
-//! Per run: the maximum sustained append rate (closed loop) with SSE readers, the latency at
-//! half that rate (open loop), the duplicate cost (20 % retries), the pipeline floor and the
-//! Durable Streams server; the first run also sweeps the offered rate for the curve. The
-//! summary is the median over runs, with ratios to the references of the same run.
+//! Every append goes to the `out` channel with the environment's secret key, and the SSE
+//! readers tail `out`. Per run: the maximum sustained append rate (closed loop) with SSE
+//! readers, the latency at half that rate (open loop), the SSE fan-out at half rate (1,000
+//! readers on 100 sessions, each checked for order and completeness), the duplicate cost (20 %
+//! retries), the pipeline floor and the Durable Streams server; the first run also sweeps the
+//! offered rate for the curve. After the runs, once: the drain (the worker stopped while 200,000
+//! appends are accepted, then restarted and timed until all are persisted). The summary is the
+//! median over runs, with ratios to the references of the same run.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -15,12 +19,13 @@ use serde_json::{Value, json};
 use shared::storage::{CountedTable, Store};
 use tests::bench::durable_streams;
 use tests::bench::floor::{FloorConfig, run_pipeline_floor};
-use tests::bench::load::{LoadConfig, LoadResult, LoadSession, create_sessions, run_load};
+use tests::bench::load::{Channel, LoadConfig, LoadResult, LoadSession, create_sessions, run_load};
 use tests::bench::report::ThroughputReport;
 
 const USAGE: &str = "usage: sessions-bench [--runs N (3)] [--duration SECONDS (20)] \
 [--sessions N (1000)] [--clients N (64)] [--readers N (100)] [--partitions N (64)] \
-[--tools DIR (target/bench-tools)] \
+[--fanout-readers N (1000; 0 skips the fan-out window)] [--fanout-sessions N (100)] \
+[--drain-records N (200000; 0 skips the drain)] [--tools DIR (target/bench-tools)] \
 [--json PATH (target/bench/latest.json)] [--markdown PATH] [--skip-references] \
 [--amqp-url URL[,URL…] (the default broker; e.g. `deploy/rabbitmq-cluster.sh urls`)]";
 
@@ -32,6 +37,12 @@ struct Options {
     clients: usize,
     readers: usize,
     partitions: usize,
+    /// SSE readers of the fan-out window (0: no fan-out window).
+    fanout_readers: usize,
+    /// Sessions they tail (the first ones), as many readers on each.
+    fanout_sessions: usize,
+    /// Appends of the drain figure (0: no drain).
+    drain_records: u64,
     tools: PathBuf,
     json: PathBuf,
     markdown: Option<PathBuf>,
@@ -48,6 +59,9 @@ fn parse_options() -> Result<Options, String> {
         clients: 64,
         readers: 100,
         partitions: 64,
+        fanout_readers: 1000,
+        fanout_sessions: 100,
+        drain_records: 200_000,
         tools: PathBuf::from("target/bench-tools"),
         json: PathBuf::from("target/bench/latest.json"),
         markdown: None,
@@ -56,6 +70,9 @@ fn parse_options() -> Result<Options, String> {
     };
     let mut arguments = std::env::args().skip(1);
     while let Some(flag) = arguments.next() {
+        if flag == "--help" || flag == "-h" {
+            return Err(String::new());
+        }
         if flag == "--skip-references" {
             options.skip_references = true;
             continue;
@@ -75,6 +92,9 @@ fn parse_options() -> Result<Options, String> {
             "--clients" => options.clients = number()?.max(1),
             "--readers" => options.readers = number()?,
             "--partitions" => options.partitions = number()?.clamp(1, 1024),
+            "--fanout-readers" => options.fanout_readers = number()?,
+            "--fanout-sessions" => options.fanout_sessions = number()?.max(1),
+            "--drain-records" => options.drain_records = number()? as u64,
             "--tools" => options.tools = PathBuf::from(value),
             "--json" => options.json = PathBuf::from(value),
             "--markdown" => options.markdown = Some(PathBuf::from(value)),
@@ -189,11 +209,127 @@ struct RunFigures {
     half: ThroughputReport,
     half_visible_p50_ms: f64,
     half_visible_p99_ms: f64,
+    /// The SSE fan-out window (absent with `--fanout-readers 0`).
+    fanout: Option<FanoutFigures>,
     duplicates: ThroughputReport,
     floor: Option<ThroughputReport>,
     durable_streams: Option<ThroughputReport>,
     api_peak_rss_mib: f64,
     worker_peak_rss_mib: f64,
+}
+
+/// The SSE fan-out window: open loop at half the max rate, appends to every session, readers
+/// on the first sessions, each checked for order and completeness.
+#[derive(Debug, serde::Serialize)]
+struct FanoutFigures {
+    readers: usize,
+    sessions: usize,
+    readers_per_session: usize,
+    offered_per_second: f64,
+    appends: ThroughputReport,
+    /// Records delivered over all readers (window and settle), and per second of the window.
+    records_delivered: u64,
+    records_per_second: f64,
+    visible_p50_ms: f64,
+    visible_p99_ms: f64,
+    readers_complete: usize,
+    readers_out_of_order: usize,
+    readers_complete_and_in_order: usize,
+    /// Accepted records the readers did not receive, summed over readers.
+    records_missing: u64,
+    /// Time after the last answer until every reader had everything (or the settle limit).
+    settle_seconds: f64,
+}
+
+impl std::fmt::Display for FanoutFigures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "SSE fan-out: {} readers on {} sessions, {:.0} records/s delivered, visible p50 {:.2} ms p99 {:.2} ms, {} complete, {} out of order, {} records missing (settled in {:.2} s)",
+            self.readers,
+            self.sessions,
+            self.records_per_second,
+            self.visible_p50_ms,
+            self.visible_p99_ms,
+            self.readers_complete,
+            self.readers_out_of_order,
+            self.records_missing,
+            self.settle_seconds
+        )
+    }
+}
+
+/// The drain figure: appends accepted while the worker was stopped, then the time from the
+/// worker's start until every one is in the database.
+#[derive(Debug, serde::Serialize)]
+struct DrainFigures {
+    /// `--drain-records`: the appends sent.
+    offered: u64,
+    /// The appends, answered by the api while the worker was stopped.
+    appends: ThroughputReport,
+    /// New appends accepted: the backlog the restarted worker persisted.
+    records: u64,
+    /// Worker start (process spawn) → first record of the backlog persisted.
+    startup_seconds: f64,
+    /// Worker start → every accepted record persisted.
+    seconds: f64,
+    /// `records / seconds` (start-up included).
+    records_per_second: f64,
+    /// `records / (seconds - startup_seconds)`.
+    records_per_second_after_startup: f64,
+    /// Peak RSS of the restarted worker.
+    worker_peak_rss_mib: f64,
+}
+
+impl std::fmt::Display for DrainFigures {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "drain: {} records accepted with the worker stopped ({:.0}/s); restarted worker: first persisted after {:.2} s, all after {:.2} s ({:.0}/s, {:.0}/s after start-up)",
+            self.records,
+            self.appends.per_second,
+            self.startup_seconds,
+            self.seconds,
+            self.records_per_second,
+            self.records_per_second_after_startup
+        )
+    }
+}
+
+/// Appends the worker settled (committed) since it started, from its `/metrics`
+/// (`sessions_worker_commands_total{kind="append",…}`, all outcomes); `None` while it does not
+/// answer.
+async fn appends_settled(client: &reqwest::Client, metrics_url: &str) -> Option<u64> {
+    let response = client
+        .get(metrics_url)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .ok()?;
+    if !response.status().is_success() {
+        return None;
+    }
+    let text = response.text().await.ok()?;
+    let total: f64 = text
+        .lines()
+        .filter(|line| {
+            line.starts_with("sessions_worker_commands_total{") && line.contains(r#"kind="append""#)
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    Some(total as u64)
+}
+
+/// The soft limit of open files of this process (inherited by the api and the worker).
+fn open_files_limit() -> Option<u64> {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()?
+        .lines()
+        .find(|line| line.starts_with("Max open files"))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
+        .ok()
 }
 
 struct Bench {
@@ -215,9 +351,136 @@ impl Bench {
             duration,
             retry_share,
             body_bytes: 256,
+            channel: Channel::Out,
             sse_readers: self.options.readers,
+            readers_per_session: 1,
+            settle: Duration::from_millis(500),
+            max_appends: None,
             progress: true,
         }
+    }
+
+    /// The fan-out window at `rate`: every session appended to, readers on the first ones.
+    async fn fanout(&mut self, rate: f64) -> Result<FanoutFigures, String> {
+        let sessions = self.options.fanout_sessions.min(self.sessions.len());
+        let per_session = (self.options.fanout_readers / sessions).max(1);
+        let mut config = self.load(Some(rate), 0.0, self.options.duration);
+        config.sse_readers = sessions * per_session;
+        config.readers_per_session = per_session;
+        config.settle = Duration::from_secs(5);
+        let (result, _, _) = self
+            .measure(
+                &format!(
+                    "fan-out: open loop at {rate:.0}/s to all {} sessions, {} SSE readers on {sessions} of them",
+                    self.sessions.len(),
+                    config.sse_readers
+                ),
+                &config,
+            )
+            .await?;
+        let figures = FanoutFigures {
+            readers: result.readers.len(),
+            sessions,
+            readers_per_session: per_session,
+            offered_per_second: rate,
+            appends: result.report("sessions", "fan-out: open loop at half rate"),
+            records_delivered: result.records_read,
+            records_per_second: result.records_read_per_second(),
+            visible_p50_ms: result.visible.quantile_ms(0.5),
+            visible_p99_ms: result.visible.quantile_ms(0.99),
+            readers_complete: result.readers_complete(),
+            readers_out_of_order: result.readers_out_of_order(),
+            readers_complete_and_in_order: result.readers_complete_and_in_order(),
+            records_missing: result.records_missing(),
+            settle_seconds: result.settled_in.as_secs_f64(),
+        };
+        eprintln!("   {figures}");
+        Ok(figures)
+    }
+
+    /// The drain figure: kills `worker`, appends `--drain-records` through the api (closed
+    /// loop, every client), starts the worker again (same binary and environment) and times
+    /// it until the database holds every accepted append. `worker` is the new one after.
+    async fn drain(
+        &mut self,
+        worker: &mut Option<Service>,
+        binary: &Path,
+        env: &[(String, String)],
+        metrics_url: &str,
+    ) -> Result<DrainFigures, String> {
+        let offered = self.options.drain_records;
+        eprintln!(
+            "== drain: worker stopped; {offered} appends, closed loop, {} clients",
+            self.options.clients
+        );
+        // Killed (SIGKILL) and waited for.
+        drop(worker.take());
+        let mut config = self.load(None, 0.0, Duration::from_secs(900));
+        config.sse_readers = 0;
+        config.settle = Duration::ZERO;
+        config.max_appends = Some(offered);
+        let result = run_load(&config, &self.sessions).await?;
+        let records = result.accepted - result.retries;
+        let appends = result.report("sessions", "drain: appends, worker stopped");
+        eprintln!("{appends}");
+        let persisted_before = self.records_in_database().await?;
+        self.expected_records += records;
+        eprintln!("== drain: worker started; waiting for {records} records to be persisted");
+        let client = reqwest::Client::new();
+        let started = Instant::now();
+        let restarted = worker.insert(start(binary, env)?);
+        // The worker's settled-appends counter (incremented after each commit) is cheap to
+        // poll often; the database (a count over every record) is asked once a second, and
+        // decides when it is complete.
+        let mut first = None;
+        let mut database_asked: Option<Instant> = None;
+        let mut printed = Instant::now();
+        let seconds = loop {
+            if started.elapsed() > Duration::from_secs(900) {
+                return Err("the restarted worker did not drain the backlog within 900 s".into());
+            }
+            let settled = appends_settled(&client, metrics_url).await;
+            if first.is_none() && settled.is_some_and(|settled| settled > 0) {
+                first = Some(started.elapsed());
+            }
+            let metrics_done = settled.is_some_and(|settled| settled >= records);
+            if metrics_done
+                || database_asked.is_none_or(|at| at.elapsed() >= Duration::from_secs(1))
+            {
+                let at = started.elapsed();
+                database_asked = Some(Instant::now());
+                let count = self.records_in_database().await?;
+                if first.is_none() && count > persisted_before {
+                    first = Some(at);
+                }
+                if count >= self.expected_records {
+                    break at;
+                }
+            }
+            if printed.elapsed() >= Duration::from_secs(1) {
+                printed = Instant::now();
+                eprintln!(
+                    "  {:>5.1} s  {:>8} of {records} appends settled by the worker",
+                    started.elapsed().as_secs_f64(),
+                    settled.map_or("-".to_owned(), |settled| settled.to_string())
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let seconds = seconds.as_secs_f64();
+        let startup = first.map_or(seconds, |first| first.as_secs_f64());
+        let figures = DrainFigures {
+            offered,
+            appends,
+            records,
+            startup_seconds: startup,
+            seconds,
+            records_per_second: records as f64 / seconds.max(1e-9),
+            records_per_second_after_startup: records as f64 / (seconds - startup).max(1e-9),
+            worker_peak_rss_mib: restarted.peak_rss_mib(),
+        };
+        eprintln!("{figures}");
+        Ok(figures)
     }
 
     async fn records_in_database(&self) -> Result<u64, String> {
@@ -278,6 +541,11 @@ impl Bench {
                 &self.load(Some(max_rate / 2.0), 0.0, duration),
             )
             .await?;
+        let fanout = if self.options.fanout_readers > 0 {
+            Some(self.fanout(max_rate / 2.0).await?)
+        } else {
+            None
+        };
         let (duplicates, _, _) = self
             .measure(
                 &format!("20% retries: closed loop, {clients} clients"),
@@ -345,6 +613,7 @@ impl Bench {
             half_visible_p50_ms: half.visible.quantile_ms(0.5),
             half_visible_p99_ms: half.visible.quantile_ms(0.99),
             half: half.report("sessions", "half rate: open loop"),
+            fanout,
             duplicates: duplicates.report("sessions", "20% retries"),
             floor,
             durable_streams: durable,
@@ -354,7 +623,7 @@ impl Bench {
     }
 }
 
-fn summarize(runs: &[RunFigures]) -> Value {
+fn summarize(runs: &[RunFigures], drain: Option<&DrainFigures>) -> Value {
     let m = |pick: &dyn Fn(&RunFigures) -> f64| median(runs.iter().map(pick).collect());
     let floor = m(&|run| run.floor.as_ref().map_or(0.0, |report| report.per_second));
     let durable = m(&|run| {
@@ -364,7 +633,7 @@ fn summarize(runs: &[RunFigures]) -> Value {
     });
     let max = m(&|run| run.max.per_second);
     let ratio = |reference: f64| (reference > 0.0).then(|| max / reference);
-    json!({
+    let mut summary = json!({
         "runs": runs.len(),
         "appends_per_second": max,
         "accept_p50_ms_at_max": m(&|run| run.max.p50_ms),
@@ -385,10 +654,48 @@ fn summarize(runs: &[RunFigures]) -> Value {
         "durable_streams_per_second": durable,
         "ratio_to_pipeline_floor": ratio(floor),
         "ratio_to_durable_streams": ratio(durable),
-    })
+    });
+    // Fan-out: rates and latencies are medians over runs; the reader checks are the worst run.
+    let fanouts: Vec<&FanoutFigures> = runs.iter().filter_map(|run| run.fanout.as_ref()).collect();
+    let fan = |pick: &dyn Fn(&FanoutFigures) -> f64| {
+        (!fanouts.is_empty()).then(|| median(fanouts.iter().map(|fanout| pick(fanout)).collect()))
+    };
+    let fan_min = |pick: &dyn Fn(&FanoutFigures) -> usize| fanouts.iter().map(|f| pick(f)).min();
+    let fan_max = |pick: &dyn Fn(&FanoutFigures) -> u64| fanouts.iter().map(|f| pick(f)).max();
+    let extra = json!({
+        "fanout_readers": fanouts.first().map(|fanout| fanout.readers),
+        "fanout_sessions": fanouts.first().map(|fanout| fanout.sessions),
+        "fanout_appends_per_second": fan(&|fanout| fanout.appends.per_second),
+        "fanout_records_per_second": fan(&|fanout| fanout.records_per_second),
+        "fanout_visible_p50_ms": fan(&|fanout| fanout.visible_p50_ms),
+        "fanout_visible_p99_ms": fan(&|fanout| fanout.visible_p99_ms),
+        "fanout_readers_complete": fan_min(&|fanout| fanout.readers_complete),
+        "fanout_readers_out_of_order": fan_max(&|fanout| fanout.readers_out_of_order as u64),
+        "fanout_readers_complete_and_in_order":
+            fan_min(&|fanout| fanout.readers_complete_and_in_order),
+        "fanout_records_missing": fan_max(&|fanout| fanout.records_missing),
+        "drain_records": drain.map(|drain| drain.records),
+        "drain_appends_per_second_worker_stopped": drain.map(|drain| drain.appends.per_second),
+        "drain_startup_seconds": drain.map(|drain| drain.startup_seconds),
+        "drain_seconds": drain.map(|drain| drain.seconds),
+        "drain_records_per_second": drain.map(|drain| drain.records_per_second),
+        "drain_records_per_second_after_startup":
+            drain.map(|drain| drain.records_per_second_after_startup),
+        "drain_worker_peak_rss_mib": drain.map(|drain| drain.worker_peak_rss_mib),
+    });
+    if let (Value::Object(summary), Value::Object(extra)) = (&mut summary, extra) {
+        summary.extend(extra);
+    }
+    summary
 }
 
-fn markdown(options: &Options, summary: &Value, runs: &[RunFigures], command: &str) -> String {
+fn markdown(
+    options: &Options,
+    summary: &Value,
+    runs: &[RunFigures],
+    drain: Option<&DrainFigures>,
+    command: &str,
+) -> String {
     let number = |key: &str| summary[key].as_f64().unwrap_or(0.0);
     let ratio = |key: &str| {
         summary[key]
@@ -410,7 +717,8 @@ fn markdown(options: &Options, summary: &Value, runs: &[RunFigures], command: &s
          Postgres, Redis, api, worker, load generator, references) on the same cores\n\
          - Command: `{command}`\n\
          - Workload: {sessions} sessions over 2 environments, 256-byte JSON appends with \
-         `X-Part-Id`, {clients} clients, {readers} SSE readers, {partitions} partitions, {secs} s windows, medians of {runs} runs\n\n\
+         `X-Part-Id` to the `out` channel with the environment's secret key, {clients} clients, \
+         {readers} SSE readers tailing `out`, {partitions} partitions, {secs} s windows, medians of {runs} runs\n\n\
          | figure | value |\n|---|---|\n\
          | appends/s (closed loop, max) | {max:.0} |\n\
          | ratio to the pipeline floor (same run) | {floor_ratio} (floor {floor:.0}/s) |\n\
@@ -422,7 +730,7 @@ fn markdown(options: &Options, summary: &Value, runs: &[RunFigures], command: &s
          | visible latency p50 / p99 at half rate | {vh50:.2} / {vh99:.2} ms |\n\
          | appends/s with 20 % retries | {dup:.0} |\n\
          | SSE records/s delivered to {readers} readers during the max window | {sse:.0} |\n\
-         | peak RSS api / worker | {api_rss:.0} / {worker_rss:.0} MiB |\n\n",
+         | peak RSS api / worker | {api_rss:.0} / {worker_rss:.0} MiB |\n",
         date = chrono::Utc::now().format("%Y-%m-%d %H:%M UTC"),
         sessions = options.sessions,
         clients = options.clients,
@@ -450,6 +758,7 @@ fn markdown(options: &Options, summary: &Value, runs: &[RunFigures], command: &s
         api_rss = number("api_peak_rss_mib"),
         worker_rss = number("worker_peak_rss_mib"),
     );
+    text.push_str(&fanout_and_drain_lines(options, summary, drain));
     text.push_str("### Every run\n\n```\n");
     for (index, run) in runs.iter().enumerate() {
         text.push_str(&format!(
@@ -459,6 +768,9 @@ fn markdown(options: &Options, summary: &Value, runs: &[RunFigures], command: &s
             run.half,
             run.duplicates
         ));
+        if let Some(fanout) = &run.fanout {
+            text.push_str(&format!("  {}\n  {fanout}\n", fanout.appends));
+        }
         if let Some(floor) = &run.floor {
             text.push_str(&format!("  {floor}\n"));
         }
@@ -466,8 +778,71 @@ fn markdown(options: &Options, summary: &Value, runs: &[RunFigures], command: &s
             text.push_str(&format!("  {durable}\n"));
         }
     }
+    if let Some(drain) = drain {
+        text.push_str(&format!("after the runs\n  {}\n  {drain}\n", drain.appends));
+    }
     text.push_str("```\n");
     text
+}
+
+/// The workload lines of the fan-out window and the drain, then their rows of the table
+/// (which the caller's rows precede).
+fn fanout_and_drain_lines(
+    options: &Options,
+    summary: &Value,
+    drain: Option<&DrainFigures>,
+) -> String {
+    let number = |key: &str| summary[key].as_f64().unwrap_or(0.0);
+    let mut rows = String::new();
+    if summary["fanout_readers"].is_null() {
+        rows.push_str("| SSE fan-out at half rate | not measured |\n");
+    } else {
+        rows.push_str(&format!(
+            "| SSE fan-out at half rate: {readers} readers on {sessions} sessions, records/s delivered over all readers | {rate:.0} |\n\
+             | fan-out visible latency p50 / p99 | {p50:.2} / {p99:.2} ms |\n\
+             | fan-out readers complete / out of order (worst run) | {complete:.0} / {disorder:.0} of {readers} ({missing:.0} records missing) |\n",
+            readers = number("fanout_readers"),
+            sessions = number("fanout_sessions"),
+            rate = number("fanout_records_per_second"),
+            p50 = number("fanout_visible_p50_ms"),
+            p99 = number("fanout_visible_p99_ms"),
+            complete = number("fanout_readers_complete"),
+            disorder = number("fanout_readers_out_of_order"),
+            missing = number("fanout_records_missing"),
+        ));
+    }
+    match drain {
+        Some(drain) => rows.push_str(&format!(
+            "| drain: {records} appends accepted with the worker stopped ({appends:.0}/s), worker restarted: first persisted / all persisted | {startup:.2} s / {seconds:.2} s |\n\
+             | drain rate (from worker start / after start-up) | {rate:.0} / {after:.0} records/s |\n",
+            records = drain.records,
+            appends = drain.appends.per_second,
+            startup = drain.startup_seconds,
+            seconds = drain.seconds,
+            rate = drain.records_per_second,
+            after = drain.records_per_second_after_startup,
+        )),
+        None => rows.push_str("| drain after the worker was stopped | not measured |\n"),
+    }
+    let fanout_sessions = options.fanout_sessions.min(options.sessions);
+    let per_session = (options.fanout_readers / fanout_sessions.max(1)).max(1);
+    format!(
+        "{rows}\n\
+         - SSE fan-out (per run, after the half-rate window): open loop at half the max rate for \
+         {secs} s, appends to all {sessions} sessions as in the other windows, \
+         {per_session} SSE readers on each of the first {fanout_sessions} sessions; each reader \
+         checks that seqNums rise by exactly 1 from the first record it saw and, after a settle \
+         of up to 5 s, that it received every append accepted for its session in the window; \
+         visible latency is send → delivered over all readers\n\
+         - Drain (once, after the runs): the worker killed, {drain_records} appends through the \
+         api (closed loop, {clients} clients, `out`, the same sessions), then the worker started \
+         again (same binary and environment) and timed from its start until the database holds \
+         every accepted append (first persisted record: start-up)\n\n",
+        secs = options.duration.as_secs(),
+        sessions = options.sessions,
+        drain_records = options.drain_records,
+        clients = options.clients,
+    )
 }
 
 const SECTION_START: &str = "<!-- sessions-bench:start -->";
@@ -550,7 +925,16 @@ async fn bench(options: Options) -> Result<(), String> {
             format!("127.0.0.1:{worker_port}"),
         ),
     ];
-    let worker = start(&worker_binary, &env)?;
+    let connections = options.fanout_readers + options.readers + options.clients;
+    if let Some(limit) = open_files_limit()
+        && limit < connections as u64 + 256
+    {
+        eprintln!(
+            "sessions-bench: warning: the open files limit ({limit}) is low for {connections} connections (api and load generator each hold one per connection): raise it with `ulimit -n`"
+        );
+    }
+    // `None` only between the drain's kill and restart.
+    let mut worker = Some(start(&worker_binary, &env)?);
     let api = start(&api_binary, &env)?;
     let client = reqwest::Client::new();
     let api_url = format!("http://127.0.0.1:{api_port}");
@@ -572,12 +956,26 @@ async fn bench(options: Options) -> Result<(), String> {
     let mut failure = None;
     for run in 0..bench.options.runs {
         eprintln!("==== run {} of {}", run + 1, bench.options.runs);
-        match bench.run_once(run, &api, &worker, &mut sweep).await {
+        let Some(current) = worker.as_ref() else {
+            break;
+        };
+        match bench.run_once(run, &api, current, &mut sweep).await {
             Ok(figures) => runs.push(figures),
             Err(error) => {
                 failure = Some(error);
                 break;
             }
+        }
+    }
+    let mut drain = None;
+    if failure.is_none() && bench.options.drain_records > 0 {
+        let metrics_url = format!("http://127.0.0.1:{worker_port}/metrics");
+        match bench
+            .drain(&mut worker, &worker_binary, &env, &metrics_url)
+            .await
+        {
+            Ok(figures) => drain = Some(figures),
+            Err(error) => failure = Some(error),
         }
     }
     drop(api);
@@ -591,13 +989,14 @@ async fn bench(options: Options) -> Result<(), String> {
     if let Some(error) = failure {
         return Err(error);
     }
-    let summary = summarize(&runs);
+    let summary = summarize(&runs, drain.as_ref());
     let document = json!({
         "date": chrono::Utc::now().to_rfc3339(),
         "command": command,
         "summary": summary,
         "sweep": sweep,
         "runs": runs,
+        "drain": drain,
     });
     if let Some(folder) = bench.options.json.parent() {
         std::fs::create_dir_all(folder).map_err(|error| error.to_string())?;
@@ -609,7 +1008,7 @@ async fn bench(options: Options) -> Result<(), String> {
         serde_json::to_string_pretty(&summary).unwrap_or_default()
     );
     if let Some(path) = &bench.options.markdown {
-        let section = markdown(&bench.options, &summary, &runs, &command);
+        let section = markdown(&bench.options, &summary, &runs, drain.as_ref(), &command);
         let existing = std::fs::read_to_string(path).unwrap_or_default();
         std::fs::write(path, replace_generated_section(&existing, &section))
             .map_err(|error| error.to_string())?;
@@ -622,6 +1021,10 @@ async fn bench(options: Options) -> Result<(), String> {
 async fn main() -> std::process::ExitCode {
     let options = match parse_options() {
         Ok(options) => options,
+        Err(error) if error.is_empty() => {
+            println!("{USAGE}");
+            return std::process::ExitCode::SUCCESS;
+        }
         Err(error) => {
             eprintln!("sessions-bench: {error}\n{USAGE}");
             return std::process::ExitCode::from(2);
@@ -649,6 +1052,105 @@ mod checks {
         assert!(second.contains("run 2\n") && !second.contains("run 1\n"));
         assert!(second.starts_with("# Benchmarks\n\nnotes\n"));
         assert_eq!(second.matches(SECTION_START).count(), 1);
+    }
+
+    fn options() -> Options {
+        Options {
+            runs: 1,
+            duration: Duration::from_secs(20),
+            sessions: 1000,
+            clients: 64,
+            readers: 100,
+            partitions: 64,
+            fanout_readers: 1000,
+            fanout_sessions: 100,
+            drain_records: 200_000,
+            tools: PathBuf::new(),
+            json: PathBuf::new(),
+            markdown: None,
+            skip_references: true,
+            amqp_url: String::new(),
+        }
+    }
+
+    fn report(workload: &str, per_second: f64) -> ThroughputReport {
+        ThroughputReport {
+            system: "sessions".into(),
+            workload: workload.into(),
+            operations: (per_second * 20.0) as u64,
+            errors: 0,
+            seconds: 20.0,
+            per_second,
+            p50_ms: 1.0,
+            p99_ms: 2.0,
+        }
+    }
+
+    #[test]
+    fn the_summary_and_the_section_carry_the_fanout_and_drain_figures() {
+        let run = RunFigures {
+            max: report("max", 2000.0),
+            max_visible_p50_ms: 1.0,
+            max_visible_p99_ms: 2.0,
+            read_records_per_second: 200.0,
+            backlog_at_end: 0,
+            drain_seconds: 0.0,
+            half: report("half", 1000.0),
+            half_visible_p50_ms: 1.0,
+            half_visible_p99_ms: 2.0,
+            fanout: Some(FanoutFigures {
+                readers: 1000,
+                sessions: 100,
+                readers_per_session: 10,
+                offered_per_second: 1000.0,
+                appends: report("fan-out", 1000.0),
+                records_delivered: 20_000,
+                records_per_second: 1000.0,
+                visible_p50_ms: 3.5,
+                visible_p99_ms: 12.25,
+                readers_complete: 1000,
+                readers_out_of_order: 0,
+                readers_complete_and_in_order: 1000,
+                records_missing: 0,
+                settle_seconds: 0.1,
+            }),
+            duplicates: report("retries", 1800.0),
+            floor: None,
+            durable_streams: None,
+            api_peak_rss_mib: 50.0,
+            worker_peak_rss_mib: 40.0,
+        };
+        let drain = DrainFigures {
+            offered: 200_000,
+            appends: report("drain", 2500.0),
+            records: 200_000,
+            startup_seconds: 0.75,
+            seconds: 40.0,
+            records_per_second: 5000.0,
+            records_per_second_after_startup: 5095.5,
+            worker_peak_rss_mib: 60.0,
+        };
+        let summary = summarize(std::slice::from_ref(&run), Some(&drain));
+        assert_eq!(summary["appends_per_second"], 2000.0);
+        assert_eq!(summary["fanout_readers"], 1000);
+        assert_eq!(summary["fanout_readers_complete"], 1000);
+        assert_eq!(summary["fanout_readers_out_of_order"], 0);
+        assert_eq!(summary["fanout_visible_p99_ms"], 12.25);
+        assert_eq!(summary["drain_records"], 200_000);
+        assert_eq!(summary["drain_seconds"], 40.0);
+        assert_eq!(summary["drain_startup_seconds"], 0.75);
+        let text = markdown(&options(), &summary, &[run], Some(&drain), "sessions-bench");
+        assert!(text.contains("to the `out` channel with the environment's secret key"));
+        assert!(text.contains("| fan-out visible latency p50 / p99 | 3.50 / 12.25 ms |"));
+        assert!(text.contains("| 0.75 s / 40.00 s |"));
+        assert!(text.contains("SSE fan-out: 1000 readers on 100 sessions"));
+        if std::env::var_os("SHOW_SECTION").is_some() {
+            eprintln!("{text}");
+        }
+        let skipped = summarize(&[], None);
+        assert!(skipped["fanout_readers"].is_null() && skipped["drain_seconds"].is_null());
+        let text = markdown(&options(), &skipped, &[], None, "sessions-bench");
+        assert!(text.contains("| SSE fan-out at half rate | not measured |"));
     }
 
     #[test]
