@@ -450,7 +450,7 @@ impl Settings {
                 parse(
                     "SESSIONS_WORKER_PREFETCH",
                     get("SESSIONS_WORKER_PREFETCH"),
-                    2000_u16,
+                    500_u16,
                 )?,
                 1,
                 u16::MAX,

@@ -4,6 +4,8 @@
 # microseconds of CPU per accepted append and share of one core, per command name (api, worker,
 # RabbitMQ's beam.smp, postgres backends together, redis, the load generator itself).
 #   tests/bench/profile-cpu.sh [sessions-bench options, e.g. --partitions 16]
+# SESSIONS_BENCH=<dir>/sessions-bench profiles the binaries of another build (a before/after
+# comparison: the api and worker next to that sessions-bench are the ones measured).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 log=$(mktemp)
@@ -15,8 +17,8 @@ cpu_by_command() {
     sort
 }
 accepted() { grep -E '^ +[0-9.]+ s ' "$log" | tail -1 | awk '{print $5}'; }
-target/release/sessions-bench --runs 1 --duration 12 --skip-references \
-  --json target/bench/profile.json "$@" >"$log" 2>&1 &
+"${SESSIONS_BENCH:-target/release/sessions-bench}" --runs 1 --duration 12 --skip-references \
+  --drain-records 0 --fanout-readers 0 --json target/bench/profile.json "$@" >"$log" 2>&1 &
 bench=$!
 until grep -q '^== max' "$log"; do sleep 0.2; done
 sleep 3
