@@ -559,30 +559,18 @@ async fn apply_one_by_one(
             to: delivery.offset,
             to_message_id: delivery.message_id.clone(),
         }];
-        let (commands, decoded) = match Envelope::decode(&delivery.payload) {
-            Ok(envelope) => {
-                let count = envelope.commands.len();
-                (
-                    envelope.commands,
-                    vec![Decoded {
-                        commands: 0..count,
-                        reply_to: delivery.reply_to.clone(),
-                    }],
-                )
-            }
-            Err(_) => (Vec::new(), Vec::new()),
-        };
-        let failure = if decoded.is_empty() {
-            Some("the message does not decode".to_owned())
-        } else {
-            match apply_messages(context, &advance, &[], &commands, &decoded).await {
-                Ok(()) => None,
-                Err(ApplyFailure::Permanent(reason)) => Some(reason),
-                Err(ApplyFailure::Fenced(reason)) => {
-                    signals::batch_fenced(&reason);
-                    return BatchEnd::Fenced(batch.iter().map(|d| d.partition).collect());
+        let failure = match decode_one(&delivery.payload, delivery.reply_to.as_deref()) {
+            Err(reason) => Some(reason),
+            Ok((commands, decoded)) => {
+                match apply_messages(context, &advance, &[], &commands, &decoded).await {
+                    Ok(()) => None,
+                    Err(ApplyFailure::Permanent(reason)) => Some(reason),
+                    Err(ApplyFailure::Fenced(reason)) => {
+                        signals::batch_fenced(&reason);
+                        return BatchEnd::Fenced(batch.iter().map(|d| d.partition).collect());
+                    }
+                    Err(ApplyFailure::Transient) => return BatchEnd::BudgetExhausted,
                 }
-                Err(ApplyFailure::Transient) => return BatchEnd::BudgetExhausted,
             }
         };
         if let Some(reason) = failure {
@@ -603,6 +591,22 @@ async fn apply_one_by_one(
         position.insert(log.as_str(), Some(delivery.offset));
     }
     BatchEnd::Committed
+}
+
+/// One message's commands as a batch of its own, or why it cannot be applied.
+fn decode_one(
+    payload: &[u8],
+    reply_to: Option<&str>,
+) -> Result<(Vec<Command>, Vec<Decoded>), String> {
+    let envelope = Envelope::decode(payload).map_err(|error| error.to_string())?;
+    let count = envelope.commands.len();
+    Ok((
+        envelope.commands,
+        vec![Decoded {
+            commands: 0..count,
+            reply_to: reply_to.map(str::to_owned),
+        }],
+    ))
 }
 
 fn dead_letter(context: &WorkerContext, delivery: &LogDelivery, reason: String) -> NewDeadLetter {
@@ -723,29 +727,17 @@ async fn drain_legacy_queues(context: &WorkerContext, config: &BrokerConfig) -> 
             .await
             .map_err(|error| error.to_string())?
         {
-            let (commands, decoded) = match Envelope::decode(&message.payload) {
-                Ok(envelope) => {
-                    let count = envelope.commands.len();
-                    (
-                        envelope.commands,
-                        vec![Decoded {
-                            commands: 0..count,
-                            reply_to: message.reply_to.clone(),
-                        }],
-                    )
-                }
-                Err(_) => (Vec::new(), Vec::new()),
-            };
-            let failure = if decoded.is_empty() {
-                Some("the message does not decode".to_owned())
-            } else {
-                match apply_messages(context, &[], &[], &commands, &decoded).await {
-                    Ok(()) => None,
-                    Err(ApplyFailure::Permanent(reason) | ApplyFailure::Fenced(reason)) => {
-                        Some(reason)
-                    }
-                    Err(ApplyFailure::Transient) => {
-                        return Err("legacy queue drain: the database is unavailable".into());
+            let failure = match decode_one(&message.payload, message.reply_to.as_deref()) {
+                Err(reason) => Some(reason),
+                Ok((commands, decoded)) => {
+                    match apply_messages(context, &[], &[], &commands, &decoded).await {
+                        Ok(()) => None,
+                        Err(ApplyFailure::Permanent(reason) | ApplyFailure::Fenced(reason)) => {
+                            Some(reason)
+                        }
+                        Err(ApplyFailure::Transient) => {
+                            return Err("legacy queue drain: the database is unavailable".into());
+                        }
                     }
                 }
             };

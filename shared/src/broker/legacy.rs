@@ -143,18 +143,11 @@ impl LegacyPartitionQueues {
             Err(_) | Ok(None) => return Ok(None),
             Ok(Some(delivery)) => delivery?,
         };
+        let (message_id, reply_to) = super::message_id_and_reply_to(&delivery.properties);
         Ok(Some(LegacyMessage {
             partition,
-            message_id: delivery
-                .properties
-                .message_id()
-                .as_ref()
-                .map(|id| id.as_str().to_owned()),
-            reply_to: delivery
-                .properties
-                .reply_to()
-                .as_ref()
-                .map(|queue| queue.as_str().to_owned()),
+            message_id,
+            reply_to,
             payload: delivery.data,
             acker: delivery.acker,
         }))

@@ -227,19 +227,13 @@ impl PartitionLogs {
                             );
                             break;
                         };
+                        let (message_id, reply_to) =
+                            super::message_id_and_reply_to(&delivery.properties);
                         let delivery = LogDelivery {
                             partition,
                             offset,
-                            message_id: delivery
-                                .properties
-                                .message_id()
-                                .as_ref()
-                                .map(|id| id.as_str().to_owned()),
-                            reply_to: delivery
-                                .properties
-                                .reply_to()
-                                .as_ref()
-                                .map(|queue| queue.as_str().to_owned()),
+                            message_id,
+                            reply_to,
                             payload: delivery.data,
                             subscription: id,
                             acker: LogAcker::Amqp(delivery.acker),

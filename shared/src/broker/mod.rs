@@ -874,6 +874,20 @@ impl BrokerLink {
     }
 }
 
+/// The message id and reply queue of a delivered command message.
+fn message_id_and_reply_to(properties: &BasicProperties) -> (Option<String>, Option<String>) {
+    (
+        properties
+            .message_id()
+            .as_ref()
+            .map(|id| id.as_str().to_owned()),
+        properties
+            .reply_to()
+            .as_ref()
+            .map(|queue| queue.as_str().to_owned()),
+    )
+}
+
 /// A new confirm-mode channel for publishing.
 async fn publishing_channel(connection: &Connection) -> Result<Channel, BrokerError> {
     let channel = bounded("opening a channel", connection.create_channel()).await?;
