@@ -82,6 +82,16 @@ pub fn rate_limited(retry_after_seconds: u64) {
     metrics::counter!("sessions_api_rate_limited_total").increment(1);
 }
 
+/// A request body its handler did not read to the end (the answer came first). `outcome`:
+/// `discarded` (read and thrown away before the answer; the connection stays usable),
+/// `too_large` (beyond `SESSIONS_MAX_DISCARD_BYTES`), `timed_out` (slower than
+/// `SESSIONS_DISCARD_TIMEOUT_MS`), `failed` (the body broke off), `not_sent` (`Expect:
+/// 100-continue`, never asked for); all but `discarded` are answered with `Connection: close`.
+pub fn unread_body(outcome: &'static str, elapsed: Duration) {
+    tracing::debug!(outcome, ?elapsed, "unread request body");
+    metrics::counter!("sessions_api_unread_bodies_total", "outcome" => outcome).increment(1);
+}
+
 /// Makes the panic counter visible at 0 before the first panic (so a scrape can tell "no
 /// panics" from "not instrumented").
 pub fn register_panic_counter() {

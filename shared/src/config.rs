@@ -58,6 +58,14 @@ pub struct Settings {
     pub max_json_bytes: usize,
     /// `SESSIONS_MAX_SNAPSHOT_BYTES`: largest chat snapshot blob.
     pub max_snapshot_bytes: usize,
+    /// `SESSIONS_MAX_DISCARD_BYTES`: how much of a request body the api did not read (a refusal
+    /// such as 413, answered from the headers or after part of the body) it reads and throws
+    /// away, so that a client still sending receives the answer instead of a connection reset.
+    /// `0`: never read them (the answer closes the connection).
+    pub max_discard_bytes: u64,
+    /// `SESSIONS_DISCARD_TIMEOUT_MS`: how long the api spends discarding such a body at most
+    /// (a sender slower than that gets the answer with `Connection: close` when the time is up).
+    pub discard_timeout: Duration,
     /// `SESSIONS_PUBLISH_BATCH_MAX`: most commands in one broker message.
     pub publish_batch_max: usize,
     /// `SESSIONS_WORKER_BATCH_MAX`: most broker messages applied in one transaction.
@@ -425,6 +433,26 @@ impl Settings {
                 1,
                 256 << 20,
             )?,
+            max_discard_bytes: in_range(
+                "SESSIONS_MAX_DISCARD_BYTES",
+                parse(
+                    "SESSIONS_MAX_DISCARD_BYTES",
+                    get("SESSIONS_MAX_DISCARD_BYTES"),
+                    16_u64 << 20,
+                )?,
+                0,
+                1 << 30,
+            )?,
+            discard_timeout: Duration::from_millis(in_range(
+                "SESSIONS_DISCARD_TIMEOUT_MS",
+                parse(
+                    "SESSIONS_DISCARD_TIMEOUT_MS",
+                    get("SESSIONS_DISCARD_TIMEOUT_MS"),
+                    10_000_u64,
+                )?,
+                0,
+                600_000,
+            )?),
             publish_batch_max: in_range(
                 "SESSIONS_PUBLISH_BATCH_MAX",
                 parse(
@@ -660,5 +688,30 @@ mod tests {
         ])
         .expect("burst");
         assert_eq!(burst.rate_limit_burst, 3);
+    }
+
+    #[test]
+    fn unread_bodies_are_discarded_within_bounds() {
+        let defaults = settings(&[]).expect("defaults");
+        assert_eq!(defaults.max_discard_bytes, 16 << 20);
+        assert_eq!(defaults.discard_timeout, Duration::from_secs(10));
+        let custom = settings(&[
+            ("SESSIONS_MAX_DISCARD_BYTES", "0"),
+            ("SESSIONS_DISCARD_TIMEOUT_MS", "250"),
+        ])
+        .expect("custom");
+        assert_eq!(custom.max_discard_bytes, 0);
+        assert_eq!(custom.discard_timeout, Duration::from_millis(250));
+        for (variable, value) in [
+            ("SESSIONS_MAX_DISCARD_BYTES", "-1"),
+            ("SESSIONS_MAX_DISCARD_BYTES", "16MiB"),
+            ("SESSIONS_MAX_DISCARD_BYTES", "1073741825"),
+            ("SESSIONS_DISCARD_TIMEOUT_MS", "ten"),
+            ("SESSIONS_DISCARD_TIMEOUT_MS", "600001"),
+        ] {
+            let error = settings(&[(variable, value)]).expect_err(value);
+            assert_eq!(error.variable, variable, "{value}");
+            assert!(error.to_string().contains(variable));
+        }
     }
 }

@@ -6,6 +6,7 @@ mod health;
 mod records_sse;
 mod sessions;
 mod snapshots;
+mod unread_body;
 mod waitpoints;
 
 use axum::Router;
@@ -82,6 +83,10 @@ pub fn route_table() -> Vec<(&'static str, MethodRouter<AppState>)> {
 
 pub fn router(state: AppState) -> Router {
     let max_json_bytes = state.settings.max_json_bytes;
+    let discard_bounds = unread_body::DiscardBounds {
+        max_bytes: state.settings.max_discard_bytes,
+        timeout: state.settings.discard_timeout,
+    };
     let mut router = Router::new();
     for (path, methods) in route_table() {
         router = router.route(path, methods);
@@ -94,6 +99,12 @@ pub fn router(state: AppState) -> Router {
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(axum::middleware::from_fn(record_request))
         .layer(DefaultBodyLimit::max(max_json_bytes))
+        // Outside the handlers, the panic catcher and the metrics: whatever answered before the
+        // body was read, the rest of it is discarded (bounded) before the answer goes out.
+        .layer(axum::middleware::from_fn_with_state(
+            discard_bounds,
+            unread_body::discard_unread_body,
+        ))
         .layer(cors())
         .with_state(state)
 }
