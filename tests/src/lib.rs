@@ -253,6 +253,8 @@ async fn sweep_stale_streams() {
                 .lines()
                 .map(str::trim)
                 .filter(|name| {
+                    // Tests' names, and the benchmark's (`bench_t…`).
+                    let name = name.strip_prefix("bench_").unwrap_or(name);
                     name.strip_prefix('t')
                         .and_then(|rest| rest.split('_').next())
                         .and_then(|seconds| seconds.parse::<u64>().ok())
