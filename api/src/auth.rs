@@ -1,6 +1,6 @@
 //! Who is calling, and what they may do: THE authentication and authorization rules.
 //!
-//! Credentials (SPEC §2): a secret key (digest lookup; full access to its environment) or a
+//! Credentials: a secret key (digest lookup; full access to its environment) or a
 //! public access token (HS256 JWT signed with one of the environment's secret keys; `pub: true`;
 //! scopes). A token's `sub` names its environment; it is verified only with that environment's
 //! own unrevoked keys, so a token can never act in another environment.

@@ -1,4 +1,4 @@
-//! The embedded default (DESIGN §6): the api and a worker in one process, on SQLite (same
+//! The embedded default: the api and a worker in one process, on SQLite (same
 //! entities and migrations), the in-process broker (same partitions, same apply code, same
 //! per-session order) and in-memory claims. For newcomers and local development; the
 //! production path is RabbitMQ + Postgres + Redis.

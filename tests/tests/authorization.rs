@@ -1,4 +1,4 @@
-//! Authentication and authorization (SPEC §2): secret keys, public access tokens and their
+//! Authentication and authorization: secret keys, public access tokens and their
 //! scopes, on every route built so far. Denied requests change nothing.
 
 use std::time::Duration;

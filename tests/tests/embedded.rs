@@ -1,4 +1,4 @@
-//! The embedded default (DESIGN §6): the same HTTP behaviour on SQLite with the in-process
+//! The embedded default: the same HTTP behaviour on SQLite with the in-process
 //! broker and in-memory claims; restarts keep data and key; no external service is contacted.
 
 use std::time::Duration;

@@ -1,4 +1,4 @@
-//! The SSE tail (SPEC §7) against the real pipeline: framing, resume, deadline, push delivery to
+//! The SSE tail against the real pipeline: framing, resume, deadline, push delivery to
 //! many readers and across api instances.
 
 use std::sync::Arc;

@@ -1,4 +1,4 @@
-//! Waitpoints end to end (SPEC §8): complete with the next record, exactly once, per
+//! Waitpoints end to end: complete with the next record, exactly once, per
 //! environment, across worker crashes and cache loss; time-outs; events for runners.
 
 use std::sync::Arc;

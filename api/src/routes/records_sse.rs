@@ -1,4 +1,4 @@
-//! `GET`/`HEAD /realtime/v1/sessions/{session}/{io}`: the SSE tail (SPEC §7).
+//! `GET`/`HEAD /realtime/v1/sessions/{session}/{io}`: the SSE tail.
 //!
 //! Headers go out at once (`X-Stream-Version: v2`). Records arrive as `event: batch` with
 //! `{"records":[{"seq_num","timestamp","body"}]}`, `body` being the JSON string

@@ -1,4 +1,4 @@
-//! Waitpoints (SPEC §8): `POST /api/v1/runs/{run}/session-streams/wait` registers one on a
+//! Waitpoints: `POST /api/v1/runs/{run}/session-streams/wait` registers one on a
 //! session channel (a command on the session's partition, so it is ordered with the appends);
 //! `GET /api/v1/waitpoints/tokens/{waitpoint}` reads one.
 

@@ -1,6 +1,6 @@
 //! The Redis adapter: the only module that names `redis`.
 //!
-//! Today it holds the dedup claims of SPEC §5 / DESIGN §3 layer 1: `SET key owner NX PX ttl`,
+//! Today it holds the dedup claims (the first, cheap layer of X-Part-Id dedup; the database fence is the second): `SET key owner NX PX ttl`,
 //! released only by its owner through a compare-and-delete script, so a late release by an
 //! expired holder can never remove a newer holder's claim. Claims are a fast path; the durable
 //! fence is the database's unique constraint, so losing Redis loses no correctness.

@@ -22,7 +22,7 @@ pub fn partition_of(session_id: Uuid, partition_count: u16) -> u16 {
     u16::try_from(fnv1a_64(session_id.as_bytes()) % count).unwrap_or(0)
 }
 
-/// The worker whose home `partition` is, among `worker_count` workers (DESIGN §2: home
+/// The worker whose home `partition` is, among `worker_count` workers (home
 /// partitions are `p % WORKER_COUNT == WORKER_INDEX`). Assignment is about balance only: any
 /// worker may consume any partition, order and deduplication never depend on who does.
 pub fn home_worker_of(partition: u16, worker_count: u16) -> u16 {

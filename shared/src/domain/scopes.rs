@@ -1,4 +1,4 @@
-//! Public access token scopes (SPEC §2): `action:type[:id]` with actions `read`, `write`,
+//! Public access token scopes: `action:type[:id]` with actions `read`, `write`,
 //! `admin`. Bare `admin` matches everything; `action:type` any id of that type; `action:type:id`
 //! only that id (the id may itself contain `:`). `admin` on a type or id covers every action on
 //! it; `write` does not imply `read`.

@@ -1,4 +1,4 @@
-//! Signed snapshot URLs (SPEC §4 `snapshot-url`): a URL that lets its holder GET or PUT one
+//! Signed snapshot URLs (the `snapshot-url` route): a URL that lets its holder GET or PUT one
 //! session's chat snapshot until it expires, bound by an HMAC-SHA256 signature to the
 //! environment, the session, the method and the expiry.
 

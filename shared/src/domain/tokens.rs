@@ -1,4 +1,4 @@
-//! Secret key digests and public access tokens (SPEC §2).
+//! Secret key digests and public access tokens.
 //!
 //! Secret keys are 40 random alphanumerics, so a plain SHA-256 digest is a safe lookup key (no
 //! password stretching needed). Public access tokens are HS256 JWTs signed with the environment's

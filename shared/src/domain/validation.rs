@@ -1,4 +1,4 @@
-//! Input validation rules of SPEC §3, §4 and §10. Each failure names the field.
+//! Input validation rules of the session, channel and waitpoint routes. Each failure names the field.
 
 use super::ids::SESSION_PREFIX;
 

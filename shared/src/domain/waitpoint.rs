@@ -1,4 +1,4 @@
-//! Waitpoint rules (SPEC §8): durations, statuses, outputs and event payloads.
+//! Waitpoint rules: durations, statuses, outputs and event payloads.
 
 use chrono::{DateTime, TimeDelta, Utc};
 use serde_json::{Value, json};

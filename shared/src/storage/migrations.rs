@@ -169,7 +169,7 @@ impl MigrationTrait for InitialSchema {
                     .to_owned(),
             )
             .await?;
-        // The permanent X-Part-Id fence (SPEC §5). NULL part ids never collide.
+        // The permanent X-Part-Id fence. NULL part ids never collide.
         manager
             .create_index(unique_index(
                 "records_part_id_fence",

@@ -2,7 +2,7 @@
 //! the state the batch transaction loaded. No IO here; [`crate::consumer`] runs it inside
 //! `Store::apply_batch`.
 //!
-//! Rules (SPEC §5, DESIGN §2–§3):
+//! Rules:
 //! - commands are applied in the order given (one partition contributes one message, whose
 //!   commands are in acceptance order), so each session's writes keep acceptance order;
 //! - every `(session, io)` gets seqNums 0, 1, 2… without gaps;
