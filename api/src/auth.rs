@@ -16,9 +16,10 @@ use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
+use shared::domain::Io;
 use shared::domain::SessionAddress;
 use shared::domain::ids::SECRET_KEY_PREFIX;
-use shared::domain::scopes::{Action, SessionNames, allows};
+use shared::domain::scopes::{Action, SessionNames, Target, allows_on};
 use shared::domain::tokens::{
     decrypt_secret, secret_key_digest, unverified_subject, verify_public_token,
 };
@@ -261,6 +262,17 @@ impl Caller {
         address: &SessionAddress,
         session: Option<&SessionRow>,
     ) -> Result<(), ApiError> {
+        self.authorize_on(action, address, session, Target::Session)
+    }
+
+    /// As [`Caller::authorize`], for one part of the session (a channel's scope folds count).
+    pub fn authorize_on(
+        &self,
+        action: Action,
+        address: &SessionAddress,
+        session: Option<&SessionRow>,
+        target: Target,
+    ) -> Result<(), ApiError> {
         let Credential::PublicToken { scopes } = &self.credential else {
             return Ok(());
         };
@@ -274,7 +286,7 @@ impl Caller {
                 external_id: Some(address.as_str()),
             },
         };
-        if allows(scopes, action, names) {
+        if allows_on(scopes, action, names, target) {
             Ok(())
         } else {
             Err(ApiError::Forbidden(format!(
@@ -296,11 +308,23 @@ impl Caller {
         action: Action,
         address: &SessionAddress,
     ) -> Result<Option<SessionRow>, ApiError> {
+        self.find_session_on(state, action, address, Target::Session)
+            .await
+    }
+
+    /// As [`Caller::find_session`], authorizing `action` on `target` of the session.
+    pub async fn find_session_on(
+        &self,
+        state: &AppState,
+        action: Action,
+        address: &SessionAddress,
+        target: Target,
+    ) -> Result<Option<SessionRow>, ApiError> {
         let session = state
             .store
             .find_session(self.environment.id, address)
             .await?;
-        self.authorize(action, address, session.as_ref())?;
+        self.authorize_on(action, address, session.as_ref(), target)?;
         Ok(session)
     }
 
@@ -311,12 +335,18 @@ impl Caller {
         &self,
         state: &AppState,
         address: &SessionAddress,
+        io: Io,
     ) -> Result<std::sync::Arc<SessionRow>, ApiError> {
+        let target = Target::Stream(io);
         if let Some(session) = state.sessions.get(self.environment.id, address) {
-            self.authorize(Action::Write, address, Some(&session))?;
+            self.authorize_on(Action::Write, address, Some(&session), target)?;
             return Ok(session);
         }
-        let session = std::sync::Arc::new(self.session(state, Action::Write, address).await?);
+        let session = self
+            .find_session_on(state, Action::Write, address, target)
+            .await?
+            .ok_or(ApiError::NotFound("Session not found"))?;
+        let session = std::sync::Arc::new(session);
         state
             .sessions
             .put(self.environment.id, address, session.clone());
@@ -333,6 +363,32 @@ impl Caller {
         self.find_session(state, action, address)
             .await?
             .ok_or(ApiError::NotFound("Session not found"))
+    }
+
+    /// A secret key of the caller's environment to sign tokens with: the caller's own, or for a
+    /// token caller one of the environment's live keys (any of them verifies).
+    pub async fn signing_key(&self, state: &AppState) -> Result<String, ApiError> {
+        if let Credential::SecretKey(key) = &self.credential {
+            return Ok(key.clone());
+        }
+        state
+            .verification_keys
+            .for_environment(state, self.environment.id)
+            .await?
+            .into_iter()
+            .next()
+            .ok_or_else(|| {
+                ApiError::Internal("the environment has no live key to sign with".into())
+            })
+    }
+
+    /// Reading a session's `in` channel (user messages) needs a secret key: public tokens
+    /// read `out` and append to `in` (the policy of the reference server since 4.6).
+    pub fn require_secret_key_to_read(&self, io: Io) -> Result<(), ApiError> {
+        match io {
+            Io::In => self.require_secret_key("Reading the in channel"),
+            Io::Out => Ok(()),
+        }
     }
 
     /// Only a secret key may do this (e.g. append to `out`).

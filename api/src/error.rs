@@ -1,4 +1,5 @@
-//! THE mapping from failures to HTTP answers. Every error body is JSON `{"error": "..."}`;
+//! THE mapping from failures to HTTP answers. Every error body is JSON `{"error": "..."}` (the
+//! closed-session refusal adds `ok`, `code` and `closedReason`, as the official client expects);
 //! 5xx bodies never carry internals (those go to the log).
 
 use axum::http::{HeaderValue, StatusCode, header};
@@ -22,6 +23,13 @@ pub enum ApiError {
     Validation(#[from] ValidationError),
     #[error("{0}")]
     Conflict(String),
+    /// An append to a closed or expired session: 409 with the stable `code: "session_closed"`
+    /// (and the close reason) that the official chat transport treats as terminal.
+    #[error("{message}")]
+    SessionClosed {
+        message: &'static str,
+        closed_reason: Option<String>,
+    },
     #[error("{0}")]
     Unprocessable(String),
     #[error("Method not allowed on this route")]
@@ -50,13 +58,29 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// The refusal of an append to a session that no longer accepts writes.
+    pub fn closed_session(closed_reason: Option<String>) -> Self {
+        ApiError::SessionClosed {
+            message: "Cannot append to a closed session",
+            closed_reason,
+        }
+    }
+
+    /// The refusal of an append to a session past its `expiresAt`.
+    pub fn expired_session() -> Self {
+        ApiError::SessionClosed {
+            message: "Cannot append to an expired session",
+            closed_reason: Some("expired".into()),
+        }
+    }
+
     pub fn status(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::BadRequest(_) | ApiError::Validation(_) => StatusCode::BAD_REQUEST,
-            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Conflict(_) | ApiError::SessionClosed { .. } => StatusCode::CONFLICT,
             ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::LengthRequired(_) => StatusCode::LENGTH_REQUIRED,
@@ -97,11 +121,25 @@ impl IntoResponse for ApiError {
             };
             crate::signals::request_failed(&self, status.as_u16(), publish_failure);
         }
-        let mut response = (
-            status,
-            axum::Json(json!({ "error": self.public_message() })),
-        )
-            .into_response();
+        let body = match &self {
+            ApiError::SessionClosed {
+                message,
+                closed_reason,
+            } => json!({
+                "ok": false,
+                "error": message,
+                "code": "session_closed",
+                "closedReason": closed_reason,
+            }),
+            _ => json!({ "error": self.public_message() }),
+        };
+        let mut response = (status, axum::Json(body)).into_response();
+        if matches!(self, ApiError::SessionClosed { .. } | ApiError::Conflict(_)) {
+            // Both refusals are final; the official client retries a 409 unless told not to.
+            response
+                .headers_mut()
+                .insert("x-should-retry", HeaderValue::from_static("false"));
+        }
         if let ApiError::TooManyRequests {
             retry_after_seconds,
         } = self

@@ -47,6 +47,13 @@ pub fn append_accepted(io: Io) {
     metrics::counter!("sessions_api_appends_accepted_total", "io" => io.as_str()).increment(1);
 }
 
+/// An `in` append was durably queued but not applied within `SESSIONS_IN_APPEND_WAIT_MS`: it was
+/// answered `{ok: true}` without its `seq`.
+pub fn in_append_answered_without_seq() {
+    tracing::debug!("in append answered before the worker applied it");
+    metrics::counter!("sessions_api_in_appends_without_seq_total").increment(1);
+}
+
 /// One broker message of `commands` commands was published and its confirm (or failure) came
 /// back after `elapsed`.
 pub fn batch_published(commands: usize, elapsed: Duration, failure: Option<&'static str>) {

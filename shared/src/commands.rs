@@ -150,6 +150,10 @@ pub struct CreateSessionCommand {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CloseSessionCommand {
     pub reason: Option<String>,
+    /// The run that asked for the close, resolved in the caller's environment. When it is the
+    /// session's current run no close message is appended to `in` (that run is exiting).
+    #[serde(default)]
+    pub calling_run_id: Option<Uuid>,
 }
 
 /// Changes a session's tags and/or metadata (`None` = leave as is).

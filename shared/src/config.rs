@@ -52,6 +52,9 @@ pub struct Settings {
     pub confirm_timeout: Duration,
     /// `SESSIONS_REPLY_TIMEOUT_MS`: how long the api waits for the worker's reply.
     pub reply_timeout: Duration,
+    /// `SESSIONS_IN_APPEND_WAIT_MS`: how long an `in` append waits for the worker to apply it
+    /// (to answer with its `seq`) before it answers `{ok: true}` without one.
+    pub in_append_wait: Duration,
     /// `SESSIONS_MAX_APPEND_BYTES`: largest append body.
     pub max_append_bytes: usize,
     /// `SESSIONS_MAX_JSON_BYTES`: largest JSON request body of the other routes.
@@ -402,6 +405,11 @@ impl Settings {
                 "SESSIONS_REPLY_TIMEOUT_MS",
                 get("SESSIONS_REPLY_TIMEOUT_MS"),
                 15_000,
+            )?,
+            in_append_wait: millis(
+                "SESSIONS_IN_APPEND_WAIT_MS",
+                get("SESSIONS_IN_APPEND_WAIT_MS"),
+                2_000,
             )?,
             max_append_bytes: in_range(
                 "SESSIONS_MAX_APPEND_BYTES",

@@ -1,4 +1,4 @@
-// The official @trigger.dev/core 4.8.3 client against this service (SPEC §1, §4, §7).
+// The official @trigger.dev/core 4.8.3 client against this service (README "Routes").
 // Started by tests/tests/official_client.rs with SESSIONS_API_URL and SESSIONS_SECRET_KEY.
 import { test } from "node:test";
 import assert from "node:assert/strict";
@@ -155,15 +155,11 @@ test("a token minted locally with generateJWT and the claims route works like a 
   });
   const browser = new ApiClient(baseUrl, jwt);
   assert.equal((await browser.appendToSessionStream(externalId, "in", "typed in a browser")).ok, true);
-  const records = await (async () => {
-    const deadline = Date.now() + 20_000;
-    for (;;) {
-      const { records } = await browser.readSessionStreamRecords(externalId, "in");
-      if (records.length > 0 || Date.now() > deadline) return records;
-      await new Promise((resolve) => setTimeout(resolve, 100));
-    }
-  })();
+  // The agent (secret key) reads what the browser typed; the browser itself reads only `out`.
+  const records = await recordsWhen(externalId, "in", 1);
   assert.deepEqual(records.map((record) => record.data), ["typed in a browser"]);
+  await assert.rejects(browser.readSessionStreamRecords(externalId, "in"), (error) => error.status === 403);
+  assert.deepEqual((await browser.readSessionStreamRecords(externalId, "out")).records, []);
   await assert.rejects(browser.appendToSessionStream(externalId, "out", "not allowed"), (error) => error.status === 403);
   await assert.rejects(browser.readSessionStreamRecords(uniqueId("other"), "in"), (error) => error.status === 403);
 });
@@ -266,7 +262,9 @@ test("the whole session API through ApiClient with a secret key and with the ses
   const browser = new ApiClient(baseUrl, created.publicAccessToken, undefined, noRetry);
   assert.equal((await browser.retrieveSession(externalId)).id, created.id);
   assert.equal((await browser.appendToSessionStream(externalId, "in", "from the token")).ok, true);
-  assert.ok((await browser.readSessionStreamRecords(externalId, "in")).records.length >= 1);
+  assert.ok(Array.isArray((await browser.readSessionStreamRecords(externalId, "out")).records));
+  // Since 4.6 a public token does not read `in` (user messages): that needs the secret key.
+  assert.equal(await statusOf(browser.readSessionStreamRecords(externalId, "in")), 403);
   // …and forbidden elsewhere.
   assert.equal(await statusOf(browser.appendToSessionStream(externalId, "out", "x")), 403);
   assert.equal(await statusOf(browser.retrieveSession(other.id)), 403);
@@ -290,4 +288,122 @@ test("the whole session API through ApiClient with a secret key and with the ses
 
   const closed = await strictClient.closeSession(externalId, { reason: "walked" });
   assert.equal(closed.closedReason, "walked");
+});
+
+// The 4.8 surface: closed-session refusal, `seq` on `in` appends, the newer token policy, the
+// close message.
+
+test("an append to a closed session is the terminal 409 session_closed", async () => {
+  const externalId = uniqueId("closed");
+  await strictClient.createSession({
+    type: "chat.agent",
+    externalId,
+    taskIdentifier: "agent",
+    triggerConfig: { basePayload: {} },
+  });
+  await strictClient.closeSession(externalId, { reason: "finished" });
+  let failure;
+  try {
+    // The default client retries a 409 unless the server says not to: it must not here.
+    await client.appendToSessionStream(externalId, "in", "too late");
+  } catch (error) {
+    failure = error;
+  }
+  assert.ok(failure, "the append was refused");
+  assert.equal(failure.status, 409);
+  assert.equal(failure.code, "session_closed");
+  assert.equal(failure.body.closedReason, "finished");
+  assert.equal(failure.headers["x-should-retry"], "false");
+});
+
+test("an `in` append answers with its record's seq, the same seq for a retry of its part id", async () => {
+  const externalId = uniqueId("seq");
+  await createSession(externalId);
+  const append = async (partId, body) => {
+    const response = await fetch(`${baseUrl}/realtime/v1/sessions/${externalId}/in/append`, {
+      method: "POST",
+      headers: { Authorization: `Bearer ${secretKey}`, "X-Part-Id": partId, "Content-Type": "application/json" },
+      body,
+    });
+    assert.equal(response.status, 200);
+    return response.json();
+  };
+  assert.equal((await append("first", '{"n":0}')).seq, 0);
+  assert.equal((await append("second", '{"n":1}')).seq, 1);
+  assert.equal((await append("first", '{"n":0}')).seq, 0, "a retry gets the original record's seq");
+  // What the official client's append returns: `ok` (its schema drops `seq`).
+  assert.equal((await client.appendToSessionStream(externalId, "in", '{"n":2}')).ok, true);
+  const records = await recordsWhen(externalId, "in", 3);
+  assert.deepEqual(records.map((record) => record.seqNum), [0, 1, 2]);
+});
+
+async function tokenFor(scopes) {
+  const claims = await client.generateJWTClaims();
+  const jwt = await generateJWT({ secretKey, payload: { ...claims, scopes }, expirationTime: "15m" });
+  return new ApiClient(baseUrl, jwt, undefined, noRetry);
+}
+
+test("a `:out` scope reads only `out`; an `:in` scope appends only to `in`", async () => {
+  const externalId = uniqueId("folds");
+  const created = await createSession(externalId);
+  await client.appendToSessionStream(externalId, "out", "answer");
+  await recordsWhen(externalId, "out", 1);
+  const reader = await tokenFor([`read:sessions:${externalId}:out`]);
+  assert.deepEqual((await reader.readSessionStreamRecords(externalId, "out")).records.map((r) => r.data), ["answer"]);
+  assert.deepEqual((await reader.readSessionStreamRecords(created.id, "out")).records.map((r) => r.data), ["answer"]);
+  assert.equal(await statusOf(reader.retrieveSession(externalId)), 403);
+  const parts = await collect(await reader.subscribeToSessionStream(externalId, "out", { timeoutInSeconds: 2 }), 1, 10_000);
+  assert.deepEqual(parts, ["answer"]);
+  const writer = await tokenFor([`write:sessions:${externalId}:in`]);
+  assert.equal((await writer.appendToSessionStream(externalId, "in", "typed")).ok, true);
+  assert.equal(await statusOf(writer.readSessionStreamRecords(externalId, "out")), 403);
+  assert.equal(await statusOf(writer.appendToSessionStream(externalId, "out", "no")), 403);
+});
+
+test("a token creates a session only with session write and trigger permission on the task", async () => {
+  const externalId = uniqueId("token-create");
+  const body = { type: "chat.agent", externalId, taskIdentifier: "agent", triggerConfig: { basePayload: {} } };
+  const writeOnly = await tokenFor([`write:sessions:${externalId}`]);
+  assert.equal(await statusOf(writeOnly.createSession(body)), 403);
+  const triggerOnly = await tokenFor(["trigger:tasks:agent"]);
+  assert.equal(await statusOf(triggerOnly.createSession(body)), 403);
+  const otherTask = await tokenFor([`write:sessions:${externalId}`, "trigger:tasks:other"]);
+  assert.equal(await statusOf(otherTask.createSession(body)), 403);
+  const both = await tokenFor([`write:sessions:${externalId}`, "trigger:tasks:agent"]);
+  const created = await both.createSession(body);
+  assert.equal(created.isCached, false);
+  assert.equal(created.pendingVersion, false);
+  // The session token it returns works like the one a secret-key create returns.
+  const browser = new ApiClient(baseUrl, created.publicAccessToken, undefined, noRetry);
+  assert.equal((await browser.retrieveSession(externalId)).id, created.id);
+  assert.equal(await statusOf(strictClient.createSession({ ...body, externalId: `${externalId}:in` })), 422);
+});
+
+test("closing a session wakes a run waiting on `in` with the close message", async () => {
+  const externalId = uniqueId("close-wakes");
+  const created = await createSession(externalId);
+  const { waitpointId } = await client.createSessionStreamWaitpoint(created.runId, {
+    session: externalId,
+    io: "in",
+    timeout: "1h",
+  });
+  await client.closeSession(externalId, { reason: "user left" });
+  const deadline = Date.now() + 20_000;
+  let waitpoint;
+  do {
+    waitpoint = await client.retrieveWaitpointToken(waitpointId);
+    if (waitpoint.status !== "WAITING") break;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  } while (Date.now() < deadline);
+  assert.equal(waitpoint.status, "COMPLETED");
+  assert.deepEqual(JSON.parse(waitpoint.output), {
+    kind: "message",
+    payload: { chatId: externalId, trigger: "close", closedReason: "user left" },
+  });
+  // A run closing its own session gets no close message: it is already exiting.
+  const own = uniqueId("close-own");
+  const ownCreated = await createSession(own);
+  // Close answers after the worker applied it: its records, if any, are already there.
+  await client.closeSession(own, { callingRunId: ownCreated.runId });
+  assert.deepEqual((await client.readSessionStreamRecords(own, "in")).records, []);
 });

@@ -234,6 +234,15 @@ pub struct ReadRecord {
     pub seq_num: i64,
     pub part_id: Option<String>,
     pub body_hash: u64,
+    /// The message a close appends to `in` (no part id, `"trigger":"close"`): written by the
+    /// service, not by a client, so no append accounts for it.
+    pub close_message: bool,
+}
+
+/// Whether a record body is the message a session close appends to `in`.
+pub fn is_close_message(body: &str) -> bool {
+    serde_json::from_str::<Value>(body)
+        .is_ok_and(|value| value["kind"] == "message" && value["payload"]["trigger"] == "close")
 }
 
 /// A waitpoint as read back (from its row, and from the events runners received).
@@ -275,6 +284,9 @@ pub struct Report {
     pub waitpoints: usize,
     /// Waitpoints with no record after them yet (not an anomaly by itself).
     pub waitpoints_waiting: usize,
+    /// Close messages found on `in` channels (not an anomaly by itself; a second one in one
+    /// channel counts as duplicated).
+    pub close_messages: usize,
 
     pub lost: usize,
     pub duplicated: usize,
@@ -495,7 +507,20 @@ pub fn check(
         let mut seen_bodies: HashSet<u64> = HashSet::new();
         let mut seen_appends: HashSet<usize> = HashSet::new();
         let mut acknowledged_orders: Vec<u64> = Vec::new();
+        let mut close_messages = 0;
         for record in records.iter() {
+            if record.close_message && record.part_id.is_none() && channel.io == "in" {
+                close_messages += 1;
+                report.close_messages += 1;
+                if close_messages > 1 {
+                    report.duplicated += 1;
+                    report.note(format!(
+                        "duplicated: {channel} seq {} is a second close message",
+                        record.seq_num
+                    ));
+                }
+                continue;
+            }
             let own = match &record.part_id {
                 Some(part) => by_identity
                     .get(&(*channel, Identity::Part(part.clone())))
@@ -811,6 +836,7 @@ pub async fn read_back(
                         seq_num: record.seq_num,
                         part_id: (!record.id.is_empty()).then_some(record.id),
                         body_hash: body_hash(&record.data),
+                        close_message: is_close_message(&record.data),
                     });
                 }
             }

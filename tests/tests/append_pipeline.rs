@@ -99,12 +99,13 @@ async fn same_part_id_concurrently_and_sequentially_yields_one_record() {
             200
         );
     }
-    // Same key, other body: refused by the fence, the first body stays.
+    // Same key, other body: refused by the fence (409: an `in` append answers after the worker
+    // applied it), the first body stays.
     assert_eq!(
         app.append("dedup", "in", "{\"v\":2}", Some("same"))
             .await
             .status(),
-        200
+        409
     );
     // A marker appended last tells us the worker applied everything before it.
     assert_eq!(
@@ -125,23 +126,26 @@ async fn same_part_id_concurrently_and_sequentially_yields_one_record() {
 #[tokio::test]
 async fn dedup_keys_of_different_tuples_never_collide() {
     let app = TestApp::spawn().await;
-    app.create_session("chat:in").await;
+    // "chat:in:x" + "in" + "p" and "chat" + "in" + "x:in:p" join to the same text.
+    app.create_session("chat:in:x").await;
     app.create_session("chat").await;
     assert_eq!(
-        app.append("chat:in", "in", "a", Some("p")).await.status(),
+        app.append("chat:in:x", "in", "a", Some("p")).await.status(),
         200
     );
     assert_eq!(
-        app.append("chat", "in", "b", Some("in:p")).await.status(),
+        app.append("chat", "in", "b", Some("x:in:p")).await.status(),
         200
     );
     // The same part id on the other channel of one session is another key too.
     assert_eq!(
-        app.append("chat", "out", "c", Some("in:p")).await.status(),
+        app.append("chat", "out", "c", Some("x:in:p"))
+            .await
+            .status(),
         200
     );
     assert_eq!(
-        app.wait_for_records("chat:in", "in", 1, WAIT).await.len(),
+        app.wait_for_records("chat:in:x", "in", 1, WAIT).await.len(),
         1
     );
     assert_eq!(app.wait_for_records("chat", "in", 1, WAIT).await.len(), 1);
@@ -237,8 +241,15 @@ async fn closed_and_expired_sessions_refuse_appends_and_creates() {
         .await
         .expect("json");
     assert_eq!(again["closedAt"], closed["closedAt"]);
+    // The refusal the official chat transport treats as terminal: 409, code session_closed.
     let refused = app.append("to-close", "in", "after", None).await;
-    assert_eq!(refused.status(), 400);
+    assert_eq!(refused.status(), 409);
+    let refused: Value = refused.json().await.expect("json");
+    assert_eq!(
+        refused,
+        json!({"ok": false, "error": "Cannot append to a closed session",
+               "code": "session_closed", "closedReason": "done"})
+    );
     let create_closed = app
         .create_session_with(
             &app.secret_key,
@@ -278,11 +289,21 @@ async fn closed_and_expired_sessions_refuse_appends_and_creates() {
         .await;
     assert_eq!(expiring.status(), 201);
     tokio::time::sleep(Duration::from_millis(1700)).await;
-    assert_eq!(app.append("soon", "in", "late", None).await.status(), 400);
+    let late = app.append("soon", "in", "late", None).await;
+    assert_eq!(late.status(), 409);
+    let late: Value = late.json().await.expect("json");
+    assert_eq!(late["code"], json!("session_closed"));
+    assert_eq!(late["closedReason"], json!("expired"));
 
-    let records = app.wait_for_records("to-close", "in", 1, WAIT).await;
-    assert_eq!(records.len(), 1);
+    // The close appended its message to `in` after the last accepted record, and nothing else.
+    let records = app.wait_for_records("to-close", "in", 2, WAIT).await;
+    assert_eq!(records.len(), 2);
     assert_eq!(records[0].data, "before");
+    assert_eq!(
+        serde_json::from_str::<Value>(&records[1].data).expect("close message"),
+        json!({"kind": "message",
+               "payload": {"chatId": "to-close", "trigger": "close", "closedReason": "done"}})
+    );
     assert!(app.records("soon", "in").await.is_empty());
     app.cleanup().await;
 }
@@ -657,5 +678,59 @@ async fn undecodable_command_is_dead_lettered_and_its_partition_keeps_flowing() 
         assert!(letter.reason.contains("envelope"), "{letter:?}");
     }
     link.close().await;
+    app.cleanup().await;
+}
+
+/// An `in` append waits a bounded time for its `seq`: with no worker to apply it, it answers
+/// `{ok: true}` without one once `SESSIONS_IN_APPEND_WAIT_MS` passed (it is durably queued), and
+/// the record is written when a worker comes back.
+#[tokio::test]
+async fn an_in_append_answers_without_seq_when_no_worker_applies_it_in_time() {
+    let app = TestApp::spawn_with(SpawnOptions {
+        overrides: &[("SESSIONS_IN_APPEND_WAIT_MS", "300")],
+        without_worker: true,
+        ..SpawnOptions::default()
+    })
+    .await;
+    let worker = ChildWorker::spawn(&app.settings);
+    app.create_session("late").await;
+    let applied: Value = app
+        .append("late", "in", "first", Some("p1"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(applied["seq"], json!(0));
+    worker.kill_9().await;
+    let sent = std::time::Instant::now();
+    let queued = app.append("late", "in", "second", Some("p2")).await;
+    assert_eq!(queued.status(), 200);
+    assert_eq!(
+        queued.json::<Value>().await.expect("json"),
+        json!({"ok": true})
+    );
+    assert!(
+        sent.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        sent.elapsed()
+    );
+    let _replacement = ChildWorker::spawn(&app.settings);
+    let records = app.wait_for_records("late", "in", 2, WAIT).await;
+    assert_eq!(
+        records
+            .iter()
+            .map(|record| record.data.as_str())
+            .collect::<Vec<_>>(),
+        ["first", "second"]
+    );
+    // A retry of the part id, now applied, gets the record's seq.
+    let retried: Value = app
+        .append("late", "in", "second", Some("p2"))
+        .await
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(retried["seq"], json!(1));
+    assert_eq!(retried["duplicate"], json!(true));
     app.cleanup().await;
 }

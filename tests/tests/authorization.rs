@@ -66,10 +66,17 @@ async fn the_session_token_from_create_reads_and_writes_only_its_own_session() {
         200
     );
     app.wait_for_records("mine", "in", 2, WAIT).await;
+    // Reading `in` (user messages) needs the secret key; the token reads `out`.
+    for path in [
+        "/realtime/v1/sessions/mine/in/records",
+        "/realtime/v1/sessions/mine/in",
+    ] {
+        assert_eq!(get_status(&app, path, &session_token).await, 403, "{path}");
+    }
     assert_eq!(
         get_status(
             &app,
-            "/realtime/v1/sessions/mine/in/records",
+            "/realtime/v1/sessions/mine/out/records",
             &session_token
         )
         .await,
@@ -187,7 +194,7 @@ async fn tokens_are_verified_strictly() {
     let app = TestApp::spawn().await;
     app.create_session("strict").await;
     let key = app.secret_key.clone();
-    let path = "/realtime/v1/sessions/strict/in/records";
+    let path = "/realtime/v1/sessions/strict/out/records";
     let read = ["read:sessions:strict"];
     assert_eq!(
         get_status(&app, path, &token(&app, &key, &read, 60, |_| {})).await,
@@ -286,12 +293,12 @@ async fn a_token_never_reaches_another_environments_session_with_the_same_extern
         .as_str()
         .expect("token")
         .to_owned();
-    app.append("twin", "in", "canary-of-A", None).await;
-    app.wait_for_records("twin", "in", 1, WAIT).await;
-    // B's token addresses "twin": it resolves in B only.
+    app.append("twin", "out", "canary-of-A", None).await;
+    app.wait_for_records("twin", "out", 1, WAIT).await;
+    // B's token addresses "twin": it resolves in B only (and reads B's empty `out`).
     let body = app
         .client
-        .get(app.url("/realtime/v1/sessions/twin/in/records"))
+        .get(app.url("/realtime/v1/sessions/twin/out/records"))
         .bearer_auth(&token_b)
         .send()
         .await
@@ -299,20 +306,19 @@ async fn a_token_never_reaches_another_environments_session_with_the_same_extern
         .text()
         .await
         .expect("body");
-    assert!(!body.contains("canary-of-A"));
+    assert_eq!(body, r#"{"records":[]}"#);
     assert_eq!(
         app.append_as(&token_b, "twin", "in", "from B", None)
             .await
             .status(),
         200
     );
-    app.wait_for_records("twin", "in", 1, WAIT).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        app.records("twin", "in").await.len(),
-        1,
+    // The `in` append answered after its apply: anything it wrote in A would be there now.
+    assert!(
+        app.records("twin", "in").await.is_empty(),
         "A's channel untouched"
     );
+    assert_eq!(app.records("twin", "out").await.len(), 1);
     app.cleanup().await;
 }
 

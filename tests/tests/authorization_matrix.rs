@@ -28,7 +28,7 @@ const POLICY: &str = include_str!("../policy/authorization.csv");
 const HEADER: &str = "method,path,io,credential,target,expected,reaches";
 
 /// Bearer credential kinds: every route has a row for each.
-const BEARER_KINDS: [&str; 20] = [
+const BEARER_KINDS: [&str; 22] = [
     "none",
     "malformed",
     "secret_key_a",
@@ -49,6 +49,8 @@ const BEARER_KINDS: [&str; 20] = [
     "token_revoked_key_a",
     "token_read_only",
     "token_admin_own",
+    "token_out_reader",
+    "token_creator",
 ];
 
 /// Signed-URL kinds: only the snapshot blob routes (which take no bearer credential) have them.
@@ -594,6 +596,12 @@ impl Fixture {
             "token_admin_own" => bearer(self.mint(key_a, |claims| {
                 claims.scopes = vec!["admin:sessions:twin".into()];
             })),
+            "token_out_reader" => bearer(self.mint(key_a, |claims| {
+                claims.scopes = vec!["read:sessions:twin:out".into()];
+            })),
+            "token_creator" => bearer(self.mint(key_a, |claims| {
+                claims.scopes = vec!["write:sessions:twin".into(), "trigger:tasks:agent".into()];
+            })),
             "signed_url_a" => Auth::Query(self.signed[&("A1", self.blob_method(method))].clone()),
             "signed_url_b" => Auth::Query(self.signed[&("B1", self.blob_method(method))].clone()),
             "signed_url_a_wrong_method" => {
@@ -723,6 +731,8 @@ impl Fixture {
             | "token_within_leeway"
             | "token_read_only"
             | "token_admin_own"
+            | "token_out_reader"
+            | "token_creator"
             | "signed_url_a" => &["A1", "A"],
             "token_other_session" => &["A2", "A"],
             _ => &[],

@@ -154,7 +154,7 @@ async fn a_flooding_environment_is_limited_and_its_neighbour_is_not() {
                 } else {
                     answer(
                         app.client
-                            .get(app.url("/realtime/v1/sessions/calm/in/records"))
+                            .get(app.url("/realtime/v1/sessions/calm/out/records"))
                             .bearer_auth(token.as_str())
                             .send()
                             .await
@@ -255,7 +255,7 @@ async fn keys_and_tokens_share_the_environments_bucket_and_bad_credentials_count
     .await;
     let created = app.create_session("shared-bucket").await;
     let token = created["publicAccessToken"].as_str().expect("token");
-    let records = app.url("/realtime/v1/sessions/shared-bucket/in/records");
+    let records = app.url("/realtime/v1/sessions/shared-bucket/out/records");
 
     // Failed authentications first: they must not spend the environment's budget.
     for _ in 0..20 {

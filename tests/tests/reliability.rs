@@ -359,6 +359,7 @@ fn the_checker_counts_refused_writes_unknown_records_and_waitpoint_failures() {
         seq_num: seq,
         part_id: Some(format!("p{n}")),
         body_hash: checker::body_hash(&format!("body {n}")),
+        close_message: false,
     };
     let history = vec![
         attempt(0, AppendResult::Acknowledged),
@@ -426,6 +427,47 @@ fn the_checker_counts_refused_writes_unknown_records_and_waitpoint_failures() {
     );
     assert_eq!(report.waitpoints_waiting, 1);
     assert_eq!((report.acknowledged, report.indeterminate), (2, 1));
+}
+
+/// The close message a session close appends to `in` belongs to no client append: one per
+/// channel is expected, a second one is a duplicate, and a client record with the same shape
+/// but a part id is still checked like any other.
+#[test]
+fn the_checker_expects_one_close_message_per_in_channel() {
+    let a = Channel::new("env_a", "chat", "in");
+    let close = r#"{"kind":"message","payload":{"chatId":"chat","trigger":"close"}}"#;
+    assert!(checker::is_close_message(close));
+    assert!(!checker::is_close_message(
+        r#"{"kind":"message","payload":{}}"#
+    ));
+    let close_record = |seq: i64, part_id: Option<&str>| ReadRecord {
+        channel: a.clone(),
+        seq_num: seq,
+        part_id: part_id.map(str::to_owned),
+        body_hash: checker::body_hash(close),
+        close_message: true,
+    };
+    let once = ReadBack {
+        records: vec![close_record(0, None)],
+        waitpoints: Vec::new(),
+    };
+    let report = checker::check(&[], &[], &once);
+    assert!(report.anomalies().is_empty(), "{report}");
+    assert_eq!(report.close_messages, 1);
+    let twice = ReadBack {
+        records: vec![
+            close_record(0, None),
+            close_record(1, None),
+            close_record(2, Some("p1")),
+        ],
+        waitpoints: Vec::new(),
+    };
+    let report = checker::check(&[], &[], &twice);
+    assert_eq!(
+        report.anomalies(),
+        BTreeMap::from([("duplicated", 1), ("unknown_records", 1)]),
+        "{report}"
+    );
 }
 
 // ------------------------------------------------------------------------------- the scenarios

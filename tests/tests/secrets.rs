@@ -107,7 +107,7 @@ async fn secret_keys_never_reach_the_database_or_the_logs_in_plaintext() {
     assert_eq!(listed.status(), 200);
     let by_token = app
         .client
-        .get(app.url("/realtime/v1/sessions/secret-chat/in/records"))
+        .get(app.url("/realtime/v1/sessions/secret-chat/out/records"))
         .bearer_auth(&token)
         .send()
         .await

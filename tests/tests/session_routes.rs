@@ -134,7 +134,10 @@ async fn end_and_continue_swaps_only_for_the_current_run_of_this_environment() {
         json!({"callingRunId": first_run, "reason": "upgrade"}),
     )
     .await;
-    assert_eq!(stale, json!({"runId": second_run, "swapped": false}));
+    assert_eq!(
+        stale,
+        json!({"runId": second_run, "swapped": false, "pendingVersion": false})
+    );
     // Another environment's run id never matches.
     let other_key = app.create_environment("prod").await;
     let other: Value = app
@@ -241,15 +244,24 @@ async fn prefer_wait_answers_with_the_applied_outcome() {
     app.create_session("waiting").await;
     assert_eq!(
         append_waiting(&app, "waiting", "one", "p1").await,
-        (200, json!({"ok": true, "seqNum": 0, "duplicate": false}))
+        (
+            200,
+            json!({"ok": true, "seq": 0, "seqNum": 0, "duplicate": false})
+        )
     );
     assert_eq!(
         append_waiting(&app, "waiting", "two", "p2").await,
-        (200, json!({"ok": true, "seqNum": 1, "duplicate": false}))
+        (
+            200,
+            json!({"ok": true, "seq": 1, "seqNum": 1, "duplicate": false})
+        )
     );
     assert_eq!(
         append_waiting(&app, "waiting", "one", "p1").await,
-        (200, json!({"ok": true, "seqNum": 0, "duplicate": true}))
+        (
+            200,
+            json!({"ok": true, "seq": 0, "seqNum": 0, "duplicate": true})
+        )
     );
     let (status, conflict) = append_waiting(&app, "waiting", "other body", "p1").await;
     assert_eq!(status, 409);

@@ -15,7 +15,7 @@ use shared::domain::{Io, SessionAddress, validation};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::error::ApiError;
-use shared::domain::scopes::Action;
+use shared::domain::scopes::{Action, Target};
 
 /// Most records one `records` response carries; callers page with `afterEventId`.
 const MAX_RECORDS_PER_RESPONSE: u64 = 10_000;
@@ -94,7 +94,15 @@ fn part_id(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(value.to_owned()))
 }
 
-/// Appends raw text to a channel; answers once the command is durably queued.
+/// Appends raw text to a channel.
+///
+/// An `out` append answers once the command is durably queued (`{ok: true}`), unless
+/// `Prefer: wait` asks for the applied outcome. An `in` append (a user message) answers after
+/// the worker applied it, with the record's sequence number (`{ok: true, seq}`): the official
+/// chat transport reads `seq` to tell this turn's answers from earlier ones. If the worker has
+/// not applied it within `SESSIONS_IN_APPEND_WAIT_MS` (a backlog, an outage) it answers
+/// `{ok: true}` without `seq`, as the reference does when it cannot tell the seq: the append is
+/// durable either way, and the client copes without it.
 pub async fn append(
     State(state): State<AppState>,
     caller: Caller,
@@ -109,7 +117,8 @@ pub async fn append(
     let limit = state.settings.max_append_bytes;
     declared_length(&headers, limit)?;
     let part_id = part_id(&headers)?;
-    let session = caller.session_for_append(&state, &address).await?;
+    let prefer_wait = prefer_wait(&headers)?;
+    let session = caller.session_for_append(&state, &address, io).await?;
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
         ApiError::PayloadTooLarge(format!("Request body exceeds the limit of {limit} bytes"))
     })?;
@@ -118,8 +127,10 @@ pub async fn append(
     validation::no_nul("body", &text)?;
     let accepted_at = Utc::now();
     match session_state(session.closed_at, session.expires_at, accepted_at) {
-        SessionState::Closed => return Err(ApiError::BadRequest("Session is closed".into())),
-        SessionState::Expired => return Err(ApiError::BadRequest("Session has expired".into())),
+        SessionState::Closed => {
+            return Err(ApiError::closed_session(session.closed_reason.clone()));
+        }
+        SessionState::Expired => return Err(ApiError::expired_session()),
         SessionState::Open => {}
     }
     let command = Command::new(
@@ -132,25 +143,46 @@ pub async fn append(
             body: text,
         }),
     );
-    let Some(wait) = prefer_wait(&headers)? else {
-        state.publisher.submit(command).await?;
-        crate::signals::append_accepted(io);
-        return Ok(Json(json!({ "ok": true })));
+    // An explicit `Prefer: wait` gets the outcome or 504; an `in` append without it waits a
+    // bounded time for its `seq`, then answers like an `out` append: it is durable already.
+    let (wait, seq_is_optional) = match (prefer_wait, io) {
+        (Some(wait), _) => (wait, false),
+        (None, Io::In) => (state.settings.in_append_wait, true),
+        (None, Io::Out) => {
+            state.publisher.submit(command).await?;
+            crate::signals::append_accepted(io);
+            return Ok(Json(json!({ "ok": true })));
+        }
     };
-    let outcome = state.publisher.submit_and_wait_for(command, wait).await?;
+    let outcome = match state.publisher.submit_and_wait_for(command, wait).await {
+        Err(ApiError::ReplyTimeout) if seq_is_optional => {
+            crate::signals::append_accepted(io);
+            crate::signals::in_append_answered_without_seq();
+            return Ok(Json(json!({ "ok": true })));
+        }
+        result => result?,
+    };
     crate::signals::append_accepted(io);
     match outcome {
         Outcome::Appended { seq_num } => Ok(Json(
-            json!({ "ok": true, "seqNum": seq_num, "duplicate": false }),
+            json!({ "ok": true, "seq": seq_num, "seqNum": seq_num, "duplicate": false }),
         )),
         Outcome::Duplicate { seq_num } => Ok(Json(
-            json!({ "ok": true, "seqNum": seq_num, "duplicate": true }),
+            json!({ "ok": true, "seq": seq_num, "seqNum": seq_num, "duplicate": true }),
         )),
         Outcome::Conflict { .. } => Err(ApiError::Conflict(
             "X-Part-Id was already used with a different body; nothing was appended".into(),
         )),
-        Outcome::SessionClosed => Err(ApiError::BadRequest("Session is closed".into())),
-        Outcome::SessionExpired => Err(ApiError::BadRequest("Session has expired".into())),
+        Outcome::SessionClosed => {
+            // The close was applied after this instance's cached view; the reason is in the row.
+            let closed_reason = state
+                .store
+                .find_session(caller.environment.id, &address)
+                .await?
+                .and_then(|session| session.closed_reason);
+            Err(ApiError::closed_session(closed_reason))
+        }
+        Outcome::SessionExpired => Err(ApiError::expired_session()),
         Outcome::SessionNotFound => Err(ApiError::NotFound("Session not found")),
         other => Err(ApiError::Internal(format!(
             "unexpected append outcome {other:?}"
@@ -181,7 +213,10 @@ pub async fn records(
                 || ApiError::BadRequest("afterEventId: must be an integer ≥ -1".into()),
             )?),
         };
-    let session = caller.find_session(&state, Action::Read, &address).await?;
+    caller.require_secret_key_to_read(io)?;
+    let session = caller
+        .find_session_on(&state, Action::Read, &address, Target::Stream(io))
+        .await?;
     let Some(session) = session else {
         return match address {
             // A session known only by externalId with no row yet has no records.

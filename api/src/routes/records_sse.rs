@@ -27,7 +27,7 @@ use crate::AppState;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::live::{ChannelKey, FeedBatch, Hub, READ_PAGE, batch_event};
-use shared::domain::scopes::Action;
+use shared::domain::scopes::{Action, Target};
 
 const DEFAULT_TIMEOUT_SECONDS: u64 = 60;
 const MAX_TIMEOUT_SECONDS: u64 = 600;
@@ -67,16 +67,21 @@ fn last_event_id(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
         .ok_or_else(|| ApiError::BadRequest("Last-Event-ID: must be an integer ≥ -1".into()))
 }
 
-/// The channel the path names. An unknown friendly id is 404; an externalId without a session
-/// yet is a channel that will exist once the session is created.
+/// The channel the path names, after the read checks (`in` needs a secret key; a token needs
+/// `read` on the session or on this channel). An unknown friendly id is 404; an externalId
+/// without a session yet is a channel that will exist once the session is created.
 async fn channel_key(
     state: &AppState,
     caller: &Caller,
     address: &SessionAddress,
     io: shared::domain::Io,
 ) -> Result<ChannelKey, ApiError> {
+    caller.require_secret_key_to_read(io)?;
     let environment_id = caller.environment.id;
-    let session_id = match caller.find_session(state, Action::Read, address).await? {
+    let session_id = match caller
+        .find_session_on(state, Action::Read, address, Target::Stream(io))
+        .await?
+    {
         Some(session) => session.id,
         None => match address {
             SessionAddress::FriendlyId(_) => return Err(ApiError::NotFound("Session not found")),

@@ -22,9 +22,9 @@ use uuid::Uuid;
 
 use super::LimitedBody;
 use crate::AppState;
-use crate::auth::{Caller, SecretKeyCaller};
+use crate::auth::{Caller, Credential, SecretKeyCaller};
 use crate::error::ApiError;
-use shared::domain::scopes::Action;
+use shared::domain::scopes::{Action, allows_session_create, allows_trigger};
 
 /// Lifetime of the token returned by create.
 const SESSION_TOKEN_SECONDS: i64 = 3600;
@@ -85,13 +85,14 @@ pub(crate) fn session_address(
     Ok(SessionAddress::parse(&segment))
 }
 
-fn created_response(
+async fn created_response(
     state: &AppState,
-    caller: &SecretKeyCaller,
+    caller: &Caller,
     session: &SessionItem,
     run_friendly_id: &str,
     cached: bool,
 ) -> Result<Response, ApiError> {
+    let signing_key = caller.signing_key(state).await?;
     let now = Utc::now().timestamp();
     let claims = PublicTokenClaims {
         iss: state.settings.jwt_issuer.clone(),
@@ -102,7 +103,7 @@ fn created_response(
         iat: Some(now),
         exp: now + SESSION_TOKEN_SECONDS,
     };
-    let token = mint_public_token(&claims, &caller.secret_key)
+    let token = mint_public_token(&claims, &signing_key)
         .map_err(|error| ApiError::Internal(format!("token minting failed: {error}")))?;
     let mut body =
         serde_json::to_value(session).map_err(|error| ApiError::Internal(error.to_string()))?;
@@ -110,6 +111,8 @@ fn created_response(
         fields.insert("runId".into(), json!(run_friendly_id));
         fields.insert("publicAccessToken".into(), json!(token));
         fields.insert("isCached".into(), json!(cached));
+        // Runs are never parked waiting for a deployment here.
+        fields.insert("pendingVersion".into(), json!(false));
     }
     let status = if cached {
         StatusCode::OK
@@ -119,10 +122,13 @@ fn created_response(
     Ok((status, Json(body)).into_response())
 }
 
-/// Create-or-return by `(environment, externalId)`.
+/// Create-or-return by `(environment, externalId)`. A secret key may; a public access token
+/// needs both session write (`write:sessions` or `write:sessions:{externalId}`) and permission
+/// to trigger the task (`trigger:tasks:{taskIdentifier}`), as the reference server requires
+/// since 4.7. On the cached path only `triggerConfig` is refreshed (by the worker).
 pub async fn create(
     State(state): State<AppState>,
-    caller: SecretKeyCaller,
+    caller: Caller,
     LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
     let body: CreateSessionBody = parse_json(&body)?;
@@ -130,6 +136,7 @@ pub async fn create(
     validation::task_identifier(&body.task_identifier)?;
     let tags = body.tags.unwrap_or_default();
     validation::tags(&tags)?;
+    validation::trigger_config_tags(body.trigger_config.get("tags"))?;
     if !body
         .trigger_config
         .get("basePayload")
@@ -144,6 +151,23 @@ pub async fn create(
         .as_deref()
         .map(validation::external_id)
         .transpose()?;
+    if let Credential::PublicToken { scopes } = &caller.credential
+        && !(allows_session_create(scopes, external_id.as_deref())
+            && allows_trigger(scopes, &body.task_identifier))
+    {
+        return Err(ApiError::Forbidden(
+            "Creating a session with a public access token needs write:sessions (or \
+             write:sessions:{externalId}) and trigger:tasks:{taskIdentifier}"
+                .into(),
+        ));
+    }
+    if let Some(external_id) = &external_id
+        && !validation::is_unambiguous_external_id(external_id)
+    {
+        return Err(ApiError::Unprocessable(
+            "externalId must not contain ':channels:' or end in ':in' or ':out'".into(),
+        ));
+    }
     let accepted_at = Utc::now();
     let expires_at = body.expires_at.as_ref().map(DateInput::parse).transpose()?;
     if expires_at.is_some_and(|expiry| expiry <= accepted_at) {
@@ -181,7 +205,7 @@ pub async fn create(
             session,
             run_friendly_id,
             cached,
-        } => created_response(&state, &caller, &session, &run_friendly_id, cached),
+        } => created_response(&state, &caller, &session, &run_friendly_id, cached).await,
         Outcome::SessionClosed => Err(ApiError::Conflict("Session is closed".into())),
         Outcome::SessionExpired => Err(ApiError::Conflict("expiresAt is in the past".into())),
         other => Err(ApiError::Internal(format!(
@@ -194,11 +218,8 @@ pub async fn create(
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 struct CloseSessionBody {
     reason: Option<String>,
-    /// Sent by a run closing its own session; accepted and not needed here.
-    #[expect(
-        dead_code,
-        reason = "accepted for wire compatibility; nothing to do with it"
-    )]
+    /// Sent by a run closing its own session: that run is exiting, so no close message is
+    /// appended to `in` for it.
     calling_run_id: Option<String>,
 }
 
@@ -219,12 +240,17 @@ pub async fn close(
         validation::close_reason(reason)?;
     }
     let session = caller.session(&state, Action::Admin, &address).await?;
+    let calling_run_id = match &body.calling_run_id {
+        Some(run) => calling_run(&state, &caller, run).await?,
+        None => None,
+    };
     let command = Command::new(
         caller.environment.id,
         session.id,
         Utc::now(),
         CommandBody::CloseSession(CloseSessionCommand {
             reason: body.reason,
+            calling_run_id,
         }),
     );
     let changed = command.session_id;
@@ -238,6 +264,23 @@ pub async fn close(
             "unexpected close outcome {other:?}"
         ))),
     }
+}
+
+/// The internal id of the run a `callingRunId` names, looked up in the caller's environment only
+/// (another environment's run never matches); `None` if there is no such run.
+async fn calling_run(
+    state: &AppState,
+    caller: &Caller,
+    friendly_id: &str,
+) -> Result<Option<Uuid>, ApiError> {
+    if friendly_id.len() > 256 {
+        return Ok(None);
+    }
+    Ok(state
+        .store
+        .find_run(caller.environment.id, friendly_id)
+        .await?
+        .map(|run| run.id))
 }
 
 /// `GET /api/v1/sessions/{session}`: secret key or `read` on it.
@@ -364,16 +407,7 @@ pub async fn end_and_continue(
         return Err(ApiError::BadRequest("reason: at most 64 characters".into()));
     }
     let session = caller.session(&state, Action::Write, &address).await?;
-    // Looked up in the caller's environment only: another environment's run never matches.
-    let calling_run_id = if body.calling_run_id.len() <= 256 {
-        state
-            .store
-            .find_run(caller.environment.id, &body.calling_run_id)
-            .await?
-            .map(|run| run.id)
-    } else {
-        None
-    };
+    let calling_run_id = calling_run(&state, &caller, &body.calling_run_id).await?;
     let command = Command::new(
         caller.environment.id,
         session.id,
@@ -394,7 +428,12 @@ pub async fn end_and_continue(
         Outcome::RunContinued {
             run_friendly_id,
             swapped,
-        } => Ok(Json(json!({ "runId": run_friendly_id, "swapped": swapped })).into_response()),
+        } => Ok(Json(json!({
+            "runId": run_friendly_id,
+            "swapped": swapped,
+            "pendingVersion": false,
+        }))
+        .into_response()),
         Outcome::SessionClosed => Err(ApiError::BadRequest("Session is closed".into())),
         Outcome::SessionExpired => Err(ApiError::BadRequest("Session has expired".into())),
         Outcome::SessionNotFound => Err(ApiError::NotFound("Session not found")),

@@ -1,7 +1,15 @@
-//! Public access token scopes: `action:type[:id]` with actions `read`, `write`,
+//! Public access token scopes: `action:type[:id]` with actions `read`, `write`, `trigger`,
 //! `admin`. Bare `admin` matches everything; `action:type` any id of that type; `action:type:id`
 //! only that id (the id may itself contain `:`). `admin` on a type or id covers every action on
-//! it; `write` does not imply `read`.
+//! it; `write` does not imply `read`, nor `trigger`.
+//!
+//! Stream folds (as the reference server has them since 4.6): on a session's reserved channel,
+//! `{name}:{io}` covers just that channel, so `read:sessions:chat-1:out` reads `.out` and
+//! nothing else. Names that contain `:channels:` or end in `:in`/`:out` would be ambiguous in
+//! that grammar; they never match on the channel routes (new sessions cannot be given such an
+//! externalId).
+
+use super::Io;
 
 /// What a route wants to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -34,32 +42,96 @@ impl SessionNames<'_> {
     }
 }
 
-/// Whether one scope allows `action` on the session.
-fn scope_allows(scope: &str, action: Action, session: SessionNames<'_>) -> bool {
+/// What part of a session a route touches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// The session itself (retrieve, update, close, snapshots, waitpoints).
+    Session,
+    /// One of its reserved channels (`in` / `out`): records, SSE and append.
+    Stream(Io),
+}
+
+/// Whether a session name may take part in the stream folds (see the module doc).
+fn foldable(name: &str) -> bool {
+    !name.contains(":channels:") && !name.ends_with(":in") && !name.ends_with(":out")
+}
+
+/// A scope split into action, type and optional id; `None` for anything that is not one.
+fn parse_scope(scope: &str) -> Option<(&str, &str, Option<&str>)> {
+    let mut parts = scope.splitn(3, ':');
+    let (action, kind) = (parts.next()?, parts.next()?);
+    Some((action, kind, parts.next()))
+}
+
+/// Whether one scope allows `action` on `target` of the session.
+fn scope_allows(scope: &str, action: Action, session: SessionNames<'_>, target: Target) -> bool {
     if scope == "admin" {
         return true;
     }
-    let mut parts = scope.splitn(3, ':');
-    let (Some(scope_action), Some(scope_type)) = (parts.next(), parts.next()) else {
+    let Some((scope_action, "sessions", id)) = parse_scope(scope) else {
         return false;
     };
-    if scope_type != "sessions" {
-        return false;
-    }
     if scope_action != action.as_str() && scope_action != "admin" {
         return false;
     }
-    match parts.next() {
-        None => true,
-        Some(id) => session.is_named(id),
+    let Some(id) = id else { return true };
+    match target {
+        Target::Session => session.is_named(id),
+        Target::Stream(io) => [Some(session.friendly_id), session.external_id]
+            .into_iter()
+            .flatten()
+            .filter(|name| foldable(name))
+            .any(|name| {
+                id == name
+                    || id
+                        .strip_prefix(name)
+                        .and_then(|rest| rest.strip_prefix(':'))
+                        .is_some_and(|rest| rest == io.as_str())
+            }),
     }
 }
 
-/// Whether any of `scopes` allows `action` on the session.
+/// Whether any of `scopes` allows `action` on the session itself.
 pub fn allows(scopes: &[String], action: Action, session: SessionNames<'_>) -> bool {
+    allows_on(scopes, action, session, Target::Session)
+}
+
+/// Whether any of `scopes` allows `action` on `target` of the session.
+pub fn allows_on(
+    scopes: &[String],
+    action: Action,
+    session: SessionNames<'_>,
+    target: Target,
+) -> bool {
     scopes
         .iter()
-        .any(|scope| scope_allows(scope, action, session))
+        .any(|scope| scope_allows(scope, action, session, target))
+}
+
+/// Whether any of `scopes` may trigger runs of `task_identifier`: `trigger:tasks:{task}`,
+/// `trigger:tasks`, `admin:tasks[:{task}]` or `admin`. (`write:…` never grants it.)
+pub fn allows_trigger(scopes: &[String], task_identifier: &str) -> bool {
+    scopes.iter().any(|scope| {
+        scope == "admin"
+            || matches!(
+                parse_scope(scope),
+                Some(("trigger" | "admin", "tasks", id)) if id.is_none_or(|id| id == task_identifier)
+            )
+    })
+}
+
+/// Whether any of `scopes` may create a session with `external_id` (none: a session only a
+/// bare `write:sessions` covers): `write:sessions`, `write:sessions:{externalId}`, their
+/// `admin` forms, or `admin`.
+pub fn allows_session_create(scopes: &[String], external_id: Option<&str>) -> bool {
+    scopes.iter().any(|scope| {
+        scope == "admin"
+            || matches!(
+                parse_scope(scope),
+                Some(("write" | "admin", "sessions", id))
+                    if id.is_none_or(|id| Some(id) == external_id)
+            )
+    })
 }
 
 #[cfg(test)]
@@ -122,6 +194,112 @@ mod tests {
         assert!(!allows(&scopes(&["admin:runs"]), Action::Read, SESSION));
         assert!(!allows(&scopes(&["read"]), Action::Read, SESSION));
         assert!(!allows(&[], Action::Read, SESSION));
+    }
+
+    #[test]
+    fn stream_folds_narrow_a_scope_to_one_channel() {
+        let read_out = scopes(&["read:sessions:chat:42:out"]);
+        assert!(allows_on(
+            &read_out,
+            Action::Read,
+            SESSION,
+            Target::Stream(Io::Out)
+        ));
+        assert!(!allows_on(
+            &read_out,
+            Action::Read,
+            SESSION,
+            Target::Stream(Io::In)
+        ));
+        assert!(!allows(&read_out, Action::Read, SESSION));
+        let whole = scopes(&["read:sessions:session_abc"]);
+        assert!(allows_on(
+            &whole,
+            Action::Read,
+            SESSION,
+            Target::Stream(Io::In)
+        ));
+        let write_in = scopes(&["write:sessions:session_abc:in"]);
+        assert!(allows_on(
+            &write_in,
+            Action::Write,
+            SESSION,
+            Target::Stream(Io::In)
+        ));
+        assert!(!allows_on(
+            &write_in,
+            Action::Write,
+            SESSION,
+            Target::Stream(Io::Out)
+        ));
+        assert!(!allows_on(
+            &scopes(&["read:sessions:chat:42:outx"]),
+            Action::Read,
+            SESSION,
+            Target::Stream(Io::Out)
+        ));
+    }
+
+    #[test]
+    fn ambiguous_names_never_match_on_streams() {
+        let ambiguous = SessionNames {
+            friendly_id: "session_q",
+            external_id: Some("room:in"),
+        };
+        let token = scopes(&["read:sessions:room:in"]);
+        assert!(!allows_on(
+            &token,
+            Action::Read,
+            ambiguous,
+            Target::Stream(Io::In)
+        ));
+        // The same scope does name the *stream* `in` of a session called `room`.
+        let room = SessionNames {
+            friendly_id: "session_r",
+            external_id: Some("room"),
+        };
+        assert!(allows_on(
+            &token,
+            Action::Read,
+            room,
+            Target::Stream(Io::In)
+        ));
+        // Session routes still match the exact name.
+        assert!(allows(&token, Action::Read, ambiguous));
+    }
+
+    #[test]
+    fn trigger_needs_a_trigger_or_admin_scope_on_tasks() {
+        assert!(allows_trigger(&scopes(&["trigger:tasks:agent"]), "agent"));
+        assert!(allows_trigger(&scopes(&["trigger:tasks"]), "agent"));
+        assert!(allows_trigger(&scopes(&["admin:tasks:agent"]), "agent"));
+        assert!(allows_trigger(&scopes(&["admin"]), "agent"));
+        assert!(!allows_trigger(&scopes(&["trigger:tasks:other"]), "agent"));
+        assert!(!allows_trigger(&scopes(&["write:tasks:agent"]), "agent"));
+        assert!(!allows_trigger(&scopes(&["write:all"]), "agent"));
+        assert!(!allows_trigger(&scopes(&["trigger:sessions"]), "agent"));
+    }
+
+    #[test]
+    fn session_create_needs_write_on_the_external_id_or_all_sessions() {
+        assert!(allows_session_create(&scopes(&["write:sessions"]), None));
+        assert!(allows_session_create(
+            &scopes(&["write:sessions:chat-1"]),
+            Some("chat-1")
+        ));
+        assert!(!allows_session_create(
+            &scopes(&["write:sessions:chat-1"]),
+            Some("chat-2")
+        ));
+        assert!(!allows_session_create(
+            &scopes(&["write:sessions:chat-1"]),
+            None
+        ));
+        assert!(!allows_session_create(&scopes(&["read:sessions"]), None));
+        assert!(allows_session_create(
+            &scopes(&["admin:sessions"]),
+            Some("x")
+        ));
     }
 
     #[test]

@@ -58,6 +58,13 @@ pub fn external_id(value: &str) -> Result<String, ValidationError> {
     Ok(trimmed.to_owned())
 }
 
+/// Whether an externalId can name a session without colliding with the channel scope grammar
+/// (`{key}:{io}`, `{key}:channels:{name}`): no `:channels:` inside, no `:in`/`:out` at the end.
+/// Create refuses the others with 422, as the reference server does.
+pub fn is_unambiguous_external_id(value: &str) -> bool {
+    !value.contains(":channels:") && !value.ends_with(":in") && !value.ends_with(":out")
+}
+
 /// Checks an `X-Part-Id` header value: 1–255 bytes.
 pub fn part_id(value: &str) -> Result<(), ValidationError> {
     if value.is_empty() || value.len() > MAX_PART_ID_BYTES {
@@ -86,6 +93,28 @@ pub fn tags(values: &[String]) -> Result<(), ValidationError> {
     }
     for tag in values {
         char_len_between("tags", tag, 0, MAX_TAG_CHARS)?;
+    }
+    Ok(())
+}
+
+/// `triggerConfig.tags`, when present: an array of at most 10 strings of at most 128 characters.
+pub fn trigger_config_tags(value: Option<&serde_json::Value>) -> Result<(), ValidationError> {
+    let Some(value) = value else { return Ok(()) };
+    let invalid = || ValidationError::new("triggerConfig.tags", "must be an array of strings");
+    let tags = value.as_array().ok_or_else(invalid)?;
+    if tags.len() > MAX_TAGS {
+        return Err(ValidationError::new(
+            "triggerConfig.tags",
+            format!("at most {MAX_TAGS} tags, got {}", tags.len()),
+        ));
+    }
+    for tag in tags {
+        char_len_between(
+            "triggerConfig.tags",
+            tag.as_str().ok_or_else(invalid)?,
+            0,
+            MAX_TAG_CHARS,
+        )?;
     }
     Ok(())
 }
@@ -201,5 +230,25 @@ mod tests {
         assert!(tags(&vec!["a".to_owned(); 10]).is_ok());
         assert!(tags(&vec!["a".to_owned(); 11]).is_err());
         assert!(tags(&["x".repeat(129)]).is_err());
+    }
+
+    #[test]
+    fn external_ids_that_look_like_channel_scopes_are_ambiguous() {
+        assert!(is_unambiguous_external_id("chat-1"));
+        assert!(is_unambiguous_external_id("inbox:intro"));
+        assert!(!is_unambiguous_external_id("chat-1:in"));
+        assert!(!is_unambiguous_external_id("chat-1:out"));
+        assert!(!is_unambiguous_external_id("chat-1:channels:notes"));
+    }
+
+    #[test]
+    fn trigger_config_tags_are_optional_and_bounded() {
+        use serde_json::json;
+        assert!(trigger_config_tags(None).is_ok());
+        assert!(trigger_config_tags(Some(&json!(vec!["a"; 10]))).is_ok());
+        assert!(trigger_config_tags(Some(&json!(vec!["a"; 11]))).is_err());
+        assert!(trigger_config_tags(Some(&json!([1]))).is_err());
+        assert!(trigger_config_tags(Some(&json!("a"))).is_err());
+        assert!(trigger_config_tags(Some(&json!(["x".repeat(129)]))).is_err());
     }
 }

@@ -600,6 +600,10 @@ async fn update_sessions_generic(
                 per_session(&|session| session.metadata.clone().into()),
             )
             .col_expr(
+                sessions::Column::TriggerConfig,
+                per_session(&|session| session.trigger_config.clone().into()),
+            )
+            .col_expr(
                 sessions::Column::UpdatedAt,
                 per_session(&|session| session.updated_at.into()),
             )
@@ -617,10 +621,10 @@ async fn update_sessions_generic(
 const UPDATE_SESSIONS_SQL: &str = r#"UPDATE sessions AS s SET
   next_seq_in = u.next_seq_in, next_seq_out = u.next_seq_out, closed_at = u.closed_at,
   closed_reason = u.closed_reason, current_run_id = u.current_run_id, tags = u.tags,
-  metadata = u.metadata, updated_at = u.updated_at
+  metadata = u.metadata, trigger_config = u.trigger_config, updated_at = u.updated_at
 FROM jsonb_to_recordset($1::jsonb) AS u(id uuid, next_seq_in int8, next_seq_out int8,
   closed_at timestamptz, closed_reason text, current_run_id uuid, tags jsonb, metadata jsonb,
-  updated_at timestamptz)
+  trigger_config jsonb, updated_at timestamptz)
 WHERE s.id = u.id"#;
 
 async fn update_sessions_postgres(
@@ -642,6 +646,7 @@ async fn update_sessions_postgres(
                 "current_run_id": row.current_run_id,
                 "tags": row.tags,
                 "metadata": row.metadata,
+                "trigger_config": row.trigger_config,
                 "updated_at": row.updated_at,
             })
         })

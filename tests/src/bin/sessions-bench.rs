@@ -1,10 +1,11 @@
-//! `sessions-bench`: the benchmark of QUALITY §1, with both references measured in the same
-//! run. Start it through `tests/bench/run.sh` (services, release build, reference install,
+//! `sessions-bench`: the project's benchmark (BENCHMARKS.md), with both references measured in
+//! the same run. Start it through `tests/bench/run.sh` (services, release build, reference install,
 //! plot); it expects `sessions-api` and `sessions-worker` next to its own executable.
 //!
 //! Every append goes to the `out` channel with the environment's secret key, and the SSE
-//! readers tail `out`. Per run: the maximum sustained append rate (closed loop) with SSE
-//! readers, the latency at half that rate (open loop), the SSE fan-out at half rate (1,000
+//! readers tail `out`, except in one window. Per run: the maximum sustained append rate (closed
+//! loop) with SSE readers, the latency at half that rate (open loop), the same on `in` (whose
+//! appends answer after the worker applied them), the SSE fan-out at half rate (1,000
 //! readers on 100 sessions, each checked for order and completeness), the duplicate cost (20 %
 //! retries), the pipeline floor and the Durable Streams server; the first run also sweeps the
 //! offered rate for the curve. After the runs, once: the drain (the worker stopped while 200,000
@@ -209,6 +210,9 @@ struct RunFigures {
     half: ThroughputReport,
     half_visible_p50_ms: f64,
     half_visible_p99_ms: f64,
+    /// The half-rate window again on `in` (secret key): those appends answer after the worker
+    /// applied them, with their `seq`, so their accept latency includes the apply.
+    half_in: ThroughputReport,
     /// The SSE fan-out window (absent with `--fanout-readers 0`).
     fanout: Option<FanoutFigures>,
     duplicates: ThroughputReport,
@@ -344,6 +348,16 @@ struct Bench {
 
 impl Bench {
     fn load(&self, rate: Option<f64>, retry_share: f64, duration: Duration) -> LoadConfig {
+        self.load_on(Channel::Out, rate, retry_share, duration)
+    }
+
+    fn load_on(
+        &self,
+        channel: Channel,
+        rate: Option<f64>,
+        retry_share: f64,
+        duration: Duration,
+    ) -> LoadConfig {
         LoadConfig {
             api_url: self.api_url.clone(),
             clients: self.options.clients,
@@ -351,7 +365,7 @@ impl Bench {
             duration,
             retry_share,
             body_bytes: 256,
-            channel: Channel::Out,
+            channel,
             sse_readers: self.options.readers,
             readers_per_session: 1,
             settle: Duration::from_millis(500),
@@ -541,6 +555,12 @@ impl Bench {
                 &self.load(Some(max_rate / 2.0), 0.0, duration),
             )
             .await?;
+        let (half_in, _, _) = self
+            .measure(
+                &format!("half on `in`: open loop at {:.0}/s", max_rate / 2.0),
+                &self.load_on(Channel::In, Some(max_rate / 2.0), 0.0, duration),
+            )
+            .await?;
         let fanout = if self.options.fanout_readers > 0 {
             Some(self.fanout(max_rate / 2.0).await?)
         } else {
@@ -613,6 +633,7 @@ impl Bench {
             half_visible_p50_ms: half.visible.quantile_ms(0.5),
             half_visible_p99_ms: half.visible.quantile_ms(0.99),
             half: half.report("sessions", "half rate: open loop"),
+            half_in: half_in.report("sessions", "half rate on `in`: open loop"),
             fanout,
             duplicates: duplicates.report("sessions", "20% retries"),
             floor,
@@ -640,6 +661,8 @@ fn summarize(runs: &[RunFigures], drain: Option<&DrainFigures>) -> Value {
         "accept_p99_ms_at_max": m(&|run| run.max.p99_ms),
         "accept_p50_ms_at_half": m(&|run| run.half.p50_ms),
         "accept_p99_ms_at_half": m(&|run| run.half.p99_ms),
+        "accept_p50_ms_at_half_in": m(&|run| run.half_in.p50_ms),
+        "accept_p99_ms_at_half_in": m(&|run| run.half_in.p99_ms),
         "visible_p50_ms_at_max": m(&|run| run.max_visible_p50_ms),
         "visible_p99_ms_at_max": m(&|run| run.max_visible_p99_ms),
         "visible_p50_ms_at_half": m(&|run| run.half_visible_p50_ms),
@@ -726,6 +749,7 @@ fn markdown(
          | backlog at the end of the max window → drained in | {backlog:.0} records → {drain:.2} s |\n\
          | accept latency p50 / p99 at max | {a50:.2} / {a99:.2} ms |\n\
          | accept latency p50 / p99 at half rate | {h50:.2} / {h99:.2} ms |\n\
+         | accept latency p50 / p99 at half rate on `in` (answered after the apply, with `seq`) | {i50:.2} / {i99:.2} ms |\n\
          | visible latency p50 / p99 at max | {v50:.2} / {v99:.2} ms |\n\
          | visible latency p50 / p99 at half rate | {vh50:.2} / {vh99:.2} ms |\n\
          | appends/s with 20 % retries | {dup:.0} |\n\
@@ -749,6 +773,8 @@ fn markdown(
         a99 = number("accept_p99_ms_at_max"),
         h50 = number("accept_p50_ms_at_half"),
         h99 = number("accept_p99_ms_at_half"),
+        i50 = number("accept_p50_ms_at_half_in"),
+        i99 = number("accept_p99_ms_at_half_in"),
         v50 = number("visible_p50_ms_at_max"),
         v99 = number("visible_p99_ms_at_max"),
         vh50 = number("visible_p50_ms_at_half"),
@@ -762,10 +788,11 @@ fn markdown(
     text.push_str("### Every run\n\n```\n");
     for (index, run) in runs.iter().enumerate() {
         text.push_str(&format!(
-            "run {}\n  {}\n  {}\n  {}\n",
+            "run {}\n  {}\n  {}\n  {}\n  {}\n",
             index + 1,
             run.max,
             run.half,
+            run.half_in,
             run.duplicates
         ));
         if let Some(fanout) = &run.fanout {
@@ -1098,6 +1125,7 @@ mod checks {
             half: report("half", 1000.0),
             half_visible_p50_ms: 1.0,
             half_visible_p99_ms: 2.0,
+            half_in: report("half on in", 1000.0),
             fanout: Some(FanoutFigures {
                 readers: 1000,
                 sessions: 100,

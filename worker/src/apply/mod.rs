@@ -31,8 +31,29 @@ use shared::storage::{
 };
 use uuid::Uuid;
 
+/// The message a close appends to `in` (as the reference server does), which also wakes a run
+/// waiting there: `{"kind":"message","payload":{"chatId":<key>,"trigger":"close","closedReason"?}}`.
+fn close_message(session: &SessionRow, reason: Option<&str>) -> String {
+    let mut payload = json!({
+        "chatId": session.external_id.as_deref().unwrap_or(&session.friendly_id),
+        "trigger": "close",
+    });
+    if let Some(reason) = reason {
+        payload["closedReason"] = json!(reason);
+    }
+    json!({ "kind": "message", "payload": payload }).to_string()
+}
+
 /// Routing key of the event that asks runners to start a run.
 pub const RUN_REQUESTED: &str = "run.requested";
+
+/// A record about to be written by [`Planner::write_record`].
+struct NewRecord<'a> {
+    io: Io,
+    part_id: Option<String>,
+    body: &'a str,
+    fingerprint: String,
+}
 
 struct Planner {
     state: LoadedState,
@@ -154,7 +175,6 @@ impl Planner {
         if let Some(seq_num) = self.state.recorded_appends.get(&command.id) {
             return Outcome::Appended { seq_num: *seq_num };
         }
-        let now = self.state.now;
         if let Err(rejected) = self.open_session(command) {
             return rejected;
         }
@@ -176,10 +196,41 @@ impl Planner {
             self.drain(command, append.io, seq_num, &stored_body);
             return Outcome::Duplicate { seq_num };
         }
-        let Some(session) = self.session_mut(command) else {
+        let record = NewRecord {
+            io: append.io,
+            part_id: append.part_id.clone(),
+            body: &append.body,
+            fingerprint: fingerprint.clone(),
+        };
+        let Some(seq_num) = self.write_record(command, record) else {
             return Outcome::SessionNotFound;
         };
-        let counter = match append.io {
+        if let Some(key) = key {
+            self.state.parts.insert(
+                key,
+                PartOwner {
+                    seq_num,
+                    body_fingerprint: fingerprint,
+                    body: append.body.clone(),
+                },
+            );
+        }
+        self.state.recorded_appends.insert(command.id, seq_num);
+        Outcome::Appended { seq_num }
+    }
+
+    /// Gives the record its channel's next seqNum, completes the waitpoints it wakes and writes
+    /// it. `None` if the command's session does not exist.
+    fn write_record(&mut self, command: &Command, record: NewRecord<'_>) -> Option<i64> {
+        let NewRecord {
+            io,
+            part_id,
+            body,
+            fingerprint,
+        } = record;
+        let now = self.state.now;
+        let session = self.session_mut(command)?;
+        let counter = match io {
             Io::In => &mut session.next_seq_in,
             Io::Out => &mut session.next_seq_out,
         };
@@ -188,30 +239,19 @@ impl Planner {
         session.updated_at = now;
         let session_id = session.id;
         self.updated_sessions.insert(session_id);
-        if let Some(key) = key {
-            self.state.parts.insert(
-                key,
-                PartOwner {
-                    seq_num,
-                    body_fingerprint: fingerprint.clone(),
-                    body: append.body.clone(),
-                },
-            );
-        }
-        self.drain(command, append.io, seq_num, &append.body);
+        self.drain(command, io, seq_num, body);
         self.writes.records.push(RecordRow {
             session_id,
-            io: append.io.as_str().to_owned(),
+            io: io.as_str().to_owned(),
             seq_num,
             environment_id: command.environment_id,
-            part_id: append.part_id.clone(),
-            body: append.body.clone(),
+            part_id,
+            body: body.to_owned(),
             body_fingerprint: fingerprint,
             command_id: command.id,
             created_at: now,
         });
-        self.state.recorded_appends.insert(command.id, seq_num);
-        Outcome::Appended { seq_num }
+        Some(seq_num)
     }
 
     /// Completes every waitpoint of the channel waiting for a record after one before `seq_num`
@@ -361,6 +401,18 @@ impl Planner {
             if existing.closed_at.is_some() {
                 return Outcome::SessionClosed;
             }
+            // The cached path refreshes the trigger config and nothing else (as the reference
+            // server does): later runs use the caller's newest config.
+            if existing.trigger_config != create.trigger_config
+                && let Some(existing) = self.session_mut(command)
+            {
+                existing.trigger_config = create.trigger_config.clone();
+                existing.updated_at = now;
+                self.updated_sessions.insert(command.session_id);
+            }
+            let Some(existing) = self.session(command) else {
+                return Outcome::SessionNotFound;
+            };
             let run = self.current_run_friendly_id(existing);
             return Outcome::SessionCreated {
                 session: Box::new(existing.to_item(run.clone())),
@@ -430,7 +482,19 @@ impl Planner {
             session.closed_reason = close.reason.clone();
             session.updated_at = now;
             let id = session.id;
+            let closed_by_its_own_run =
+                close.calling_run_id.is_some() && close.calling_run_id == session.current_run_id;
+            let message = close_message(session, close.reason.as_deref());
             self.updated_sessions.insert(id);
+            if !closed_by_its_own_run {
+                let record = NewRecord {
+                    io: Io::In,
+                    part_id: None,
+                    fingerprint: body_fingerprint(&message),
+                    body: &message,
+                };
+                self.write_record(command, record);
+            }
         }
         match self.current_item(command) {
             Some(session) => Outcome::SessionClosedNow { session },

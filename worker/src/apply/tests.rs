@@ -242,6 +242,7 @@ fn close_is_idempotent_and_blocks_later_appends() {
         wants_reply: true,
         body: CommandBody::CloseSession(CloseSessionCommand {
             reason: Some("done".into()),
+            calling_run_id: None,
         }),
     };
     let mut second_close = close.clone();
@@ -260,7 +261,87 @@ fn close_is_idempotent_and_blocks_later_appends() {
     assert_eq!(session.closed_reason.as_deref(), Some("done"));
     assert_eq!(outcomes[2], Outcome::SessionClosed);
     assert_eq!(outcomes[3], outcomes[1]);
-    assert_eq!(writes.records.len(), 1);
+    // "before", then the one close message (the second close changes nothing).
+    assert_eq!(writes.records.len(), 2);
+    assert_eq!(writes.records[1].seq_num, 1);
+    assert_eq!(writes.records[1].part_id, None);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&writes.records[1].body).expect("JSON"),
+        json!({"kind": "message",
+               "payload": {"chatId": "chat", "trigger": "close", "closedReason": "done"}})
+    );
+}
+
+fn close_by(id: u128, calling_run_id: Option<Uuid>) -> Command {
+    Command {
+        id: Uuid::from_u128(id),
+        environment_id: ENV,
+        session_id: SESSION,
+        accepted_at: now(),
+        wants_reply: true,
+        body: CommandBody::CloseSession(CloseSessionCommand {
+            reason: None,
+            calling_run_id,
+        }),
+    }
+}
+
+#[test]
+fn the_close_message_wakes_a_waiting_run_unless_that_run_closed_the_session() {
+    let current_run = Uuid::from_u128(500);
+    let session = SessionRow {
+        current_run_id: Some(current_run),
+        ..session_row()
+    };
+    let (writes, _) = plan_batch(
+        &[register(20, None), close_by(30, Some(Uuid::from_u128(999)))],
+        state_with(Some(session.clone())),
+    );
+    assert_eq!(
+        writes.records.len(),
+        1,
+        "another run's close appends the message"
+    );
+    assert_eq!(writes.waitpoint_completions.len(), 1);
+    assert_eq!(
+        writes.waitpoint_completions[0].output,
+        writes.records[0].body
+    );
+    assert_eq!(writes.waitpoint_completions[0].completed_by_seq, Some(0));
+    assert!(writes.records[0].body.contains(r#""chatId":"chat""#));
+    assert!(!writes.records[0].body.contains("closedReason"));
+
+    let (writes, _) = plan_batch(
+        &[register(20, None), close_by(30, Some(current_run))],
+        state_with(Some(session)),
+    );
+    assert!(writes.records.is_empty(), "the closing run gets no message");
+    assert!(writes.waitpoint_completions.is_empty());
+}
+
+#[test]
+fn a_cached_create_refreshes_the_trigger_config_only() {
+    let mut again = create(2);
+    if let CommandBody::CreateSession(create) = &mut again.body {
+        create.trigger_config = json!({"basePayload": {"v": 2}});
+        create.tags = vec!["ignored".into()];
+    }
+    let (writes, outcomes) = plan_batch(&[again], state_with(Some(session_row())));
+    let Outcome::SessionCreated {
+        session, cached, ..
+    } = &outcomes[0]
+    else {
+        panic!("expected a create outcome, got {:?}", outcomes[0]);
+    };
+    assert!(cached);
+    assert_eq!(session.trigger_config, json!({"basePayload": {"v": 2}}));
+    assert!(session.tags.is_empty(), "tags are not written through");
+    assert_eq!(writes.updated_sessions.len(), 1);
+    assert_eq!(
+        writes.updated_sessions[0].trigger_config,
+        json!({"basePayload": {"v": 2}})
+    );
+    assert!(writes.runs.is_empty() && writes.outbox.is_empty());
 }
 
 fn register(id: u128, last_seq_num: Option<i64>) -> Command {
