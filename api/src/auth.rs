@@ -16,13 +16,13 @@ use std::time::{Duration, Instant};
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use shared::domain::Io;
 use shared::domain::SessionAddress;
 use shared::domain::ids::SECRET_KEY_PREFIX;
 use shared::domain::scopes::{Action, SessionNames, Target, allows_on};
 use shared::domain::tokens::{
     decrypt_secret, secret_key_digest, unverified_subject, verify_public_token,
 };
+use shared::domain::{Io, Stream};
 use shared::storage::{EnvironmentRow, LiveKey, SessionRow};
 use uuid::Uuid;
 
@@ -271,7 +271,7 @@ impl Caller {
         action: Action,
         address: &SessionAddress,
         session: Option<&SessionRow>,
-        target: Target,
+        target: Target<'_>,
     ) -> Result<(), ApiError> {
         let Credential::PublicToken { scopes } = &self.credential else {
             return Ok(());
@@ -318,7 +318,7 @@ impl Caller {
         state: &AppState,
         action: Action,
         address: &SessionAddress,
-        target: Target,
+        target: Target<'_>,
     ) -> Result<Option<SessionRow>, ApiError> {
         let session = state
             .store
@@ -335,9 +335,9 @@ impl Caller {
         &self,
         state: &AppState,
         address: &SessionAddress,
-        io: Io,
+        stream: &Stream,
     ) -> Result<std::sync::Arc<SessionRow>, ApiError> {
-        let target = Target::Stream(io);
+        let target = Target::of_stream(stream);
         if let Some(session) = state.sessions.get(self.environment.id, address) {
             self.authorize_on(Action::Write, address, Some(&session), target)?;
             return Ok(session);
@@ -382,10 +382,11 @@ impl Caller {
             })
     }
 
-    /// Reading a session's `in` channel (user messages) needs a secret key: public tokens
-    /// read `out` and append to `in` (the policy of the reference server since 4.6).
-    pub fn require_secret_key_to_read(&self, io: Io) -> Result<(), ApiError> {
-        match io {
+    /// Reading an `in` stream (user messages, or a side channel's input) needs a secret key:
+    /// public tokens read `out` and append to `in` (the policy of the reference server since
+    /// 4.6 for the reserved channel; applied to side channels too here).
+    pub fn require_secret_key_to_read(&self, stream: &Stream) -> Result<(), ApiError> {
+        match stream.io {
             Io::In => self.require_secret_key("Reading the in channel"),
             Io::Out => Ok(()),
         }

@@ -15,7 +15,7 @@ use axum::response::sse::Event;
 use serde_json::json;
 use shared::broker::Notification;
 use shared::commands::NewRecords;
-use shared::domain::Io;
+use shared::domain::Stream;
 use shared::storage::{RecordRow, Store};
 use tokio::sync::{Notify, broadcast, mpsc};
 use uuid::Uuid;
@@ -27,12 +27,12 @@ const FEED_CAPACITY: usize = 64;
 /// Records per database read.
 pub const READ_PAGE: u64 = 500;
 
-/// A channel of one session in one environment.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// A stream (reserved channel or side-channel direction) of one session in one environment.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ChannelKey {
     pub environment_id: Uuid,
     pub session_id: Uuid,
-    pub io: Io,
+    pub stream: Stream,
 }
 
 struct Feed {
@@ -49,17 +49,27 @@ pub struct FeedBatch {
     pub event: Event,
 }
 
-/// The SSE `batch` event of `rows` (the wire shape of the official client's stream reader).
+/// The SSE `batch` event of `rows` (the wire shape of the official client's stream reader):
+/// `{seq_num, timestamp, headers?, body?}`. `headers` only when the record has some; `body` is
+/// the JSON string `{"data": <raw text>, "id": <partId or "">}`, left out for a record with
+/// headers and no body (a control or command record), as the reference stream store does.
 pub fn batch_event(rows: &[RecordRow]) -> Event {
     let records: Vec<serde_json::Value> = rows
         .iter()
         .map(|row| {
-            let body = json!({ "data": row.body, "id": row.part_id.as_deref().unwrap_or("") });
-            json!({
+            let mut record = json!({
                 "seq_num": row.seq_num,
                 "timestamp": row.created_at.timestamp_millis(),
-                "body": body.to_string(),
-            })
+            });
+            let headers = row.header_pairs();
+            if headers.is_empty() || !row.body.is_empty() {
+                let body = json!({ "data": row.body, "id": row.part_id.as_deref().unwrap_or("") });
+                record["body"] = json!(body.to_string());
+            }
+            if !headers.is_empty() {
+                record["headers"] = json!(headers);
+            }
+            record
         })
         .collect();
     let last = rows.last().map_or(-1, |row| row.seq_num);
@@ -131,7 +141,7 @@ impl Hub {
             wake: Notify::new(),
             sender,
         });
-        feeds.insert(key, feed.clone());
+        feeds.insert(key.clone(), feed.clone());
         crate::signals::live_feeds(feeds.len());
         tokio::spawn(run_feed(self.clone(), key, feed));
         receiver
@@ -187,7 +197,7 @@ async fn listen(
                     hub.wake(&ChannelKey {
                         environment_id: head.environment_id,
                         session_id: head.session_id,
-                        io: head.io,
+                        stream: head.stream(),
                     });
                 }
             }
@@ -200,7 +210,7 @@ async fn run_feed(hub: Arc<Hub>, key: ChannelKey, feed: Arc<Feed>) {
     let mut last_sent = loop {
         match hub
             .store
-            .channel_head(key.environment_id, key.session_id, key.io)
+            .channel_head(key.environment_id, key.session_id, &key.stream)
             .await
         {
             Ok(next) => break next - 1,
@@ -224,7 +234,7 @@ async fn run_feed(hub: Arc<Hub>, key: ChannelKey, feed: Arc<Feed>) {
                 .list_records(
                     key.environment_id,
                     key.session_id,
-                    key.io,
+                    &key.stream,
                     Some(last_sent),
                     READ_PAGE,
                 )

@@ -3,7 +3,11 @@
 //! One broker message carries an [`Envelope`]: a batch of commands of one partition, in
 //! acceptance order (group commit). The envelope carries a version so that old and new processes
 //! can run side by side during a deploy: new fields are optional, and the worker decodes every
-//! version still in flight. Version 1 is the first published version.
+//! version still in flight. Version 1 is the first published version; version 2 marks an
+//! envelope that carries an append to a named channel or an append with record headers (a worker
+//! that knows only version 1 would write the first to the reserved channel and drop the
+//! headers of the second, so it refuses the envelope instead, and it is dead-lettered for replay
+//! after the upgrade). Envelopes without such appends stay version 1.
 //!
 //! Replies ([`Reply`]) travel back to the api instance that asked (its reply queue), correlated by
 //! command id.
@@ -12,10 +16,14 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::domain::Io;
+use crate::domain::headers::RecordHeaders;
 use crate::domain::session::SessionItem;
+use crate::domain::{ChannelName, Io, Stream};
 
-pub const ENVELOPE_VERSION: u16 = 1;
+/// The newest envelope version this build reads and writes.
+pub const ENVELOPE_VERSION: u16 = 2;
+/// The version of envelopes with no append to a named channel.
+const FIRST_ENVELOPE_VERSION: u16 = 1;
 
 /// One broker message: commands of one partition, in acceptance order.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -36,9 +44,20 @@ pub enum EnvelopeError {
 }
 
 impl Envelope {
+    /// The oldest version that can carry `commands` (see the module documentation).
     pub fn new(commands: Vec<Command>) -> Self {
+        let needs_version_2 = commands.iter().any(|command| {
+            matches!(
+                &command.body,
+                CommandBody::Append(append) if append.channel.is_some() || !append.headers.is_empty()
+            )
+        });
         Self {
-            version: ENVELOPE_VERSION,
+            version: if needs_version_2 {
+                ENVELOPE_VERSION
+            } else {
+                FIRST_ENVELOPE_VERSION
+            },
             commands,
         }
     }
@@ -124,9 +143,25 @@ impl CommandBody {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AppendCommand {
     pub io: Io,
+    /// A named side channel (`None`: the reserved channel `io`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<ChannelName>,
     pub part_id: Option<String>,
     /// The raw appended text.
     pub body: String,
+    /// The record's headers (none for appends through the append route).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headers: RecordHeaders,
+}
+
+impl AppendCommand {
+    /// The stream the record goes to.
+    pub fn stream(&self) -> Stream {
+        Stream {
+            channel: self.channel.clone(),
+            io: self.io,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -289,7 +324,19 @@ pub struct ChannelHead {
     pub environment_id: Uuid,
     pub session_id: Uuid,
     pub io: Io,
+    /// A named side channel (`None`: the reserved channel `io`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<ChannelName>,
     pub last_seq_num: i64,
+}
+
+impl ChannelHead {
+    pub fn stream(&self) -> Stream {
+        Stream {
+            channel: self.channel.clone(),
+            io: self.io,
+        }
+    }
 }
 
 impl NewRecords {
@@ -311,15 +358,17 @@ impl NewRecords {
             else {
                 continue;
             };
-            match channels
-                .iter_mut()
-                .find(|head| head.session_id == command.session_id && head.io == append.io)
-            {
+            match channels.iter_mut().find(|head| {
+                head.session_id == command.session_id
+                    && head.io == append.io
+                    && head.channel == append.channel
+            }) {
                 Some(head) => head.last_seq_num = head.last_seq_num.max(*seq_num),
                 None => channels.push(ChannelHead {
                     environment_id: command.environment_id,
                     session_id: command.session_id,
                     io: append.io,
+                    channel: append.channel.clone(),
                     last_seq_num: *seq_num,
                 }),
             }
@@ -349,10 +398,36 @@ mod tests {
             wants_reply: false,
             body: CommandBody::Append(AppendCommand {
                 io: Io::In,
+                channel: None,
                 part_id: part_id.map(str::to_owned),
                 body: "{\"text\":\"hi\"}".into(),
+                headers: Vec::new(),
             }),
         }
+    }
+
+    #[test]
+    fn only_envelopes_with_a_named_channel_are_version_2() {
+        let reserved = Envelope::new(vec![append(Some("p1"))]);
+        assert_eq!(reserved.version, 1);
+        // Byte for byte what a version-1 build writes: no `channel` key at all.
+        assert!(!String::from_utf8_lossy(&reserved.encode()).contains("channel"));
+        let mut side = append(Some("p2"));
+        if let CommandBody::Append(append) = &mut side.body {
+            append.channel = Some("notes".parse().expect("name"));
+        }
+        let envelope = Envelope::new(vec![append(None), side]);
+        assert_eq!(envelope.version, 2);
+        let mut control = append(None);
+        if let CommandBody::Append(append) = &mut control.body {
+            append.headers = vec![("trigger-control".into(), "turn-complete".into())];
+        }
+        assert_eq!(Envelope::new(vec![control]).version, 2);
+        let decoded = Envelope::decode(&envelope.encode()).expect("decode");
+        let CommandBody::Append(append) = &decoded.commands[1].body else {
+            panic!("an append");
+        };
+        assert_eq!(append.stream().key(), "channels/notes/in");
     }
 
     #[test]

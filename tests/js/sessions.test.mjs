@@ -4,11 +4,14 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { ApiClient } from "@trigger.dev/core/v3";
 import { generateJWT } from "@trigger.dev/core/v3/jwt";
+import { configure, sessions } from "@trigger.dev/sdk";
 
 const baseUrl = process.env.SESSIONS_API_URL;
 const secretKey = process.env.SESSIONS_SECRET_KEY;
 assert.ok(baseUrl && secretKey, "SESSIONS_API_URL and SESSIONS_SECRET_KEY must be set");
 const client = new ApiClient(baseUrl, secretKey);
+// The SDK's `sessions` API (`sessions.open(id).channel(name)…`) talks to the same server.
+configure({ secretKey, baseURL: baseUrl });
 
 const uniqueId = (label) => `${label}-${Date.now()}-${Math.random().toString(36).slice(2)}`;
 
@@ -26,6 +29,16 @@ async function recordsWhen(externalId, io, count, options = {}) {
   for (;;) {
     const { records } = await client.readSessionStreamRecords(externalId, io, options);
     if (records.length >= count || Date.now() > deadline) return records;
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
+/** The waitpoint once it is no longer WAITING (or as it is after 20 s). */
+async function settledWaitpoint(waitpointId) {
+  const deadline = Date.now() + 20_000;
+  for (;;) {
+    const waitpoint = await client.retrieveWaitpointToken(waitpointId);
+    if (waitpoint.status !== "WAITING" || Date.now() > deadline) return waitpoint;
     await new Promise((resolve) => setTimeout(resolve, 100));
   }
 }
@@ -175,13 +188,7 @@ test("a run waits for the next input through the client's waitpoint calls", asyn
   assert.equal(isCached, false);
   assert.equal((await client.retrieveWaitpointToken(waitpointId)).status, "WAITING");
   await client.appendToSessionStream(externalId, "in", JSON.stringify({ text: "next message" }));
-  const deadline = Date.now() + 20_000;
-  let waitpoint;
-  do {
-    waitpoint = await client.retrieveWaitpointToken(waitpointId);
-    if (waitpoint.status !== "WAITING") break;
-    await new Promise((resolve) => setTimeout(resolve, 100));
-  } while (Date.now() < deadline);
+  const waitpoint = await settledWaitpoint(waitpointId);
   assert.equal(waitpoint.status, "COMPLETED");
   assert.deepEqual(JSON.parse(waitpoint.output), { text: "next message" });
   assert.equal(waitpoint.outputIsError, false);
@@ -388,13 +395,7 @@ test("closing a session wakes a run waiting on `in` with the close message", asy
     timeout: "1h",
   });
   await client.closeSession(externalId, { reason: "user left" });
-  const deadline = Date.now() + 20_000;
-  let waitpoint;
-  do {
-    waitpoint = await client.retrieveWaitpointToken(waitpointId);
-    if (waitpoint.status !== "WAITING") break;
-    await new Promise((resolve) => setTimeout(resolve, 100));
-  } while (Date.now() < deadline);
+  const waitpoint = await settledWaitpoint(waitpointId);
   assert.equal(waitpoint.status, "COMPLETED");
   assert.deepEqual(JSON.parse(waitpoint.output), {
     kind: "message",
@@ -406,4 +407,57 @@ test("closing a session wakes a run waiting on `in` with the close message", asy
   // Close answers after the worker applied it: its records, if any, are already there.
   await client.closeSession(own, { callingRunId: ownCreated.runId });
   assert.deepEqual((await client.readSessionStreamRecords(own, "in")).records, []);
+});
+
+test("named side channels through sessions.open(id).channel(name)", async () => {
+  const externalId = uniqueId("side");
+  const created = await createSession(externalId);
+  const notes = sessions.open(externalId).channel("notes");
+  const { waitpointId } = await client.createSessionStreamWaitpoint(created.runId, {
+    session: externalId,
+    io: "in",
+    timeout: "1h",
+  });
+  await notes.in.send({ n: 1 });
+  await notes.in.send("two");
+  const records = await recordsWhen(externalId, "in", 2, { channel: "notes" });
+  assert.deepEqual(records.map((record) => record.seqNum), [0, 1]);
+  assert.deepEqual(records.map((record) => record.data), ['{"n":1}', "two"]);
+  // Its own sequence, apart from the reserved `in`; and writing it wakes no run.
+  assert.deepEqual((await client.readSessionStreamRecords(externalId, "in")).records, []);
+  assert.equal((await client.retrieveWaitpointToken(waitpointId)).status, "WAITING");
+
+  // The agent writes the channel's `out`; a reader tails it with the SDK.
+  for (const chunk of ["a", "b", "c"]) {
+    await client.appendToSessionStream(externalId, "out", chunk, undefined, "notes");
+  }
+  const parts = await collect(await notes.out.read({ timeoutInSeconds: 2 }), 3, 10_000);
+  assert.deepEqual(parts, ["a", "b", "c"]);
+  assert.deepEqual((await client.readSessionStreamRecords(externalId, "out")).records, []);
+  // Another channel of the same session is another sequence.
+  await sessions.open(externalId).channel("other").in.send("elsewhere");
+  assert.deepEqual((await recordsWhen(externalId, "in", 1, { channel: "other" })).map((r) => r.seqNum), [0]);
+
+  // Scopes: `:channels:notes:in` appends there and nowhere else; `:channels:notes` reads its `out`.
+  const writer = await tokenFor([`write:sessions:${externalId}:channels:notes:in`]);
+  assert.equal((await writer.appendToSessionStream(externalId, "in", "typed", undefined, "notes")).ok, true);
+  assert.equal(await statusOf(writer.appendToSessionStream(externalId, "in", "no")), 403);
+  assert.equal(await statusOf(writer.appendToSessionStream(externalId, "in", "no", undefined, "other")), 403);
+  const reader = await tokenFor([`read:sessions:${externalId}:channels:notes`]);
+  const read = await reader.readSessionStreamRecords(externalId, "out", { channel: "notes" });
+  assert.deepEqual(read.records.map((record) => record.data), ["a", "b", "c"]);
+  assert.equal(await statusOf(reader.readSessionStreamRecords(externalId, "out")), 403);
+  // Reading a channel's `in` needs the secret key, as on the reserved `in`.
+  assert.equal(await statusOf(reader.readSessionStreamRecords(externalId, "in", { channel: "notes" })), 403);
+  // A name outside [A-Za-z0-9._-]{1,128} is refused by the SDK, and by the server.
+  assert.throws(() => sessions.open(externalId).channel("not valid"));
+  const bad = await fetch(`${baseUrl}/realtime/v1/sessions/${externalId}/channels/not%20valid/in/records`, {
+    headers: { Authorization: `Bearer ${secretKey}` },
+  });
+  assert.equal(bad.status, 400);
+
+  // The reserved `in` still wakes the run, with its own record.
+  await client.appendToSessionStream(externalId, "in", "wake up");
+  const waitpoint = await settledWaitpoint(waitpointId);
+  assert.equal(waitpoint.output, "wake up");
 });

@@ -703,6 +703,25 @@ impl TestApp {
         }
     }
 
+    /// The stored row of the session `external_id` of the test's environment (for tests that
+    /// publish commands themselves, which need its internal id and partition).
+    pub async fn session_row(&self, external_id: &str) -> shared::storage::SessionRow {
+        let environment = self
+            .store
+            .environment_by_public_id(&self.environment_id)
+            .await
+            .expect("environment lookup")
+            .expect("the test's environment");
+        self.store
+            .find_session(
+                environment.id,
+                &shared::domain::SessionAddress::ExternalId(external_id.into()),
+            )
+            .await
+            .expect("session lookup")
+            .expect("session")
+    }
+
     /// Opens an SSE tail with extra headers (e.g. `Last-Event-ID`, `Timeout-Seconds`).
     pub async fn subscribe(
         &self,

@@ -25,10 +25,12 @@ use shared::domain::tokens::{PublicTokenClaims, mint_public_token};
 use tests::{TestApp, encode_segment};
 
 const POLICY: &str = include_str!("../policy/authorization.csv");
+/// The side channel every session of the matrix has records on (`{name}` in the paths).
+const MATRIX_CHANNEL: &str = "matrix";
 const HEADER: &str = "method,path,io,credential,target,expected,reaches";
 
 /// Bearer credential kinds: every route has a row for each.
-const BEARER_KINDS: [&str; 22] = [
+const BEARER_KINDS: [&str; 23] = [
     "none",
     "malformed",
     "secret_key_a",
@@ -51,6 +53,7 @@ const BEARER_KINDS: [&str; 22] = [
     "token_admin_own",
     "token_out_reader",
     "token_creator",
+    "token_channel_writer",
 ];
 
 /// Signed-URL kinds: only the snapshot blob routes (which take no bearer credential) have them.
@@ -426,11 +429,16 @@ impl Fixture {
             .as_str()
             .expect("waitpointId")
             .to_owned();
-        for (io, text) in [("in", "IN"), ("out", "OUT")] {
+        for (stream, text) in [
+            ("in", "IN"),
+            ("out", "OUT"),
+            ("channels/matrix/in", "CHANNEL_IN"),
+            ("channels/matrix/out", "CHANNEL_OUT"),
+        ] {
             let (status, body) = self
-                .append_applied(&key, &friendly_id, io, &format!("{canary}_{text}"))
+                .append_applied(&key, &friendly_id, stream, &format!("{canary}_{text}"))
                 .await;
-            assert_eq!(status, 200, "append {name}/{io}: {body}");
+            assert_eq!(status, 200, "append {name}/{stream}: {body}");
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -512,19 +520,20 @@ impl Fixture {
         .await
     }
 
-    /// An append answered after the worker applied it (`Prefer: wait`).
+    /// An append answered after the worker applied it (`Prefer: wait`). `stream` is `in`,
+    /// `out` or `channels/{name}/{io}`.
     async fn append_applied(
         &self,
         key: &str,
         session: &str,
-        io: &str,
+        stream: &str,
         body: &str,
     ) -> (u16, String) {
         let response = self
             .app
             .client
             .post(self.app.url(&format!(
-                "/realtime/v1/sessions/{}/{io}/append",
+                "/realtime/v1/sessions/{}/{stream}/append",
                 encode_segment(session)
             )))
             .bearer_auth(key)
@@ -599,6 +608,9 @@ impl Fixture {
             "token_out_reader" => bearer(self.mint(key_a, |claims| {
                 claims.scopes = vec!["read:sessions:twin:out".into()];
             })),
+            "token_channel_writer" => bearer(self.mint(key_a, |claims| {
+                claims.scopes = vec!["write:sessions:twin:channels:matrix:in".into()];
+            })),
             "token_creator" => bearer(self.mint(key_a, |claims| {
                 claims.scopes = vec!["write:sessions:twin".into(), "trigger:tasks:agent".into()];
             })),
@@ -663,7 +675,10 @@ impl Fixture {
 
     /// Sends one cell's request: (status, body).
     async fn execute(&self, cell: &Cell) -> (u16, String) {
-        let mut path = cell.path.replace("{io}", &cell.io);
+        let mut path = cell
+            .path
+            .replace("{io}", &cell.io)
+            .replace("{name}", MATRIX_CHANNEL);
         let named = (cell.target != "-").then(|| self.target(&cell.target));
         if let Some((session, segment)) = &named {
             path = path
@@ -693,7 +708,8 @@ impl Fixture {
             }
             ("POST", "/api/v1/sessions/{session}/end-and-continue") => request
                 .json(&json!({ "callingRunId": "run_matrix_not_current", "reason": "matrix" })),
-            ("POST", "/realtime/v1/sessions/{session}/{io}/append") => request
+            ("POST", "/realtime/v1/sessions/{session}/{io}/append")
+            | ("POST", "/realtime/v1/sessions/{session}/channels/{name}/{io}/append") => request
                 .header("Prefer", "wait=10")
                 .body(format!("matrix cell on line {}", cell.line)),
             ("POST", "/api/v1/runs/{run}/session-streams/wait") => {
@@ -707,14 +723,18 @@ impl Fixture {
                     .header("Content-Type", "application/octet-stream")
                     .body(format!("{}_SNAPSHOT", session.canary()))
             }
-            ("GET", "/realtime/v1/sessions/{session}/{io}") => request
+            ("GET", "/realtime/v1/sessions/{session}/{io}")
+            | ("GET", "/realtime/v1/sessions/{session}/channels/{name}/{io}") => request
                 .header("Accept", "text/event-stream")
                 .header("Timeout-Seconds", "1"),
             _ => request,
         };
         let response = request.send().await.expect("request");
         let status = response.status().as_u16();
-        let body = if cell.method == "GET" && cell.path == "/realtime/v1/sessions/{session}/{io}" {
+        let body = if cell.method == "GET"
+            && (cell.path == "/realtime/v1/sessions/{session}/{io}"
+                || cell.path == "/realtime/v1/sessions/{session}/channels/{name}/{io}")
+        {
             read_sse(response).await
         } else {
             response.text().await.unwrap_or_default()
@@ -733,6 +753,7 @@ impl Fixture {
             | "token_admin_own"
             | "token_out_reader"
             | "token_creator"
+            | "token_channel_writer"
             | "signed_url_a" => &["A1", "A"],
             "token_other_session" => &["A2", "A"],
             _ => &[],
@@ -812,6 +833,14 @@ impl Fixture {
                 | ("GET", "/api/v1/sessions")
                 | ("GET", "/realtime/v1/sessions/{session}/{io}/records")
                 | ("GET", "/realtime/v1/sessions/{session}/{io}")
+                | (
+                    "GET",
+                    "/realtime/v1/sessions/{session}/channels/{name}/{io}/records"
+                )
+                | (
+                    "GET",
+                    "/realtime/v1/sessions/{session}/channels/{name}/{io}"
+                )
                 | ("GET", BLOB_PATH)
                 | ("GET", "/api/v1/waitpoints/tokens/{waitpoint}")
         );

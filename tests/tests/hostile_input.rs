@@ -4,8 +4,8 @@
 //! content types, bad page sizes and cursors, percent-encoding garbage in path segments.
 //!
 //! Every answer is below 500 (the one exception is the documented 501 of
-//! `PUT /realtime/v1/sessions/{session}/{io}`), every answer ≥ 400 has a JSON `{"error"}` body
-//! (HEAD answers have no body; URIs over 64 KiB and header sections over hyper's limit are refused
+//! `PUT /realtime/v1/sessions/{session}/{io}` and of its side-channel twin), every answer ≥ 400
+//! has a JSON `{"error"}` body (HEAD answers have no body; URIs over 64 KiB and header sections over hyper's limit are refused
 //! by the HTTP layer itself, 414/431 without a body), and no handler panicked
 //! (`sessions_api_panics_total` stays 0). The environment stays usable afterwards.
 
@@ -31,6 +31,7 @@ fn segment_values(placeholder: &str) -> Vec<(&'static str, String)> {
     let valid = match placeholder {
         "{session}" => "hostile",
         "{io}" => "in",
+        "{name}" => "hostile-channel",
         "{run}" => "run_hostile",
         "{waitpoint}" => "waitpoint_hostile",
         other => panic!("unknown placeholder {other}: extend this test"),
@@ -54,7 +55,7 @@ fn segment_values(placeholder: &str) -> Vec<(&'static str, String)> {
 /// Every concrete target of a path template: the valid one, and each placeholder replaced by
 /// each garbage value while the others stay valid.
 fn targets(template: &str) -> Vec<(String, String)> {
-    let placeholders: Vec<&str> = ["{session}", "{io}", "{run}", "{waitpoint}"]
+    let placeholders: Vec<&str> = ["{session}", "{io}", "{name}", "{run}", "{waitpoint}"]
         .into_iter()
         .filter(|placeholder| template.contains(placeholder))
         .collect();
@@ -320,7 +321,8 @@ async fn judge(
     let status = response.status().as_u16();
     let documented_501 = status == 501
         && case.method == reqwest::Method::PUT
-        && template == "/realtime/v1/sessions/{session}/{io}";
+        && (template == "/realtime/v1/sessions/{session}/{io}"
+            || template == "/realtime/v1/sessions/{session}/channels/{name}/{io}");
     if status >= 500 && !documented_501 {
         let body = response.text().await.unwrap_or_default();
         return (Some(status), Some(format!("server error {status}: {body}")));

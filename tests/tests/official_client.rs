@@ -1,5 +1,5 @@
-//! Runs the official `@trigger.dev/core` 4.8.3 client's suite (`tests/js/`) against a spawned
-//! service. Needs Node.js 20+ and npm; installs the locked packages on first run.
+//! Runs the official `@trigger.dev/core` and `@trigger.dev/sdk` 4.8.3 clients' suite
+//! (`tests/js/`) against a spawned service. Needs Node.js 20+ and npm; installs the locked packages on first run.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -13,7 +13,10 @@ fn js_dir() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_client_suite_passes() {
     let dir = js_dir();
-    if !dir.join("node_modules/@trigger.dev/core").exists() {
+    let installed = ["core", "sdk"]
+        .iter()
+        .all(|package| dir.join("node_modules/@trigger.dev").join(package).exists());
+    if !installed {
         let installed = Command::new("npm")
             .args(["ci", "--no-audit", "--no-fund"])
             .current_dir(&dir)

@@ -153,28 +153,17 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed_to_their_partiti
         .expect("publish");
     // A valid command recorded as a dead letter (as an operator would find one after fixing
     // what made it fail): written straight into the table.
-    let session_id = app
-        .store
-        .find_session(
-            app.store
-                .environment_by_public_id(&app.environment_id)
-                .await
-                .expect("lookup")
-                .expect("environment")
-                .id,
-            &shared::domain::SessionAddress::ExternalId("dl".into()),
-        )
-        .await
-        .expect("lookup")
-        .expect("session");
+    let session_id = app.session_row("dl").await;
     let command = shared::commands::Command::new(
         session_id.environment_id,
         session_id.id,
         chrono::Utc::now(),
         shared::commands::CommandBody::Append(shared::commands::AppendCommand {
             io: shared::domain::Io::In,
+            channel: None,
             part_id: Some("replayed".into()),
             body: "back from the dead".into(),
+            headers: Vec::new(),
         }),
     );
     let partition = shared::domain::partition::partition_of(session_id.id, app.settings.partitions);

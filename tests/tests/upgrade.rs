@@ -42,20 +42,7 @@ async fn commands_left_in_legacy_partition_queues_are_applied_first_then_the_que
     first.stop().await;
 
     // What an old api instance left in the old queue of the session's partition.
-    let session = app
-        .store
-        .find_session(
-            app.store
-                .environment_by_public_id(&app.environment_id)
-                .await
-                .expect("lookup")
-                .expect("environment")
-                .id,
-            &shared::domain::SessionAddress::ExternalId("upgraded".into()),
-        )
-        .await
-        .expect("lookup")
-        .expect("session");
+    let session = app.session_row("upgraded").await;
     let partition = partition_of(session.id, app.settings.partitions);
     let legacy_queue = format!("{}.p{partition:03}", app.settings.broker_prefix);
     let connection = lapin::Connection::connect(tests::AMQP_URL, Default::default())
@@ -84,8 +71,10 @@ async fn commands_left_in_legacy_partition_queues_are_applied_first_then_the_que
             chrono::Utc::now(),
             CommandBody::Append(AppendCommand {
                 io: shared::domain::Io::In,
+                channel: None,
                 part_id: Some(format!("p{body}")),
                 body: body.into(),
+                headers: Vec::new(),
             }),
         );
         let confirm = channel

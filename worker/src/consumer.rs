@@ -784,7 +784,7 @@ async fn claim_parts(context: &WorkerContext, commands: &[Command]) -> Vec<(Stri
                 let key = DedupKey {
                     environment_id: command.environment_id,
                     session_id: command.session_id,
-                    io: append.io,
+                    stream: append.stream(),
                     part_id: part_id.clone(),
                 };
                 (

@@ -1,4 +1,7 @@
-//! The channel routes: append (`POST …/{io}/append`) and records (`GET …/{io}/records`).
+//! The channel routes: append (`POST …/{io}/append`) and records (`GET …/{io}/records`), for
+//! the reserved channels (`/realtime/v1/sessions/{session}/{io}/…`) and the named side
+//! channels (`/realtime/v1/sessions/{session}/channels/{name}/{io}/…`). Both shapes share one
+//! implementation over a [`Stream`]; a side channel differs only in that it wakes no waitpoint.
 
 use axum::Json;
 use axum::body::Body;
@@ -9,8 +12,10 @@ use chrono::Utc;
 use serde::Deserialize;
 use serde_json::{Value, json};
 use shared::commands::{AppendCommand, Command, CommandBody, Outcome};
+use shared::domain::channel::InvalidChannelName;
+use shared::domain::headers::is_command_record;
 use shared::domain::session::{SessionState, session_state};
-use shared::domain::{Io, SessionAddress, validation};
+use shared::domain::{ChannelName, Io, SessionAddress, Stream, validation};
 
 use crate::AppState;
 use crate::auth::Caller;
@@ -20,18 +25,36 @@ use shared::domain::scopes::{Action, Target};
 /// Most records one `records` response carries; callers page with `afterEventId`.
 const MAX_RECORDS_PER_RESPONSE: u64 = 10_000;
 
+/// The path of a reserved channel: `{session}/{io}`.
 pub(crate) fn parse_path(
     path: Result<Path<(String, String)>, PathRejection>,
-) -> Result<(SessionAddress, Io), ApiError> {
+) -> Result<(SessionAddress, Stream), ApiError> {
     let Path((segment, io)) =
         path.map_err(|error| ApiError::BadRequest(format!("Invalid path: {error}")))?;
-    let io: Io = io
+    let io = parse_io(&io)?;
+    validation::session_segment(&segment)?;
+    Ok((SessionAddress::parse(&segment), Stream::reserved(io)))
+}
+
+/// The path of a side channel: `{session}/channels/{name}/{io}`.
+pub(crate) fn parse_channel_path(
+    path: Result<Path<(String, String, String)>, PathRejection>,
+) -> Result<(SessionAddress, Stream), ApiError> {
+    let Path((segment, name, io)) =
+        path.map_err(|error| ApiError::BadRequest(format!("Invalid path: {error}")))?;
+    let io = parse_io(&io)?;
+    let name: ChannelName = name
         .parse()
+        .map_err(|error: InvalidChannelName| ApiError::BadRequest(error.to_string()))?;
+    validation::session_segment(&segment)?;
+    Ok((SessionAddress::parse(&segment), Stream::named(name, io)))
+}
+
+fn parse_io(io: &str) -> Result<Io, ApiError> {
+    io.parse()
         .map_err(|error: shared::domain::channel::UnknownIo| {
             ApiError::BadRequest(error.to_string())
-        })?;
-    validation::session_segment(&segment)?;
-    Ok((SessionAddress::parse(&segment), io))
+        })
 }
 
 /// The declared body length; appends must declare it (411) and stay within the limit (413).
@@ -110,7 +133,31 @@ pub async fn append(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<Value>, ApiError> {
-    let (address, io) = parse_path(path)?;
+    let (address, stream) = parse_path(path)?;
+    append_to(state, caller, address, stream, headers, body).await
+}
+
+/// `POST …/channels/{name}/{io}/append`: as [`append`], on a side channel.
+pub async fn append_to_channel(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<(String, String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let (address, stream) = parse_channel_path(path)?;
+    append_to(state, caller, address, stream, headers, body).await
+}
+
+async fn append_to(
+    state: AppState,
+    caller: Caller,
+    address: SessionAddress,
+    stream: Stream,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    let io = stream.io;
     if io == Io::Out {
         caller.require_secret_key("Appending to the out channel")?;
     }
@@ -118,7 +165,7 @@ pub async fn append(
     declared_length(&headers, limit)?;
     let part_id = part_id(&headers)?;
     let prefer_wait = prefer_wait(&headers)?;
-    let session = caller.session_for_append(&state, &address, io).await?;
+    let session = caller.session_for_append(&state, &address, &stream).await?;
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
         ApiError::PayloadTooLarge(format!("Request body exceeds the limit of {limit} bytes"))
     })?;
@@ -139,8 +186,10 @@ pub async fn append(
         accepted_at,
         CommandBody::Append(AppendCommand {
             io,
+            channel: stream.channel,
             part_id,
             body: text,
+            headers: Vec::new(),
         }),
     );
     // An explicit `Prefer: wait` gets the outcome or 504; an `in` append without it waits a
@@ -196,14 +245,36 @@ pub struct RecordsQuery {
     after_event_id: Option<String>,
 }
 
-/// Records of a channel after `afterEventId`, in order.
+/// Records of a channel after `afterEventId`, in order: `{data, id, seqNum, headers?}`, without
+/// command records.
 pub async fn records(
     State(state): State<AppState>,
     caller: Caller,
     path: Result<Path<(String, String)>, PathRejection>,
     query: Result<Query<RecordsQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let (address, io) = parse_path(path)?;
+    let (address, stream) = parse_path(path)?;
+    records_of(state, caller, address, stream, query).await
+}
+
+/// `GET …/channels/{name}/{io}/records`: as [`records`], of a side channel.
+pub async fn channel_records(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<(String, String, String)>, PathRejection>,
+    query: Result<Query<RecordsQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let (address, stream) = parse_channel_path(path)?;
+    records_of(state, caller, address, stream, query).await
+}
+
+async fn records_of(
+    state: AppState,
+    caller: Caller,
+    address: SessionAddress,
+    stream: Stream,
+    query: Result<Query<RecordsQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
     let Query(query) =
         query.map_err(|error| ApiError::BadRequest(format!("Invalid query: {error}")))?;
     let after =
@@ -213,9 +284,9 @@ pub async fn records(
                 || ApiError::BadRequest("afterEventId: must be an integer ≥ -1".into()),
             )?),
         };
-    caller.require_secret_key_to_read(io)?;
+    caller.require_secret_key_to_read(&stream)?;
     let session = caller
-        .find_session_on(&state, Action::Read, &address, Target::Stream(io))
+        .find_session_on(&state, Action::Read, &address, Target::of_stream(&stream))
         .await?;
     let Some(session) = session else {
         return match address {
@@ -229,19 +300,28 @@ pub async fn records(
         .list_records(
             caller.environment.id,
             session.id,
-            io,
+            &stream,
             after,
             MAX_RECORDS_PER_RESPONSE,
         )
         .await?;
+    // Command records (first header name empty) are the stream's own directives: not data.
     let records: Vec<Value> = rows
         .into_iter()
-        .map(|row| {
-            json!({
+        .filter_map(|row| {
+            let headers = row.header_pairs();
+            if is_command_record(&headers) {
+                return None;
+            }
+            let mut record = json!({
                 "data": row.body,
                 "id": row.part_id.unwrap_or_default(),
                 "seqNum": row.seq_num,
-            })
+            });
+            if !headers.is_empty() {
+                record["headers"] = json!(headers);
+            }
+            Some(record)
         })
         .collect();
     Ok(Json(json!({ "records": records })))

@@ -71,6 +71,20 @@ pub fn route_table() -> Vec<(&'static str, MethodRouter<AppState>)> {
                 .put(sessions::initialize_stream),
         ),
         (
+            "/realtime/v1/sessions/{session}/channels/{name}/{io}/append",
+            post(channels::append_to_channel).layer(DefaultBodyLimit::disable()),
+        ),
+        (
+            "/realtime/v1/sessions/{session}/channels/{name}/{io}/records",
+            get(channels::channel_records),
+        ),
+        (
+            "/realtime/v1/sessions/{session}/channels/{name}/{io}",
+            get(records_sse::subscribe_to_channel)
+                .head(records_sse::head_of_channel)
+                .put(sessions::initialize_channel_stream),
+        ),
+        (
             "/api/v1/runs/{run}/session-streams/wait",
             post(waitpoints::wait),
         ),
@@ -236,10 +250,14 @@ fn cors() -> CorsLayer {
             HeaderName::from_static("last-event-id"),
             HeaderName::from_static("timeout-seconds"),
             HeaderName::from_static("prefer"),
+            HeaderName::from_static("x-peek-settled"),
+            HeaderName::from_static("x-trigger-stream-start"),
         ])
         .expose_headers([
             header::CONTENT_TYPE,
             HeaderName::from_static("x-stream-version"),
+            HeaderName::from_static("x-session-settled"),
+            HeaderName::from_static("x-should-retry"),
             header::RETRY_AFTER,
         ])
 }

@@ -1,10 +1,14 @@
-//! `GET`/`HEAD /realtime/v1/sessions/{session}/{io}`: the SSE tail.
+//! `GET`/`HEAD /realtime/v1/sessions/{session}/{io}` and
+//! `…/{session}/channels/{name}/{io}`: the SSE tail of a reserved or a side channel.
 //!
 //! Headers go out at once (`X-Stream-Version: v2`). Records arrive as `event: batch` with
 //! `{"records":[{"seq_num","timestamp","body"}]}`, `body` being the JSON string
 //! `{"data": <raw text>, "id": <partId or "">}`. `Last-Event-ID: N` resumes at N+1;
 //! `X-Trigger-Stream-Start: latest` starts after the current end; otherwise from seq 0.
 //! `Timeout-Seconds` (1–600, default 60) bounds the connection, which then ends cleanly.
+//! `X-Peek-Settled: 1` on the reserved `out`: when its last record (command records aside) is a
+//! `turn-complete` control record, the answer carries `X-Session-Settled: true` and ends as soon
+//! as the records after the cursor are sent. Records with headers carry them (`headers`).
 //! `event: ping` every 15 s keeps idle connections alive.
 
 use std::convert::Infallible;
@@ -16,13 +20,14 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
-use shared::domain::SessionAddress;
+use shared::domain::headers::{is_command_record, is_turn_complete};
 use shared::domain::ids::session_id_for_external_id;
+use shared::domain::{Io, SessionAddress, Stream};
 use shared::storage::RecordRow;
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 
-use super::channels::parse_path;
+use super::channels::{parse_channel_path, parse_path};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -74,12 +79,12 @@ async fn channel_key(
     state: &AppState,
     caller: &Caller,
     address: &SessionAddress,
-    io: shared::domain::Io,
+    stream: Stream,
 ) -> Result<ChannelKey, ApiError> {
-    caller.require_secret_key_to_read(io)?;
+    caller.require_secret_key_to_read(&stream)?;
     let environment_id = caller.environment.id;
     let session_id = match caller
-        .find_session_on(state, Action::Read, address, Target::Stream(io))
+        .find_session_on(state, Action::Read, address, Target::of_stream(&stream))
         .await?
     {
         Some(session) => session.id,
@@ -93,7 +98,7 @@ async fn channel_key(
     Ok(ChannelKey {
         environment_id,
         session_id,
-        io,
+        stream,
     })
 }
 
@@ -110,8 +115,27 @@ pub async fn head(
     caller: Caller,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let (address, io) = parse_path(path)?;
-    channel_key(&state, &caller, &address, io).await?;
+    let (address, stream) = parse_path(path)?;
+    head_of(state, caller, address, stream).await
+}
+
+/// `HEAD …/channels/{name}/{io}`: as [`head`], of a side channel.
+pub async fn head_of_channel(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<(String, String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let (address, stream) = parse_channel_path(path)?;
+    head_of(state, caller, address, stream).await
+}
+
+async fn head_of(
+    state: AppState,
+    caller: Caller,
+    address: SessionAddress,
+    stream: Stream,
+) -> Result<Response, ApiError> {
+    channel_key(&state, &caller, &address, stream).await?;
     let mut response = (StatusCode::OK, [("content-type", "text/event-stream")]).into_response();
     stream_headers(&mut response);
     Ok(response)
@@ -124,10 +148,39 @@ pub async fn subscribe(
     path: Result<Path<(String, String)>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let (address, io) = parse_path(path)?;
+    let (address, stream) = parse_path(path)?;
+    subscribe_to(state, caller, address, stream, headers).await
+}
+
+/// `GET …/channels/{name}/{io}`: as [`subscribe`], to a side channel.
+pub async fn subscribe_to_channel(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<(String, String, String)>, PathRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let (address, stream) = parse_channel_path(path)?;
+    subscribe_to(state, caller, address, stream, headers).await
+}
+
+async fn subscribe_to(
+    state: AppState,
+    caller: Caller,
+    address: SessionAddress,
+    stream: Stream,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     let timeout = Duration::from_secs(timeout_seconds(&headers)?);
     let resume = last_event_id(&headers)?;
-    let key = channel_key(&state, &caller, &address, io).await?;
+    let peek_settled = headers
+        .get("x-peek-settled")
+        .is_some_and(|value| value.as_bytes() == b"1");
+    let key = channel_key(&state, &caller, &address, stream).await?;
+    // `X-Peek-Settled: 1` on the reserved `out`: if the agent's last record ended its turn,
+    // answer what is there and end at once instead of waiting for more.
+    let settled = peek_settled
+        && key.stream == Stream::reserved(Io::Out)
+        && turn_is_complete(&state, &key).await?;
     let start_latest = headers
         .get("x-trigger-stream-start")
         .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"latest"));
@@ -136,20 +189,23 @@ pub async fn subscribe(
         None if start_latest => {
             state
                 .store
-                .channel_head(key.environment_id, key.session_id, io)
+                .channel_head(key.environment_id, key.session_id, &key.stream)
                 .await?
         }
         None => 0,
     };
     // Subscribe before the first read, so nothing appended in between is missed.
-    let feed = state.hub.subscribe(key);
+    let feed = state.hub.subscribe(key.clone());
     let (events, receiver) = mpsc::channel::<Event>(CONNECTION_BUFFER);
     tokio::spawn(serve_reader(
         state.hub.clone(),
         key,
         feed,
         next_seq,
-        Instant::now() + timeout,
+        Reading {
+            deadline: Instant::now() + timeout,
+            end_when_caught_up: settled,
+        },
         events,
     ));
     let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
@@ -160,7 +216,42 @@ pub async fn subscribe(
     });
     let mut response = Sse::new(stream).into_response();
     stream_headers(&mut response);
+    if settled {
+        response
+            .headers_mut()
+            .insert("x-session-settled", HeaderValue::from_static("true"));
+    }
     Ok(response)
+}
+
+/// How many of the newest records `X-Peek-Settled` looks through for the last one that is not a
+/// command record.
+const PEEK_RECORDS: u64 = 8;
+
+/// Whether the last record of the stream that is not a command record is a `turn-complete`
+/// control record.
+async fn turn_is_complete(state: &AppState, key: &ChannelKey) -> Result<bool, ApiError> {
+    let newest = state
+        .store
+        .last_records(
+            key.environment_id,
+            key.session_id,
+            &key.stream,
+            PEEK_RECORDS,
+        )
+        .await?;
+    Ok(newest
+        .iter()
+        .map(RecordRow::header_pairs)
+        .find(|headers| !is_command_record(headers))
+        .is_some_and(|headers| is_turn_complete(&headers)))
+}
+
+/// When a reader ends: at its deadline, or (settled) as soon as it has sent what exists.
+#[derive(Clone, Copy, Debug)]
+struct Reading {
+    deadline: Instant,
+    end_when_caught_up: bool,
 }
 
 /// Why a reader stopped.
@@ -195,7 +286,7 @@ async fn send_rows(
 /// Reads from the database from `next_seq` until caught up.
 async fn catch_up(
     hub: &Hub,
-    key: ChannelKey,
+    key: &ChannelKey,
     events: &mpsc::Sender<Event>,
     mut next_seq: i64,
     deadline: Instant,
@@ -209,7 +300,7 @@ async fn catch_up(
             .list_records(
                 key.environment_id,
                 key.session_id,
-                key.io,
+                &key.stream,
                 Some(next_seq - 1),
                 READ_PAGE,
             )
@@ -235,12 +326,16 @@ async fn serve_reader(
     key: ChannelKey,
     mut feed: broadcast::Receiver<Arc<FeedBatch>>,
     mut next_seq: i64,
-    deadline: Instant,
+    reading: Reading,
     events: mpsc::Sender<Event>,
 ) {
     crate::signals::sse_opened();
+    let deadline = reading.deadline;
     let result: Result<(), Stop> = async {
-        next_seq = catch_up(&hub, key, &events, next_seq, deadline).await?;
+        next_seq = catch_up(&hub, &key, &events, next_seq, deadline).await?;
+        if reading.end_when_caught_up {
+            return Err(Stop::Deadline);
+        }
         let mut ping = tokio::time::interval_at(Instant::now() + PING_EVERY, PING_EVERY);
         loop {
             tokio::select! {
@@ -257,17 +352,17 @@ async fn serve_reader(
                     Ok(batch) => {
                         let gap = batch.rows.first().is_some_and(|first| first.seq_num > next_seq);
                         next_seq = if gap {
-                            catch_up(&hub, key, &events, next_seq, deadline).await?
+                            catch_up(&hub, &key, &events, next_seq, deadline).await?
                         } else {
                             send_rows(&events, &batch.rows, Some(&batch.event), next_seq).await?
                         };
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
-                        next_seq = catch_up(&hub, key, &events, next_seq, deadline).await?;
+                        next_seq = catch_up(&hub, &key, &events, next_seq, deadline).await?;
                     }
                     Err(broadcast::error::RecvError::Closed) => {
-                        feed = hub.subscribe(key);
-                        next_seq = catch_up(&hub, key, &events, next_seq, deadline).await?;
+                        feed = hub.subscribe(key.clone());
+                        next_seq = catch_up(&hub, &key, &events, next_seq, deadline).await?;
                     }
                 },
             }

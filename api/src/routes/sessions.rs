@@ -306,6 +306,13 @@ pub async fn initialize_stream() -> ApiError {
     )
 }
 
+/// `PUT /realtime/v1/sessions/{session}/channels/{name}/{io}`: as [`initialize_stream`].
+pub async fn initialize_channel_stream() -> ApiError {
+    ApiError::NotImplemented(
+        "Direct stream-store credentials are not offered by this server; append with POST /realtime/v1/sessions/{session}/channels/{name}/{io}/append",
+    )
+}
+
 /// `PATCH /api/v1/sessions/{session}`: `tags`, `metadata` (null clears); `externalId` is
 /// immutable (a different value → 422, the same value is a no-op); unknown fields → 400.
 pub async fn patch(

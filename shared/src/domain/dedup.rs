@@ -1,13 +1,14 @@
 //! Idempotency keys and body fingerprints for `X-Part-Id` dedup.
 //!
-//! A dedup key names `(environment, session, io, partId)`. Its string form is used as a cache key,
+//! A dedup key names `(environment, session, stream, partId)` (the stream being `in`, `out` or
+//! a named channel's direction, by its storage key). Its string form is used as a cache key,
 //! so its components are length-prefixed: no two distinct tuples can share a key
 //! (`("chat:in","in","p")` and `("chat","in","in:p")` encode differently).
 
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use super::Io;
+use super::Stream;
 
 /// Encodes components injectively: each is written as `<byte length>:<bytes>`.
 pub fn encode_components(components: &[&str]) -> String {
@@ -25,7 +26,7 @@ pub fn encode_components(components: &[&str]) -> String {
 pub struct DedupKey {
     pub environment_id: Uuid,
     pub session_id: Uuid,
-    pub io: Io,
+    pub stream: Stream,
     pub part_id: String,
 }
 
@@ -35,7 +36,7 @@ impl DedupKey {
         encode_components(&[
             &self.environment_id.to_string(),
             &self.session_id.to_string(),
-            self.io.as_str(),
+            &self.stream.key(),
             &self.part_id,
         ])
     }

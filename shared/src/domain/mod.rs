@@ -3,6 +3,7 @@
 
 pub mod channel;
 pub mod dedup;
+pub mod headers;
 pub mod ids;
 pub mod log;
 pub mod partition;
@@ -13,6 +14,6 @@ pub mod tokens;
 pub mod validation;
 pub mod waitpoint;
 
-pub use channel::Io;
+pub use channel::{ChannelName, Io, Stream};
 pub use ids::SessionAddress;
 pub use validation::ValidationError;

@@ -5,11 +5,12 @@
 //!
 //! Stream folds (as the reference server has them since 4.6): on a session's reserved channel,
 //! `{name}:{io}` covers just that channel, so `read:sessions:chat-1:out` reads `.out` and
-//! nothing else. Names that contain `:channels:` or end in `:in`/`:out` would be ambiguous in
+//! nothing else; on a named side channel `{name}:channels:{channel}` covers both its directions
+//! and `{name}:channels:{channel}:{io}` one of them (`{name}:{io}` covers no side channel). Names that contain `:channels:` or end in `:in`/`:out` would be ambiguous in
 //! that grammar; they never match on the channel routes (new sessions cannot be given such an
 //! externalId).
 
-use super::Io;
+use super::{ChannelName, Io, Stream};
 
 /// What a route wants to do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -44,11 +45,23 @@ impl SessionNames<'_> {
 
 /// What part of a session a route touches.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Target {
+pub enum Target<'a> {
     /// The session itself (retrieve, update, close, snapshots, waitpoints).
     Session,
     /// One of its reserved channels (`in` / `out`): records, SSE and append.
     Stream(Io),
+    /// One direction of a named side channel: records, SSE and append.
+    Channel(&'a ChannelName, Io),
+}
+
+impl<'a> Target<'a> {
+    /// The target of a route on `stream`.
+    pub fn of_stream(stream: &'a Stream) -> Self {
+        match &stream.channel {
+            None => Target::Stream(stream.io),
+            Some(channel) => Target::Channel(channel, stream.io),
+        }
+    }
 }
 
 /// Whether a session name may take part in the stream folds (see the module doc).
@@ -64,7 +77,12 @@ fn parse_scope(scope: &str) -> Option<(&str, &str, Option<&str>)> {
 }
 
 /// Whether one scope allows `action` on `target` of the session.
-fn scope_allows(scope: &str, action: Action, session: SessionNames<'_>, target: Target) -> bool {
+fn scope_allows(
+    scope: &str,
+    action: Action,
+    session: SessionNames<'_>,
+    target: Target<'_>,
+) -> bool {
     if scope == "admin" {
         return true;
     }
@@ -75,20 +93,36 @@ fn scope_allows(scope: &str, action: Action, session: SessionNames<'_>, target: 
         return false;
     }
     let Some(id) = id else { return true };
-    match target {
-        Target::Session => session.is_named(id),
-        Target::Stream(io) => [Some(session.friendly_id), session.external_id]
-            .into_iter()
-            .flatten()
-            .filter(|name| foldable(name))
-            .any(|name| {
-                id == name
-                    || id
-                        .strip_prefix(name)
-                        .and_then(|rest| rest.strip_prefix(':'))
-                        .is_some_and(|rest| rest == io.as_str())
-            }),
+    if target == Target::Session {
+        return session.is_named(id);
     }
+    [Some(session.friendly_id), session.external_id]
+        .into_iter()
+        .flatten()
+        .filter(|name| foldable(name))
+        .any(|name| {
+            let Some(rest) = id.strip_prefix(name) else {
+                return false;
+            };
+            let Some(rest) = rest.strip_prefix(':') else {
+                return rest.is_empty();
+            };
+            match target {
+                Target::Session => false,
+                // `{name}:{io}`
+                Target::Stream(io) => rest == io.as_str(),
+                // `{name}:channels:{channel}` or `{name}:channels:{channel}:{io}`
+                Target::Channel(channel, io) => rest
+                    .strip_prefix("channels:")
+                    .and_then(|rest| rest.strip_prefix(channel.as_str()))
+                    .is_some_and(|rest| {
+                        rest.is_empty()
+                            || rest
+                                .strip_prefix(':')
+                                .is_some_and(|rest| rest == io.as_str())
+                    }),
+            }
+        })
 }
 
 /// Whether any of `scopes` allows `action` on the session itself.
@@ -101,7 +135,7 @@ pub fn allows_on(
     scopes: &[String],
     action: Action,
     session: SessionNames<'_>,
-    target: Target,
+    target: Target<'_>,
 ) -> bool {
     scopes
         .iter()
@@ -237,6 +271,53 @@ mod tests {
             Action::Read,
             SESSION,
             Target::Stream(Io::Out)
+        ));
+    }
+
+    #[test]
+    fn channel_folds_cover_one_side_channel_or_one_direction_of_it() {
+        let notes: ChannelName = "notes".parse().expect("name");
+        let other: ChannelName = "other".parse().expect("name");
+        let on = |scope: &str, channel: &ChannelName, io: Io| {
+            allows_on(
+                &scopes(&[scope]),
+                Action::Write,
+                SESSION,
+                Target::Channel(channel, io),
+            )
+        };
+        assert!(on("write:sessions:chat:42", &notes, Io::In));
+        assert!(on(
+            "write:sessions:session_abc:channels:notes",
+            &notes,
+            Io::Out
+        ));
+        assert!(on(
+            "write:sessions:chat:42:channels:notes:in",
+            &notes,
+            Io::In
+        ));
+        assert!(!on(
+            "write:sessions:chat:42:channels:notes:in",
+            &notes,
+            Io::Out
+        ));
+        assert!(!on("write:sessions:chat:42:channels:notes", &other, Io::In));
+        assert!(!on("write:sessions:chat:42:channels:note", &notes, Io::In));
+        assert!(!on("write:sessions:chat:42:in", &notes, Io::In));
+        assert!(!on(
+            "write:sessions:chat:42:channels:notes:in:x",
+            &notes,
+            Io::In
+        ));
+        // A channel scope covers neither the session nor its reserved channels.
+        let channel_scope = scopes(&["write:sessions:chat:42:channels:notes"]);
+        assert!(!allows(&channel_scope, Action::Write, SESSION));
+        assert!(!allows_on(
+            &channel_scope,
+            Action::Write,
+            SESSION,
+            Target::Stream(Io::In)
         ));
     }
 

@@ -8,17 +8,17 @@ use sea_orm::sea_query::extension::postgres::PgFunc;
 use sea_orm::sea_query::{CaseStatement, Expr, ExprTrait};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, DbBackend,
-    EntityTrait, IntoActiveModel, QueryFilter, Statement, TransactionTrait, Value,
+    EntityTrait, IntoActiveModel, QueryFilter, QuerySelect, Statement, TransactionTrait, Value,
 };
 use uuid::Uuid;
 
 use super::entities::{applied_commands, outbox_events, records, runs, sessions, waitpoints};
 use super::{OutboxEventRow, RecordRow, RunRow, SessionRow, StorageError, Store, WaitpointRow};
 use crate::commands::{Command, CommandBody, Outcome};
-use crate::domain::Io;
 use crate::domain::dedup::DedupKey;
 use crate::domain::session::SessionItem;
 use crate::domain::waitpoint::STATUS_WAITING;
+use crate::domain::{Io, Stream};
 
 /// Rows per multi-row INSERT or per IN list: keeps every statement far below Postgres' 65,535
 /// bind parameters.
@@ -55,6 +55,9 @@ pub struct LoadedState {
     /// Bodies of records that registrations with `lastSeqNum` may complete with at once:
     /// `(session, io, seqNum)` → body.
     pub record_bodies: HashMap<(Uuid, Io, i64), String>,
+    /// The next seqNum of each named-channel stream the batch appends to, by `(session, stream
+    /// key)` (reserved channels count on the session row instead).
+    pub named_stream_heads: HashMap<(Uuid, String), i64>,
     /// How long after a close appends accepted by the api are still written (not loaded: the
     /// worker sets it from `SESSIONS_SESSION_CACHE_TTL_MS`; see `domain::session::append_state`).
     pub close_grace: chrono::TimeDelta,
@@ -188,11 +191,7 @@ async fn part_owner_rows(
         let values = [
             Value::from(keys.iter().map(|k| k.environment_id).collect::<Vec<_>>()),
             Value::from(keys.iter().map(|k| k.session_id).collect::<Vec<_>>()),
-            Value::from(
-                keys.iter()
-                    .map(|k| k.io.as_str().to_owned())
-                    .collect::<Vec<_>>(),
-            ),
+            Value::from(keys.iter().map(|k| k.stream.key()).collect::<Vec<_>>()),
             Value::from(keys.iter().map(|k| k.part_id.clone()).collect::<Vec<_>>()),
         ];
         return Ok(records::Entity::find()
@@ -210,11 +209,45 @@ async fn part_owner_rows(
             Condition::all()
                 .add(records::Column::EnvironmentId.eq(key.environment_id))
                 .add(records::Column::SessionId.eq(key.session_id))
-                .add(records::Column::Io.eq(key.io.as_str()))
+                .add(records::Column::Io.eq(key.stream.key()))
                 .add(records::Column::PartId.eq(key.part_id.as_str())),
         );
     }
     Ok(records::Entity::find().filter(any).all(txn).await?)
+}
+
+/// The next seqNum of every named-channel stream `commands` append to: one past the last
+/// record's, found through the records primary key (session, stream, seqNum). Batches name few
+/// such streams; each costs one index probe.
+async fn load_named_stream_heads(
+    txn: &DatabaseTransaction,
+    commands: &[Command],
+    state: &mut LoadedState,
+) -> Result<(), StorageError> {
+    let mut streams: Vec<(Uuid, String)> = commands
+        .iter()
+        .filter_map(|command| match &command.body {
+            CommandBody::Append(append) if append.channel.is_some() => {
+                Some((command.session_id, append.stream().key()))
+            }
+            _ => None,
+        })
+        .collect();
+    streams.sort_unstable();
+    streams.dedup();
+    for (session_id, key) in streams {
+        let last: Option<Option<i64>> = records::Entity::find()
+            .select_only()
+            .column_as(records::Column::SeqNum.max(), "last_seq_num")
+            .filter(records::Column::SessionId.eq(session_id))
+            .filter(records::Column::Io.eq(key.as_str()))
+            .into_tuple::<Option<i64>>()
+            .one(txn)
+            .await?;
+        let next = last.flatten().map_or(0, |last| last + 1);
+        state.named_stream_heads.insert((session_id, key), next);
+    }
+    Ok(())
 }
 
 async fn load_state(
@@ -284,7 +317,7 @@ async fn load_state(
             CommandBody::Append(append) => append.part_id.as_ref().map(|part_id| DedupKey {
                 environment_id: c.environment_id,
                 session_id: c.session_id,
-                io: append.io,
+                stream: append.stream(),
                 part_id: part_id.clone(),
             }),
             _ => None,
@@ -292,14 +325,15 @@ async fn load_state(
         .collect();
     for chunk in part_keys.chunks(CHUNK / 4) {
         for record in part_owner_rows(txn, chunk).await? {
-            let (Some(part_id), Ok(io)) = (record.part_id, record.io.parse()) else {
+            let (Some(part_id), Some(stream)) = (record.part_id, Stream::from_key(&record.io))
+            else {
                 continue;
             };
             state.parts.insert(
                 DedupKey {
                     environment_id: record.environment_id,
                     session_id: record.session_id,
-                    io,
+                    stream,
                     part_id,
                 },
                 PartOwner {
@@ -310,6 +344,8 @@ async fn load_state(
             );
         }
     }
+
+    load_named_stream_heads(txn, commands, &mut state).await?;
 
     for chunk in session_ids.chunks(CHUNK) {
         for waitpoint in waitpoints::Entity::find()
@@ -672,12 +708,13 @@ async fn execute_with_rows(
 /// New records (Postgres): one `INSERT … SELECT FROM jsonb_to_recordset($1)` whatever their
 /// number.
 const INSERT_RECORDS_SQL: &str = r#"INSERT INTO records
-  (session_id, io, seq_num, environment_id, part_id, body, body_fingerprint, command_id, created_at)
+  (session_id, io, seq_num, environment_id, part_id, body, body_fingerprint, command_id, created_at,
+   headers)
 SELECT session_id, io, seq_num, environment_id, part_id, body, body_fingerprint, command_id,
-       created_at
+       created_at, headers
 FROM jsonb_to_recordset($1::jsonb) AS r(session_id uuid, io text, seq_num int8,
   environment_id uuid, part_id text, body text, body_fingerprint text, command_id uuid,
-  created_at timestamptz)"#;
+  created_at timestamptz, headers jsonb)"#;
 
 async fn insert_records_postgres(
     txn: &DatabaseTransaction,
@@ -699,6 +736,7 @@ async fn insert_records_postgres(
                 "body_fingerprint": row.body_fingerprint,
                 "command_id": row.command_id,
                 "created_at": row.created_at,
+                "headers": row.headers,
             })
         })
         .collect();

@@ -137,6 +137,7 @@ pub mod records {
     pub struct Model {
         #[sea_orm(primary_key, auto_increment = false)]
         pub session_id: Uuid,
+        /// The stream key: `in`, `out` or `channels/{name}/{io}` (`domain::Stream::key`).
         #[sea_orm(primary_key, auto_increment = false)]
         pub io: String,
         #[sea_orm(primary_key, auto_increment = false)]
@@ -147,6 +148,8 @@ pub mod records {
         pub body_fingerprint: String,
         pub command_id: Uuid,
         pub created_at: DateTimeUtc,
+        /// `[[name, value], …]` when the record has headers (`domain::headers`), else NULL.
+        pub headers: Option<Json>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

@@ -14,6 +14,7 @@ impl MigratorTrait for Migrator {
             Box::new(EncryptedSecretKeys),
             Box::new(SessionSnapshots),
             Box::new(PartitionLogs),
+            Box::new(NamedChannels),
         ]
     }
 }
@@ -373,6 +374,44 @@ impl MigrationTrait for PartitionLogs {
                     .col(text("reason"))
                     .col(timestamp_with_time_zone("created_at"))
                     .col(timestamp_with_time_zone_null("replayed_at"))
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// Side channels (a wider stream key) and record headers.
+struct NamedChannels;
+
+impl MigrationName for NamedChannels {
+    fn name(&self) -> &str {
+        "m20261206_000006_named_channels_and_record_headers"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for NamedChannels {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        // `records.io` now holds the stream key: `in`, `out` or `channels/{name}/{io}` (up to
+        // 141 characters). Postgres enforces the old varchar(8); widening to text rewrites
+        // nothing. SQLite never enforced the length.
+        if manager.get_database_backend() == sea_orm::DatabaseBackend::Postgres {
+            manager
+                .alter_table(
+                    Table::alter()
+                        .table("records")
+                        .modify_column(ColumnDef::new("io").text().not_null())
+                        .to_owned(),
+                )
+                .await?;
+        }
+        // Record headers (`[[name, value], …]`), NULL for the records that have none (all
+        // records written before). Adding a nullable column rewrites nothing.
+        manager
+            .alter_table(
+                Table::alter()
+                    .table("records")
+                    .add_column(json_binary_null("headers"))
                     .to_owned(),
             )
             .await

@@ -23,12 +23,22 @@ use uuid::Uuid;
 
 use crate::domain::ids::{self, ENVIRONMENT_PREFIX};
 use crate::domain::session::SessionItem;
-use crate::domain::{Io, SessionAddress};
+use crate::domain::{Io, SessionAddress, Stream};
 
 pub use apply::{BatchWrites, LoadedState, NewOutboxEvent, PartOwner, WaitpointCompletion};
 pub use entities::environments::Model as EnvironmentRow;
 pub use entities::outbox_events::Model as OutboxEventRow;
 pub use entities::records::Model as RecordRow;
+
+impl RecordRow {
+    /// The record's headers (`domain::headers`), empty when it has none.
+    pub fn header_pairs(&self) -> crate::domain::headers::RecordHeaders {
+        self.headers
+            .as_ref()
+            .and_then(|headers| serde_json::from_value(headers.clone()).ok())
+            .unwrap_or_default()
+    }
+}
 pub use entities::runs::Model as RunRow;
 pub use entities::sessions::Model as SessionRow;
 pub use entities::waitpoints::Model as WaitpointRow;
@@ -512,14 +522,14 @@ impl Store {
         &self,
         environment_id: Uuid,
         session_id: Uuid,
-        io: Io,
+        stream: &Stream,
         after: Option<i64>,
         limit: u64,
     ) -> Result<Vec<RecordRow>, StorageError> {
         let mut query = records::Entity::find()
             .filter(records::Column::EnvironmentId.eq(environment_id))
             .filter(records::Column::SessionId.eq(session_id))
-            .filter(records::Column::Io.eq(io.as_str()));
+            .filter(records::Column::Io.eq(stream.key()));
         if let Some(after) = after {
             query = query.filter(records::Column::SeqNum.gt(after));
         }
@@ -530,21 +540,52 @@ impl Store {
             .await?)
     }
 
-    /// The seqNum the next record of a channel will get (0 when the session does not exist).
+    /// The last `limit` records of a stream, newest first.
+    pub async fn last_records(
+        &self,
+        environment_id: Uuid,
+        session_id: Uuid,
+        stream: &Stream,
+        limit: u64,
+    ) -> Result<Vec<RecordRow>, StorageError> {
+        Ok(records::Entity::find()
+            .filter(records::Column::EnvironmentId.eq(environment_id))
+            .filter(records::Column::SessionId.eq(session_id))
+            .filter(records::Column::Io.eq(stream.key()))
+            .order_by_desc(records::Column::SeqNum)
+            .limit(limit)
+            .all(&self.db)
+            .await?)
+    }
+
+    /// The seqNum the next record of a stream will get (0 when the session does not exist):
+    /// the session's counter for a reserved channel, one past the last record for a named one.
     pub async fn channel_head(
         &self,
         environment_id: Uuid,
         session_id: Uuid,
-        io: Io,
+        stream: &Stream,
     ) -> Result<i64, StorageError> {
-        let session = sessions::Entity::find_by_id(session_id)
-            .filter(sessions::Column::EnvironmentId.eq(environment_id))
+        if stream.is_reserved() {
+            let session = sessions::Entity::find_by_id(session_id)
+                .filter(sessions::Column::EnvironmentId.eq(environment_id))
+                .one(&self.db)
+                .await?;
+            return Ok(session.map_or(0, |session| match stream.io {
+                Io::In => session.next_seq_in,
+                Io::Out => session.next_seq_out,
+            }));
+        }
+        let last: Option<Option<i64>> = records::Entity::find()
+            .select_only()
+            .column_as(records::Column::SeqNum.max(), "last_seq_num")
+            .filter(records::Column::EnvironmentId.eq(environment_id))
+            .filter(records::Column::SessionId.eq(session_id))
+            .filter(records::Column::Io.eq(stream.key()))
+            .into_tuple::<Option<i64>>()
             .one(&self.db)
             .await?;
-        Ok(session.map_or(0, |session| match io {
-            Io::In => session.next_seq_in,
-            Io::Out => session.next_seq_out,
-        }))
+        Ok(last.flatten().map_or(0, |last| last + 1))
     }
 
     /// The run with this friendly id in this environment.

@@ -5,7 +5,8 @@
 //! Rules:
 //! - commands are applied in the order given (one partition contributes one message, whose
 //!   commands are in acceptance order), so each session's writes keep acceptance order;
-//! - every `(session, io)` gets seqNums 0, 1, 2… without gaps;
+//! - every stream of a session (`in`, `out`, each named channel's `in` and `out`) gets seqNums
+//!   0, 1, 2… without gaps; only the reserved `in`/`out` complete waitpoints;
 //! - a part id that already owns a record makes a retry a duplicate (same body) or a conflict
 //!   (other body), permanently; neither writes anything;
 //! - a redelivered command returns its first outcome and writes nothing again.
@@ -18,13 +19,13 @@ use shared::commands::{
     AppendCommand, CloseSessionCommand, Command, CommandBody, CreateSessionCommand,
     EndAndContinueCommand, Outcome, PatchSessionCommand, RegisterWaitpointCommand,
 };
-use shared::domain::Io;
 use shared::domain::dedup::{DedupKey, body_fingerprint};
 use shared::domain::session::{SessionItem, SessionState, append_state, session_state};
 use shared::domain::waitpoint::{
     STATUS_COMPLETED, STATUS_TIMED_OUT, STATUS_WAITING, WAITPOINT_COMPLETED, WAITPOINT_TIMED_OUT,
     WaitpointEvent, timeout_output,
 };
+use shared::domain::{Io, Stream};
 use shared::storage::{
     BatchWrites, LoadedState, NewOutboxEvent, PartOwner, RecordRow, RunRow, SessionRow,
     WaitpointCompletion, WaitpointRow,
@@ -49,8 +50,9 @@ pub const RUN_REQUESTED: &str = "run.requested";
 
 /// A record about to be written by [`Planner::write_record`].
 struct NewRecord<'a> {
-    io: Io,
+    stream: Stream,
     part_id: Option<String>,
+    headers: &'a [(String, String)],
     body: &'a str,
     fingerprint: String,
 }
@@ -179,10 +181,11 @@ impl Planner {
             return rejected;
         }
         let fingerprint = body_fingerprint(&append.body);
+        let stream = append.stream();
         let key = append.part_id.as_ref().map(|part_id| DedupKey {
             environment_id: command.environment_id,
             session_id: command.session_id,
-            io: append.io,
+            stream: stream.clone(),
             part_id: part_id.clone(),
         });
         if let Some(owner) = key.as_ref().and_then(|key| self.state.parts.get(key)) {
@@ -193,12 +196,15 @@ impl Planner {
             }
             // A retry re-runs the drain, with the STORED record: it completes only waitpoints
             // that were waiting for that record (e.g. left over by a crash), never later ones.
-            self.drain(command, append.io, seq_num, &stored_body);
+            if stream.is_reserved() {
+                self.drain(command, append.io, seq_num, &stored_body);
+            }
             return Outcome::Duplicate { seq_num };
         }
         let record = NewRecord {
-            io: append.io,
+            stream,
             part_id: append.part_id.clone(),
+            headers: &append.headers,
             body: &append.body,
             fingerprint: fingerprint.clone(),
         };
@@ -219,30 +225,46 @@ impl Planner {
         Outcome::Appended { seq_num }
     }
 
-    /// Gives the record its channel's next seqNum, completes the waitpoints it wakes and writes
-    /// it. `None` if the command's session does not exist.
+    /// Gives the record its stream's next seqNum, completes the waitpoints it wakes (reserved
+    /// channels only: a named channel wakes no run) and writes it. `None` if the command's
+    /// session does not exist.
     fn write_record(&mut self, command: &Command, record: NewRecord<'_>) -> Option<i64> {
         let NewRecord {
-            io,
+            stream,
             part_id,
+            headers,
             body,
             fingerprint,
         } = record;
         let now = self.state.now;
         let session = self.session_mut(command)?;
-        let counter = match io {
-            Io::In => &mut session.next_seq_in,
-            Io::Out => &mut session.next_seq_out,
-        };
-        let seq_num = *counter;
-        *counter += 1;
-        session.updated_at = now;
         let session_id = session.id;
-        self.updated_sessions.insert(session_id);
-        self.drain(command, io, seq_num, body);
+        let key = stream.key();
+        let seq_num = if stream.is_reserved() {
+            let counter = match stream.io {
+                Io::In => &mut session.next_seq_in,
+                Io::Out => &mut session.next_seq_out,
+            };
+            let seq_num = *counter;
+            *counter += 1;
+            session.updated_at = now;
+            self.updated_sessions.insert(session_id);
+            self.drain(command, stream.io, seq_num, body);
+            seq_num
+        } else {
+            // Named channels count in the batch state (loaded from their last record).
+            let next = self
+                .state
+                .named_stream_heads
+                .entry((session_id, key.clone()))
+                .or_insert(0);
+            let seq_num = *next;
+            *next += 1;
+            seq_num
+        };
         self.writes.records.push(RecordRow {
             session_id,
-            io: io.as_str().to_owned(),
+            io: key,
             seq_num,
             environment_id: command.environment_id,
             part_id,
@@ -250,6 +272,7 @@ impl Planner {
             body_fingerprint: fingerprint,
             command_id: command.id,
             created_at: now,
+            headers: (!headers.is_empty()).then(|| json!(headers)),
         });
         Some(seq_num)
     }
@@ -488,8 +511,9 @@ impl Planner {
             self.updated_sessions.insert(id);
             if !closed_by_its_own_run {
                 let record = NewRecord {
-                    io: Io::In,
+                    stream: Stream::reserved(Io::In),
                     part_id: None,
+                    headers: &[],
                     fingerprint: body_fingerprint(&message),
                     body: &message,
                 };

@@ -51,10 +51,74 @@ fn append(id: u128, io: Io, part_id: Option<&str>, body: &str) -> Command {
         wants_reply: false,
         body: CommandBody::Append(AppendCommand {
             io,
+            channel: None,
             part_id: part_id.map(str::to_owned),
             body: body.into(),
+            headers: Vec::new(),
         }),
     }
+}
+
+fn append_to_channel(
+    id: u128,
+    channel: &str,
+    io: Io,
+    part_id: Option<&str>,
+    body: &str,
+) -> Command {
+    let mut command = append(id, io, part_id, body);
+    if let CommandBody::Append(append) = &mut command.body {
+        append.channel = Some(channel.parse().expect("channel name"));
+    }
+    command
+}
+
+#[test]
+fn side_channels_count_on_their_own_and_wake_no_waitpoint() {
+    let mut state = state_with(Some(session_row()));
+    // The batch state says notes/in already holds records 0..=4.
+    state
+        .named_stream_heads
+        .insert((SESSION, "channels/notes/in".into()), 5);
+    let commands = vec![
+        register(20, None),
+        append_to_channel(10, "notes", Io::In, Some("n1"), "a"),
+        append_to_channel(11, "notes", Io::In, Some("n1"), "a"),
+        append_to_channel(12, "notes", Io::Out, None, "b"),
+        append_to_channel(13, "other", Io::In, Some("n1"), "c"),
+        append(14, Io::In, Some("n1"), "reserved"),
+    ];
+    let (writes, outcomes) = plan_batch(&commands, state);
+    assert_eq!(
+        outcomes[1..],
+        [
+            Outcome::Appended { seq_num: 5 },
+            Outcome::Duplicate { seq_num: 5 },
+            Outcome::Appended { seq_num: 0 },
+            Outcome::Appended { seq_num: 0 },
+            Outcome::Appended { seq_num: 0 },
+        ]
+    );
+    let keys: Vec<&str> = writes
+        .records
+        .iter()
+        .map(|record| record.io.as_str())
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "channels/notes/in",
+            "channels/notes/out",
+            "channels/other/in",
+            "in"
+        ]
+    );
+    // Only the reserved `in` record completes the run's waitpoint; only it moves the counters.
+    assert_eq!(writes.waitpoint_completions.len(), 1);
+    assert_eq!(writes.waitpoint_completions[0].output, "reserved");
+    assert_eq!(writes.updated_sessions.len(), 1);
+    assert_eq!(writes.updated_sessions[0].next_seq_in, 1);
+    assert_eq!(writes.updated_sessions[0].next_seq_out, 0);
 }
 
 #[test]
@@ -107,7 +171,7 @@ fn stored_part_owner_decides_across_batches() {
         DedupKey {
             environment_id: ENV,
             session_id: SESSION,
-            io: Io::In,
+            stream: Stream::reserved(Io::In),
             part_id: "p".into(),
         },
         PartOwner {
@@ -437,7 +501,7 @@ fn a_duplicate_drains_waitpoints_left_waiting_with_the_stored_body() {
         DedupKey {
             environment_id: ENV,
             session_id: SESSION,
-            io: Io::In,
+            stream: Stream::reserved(Io::In),
             part_id: "p".into(),
         },
         PartOwner {
