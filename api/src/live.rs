@@ -49,10 +49,37 @@ pub struct FeedBatch {
     pub event: Event,
 }
 
+/// A record's body as readers see it: the JSON string `{"data": …, "id": …}`. A body stored as
+/// such an envelope (the SDK writer's records) is that string; raw text from the append route is
+/// wrapped as `{"data": <text>, "id": <partId or "">}`, so a raw body that looks like an envelope
+/// is still shown as the text it is.
+pub fn envelope_of(row: &RecordRow) -> String {
+    if row.body_is_envelope {
+        return row.body.clone();
+    }
+    json!({ "data": row.body, "id": row.part_id.as_deref().unwrap_or("") }).to_string()
+}
+
+/// A record as the records route lists it: `data` and `id` out of its envelope (the writer's
+/// chunk is a JSON value; the append route's text stays a string).
+pub fn listed_data_and_id(row: &RecordRow) -> (serde_json::Value, String) {
+    if row.body_is_envelope
+        && let Ok(serde_json::Value::Object(mut envelope)) = serde_json::from_str(&row.body)
+    {
+        let data = envelope.remove("data").unwrap_or(serde_json::Value::Null);
+        let id = match envelope.remove("id") {
+            Some(serde_json::Value::String(id)) => id,
+            _ => String::new(),
+        };
+        return (data, id);
+    }
+    (json!(row.body), row.part_id.clone().unwrap_or_default())
+}
+
 /// The SSE `batch` event of `rows` (the wire shape of the official client's stream reader):
 /// `{seq_num, timestamp, headers?, body?}`. `headers` only when the record has some; `body` is
-/// the JSON string `{"data": <raw text>, "id": <partId or "">}`, left out for a record with
-/// headers and no body (a control or command record), as the reference stream store does.
+/// [`envelope_of`] the record, left out for a record with headers and no body (a control or
+/// command record), as the reference stream store does.
 pub fn batch_event(rows: &[RecordRow]) -> Event {
     let records: Vec<serde_json::Value> = rows
         .iter()
@@ -63,8 +90,7 @@ pub fn batch_event(rows: &[RecordRow]) -> Event {
             });
             let headers = row.header_pairs();
             if headers.is_empty() || !row.body.is_empty() {
-                let body = json!({ "data": row.body, "id": row.part_id.as_deref().unwrap_or("") });
-                record["body"] = json!(body.to_string());
+                record["body"] = json!(envelope_of(row));
             }
             if !headers.is_empty() {
                 record["headers"] = json!(headers);

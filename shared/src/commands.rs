@@ -4,10 +4,10 @@
 //! acceptance order (group commit). The envelope carries a version so that old and new processes
 //! can run side by side during a deploy: new fields are optional, and the worker decodes every
 //! version still in flight. Version 1 is the first published version; version 2 marks an
-//! envelope that carries an append to a named channel or an append with record headers (a worker
-//! that knows only version 1 would write the first to the reserved channel and drop the
-//! headers of the second, so it refuses the envelope instead, and it is dead-lettered for replay
-//! after the upgrade). Envelopes without such appends stay version 1.
+//! envelope that carries an append to a named channel, or with record headers, or with a body
+//! that is already a record envelope (a worker that knows only version 1 would write the first
+//! to the reserved channel and lose what marks the others, so it refuses the envelope instead,
+//! and it is dead-lettered for replay after the upgrade). Envelopes without such appends stay version 1.
 //!
 //! Replies ([`Reply`]) travel back to the api instance that asked (its reply queue), correlated by
 //! command id.
@@ -49,7 +49,10 @@ impl Envelope {
         let needs_version_2 = commands.iter().any(|command| {
             matches!(
                 &command.body,
-                CommandBody::Append(append) if append.channel.is_some() || !append.headers.is_empty()
+                CommandBody::Append(append)
+                    if append.channel.is_some()
+                        || !append.headers.is_empty()
+                        || append.body_is_envelope
             )
         });
         Self {
@@ -152,6 +155,11 @@ pub struct AppendCommand {
     /// The record's headers (none for appends through the append route).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headers: RecordHeaders,
+    /// `body` is already a record envelope `{"data": <chunk>, "id": <id>}`, as the SDK's `out`
+    /// writer sends its records; readers unwrap it. The append route's bodies are raw text
+    /// (`false`): readers show them as the string they are, whatever they look like.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub body_is_envelope: bool,
 }
 
 impl AppendCommand {
@@ -402,6 +410,7 @@ mod tests {
                 part_id: part_id.map(str::to_owned),
                 body: "{\"text\":\"hi\"}".into(),
                 headers: Vec::new(),
+                body_is_envelope: false,
             }),
         }
     }

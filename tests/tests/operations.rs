@@ -164,6 +164,7 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed_to_their_partiti
             part_id: Some("replayed".into()),
             body: "back from the dead".into(),
             headers: Vec::new(),
+            body_is_envelope: false,
         }),
     );
     let partition = shared::domain::partition::partition_of(session_id.id, app.settings.partitions);

@@ -32,6 +32,32 @@ async fn events_until_end(response: reqwest::Response, wait: Duration) -> (Vec<S
     }
 }
 
+/// The records route's answer for `out` of `session` once it lists `count` records (or after
+/// [`WAIT`]). (Raw JSON: the harness's typed reader expects string data only.)
+async fn listed_when(app: &TestApp, session: &str, count: usize) -> Value {
+    let url = app.url(&format!("/realtime/v1/sessions/{session}/out/records"));
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let answer: Value = app
+            .client
+            .get(&url)
+            .bearer_auth(&app.secret_key)
+            .send()
+            .await
+            .expect("records")
+            .json()
+            .await
+            .expect("json");
+        let complete = answer["records"]
+            .as_array()
+            .is_some_and(|r| r.len() >= count);
+        if complete || Instant::now() > deadline {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn batch_records(events: &[SseEvent]) -> Vec<Value> {
     events
         .iter()
@@ -61,6 +87,7 @@ async fn headers_control_records_and_peek_settled_reach_readers_as_the_client_ex
                 part_id: part_id.map(str::to_owned),
                 body: body.to_owned(),
                 headers,
+                body_is_envelope: false,
             }),
         )
     };
@@ -86,25 +113,7 @@ async fn headers_control_records_and_peek_settled_reach_readers_as_the_client_ex
 
     // The records route: headers where there are any, the control record as data "" / id "",
     // the command record skipped.
-    let records_url = app.url("/realtime/v1/sessions/agent-turn/out/records");
-    let deadline = Instant::now() + WAIT;
-    let records = loop {
-        let answer: Value = app
-            .client
-            .get(&records_url)
-            .bearer_auth(&app.secret_key)
-            .send()
-            .await
-            .expect("records")
-            .json()
-            .await
-            .expect("json");
-        let complete = answer["records"].as_array().is_some_and(|r| r.len() == 2);
-        if complete || Instant::now() > deadline {
-            break answer;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let records = listed_when(&app, "agent-turn", 2).await;
     assert_eq!(
         records,
         json!({"records": [
@@ -201,5 +210,80 @@ async fn headers_control_records_and_peek_settled_reach_readers_as_the_client_ex
         )
         .await;
     assert_eq!(on_in.headers().get("x-session-settled"), None);
+    app.cleanup().await;
+}
+
+/// A record whose body is the writer's envelope `{"data": <chunk>, "id": <id>}` is unwrapped by
+/// the records route (the chunk as a JSON value) and streamed as it is; a raw append whose text
+/// merely looks like an envelope stays the string it is, with its own part id.
+#[tokio::test]
+async fn enveloped_bodies_are_unwrapped_and_raw_text_never_is() {
+    let app = TestApp::spawn().await;
+    app.create_session("writer").await;
+    let session = app.session_row("writer").await;
+    let envelope = r#"{"data":{"type":"text-delta","delta":"Hi"},"id":"Xk3d9Qa"}"#;
+    let command = Command::new(
+        session.environment_id,
+        session.id,
+        chrono::Utc::now(),
+        CommandBody::Append(AppendCommand {
+            io: Io::Out,
+            channel: None,
+            part_id: Some("Xk3d9Qa".into()),
+            body: envelope.into(),
+            headers: Vec::new(),
+            body_is_envelope: true,
+        }),
+    );
+    let message = Envelope::new(vec![command]);
+    assert_eq!(
+        message.version, 2,
+        "an enveloped body needs a worker that knows it"
+    );
+    BrokerLink::new(
+        BrokerConfig::from_settings(&app.settings, "envelope-test".into(), None),
+        None,
+    )
+    .publish_commands(
+        partition_of(session.id, app.settings.partitions),
+        "envelope-1",
+        None,
+        &message.encode(),
+    )
+    .await
+    .expect("publish");
+    let lookalike = r#"{"data":"not a chunk","id":"forged"}"#;
+    listed_when(&app, "writer", 1).await;
+    assert_eq!(
+        app.append("writer", "out", lookalike, Some("raw-1"))
+            .await
+            .status(),
+        200
+    );
+    let listed = listed_when(&app, "writer", 2).await;
+    assert_eq!(
+        listed,
+        json!({"records": [
+            {"data": {"type": "text-delta", "delta": "Hi"}, "id": "Xk3d9Qa", "seqNum": 0},
+            {"data": lookalike, "id": "raw-1", "seqNum": 1},
+        ]})
+    );
+    let (events, _) = events_until_end(
+        app.subscribe("writer", "out", &[("Timeout-Seconds", "1")])
+            .await,
+        Duration::from_secs(5),
+    )
+    .await;
+    let bodies: Vec<Value> = batch_records(&events)
+        .iter()
+        .map(|record| record["body"].clone())
+        .collect();
+    assert_eq!(
+        bodies,
+        [
+            json!(envelope),
+            json!(json!({"data": lookalike, "id": "raw-1"}).to_string()),
+        ]
+    );
     app.cleanup().await;
 }

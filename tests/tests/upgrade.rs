@@ -75,6 +75,7 @@ async fn commands_left_in_legacy_partition_queues_are_applied_first_then_the_que
                 part_id: Some(format!("p{body}")),
                 body: body.into(),
                 headers: Vec::new(),
+                body_is_envelope: false,
             }),
         );
         let confirm = channel

@@ -190,6 +190,7 @@ async fn append_to(
             part_id,
             body: text,
             headers: Vec::new(),
+            body_is_envelope: false,
         }),
     );
     // An explicit `Prefer: wait` gets the outcome or 504; an `in` append without it waits a
@@ -313,11 +314,8 @@ async fn records_of(
             if is_command_record(&headers) {
                 return None;
             }
-            let mut record = json!({
-                "data": row.body,
-                "id": row.part_id.unwrap_or_default(),
-                "seqNum": row.seq_num,
-            });
+            let (data, id) = crate::live::listed_data_and_id(&row);
+            let mut record = json!({ "data": data, "id": id, "seqNum": row.seq_num });
             if !headers.is_empty() {
                 record["headers"] = json!(headers);
             }

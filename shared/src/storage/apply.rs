@@ -709,12 +709,12 @@ async fn execute_with_rows(
 /// number.
 const INSERT_RECORDS_SQL: &str = r#"INSERT INTO records
   (session_id, io, seq_num, environment_id, part_id, body, body_fingerprint, command_id, created_at,
-   headers)
+   headers, body_is_envelope)
 SELECT session_id, io, seq_num, environment_id, part_id, body, body_fingerprint, command_id,
-       created_at, headers
+       created_at, headers, body_is_envelope
 FROM jsonb_to_recordset($1::jsonb) AS r(session_id uuid, io text, seq_num int8,
   environment_id uuid, part_id text, body text, body_fingerprint text, command_id uuid,
-  created_at timestamptz, headers jsonb)"#;
+  created_at timestamptz, headers jsonb, body_is_envelope boolean)"#;
 
 async fn insert_records_postgres(
     txn: &DatabaseTransaction,
@@ -737,6 +737,7 @@ async fn insert_records_postgres(
                 "command_id": row.command_id,
                 "created_at": row.created_at,
                 "headers": row.headers,
+                "body_is_envelope": row.body_is_envelope,
             })
         })
         .collect();

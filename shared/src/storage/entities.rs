@@ -150,6 +150,9 @@ pub mod records {
         pub created_at: DateTimeUtc,
         /// `[[name, value], …]` when the record has headers (`domain::headers`), else NULL.
         pub headers: Option<Json>,
+        /// `body` is a record envelope `{"data", "id"}` (written by the SDK's writer), not raw
+        /// text from the append route.
+        pub body_is_envelope: bool,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

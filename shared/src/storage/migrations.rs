@@ -380,7 +380,7 @@ impl MigrationTrait for PartitionLogs {
     }
 }
 
-/// Side channels (a wider stream key) and record headers.
+/// Side channels (a wider stream key), record headers and enveloped bodies.
 struct NamedChannels;
 
 impl MigrationName for NamedChannels {
@@ -412,6 +412,15 @@ impl MigrationTrait for NamedChannels {
                 Table::alter()
                     .table("records")
                     .add_column(json_binary_null("headers"))
+                    .to_owned(),
+            )
+            .await?;
+        // Whether the body is the writer's record envelope (readers unwrap it) or raw text.
+        manager
+            .alter_table(
+                Table::alter()
+                    .table("records")
+                    .add_column(boolean("body_is_envelope").default(false))
                     .to_owned(),
             )
             .await

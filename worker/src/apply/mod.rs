@@ -53,6 +53,7 @@ struct NewRecord<'a> {
     stream: Stream,
     part_id: Option<String>,
     headers: &'a [(String, String)],
+    body_is_envelope: bool,
     body: &'a str,
     fingerprint: String,
 }
@@ -205,6 +206,7 @@ impl Planner {
             stream,
             part_id: append.part_id.clone(),
             headers: &append.headers,
+            body_is_envelope: append.body_is_envelope,
             body: &append.body,
             fingerprint: fingerprint.clone(),
         };
@@ -233,6 +235,7 @@ impl Planner {
             stream,
             part_id,
             headers,
+            body_is_envelope,
             body,
             fingerprint,
         } = record;
@@ -273,6 +276,7 @@ impl Planner {
             command_id: command.id,
             created_at: now,
             headers: (!headers.is_empty()).then(|| json!(headers)),
+            body_is_envelope,
         });
         Some(seq_num)
     }
@@ -514,6 +518,7 @@ impl Planner {
                     stream: Stream::reserved(Io::In),
                     part_id: None,
                     headers: &[],
+                    body_is_envelope: false,
                     fingerprint: body_fingerprint(&message),
                     body: &message,
                 };

@@ -55,6 +55,7 @@ fn append(id: u128, io: Io, part_id: Option<&str>, body: &str) -> Command {
             part_id: part_id.map(str::to_owned),
             body: body.into(),
             headers: Vec::new(),
+            body_is_envelope: false,
         }),
     }
 }
