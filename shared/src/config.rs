@@ -15,8 +15,8 @@ pub struct ConfigError {
     pub message: String,
 }
 
-/// Settings shared by the api and the worker.
-#[derive(Clone, Debug)]
+/// Settings shared by the api and the worker. `Debug` redacts the secrets (see the impl below).
+#[derive(Clone)]
 pub struct Settings {
     /// `DATABASE_URL`: Postgres (`postgres://…`) or SQLite (`sqlite://…`).
     pub database_url: String,
@@ -134,6 +134,122 @@ pub struct Settings {
     /// `SESSIONS_RATE_LIMIT_BURST`: how many requests an environment may send at once above its
     /// rate (the bucket size); default twice the rate.
     pub rate_limit_burst: u32,
+}
+
+/// Credentials never reach a log line through `{:?}`: the URLs lose their user information and
+/// the master key is not shown.
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Destructured, so that a new field fails to compile until it is listed here.
+        let Self {
+            database_url,
+            amqp_url,
+            log_replicas,
+            log_max_bytes,
+            log_max_age,
+            log_segment_bytes,
+            redis_url,
+            http_addr,
+            worker_http_addr,
+            partitions,
+            broker_prefix,
+            redis_prefix,
+            confirm_timeout,
+            reply_timeout,
+            in_append_wait,
+            max_append_bytes,
+            max_json_bytes,
+            max_snapshot_bytes,
+            max_discard_bytes,
+            discard_timeout,
+            publish_batch_max,
+            worker_batch_max,
+            worker_prefetch,
+            worker_apply_lanes,
+            claim_ttl,
+            retry_budget,
+            worker_index,
+            worker_count,
+            worker_standby_delay,
+            partition_lease,
+            drain_legacy_queues,
+            auth_cache_ttl,
+            session_cache_ttl,
+            db_max_connections,
+            jwt_issuer,
+            jwt_audience,
+            public_url,
+            master_key: _,
+            master_key_is_default,
+            test_failpoint,
+            rate_limit_per_second,
+            rate_limit_burst,
+        } = self;
+        f.debug_struct("Settings")
+            .field("database_url", &without_credentials(database_url))
+            .field("amqp_url", &without_credentials(amqp_url))
+            .field("log_replicas", log_replicas)
+            .field("log_max_bytes", log_max_bytes)
+            .field("log_max_age", log_max_age)
+            .field("log_segment_bytes", log_segment_bytes)
+            .field("redis_url", &without_credentials(redis_url))
+            .field("http_addr", http_addr)
+            .field("worker_http_addr", worker_http_addr)
+            .field("partitions", partitions)
+            .field("broker_prefix", broker_prefix)
+            .field("redis_prefix", redis_prefix)
+            .field("confirm_timeout", confirm_timeout)
+            .field("reply_timeout", reply_timeout)
+            .field("in_append_wait", in_append_wait)
+            .field("max_append_bytes", max_append_bytes)
+            .field("max_json_bytes", max_json_bytes)
+            .field("max_snapshot_bytes", max_snapshot_bytes)
+            .field("max_discard_bytes", max_discard_bytes)
+            .field("discard_timeout", discard_timeout)
+            .field("publish_batch_max", publish_batch_max)
+            .field("worker_batch_max", worker_batch_max)
+            .field("worker_prefetch", worker_prefetch)
+            .field("worker_apply_lanes", worker_apply_lanes)
+            .field("claim_ttl", claim_ttl)
+            .field("retry_budget", retry_budget)
+            .field("worker_index", worker_index)
+            .field("worker_count", worker_count)
+            .field("worker_standby_delay", worker_standby_delay)
+            .field("partition_lease", partition_lease)
+            .field("drain_legacy_queues", drain_legacy_queues)
+            .field("auth_cache_ttl", auth_cache_ttl)
+            .field("session_cache_ttl", session_cache_ttl)
+            .field("db_max_connections", db_max_connections)
+            .field("jwt_issuer", jwt_issuer)
+            .field("jwt_audience", jwt_audience)
+            .field("public_url", public_url)
+            .field("master_key", &"[redacted]")
+            .field("master_key_is_default", master_key_is_default)
+            .field("test_failpoint", test_failpoint)
+            .field("rate_limit_per_second", rate_limit_per_second)
+            .field("rate_limit_burst", rate_limit_burst)
+            .finish()
+    }
+}
+
+/// `url` (or a comma-separated list of URLs) with any `user:password@` replaced by `***@`.
+fn without_credentials(url: &str) -> String {
+    url.split(',')
+        .map(|one| {
+            let Some(scheme_end) = one.find("://").map(|at| at + 3) else {
+                return one.to_owned();
+            };
+            // The user information ends at the last `@` of the authority (before any path,
+            // query or fragment); an `@` further on is not a credential.
+            let rest = &one[scheme_end..];
+            let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+            match rest[..authority_end].rfind('@') {
+                Some(at) => format!("{}***{}", &one[..scheme_end], &rest[at..]),
+                None => one.to_owned(),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// The master key used when `SESSIONS_MASTER_KEY` is unset: fine for a laptop, never for
@@ -590,6 +706,50 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_carries_no_secret() {
+        let mut settings = Settings::from_lookup(|_| None).expect("defaults");
+        settings.database_url = "postgres://app:db-pass-123@db.internal:5432/sessions".into();
+        settings.amqp_url =
+            "amqp://mq:mq-pass-456@a:5672/%2f,amqps://mq:mq-pass-789@b:5671/%2f".into();
+        settings.redis_url = "redis://:cache-pass-000@cache:6379".into();
+        settings.master_key = [0xAB; 32];
+        let shown = format!("{settings:?}");
+        for secret in [
+            "db-pass-123",
+            "mq-pass-456",
+            "mq-pass-789",
+            "cache-pass-000",
+        ] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(
+            !shown.contains("171, 171"),
+            "the master key's bytes in {shown}"
+        );
+        assert!(!shown.to_lowercase().contains(&"ab".repeat(32)));
+        // What is not secret is still there to debug with.
+        assert!(shown.contains("postgres://***@db.internal:5432/sessions"));
+        assert!(shown.contains("amqp://***@a:5672/%2f,amqps://***@b:5671/%2f"));
+        assert!(shown.contains("partitions: 64"));
+    }
+
+    #[test]
+    fn urls_without_credentials_stay_as_they_are() {
+        assert_eq!(
+            without_credentials("amqp://127.0.0.1:5672/%2f"),
+            "amqp://127.0.0.1:5672/%2f"
+        );
+        assert_eq!(
+            without_credentials("redis://user@host:6379/0?x=a@b"),
+            "redis://***@host:6379/0?x=a@b"
+        );
+        assert_eq!(
+            without_credentials("postgres://localhost/db?user=a@b"),
+            "postgres://localhost/db?user=a@b"
+        );
+    }
     use std::collections::HashMap;
 
     fn settings(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
