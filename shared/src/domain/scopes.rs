@@ -145,26 +145,26 @@ pub fn allows_on(
 /// Whether any of `scopes` may trigger runs of `task_identifier`: `trigger:tasks:{task}`,
 /// `trigger:tasks`, `admin:tasks[:{task}]` or `admin`. (`write:…` never grants it.)
 pub fn allows_trigger(scopes: &[String], task_identifier: &str) -> bool {
-    scopes.iter().any(|scope| {
-        scope == "admin"
-            || matches!(
-                parse_scope(scope),
-                Some(("trigger" | "admin", "tasks", id)) if id.is_none_or(|id| id == task_identifier)
-            )
-    })
+    any_grants(scopes, "trigger", "tasks", Some(task_identifier))
 }
 
 /// Whether any of `scopes` may create a session with `external_id` (none: a session only a
 /// bare `write:sessions` covers): `write:sessions`, `write:sessions:{externalId}`, their
 /// `admin` forms, or `admin`.
 pub fn allows_session_create(scopes: &[String], external_id: Option<&str>) -> bool {
+    any_grants(scopes, "write", "sessions", external_id)
+}
+
+/// Whether any of `scopes` is `admin`, or `action` (or `admin`) on `kind` with no id or with
+/// exactly `id` (plain matching, no session names or folds).
+fn any_grants(scopes: &[String], action: &str, kind: &str, id: Option<&str>) -> bool {
     scopes.iter().any(|scope| {
         scope == "admin"
-            || matches!(
-                parse_scope(scope),
-                Some(("write" | "admin", "sessions", id))
-                    if id.is_none_or(|id| Some(id) == external_id)
-            )
+            || parse_scope(scope).is_some_and(|(scope_action, scope_kind, scope_id)| {
+                (scope_action == action || scope_action == "admin")
+                    && scope_kind == kind
+                    && scope_id.is_none_or(|scope_id| Some(scope_id) == id)
+            })
     })
 }
 

@@ -8,7 +8,7 @@ use sea_orm::sea_query::extension::postgres::PgFunc;
 use sea_orm::sea_query::{CaseStatement, Expr, ExprTrait};
 use sea_orm::{
     ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, DbBackend,
-    EntityTrait, IntoActiveModel, QueryFilter, QuerySelect, Statement, TransactionTrait, Value,
+    EntityTrait, IntoActiveModel, QueryFilter, Statement, TransactionTrait, Value,
 };
 use uuid::Uuid;
 
@@ -224,27 +224,21 @@ async fn load_named_stream_heads(
     commands: &[Command],
     state: &mut LoadedState,
 ) -> Result<(), StorageError> {
-    let mut streams: Vec<(Uuid, String)> = commands
+    let mut streams: Vec<(Uuid, Uuid, String)> = commands
         .iter()
         .filter_map(|command| match &command.body {
-            CommandBody::Append(append) if append.channel.is_some() => {
-                Some((command.session_id, append.stream().key()))
-            }
+            CommandBody::Append(append) if append.channel.is_some() => Some((
+                command.environment_id,
+                command.session_id,
+                append.stream().key(),
+            )),
             _ => None,
         })
         .collect();
     streams.sort_unstable();
     streams.dedup();
-    for (session_id, key) in streams {
-        let last: Option<Option<i64>> = records::Entity::find()
-            .select_only()
-            .column_as(records::Column::SeqNum.max(), "last_seq_num")
-            .filter(records::Column::SessionId.eq(session_id))
-            .filter(records::Column::Io.eq(key.as_str()))
-            .into_tuple::<Option<i64>>()
-            .one(txn)
-            .await?;
-        let next = last.flatten().map_or(0, |last| last + 1);
+    for (environment_id, session_id, key) in streams {
+        let next = super::next_seq_of_named_stream(txn, environment_id, session_id, &key).await?;
         state.named_stream_heads.insert((session_id, key), next);
     }
     Ok(())

@@ -30,12 +30,33 @@ pub use entities::environments::Model as EnvironmentRow;
 pub use entities::outbox_events::Model as OutboxEventRow;
 pub use entities::records::Model as RecordRow;
 
+/// The seqNum the next record of a named-channel stream gets: one past its last record (found
+/// through the records primary key), 0 for a stream with none. Named streams keep no counter of
+/// their own (reserved ones count on the session row).
+pub(crate) async fn next_seq_of_named_stream(
+    connection: &impl ConnectionTrait,
+    environment_id: Uuid,
+    session_id: Uuid,
+    key: &str,
+) -> Result<i64, StorageError> {
+    let last: Option<Option<i64>> = records::Entity::find()
+        .select_only()
+        .column_as(records::Column::SeqNum.max(), "last_seq_num")
+        .filter(records::Column::EnvironmentId.eq(environment_id))
+        .filter(records::Column::SessionId.eq(session_id))
+        .filter(records::Column::Io.eq(key))
+        .into_tuple::<Option<i64>>()
+        .one(connection)
+        .await?;
+    Ok(last.flatten().map_or(0, |last| last + 1))
+}
+
 impl RecordRow {
     /// The record's headers (`domain::headers`), empty when it has none.
     pub fn header_pairs(&self) -> crate::domain::headers::RecordHeaders {
         self.headers
             .as_ref()
-            .and_then(|headers| serde_json::from_value(headers.clone()).ok())
+            .and_then(|headers| serde::Deserialize::deserialize(headers).ok())
             .unwrap_or_default()
     }
 }
@@ -576,16 +597,7 @@ impl Store {
                 Io::Out => session.next_seq_out,
             }));
         }
-        let last: Option<Option<i64>> = records::Entity::find()
-            .select_only()
-            .column_as(records::Column::SeqNum.max(), "last_seq_num")
-            .filter(records::Column::EnvironmentId.eq(environment_id))
-            .filter(records::Column::SessionId.eq(session_id))
-            .filter(records::Column::Io.eq(stream.key()))
-            .into_tuple::<Option<i64>>()
-            .one(&self.db)
-            .await?;
-        Ok(last.flatten().map_or(0, |last| last + 1))
+        next_seq_of_named_stream(&self.db, environment_id, session_id, &stream.key()).await
     }
 
     /// The run with this friendly id in this environment.
