@@ -20,7 +20,7 @@ use shared::domain::SessionAddress;
 use shared::domain::ids::SECRET_KEY_PREFIX;
 use shared::domain::scopes::{Action, SessionNames, Target, allows_on};
 use shared::domain::tokens::{
-    decrypt_secret, secret_key_digest, unverified_subject, verify_public_token,
+    decrypt_secret, secret_key_digest, unverified_subject, verify_public_token, verify_writer_token,
 };
 use shared::domain::{Io, Stream};
 use shared::storage::{EnvironmentRow, LiveKey, SessionRow};
@@ -56,13 +56,49 @@ pub struct SecretKeyCaller {
     pub secret_key: String,
 }
 
-/// Decrypted verification keys per environment, for [`KEY_CACHE_TTL`].
+/// Decrypted verification keys per environment, for [`KEY_CACHE_TTL`], and environments by
+/// public id for as long (writer tokens are verified without a database read).
 #[derive(Debug, Default)]
 pub struct VerificationKeys {
     entries: Mutex<HashMap<Uuid, (Instant, Vec<String>)>>,
+    environments: Mutex<HashMap<String, (Instant, EnvironmentRow)>>,
 }
 
+/// Most environments remembered by public id; past it the cache starts over.
+const ENVIRONMENT_CACHE_CAPACITY: usize = 10_000;
+
 impl VerificationKeys {
+    /// The environment with this public id, from the cache when fresh.
+    async fn environment(
+        &self,
+        state: &AppState,
+        public_id: &str,
+    ) -> Result<Option<EnvironmentRow>, ApiError> {
+        {
+            let environments = self
+                .environments
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((fetched, environment)) = environments.get(public_id)
+                && fetched.elapsed() < KEY_CACHE_TTL
+            {
+                return Ok(Some(environment.clone()));
+            }
+        }
+        let Some(environment) = state.store.environment_by_public_id(public_id).await? else {
+            return Ok(None);
+        };
+        let mut environments = self
+            .environments
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if environments.len() >= ENVIRONMENT_CACHE_CAPACITY {
+            environments.clear();
+        }
+        environments.insert(public_id.to_owned(), (Instant::now(), environment.clone()));
+        Ok(Some(environment))
+    }
+
     async fn for_environment(
         &self,
         state: &AppState,
@@ -159,6 +195,61 @@ fn bearer(parts: &Parts) -> Option<&str> {
 }
 
 const INVALID_TOKEN: &str = "Invalid public access token";
+
+/// A caller of the writer endpoint: a verified writer access token (see
+/// `shared::domain::tokens::WriterTokenClaims`).
+#[derive(Clone, Debug)]
+pub struct WriterCaller {
+    pub environment: EnvironmentRow,
+    /// The one stream name the token may append to and trim.
+    pub stream_name: String,
+}
+
+/// Why a writer request was refused before it touched anything.
+#[derive(Debug)]
+pub enum WriterAuthError {
+    /// No, a malformed, an expired or a forged token, or one whose key was revoked (401).
+    Unauthenticated,
+    /// Storage could not be read (503).
+    Unavailable,
+}
+
+/// Verifies the writer access token of a request: the environment and keys come from caches
+/// refreshed every [`KEY_CACHE_TTL`], so a revoked key stops verifying within that time.
+pub async fn authenticate_writer(
+    parts: &Parts,
+    state: &AppState,
+) -> Result<WriterCaller, WriterAuthError> {
+    let token = bearer(parts)
+        .filter(|token| !token.is_empty() && token.len() <= 8192)
+        .ok_or(WriterAuthError::Unauthenticated)?;
+    let subject = unverified_subject(token).map_err(|_| WriterAuthError::Unauthenticated)?;
+    if subject.len() > 128 {
+        return Err(WriterAuthError::Unauthenticated);
+    }
+    let environment = state
+        .verification_keys
+        .environment(state, &subject)
+        .await
+        .map_err(|_| WriterAuthError::Unavailable)?
+        .ok_or(WriterAuthError::Unauthenticated)?;
+    let keys = state
+        .verification_keys
+        .for_environment(state, environment.id)
+        .await
+        .map_err(|_| WriterAuthError::Unavailable)?;
+    let claims = keys
+        .iter()
+        .find_map(|key| verify_writer_token(token, key, &state.settings.jwt_issuer).ok())
+        .ok_or(WriterAuthError::Unauthenticated)?;
+    if claims.sub != environment.public_id {
+        return Err(WriterAuthError::Unauthenticated);
+    }
+    Ok(WriterCaller {
+        environment,
+        stream_name: claims.stream,
+    })
+}
 
 async fn authenticate_token(state: &AppState, token: &str) -> Result<Caller, ApiError> {
     let subject = unverified_subject(token).map_err(|_| ApiError::Unauthorized(INVALID_TOKEN))?;

@@ -6,6 +6,8 @@
 //! - [`error`]: THE mapping from failures to statuses and JSON bodies.
 //! - [`publisher`]: group commit to the partition queues, confirms, replies.
 //! - [`rate_limit`]: requests per second per environment (429).
+//! - [`serve`]: the accept loop (HTTP/1.1 and h2c on one listener, idle GOAWAY).
+//! - [`s2_wire`]: the S2 writer protocol's wire format (`routes::writer` serves it).
 //! - [`embedded`]: the single-process default (api + worker, SQLite, in-process broker).
 //! - [`signals`]: every instrumentation point (log line and metric together).
 //!
@@ -20,6 +22,8 @@ pub mod live;
 pub mod publisher;
 pub mod rate_limit;
 pub mod routes;
+pub mod s2_wire;
+pub mod serve;
 pub mod session_cache;
 pub mod signals;
 
@@ -163,6 +167,7 @@ impl Application {
     ) -> std::io::Result<()> {
         let link = self.state.publisher.clone();
         let hub = self.state.hub.clone();
+        let http2_idle_timeout = self.state.settings.http2_idle_timeout;
         let router = routes::router(self.state);
         tracing::info!(addr = %self.listener.local_addr()?, "api listening");
         let (draining, drain_started) = tokio::sync::oneshot::channel::<()>();
@@ -171,9 +176,7 @@ impl Application {
             hub.stop_readers();
             let _ = draining.send(());
         };
-        let serving = axum::serve(self.listener, router)
-            .with_graceful_shutdown(signal)
-            .into_future();
+        let serving = serve::serve(self.listener, router, http2_idle_timeout, signal);
         let grace = async move {
             if drain_started.await.is_ok() {
                 tokio::time::sleep(SHUTDOWN_GRACE).await;
@@ -181,14 +184,13 @@ impl Application {
                 std::future::pending::<()>().await;
             }
         };
-        let served = tokio::select! {
-            served = serving => served,
+        tokio::select! {
+            () = serving => {}
             () = grace => {
                 tracing::warn!(grace = ?SHUTDOWN_GRACE, "in-flight requests did not finish in time; stopping anyway");
-                Ok(())
             }
-        };
+        }
         link.link().close().await;
-        served
+        Ok(())
     }
 }

@@ -133,11 +133,52 @@ impl Publisher {
         result
     }
 
+    /// Publishes `command` (marked as wanting a reply) and returns once the broker confirmed it,
+    /// with a future of the worker's outcome (at most `timeout` from now; dropping it forgets
+    /// the reply). A caller that submits this way one command after another gets them into
+    /// the partition log in that order, and none after one that failed to publish.
+    pub async fn submit_then_reply(
+        self: &Arc<Self>,
+        mut command: Command,
+        timeout: Duration,
+    ) -> Result<impl Future<Output = Result<Outcome, ApiError>> + Send + 'static, ApiError> {
+        command.wants_reply = true;
+        let command_id = command.id;
+        let (reply_sender, reply) = oneshot::channel();
+        self.lock_waiters().insert(command_id, reply_sender);
+        let forget = ForgetReply {
+            publisher: self.clone(),
+            command_id,
+        };
+        self.submit(command).await?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        Ok(async move {
+            let outcome = match tokio::time::timeout_at(deadline, reply).await {
+                Ok(Ok(outcome)) => Ok(outcome),
+                Ok(Err(_)) | Err(_) => Err(ApiError::ReplyTimeout),
+            };
+            drop(forget);
+            outcome
+        })
+    }
+
     fn lock_waiters(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, oneshot::Sender<Outcome>>> {
         // A poisoned lock only means another request panicked mid-insert; the map is still valid.
         self.waiters
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Removes a reply waiter however its wait ends (answered, timed out, or abandoned).
+struct ForgetReply {
+    publisher: Arc<Publisher>,
+    command_id: Uuid,
+}
+
+impl Drop for ForgetReply {
+    fn drop(&mut self) {
+        self.publisher.lock_waiters().remove(&self.command_id);
     }
 }
 
@@ -191,6 +232,7 @@ impl Pending {
     fn command_size(&self) -> usize {
         match &self.command.body {
             shared::commands::CommandBody::Append(append) => append.body.len() + 256,
+            shared::commands::CommandBody::AppendRecords(batch) => batch.size() + 256,
             _ => 1024,
         }
     }

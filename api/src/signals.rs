@@ -140,3 +140,35 @@ fn queue_arguments_differ(queue: &str, error: &str) {
          it when drained to apply the new ones)"
     );
 }
+
+/// A writer batch of `records` records was applied and acknowledged.
+pub fn writer_batch_acknowledged(records: i64) {
+    tracing::trace!(records, "writer batch acknowledged");
+    metrics::counter!("sessions_api_writer_batches_total").increment(1);
+    metrics::counter!("sessions_api_writer_records_total")
+        .increment(u64::try_from(records).unwrap_or_default());
+}
+
+/// An `s2s` append session started.
+pub fn writer_session_opened() {
+    tracing::debug!("writer append session opened");
+    metrics::gauge!("sessions_api_writer_sessions").increment(1);
+}
+
+/// An `s2s` append session ended with a terminal error (`code`: S2's error code).
+pub fn writer_session_failed(code: &'static str) {
+    tracing::info!(code, "writer append session ended with an error");
+    metrics::counter!("sessions_api_writer_session_errors_total", "code" => code).increment(1);
+}
+
+/// An `s2s` append session ended.
+pub fn writer_session_closed() {
+    tracing::debug!("writer append session closed");
+    metrics::gauge!("sessions_api_writer_sessions").decrement(1);
+}
+
+/// An HTTP/2 connection idle for `SESSIONS_HTTP2_IDLE_TIMEOUT_MS` was sent a GOAWAY.
+pub fn idle_connection_closed() {
+    tracing::debug!("idle HTTP/2 connection sent GOAWAY");
+    metrics::counter!("sessions_api_idle_connections_closed_total").increment(1);
+}

@@ -8,6 +8,8 @@
 //! that is already a record envelope (a worker that knows only version 1 would write the first
 //! to the reserved channel and lose what marks the others, so it refuses the envelope instead,
 //! and it is dead-lettered for replay after the upgrade). Envelopes without such appends stay version 1.
+//! Version 3 marks an envelope that carries a writer batch ([`AppendRecordsCommand`], the S2
+//! writer's records), which a version-2 worker cannot read.
 //!
 //! Replies ([`Reply`]) travel back to the api instance that asked (its reply queue), correlated by
 //! command id.
@@ -21,7 +23,9 @@ use crate::domain::session::SessionItem;
 use crate::domain::{ChannelName, Io, Stream};
 
 /// The newest envelope version this build reads and writes.
-pub const ENVELOPE_VERSION: u16 = 2;
+pub const ENVELOPE_VERSION: u16 = 3;
+/// The version of envelopes with named channels, headers or enveloped bodies but no writer batch.
+const SECOND_ENVELOPE_VERSION: u16 = 2;
 /// The version of envelopes with no append to a named channel.
 const FIRST_ENVELOPE_VERSION: u16 = 1;
 
@@ -46,6 +50,9 @@ pub enum EnvelopeError {
 impl Envelope {
     /// The oldest version that can carry `commands` (see the module documentation).
     pub fn new(commands: Vec<Command>) -> Self {
+        let needs_version_3 = commands
+            .iter()
+            .any(|command| matches!(&command.body, CommandBody::AppendRecords(_)));
         let needs_version_2 = commands.iter().any(|command| {
             matches!(
                 &command.body,
@@ -55,14 +62,14 @@ impl Envelope {
                         || append.body_is_envelope
             )
         });
-        Self {
-            version: if needs_version_2 {
-                ENVELOPE_VERSION
-            } else {
-                FIRST_ENVELOPE_VERSION
-            },
-            commands,
-        }
+        let version = if needs_version_3 {
+            ENVELOPE_VERSION
+        } else if needs_version_2 {
+            SECOND_ENVELOPE_VERSION
+        } else {
+            FIRST_ENVELOPE_VERSION
+        };
+        Self { version, commands }
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -122,6 +129,7 @@ impl Command {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum CommandBody {
     Append(AppendCommand),
+    AppendRecords(AppendRecordsCommand),
     CreateSession(Box<CreateSessionCommand>),
     CloseSession(CloseSessionCommand),
     RegisterWaitpoint(Box<RegisterWaitpointCommand>),
@@ -134,6 +142,7 @@ impl CommandBody {
     pub fn kind_name(&self) -> &'static str {
         match self {
             CommandBody::Append(_) => "append",
+            CommandBody::AppendRecords(_) => "append_records",
             CommandBody::CreateSession(_) => "create_session",
             CommandBody::CloseSession(_) => "close_session",
             CommandBody::RegisterWaitpoint(_) => "register_waitpoint",
@@ -170,6 +179,58 @@ impl AppendCommand {
             io: self.io,
         }
     }
+}
+
+/// A batch of records from the S2-protocol writer (one append-session frame or one REST
+/// append) to one stream: written together, with contiguous seqNums, or not at all.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AppendRecordsCommand {
+    pub io: Io,
+    /// A named side channel (`None`: the reserved channel `io`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<ChannelName>,
+    pub records: Vec<WrittenRecord>,
+}
+
+impl AppendRecordsCommand {
+    /// The stream the records go to.
+    pub fn stream(&self) -> Stream {
+        Stream {
+            channel: self.channel.clone(),
+            io: self.io,
+        }
+    }
+
+    /// Bytes the command's records carry (for the publisher's batch budget).
+    pub fn size(&self) -> usize {
+        self.records
+            .iter()
+            .map(|record| match record {
+                WrittenRecord::Record { headers, body } => {
+                    body.len()
+                        + headers
+                            .iter()
+                            .map(|(name, value)| name.len() + value.len() + 8)
+                            .sum::<usize>()
+                        + 32
+                }
+                WrittenRecord::Trim { .. } => 32,
+            })
+            .sum()
+    }
+}
+
+/// One record of a writer batch. Every record takes the stream's next seqNum, a trim too.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WrittenRecord {
+    /// A data or control record, stored as it came (the body verbatim: readers see it as is).
+    Record {
+        headers: RecordHeaders,
+        body: String,
+    },
+    /// The S2 trim command record: records below `min(trim_to, tail)` are no longer read.
+    Trim { trim_to: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -265,6 +326,12 @@ pub enum Outcome {
     Conflict {
         seq_num: i64,
     },
+    /// A writer batch was persisted: seqNums `start_seq..end_seq`, at `timestamp_ms`.
+    RecordsAppended {
+        start_seq: i64,
+        end_seq: i64,
+        timestamp_ms: i64,
+    },
     SessionClosed,
     SessionExpired,
     SessionNotFound,
@@ -299,6 +366,7 @@ impl Outcome {
     pub fn name(&self) -> &'static str {
         match self {
             Outcome::Appended { .. } => "applied",
+            Outcome::RecordsAppended { .. } => "applied",
             Outcome::Duplicate { .. } => "duplicate",
             Outcome::Conflict { .. } => "conflict",
             Outcome::SessionClosed => "rejected_closed",
@@ -356,28 +424,34 @@ impl NewRecords {
         for (command, outcome) in commands.iter().zip(outcomes) {
             if !matches!(
                 command.body,
-                CommandBody::Append(_) | CommandBody::RegisterWaitpoint(_)
+                CommandBody::Append(_)
+                    | CommandBody::AppendRecords(_)
+                    | CommandBody::RegisterWaitpoint(_)
             ) && !sessions_changed.contains(&command.session_id)
             {
                 sessions_changed.push(command.session_id);
             }
-            let (CommandBody::Append(append), Outcome::Appended { seq_num }) =
-                (&command.body, outcome)
-            else {
-                continue;
+            let (stream, seq_num) = match (&command.body, outcome) {
+                (CommandBody::Append(append), Outcome::Appended { seq_num }) => {
+                    (append.stream(), *seq_num)
+                }
+                (CommandBody::AppendRecords(batch), Outcome::RecordsAppended { end_seq, .. }) => {
+                    (batch.stream(), end_seq - 1)
+                }
+                _ => continue,
             };
             match channels.iter_mut().find(|head| {
                 head.session_id == command.session_id
-                    && head.io == append.io
-                    && head.channel == append.channel
+                    && head.io == stream.io
+                    && head.channel == stream.channel
             }) {
-                Some(head) => head.last_seq_num = head.last_seq_num.max(*seq_num),
+                Some(head) => head.last_seq_num = head.last_seq_num.max(seq_num),
                 None => channels.push(ChannelHead {
                     environment_id: command.environment_id,
                     session_id: command.session_id,
-                    io: append.io,
-                    channel: append.channel.clone(),
-                    last_seq_num: *seq_num,
+                    io: stream.io,
+                    channel: stream.channel,
+                    last_seq_num: seq_num,
                 }),
             }
         }
@@ -427,6 +501,13 @@ mod tests {
         }
         let envelope = Envelope::new(vec![append(None), side]);
         assert_eq!(envelope.version, 2);
+        let mut writer = append(None);
+        writer.body = CommandBody::AppendRecords(AppendRecordsCommand {
+            io: Io::Out,
+            channel: None,
+            records: vec![WrittenRecord::Trim { trim_to: 3 }],
+        });
+        assert_eq!(Envelope::new(vec![append(None), writer]).version, 3);
         let mut control = append(None);
         if let CommandBody::Append(append) = &mut control.body {
             append.headers = vec![("trigger-control".into(), "turn-complete".into())];

@@ -55,6 +55,19 @@ pub struct Settings {
     /// `SESSIONS_IN_APPEND_WAIT_MS`: how long an `in` append waits for the worker to apply it
     /// (to answer with its `seq`) before it answers `{ok: true}` without one.
     pub in_append_wait: Duration,
+    /// `SESSIONS_WRITER_TOKEN_TTL_SECONDS`: how long a writer access token (`x-s2-access-token`)
+    /// lives.
+    pub writer_token_ttl: Duration,
+    /// `SESSIONS_WRITER_ACK_WAIT_MS`: how long a writer batch waits for the worker before its
+    /// append session ends with a retryable error (the official client gives up on an ack after
+    /// 5 s).
+    pub writer_ack_wait: Duration,
+    /// `SESSIONS_WRITER_IDLE_TIMEOUT_MS`: an append session that sends no frame for this long is
+    /// ended (with a retryable error, so a live client opens a new one).
+    pub writer_idle_timeout: Duration,
+    /// `SESSIONS_HTTP2_IDLE_TIMEOUT_MS`: an HTTP/2 connection with no open stream for this long
+    /// gets a GOAWAY (the official writer never closes its connection itself).
+    pub http2_idle_timeout: Duration,
     /// `SESSIONS_MAX_APPEND_BYTES`: largest append body.
     pub max_append_bytes: usize,
     /// `SESSIONS_MAX_JSON_BYTES`: largest JSON request body of the other routes.
@@ -115,8 +128,9 @@ pub struct Settings {
     pub jwt_issuer: String,
     /// `SESSIONS_JWT_AUDIENCE`.
     pub jwt_audience: String,
-    /// `SESSIONS_PUBLIC_URL`: the api's external base URL, for URLs in responses (default: the
-    /// request's `Host`).
+    /// `SESSIONS_PUBLIC_URL`: the api's external base URL (scheme, host, port, optional path
+    /// prefix), for URLs in responses: snapshot URLs and the writer endpoint (`x-s2-endpoint`).
+    /// Default: `http://` and the request's `Host`.
     pub public_url: Option<String>,
     /// `SESSIONS_MASTER_KEY`: 64 hex characters (32 bytes) that encrypt the stored copies of
     /// secret keys (needed to verify public access tokens). Unset: a built-in development key,
@@ -157,6 +171,10 @@ impl std::fmt::Debug for Settings {
             confirm_timeout,
             reply_timeout,
             in_append_wait,
+            writer_token_ttl,
+            writer_ack_wait,
+            writer_idle_timeout,
+            http2_idle_timeout,
             max_append_bytes,
             max_json_bytes,
             max_snapshot_bytes,
@@ -201,6 +219,10 @@ impl std::fmt::Debug for Settings {
             .field("confirm_timeout", confirm_timeout)
             .field("reply_timeout", reply_timeout)
             .field("in_append_wait", in_append_wait)
+            .field("writer_token_ttl", writer_token_ttl)
+            .field("writer_ack_wait", writer_ack_wait)
+            .field("writer_idle_timeout", writer_idle_timeout)
+            .field("http2_idle_timeout", http2_idle_timeout)
             .field("max_append_bytes", max_append_bytes)
             .field("max_json_bytes", max_json_bytes)
             .field("max_snapshot_bytes", max_snapshot_bytes)
@@ -525,6 +547,31 @@ impl Settings {
             in_append_wait: millis(
                 "SESSIONS_IN_APPEND_WAIT_MS",
                 get("SESSIONS_IN_APPEND_WAIT_MS"),
+                2_000,
+            )?,
+            writer_token_ttl: Duration::from_secs(in_range(
+                "SESSIONS_WRITER_TOKEN_TTL_SECONDS",
+                parse(
+                    "SESSIONS_WRITER_TOKEN_TTL_SECONDS",
+                    get("SESSIONS_WRITER_TOKEN_TTL_SECONDS"),
+                    86_400_u64,
+                )?,
+                60,
+                30 * 86_400,
+            )?),
+            writer_ack_wait: millis(
+                "SESSIONS_WRITER_ACK_WAIT_MS",
+                get("SESSIONS_WRITER_ACK_WAIT_MS"),
+                4_000,
+            )?,
+            writer_idle_timeout: millis(
+                "SESSIONS_WRITER_IDLE_TIMEOUT_MS",
+                get("SESSIONS_WRITER_IDLE_TIMEOUT_MS"),
+                60_000,
+            )?,
+            http2_idle_timeout: millis(
+                "SESSIONS_HTTP2_IDLE_TIMEOUT_MS",
+                get("SESSIONS_HTTP2_IDLE_TIMEOUT_MS"),
                 2_000,
             )?,
             max_append_bytes: in_range(

@@ -12,6 +12,7 @@ pub mod checker;
 pub mod cluster;
 pub mod events;
 pub mod load;
+pub mod node;
 pub mod proxy;
 pub mod sse;
 

@@ -360,13 +360,14 @@ async fn claims_retrieve_and_the_unsupported_put() {
         .send()
         .await
         .expect("put");
-    assert_eq!(put.status(), 501);
+    // Initializing a stream hands out the writer endpoint and a token for that one stream.
+    assert_eq!(put.status(), 202);
+    let endpoint = put.headers()["x-s2-endpoint"].to_str().expect("endpoint");
+    assert_eq!(endpoint, format!("{}/s2/v1", app.address));
+    let stream_name = put.headers()["x-s2-stream-name"].to_str().expect("stream");
+    assert!(stream_name.starts_with("sessions/session_") && stream_name.ends_with("/in"));
     let body: Value = put.json().await.expect("json");
-    assert!(
-        body["error"]
-            .as_str()
-            .is_some_and(|message| message.contains("append"))
-    );
+    assert_eq!(body, serde_json::json!({ "version": "v2" }));
     // CORS preflight.
     let preflight = app
         .client

@@ -21,7 +21,10 @@ use std::time::{Duration, Instant};
 
 use sea_orm::{ConnectionTrait, DatabaseConnection, DbBackend, Statement};
 use serde_json::{Value, json};
-use shared::domain::tokens::{PublicTokenClaims, mint_public_token};
+use shared::domain::tokens::{
+    PublicTokenClaims, WRITER_TOKEN_AUDIENCE, WriterTokenClaims, mint_public_token,
+    mint_writer_token,
+};
 use tests::{TestApp, encode_segment};
 
 const POLICY: &str = include_str!("../policy/authorization.csv");
@@ -66,7 +69,20 @@ const URL_KINDS: [&str; 6] = [
     "signed_url_a_env_b",
 ];
 
+/// Writer tokens (`x-s2-access-token`), for the writer endpoint only: handed out by PUT (own:
+/// A1's `out`; other_session: A2's `out`; env_b: B1's `out`; own_in: A1's `in`) or minted by the
+/// test (expired; signed with the revoked key), each for A1's `out` unless stated.
+const WRITER_KINDS: [&str; 6] = [
+    "writer_token_own",
+    "writer_token_other_session",
+    "writer_token_env_b",
+    "writer_token_own_in",
+    "writer_token_expired",
+    "writer_token_revoked_key_a",
+];
+
 const BLOB_PATH: &str = "/api/v1/session-snapshots/{session}";
+const WRITER_PATH: &str = "/s2/v1/streams/{stream}/records";
 const SESSION_EXTERNAL_IDS: [(&str, &str); 3] =
     [("A1", "twin"), ("A2", "other-chat"), ("B1", "twin")];
 /// Tables whose content a denied request must not change (fingerprinted; `outbox_events` is
@@ -157,9 +173,12 @@ fn dimensions(path: &str) -> (Vec<&'static str>, Vec<&'static str>, Vec<&'static
     if path == BLOB_PATH {
         credentials.extend(URL_KINDS);
     }
+    if path == WRITER_PATH {
+        credentials.extend(WRITER_KINDS);
+    }
     let targets = if path.contains("{session}") {
         vec!["own", "own_by_id", "other", "foreign"]
-    } else if path.contains("{run}") || path.contains("{waitpoint}") {
+    } else if path.contains("{run}") || path.contains("{waitpoint}") || path == WRITER_PATH {
         vec!["own", "other", "foreign"]
     } else {
         vec!["-"]
@@ -248,6 +267,8 @@ struct Fixture {
     sessions: BTreeMap<&'static str, Session>,
     /// Signed snapshot query strings: (session name, method) → query.
     signed: HashMap<(&'static str, &'static str), String>,
+    /// Writer tokens handed out by PUT initialize: kind → token.
+    writer_tokens: HashMap<&'static str, String>,
 }
 
 /// Side-effect counters of the api, read from `/metrics` (recorded before a request answers).
@@ -366,12 +387,22 @@ impl Fixture {
             revoked_key_a,
             sessions: BTreeMap::new(),
             signed: HashMap::new(),
+            writer_tokens: HashMap::new(),
             db,
             app,
         };
         for (name, external_id) in SESSION_EXTERNAL_IDS {
             let session = fixture.create_session(name, external_id).await;
             fixture.sessions.insert(name, session);
+        }
+        for (kind, session, io) in [
+            ("writer_token_own", "A1", "out"),
+            ("writer_token_other_session", "A2", "out"),
+            ("writer_token_env_b", "B1", "out"),
+            ("writer_token_own_in", "A1", "in"),
+        ] {
+            let token = fixture.initialize_writer(session, io).await;
+            fixture.writer_tokens.insert(kind, token);
         }
         for name in ["A1", "B1"] {
             for method in ["GET", "PUT"] {
@@ -381,6 +412,45 @@ impl Fixture {
             }
         }
         fixture
+    }
+
+    /// PUT initialize of a session's stream by its environment's secret key: the writer token.
+    async fn initialize_writer(&self, name: &str, io: &str) -> String {
+        let session = self.session(name);
+        let response = self
+            .app
+            .client
+            .put(self.app.url(&format!(
+                "/realtime/v1/sessions/{}/{io}",
+                session.friendly_id
+            )))
+            .bearer_auth(self.environment_key(session.environment))
+            .send()
+            .await
+            .expect("initialize");
+        assert_eq!(response.status().as_u16(), 202, "PUT initialize");
+        response.headers()["x-s2-access-token"]
+            .to_str()
+            .expect("token")
+            .to_owned()
+    }
+
+    /// The stream name of a session's `out`, as PUT hands it out.
+    fn writer_stream(&self, name: &str) -> String {
+        format!("sessions/{}/out", self.session(name).friendly_id)
+    }
+
+    fn mint_writer(&self, key: &str, exp_offset: i64) -> String {
+        let now = chrono::Utc::now().timestamp();
+        let claims = WriterTokenClaims {
+            iss: self.app.settings.jwt_issuer.clone(),
+            aud: WRITER_TOKEN_AUDIENCE.into(),
+            sub: self.env_a.clone(),
+            stream: self.writer_stream("A1"),
+            iat: now,
+            exp: now + exp_offset,
+        };
+        mint_writer_token(&claims, key).expect("mint")
     }
 
     fn environment_key(&self, environment: &str) -> &str {
@@ -614,6 +684,12 @@ impl Fixture {
             "token_creator" => bearer(self.mint(key_a, |claims| {
                 claims.scopes = vec!["write:sessions:twin".into(), "trigger:tasks:agent".into()];
             })),
+            "writer_token_own"
+            | "writer_token_other_session"
+            | "writer_token_env_b"
+            | "writer_token_own_in" => bearer(self.writer_tokens[kind].clone()),
+            "writer_token_expired" => bearer(self.mint_writer(key_a, -3600)),
+            "writer_token_revoked_key_a" => bearer(self.mint_writer(&self.revoked_key_a, 600)),
             "signed_url_a" => Auth::Query(self.signed[&("A1", self.blob_method(method))].clone()),
             "signed_url_b" => Auth::Query(self.signed[&("B1", self.blob_method(method))].clone()),
             "signed_url_a_wrong_method" => {
@@ -683,6 +759,10 @@ impl Fixture {
         if let Some((session, segment)) = &named {
             path = path
                 .replace("{session}", &encode_segment(segment))
+                .replace(
+                    "{stream}",
+                    &encode_segment(&self.writer_stream(session.name)),
+                )
                 .replace("{run}", &encode_segment(&session.run_id))
                 .replace("{waitpoint}", &encode_segment(&session.waitpoint_id));
         }
@@ -712,6 +792,9 @@ impl Fixture {
             | ("POST", "/realtime/v1/sessions/{session}/channels/{name}/{io}/append") => request
                 .header("Prefer", "wait=10")
                 .body(format!("matrix cell on line {}", cell.line)),
+            ("POST", WRITER_PATH) => request.json(&json!({
+                "records": [{ "body": format!("matrix cell on line {}", cell.line) }],
+            })),
             ("POST", "/api/v1/runs/{run}/session-streams/wait") => {
                 let (_, segment) = named.as_ref().expect("a target");
                 request.json(&json!({ "session": segment, "io": "in" }))
@@ -754,8 +837,10 @@ impl Fixture {
             | "token_out_reader"
             | "token_creator"
             | "token_channel_writer"
-            | "signed_url_a" => &["A1", "A"],
-            "token_other_session" => &["A2", "A"],
+            | "signed_url_a"
+            | "writer_token_own" => &["A1", "A"],
+            "token_other_session" | "writer_token_other_session" => &["A2", "A"],
+            "writer_token_env_b" => &["B1", "B"],
             _ => &[],
         }
     }
@@ -1146,9 +1231,16 @@ async fn every_route_credential_and_target_behaves_as_the_policy_says() {
             }
         }
         if actual != "allow" && cell.method != "HEAD" {
+            // The writer endpoint answers in S2's shape, `{code, message}`.
             let is_json_error = serde_json::from_str::<Value>(body)
                 .ok()
-                .is_some_and(|value| value["error"].is_string());
+                .is_some_and(|value| {
+                    if cell.path == WRITER_PATH {
+                        value["code"].is_string() && value["message"].is_string()
+                    } else {
+                        value["error"].is_string()
+                    }
+                });
             if !is_json_error {
                 positives.push(format!(
                     "{}: a denial without a JSON error body: {body}",

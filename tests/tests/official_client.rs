@@ -1,50 +1,37 @@
-//! Runs the official `@trigger.dev/core` and `@trigger.dev/sdk` 4.8.3 clients' suite
-//! (`tests/js/`) against a spawned service. Needs Node.js 20+ and npm; installs the locked packages on first run.
-
-use std::path::PathBuf;
-use std::process::Command;
+//! Runs the official `@trigger.dev/core` and `@trigger.dev/sdk` 4.8.3 clients' suites
+//! (`tests/js/`) against a spawned service: the reader and session suite, and the writer suite
+//! (the SDK's `out` writer over the S2 protocol) on the production path and on the embedded
+//! default. Needs Node.js 20+ and npm; installs the locked packages on first run.
 
 use tests::TestApp;
-
-fn js_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("js")
-}
+use tests::node::run_suite;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_official_client_suite_passes() {
-    let dir = js_dir();
-    let installed = ["core", "sdk"]
-        .iter()
-        .all(|package| dir.join("node_modules/@trigger.dev").join(package).exists());
-    if !installed {
-        let installed = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund"])
-            .current_dir(&dir)
-            .status()
-            .expect("npm must be installed (Node.js 20+)");
-        assert!(installed.success(), "npm ci failed");
-    }
     let app = TestApp::spawn().await;
-    let address = app.address.clone();
-    let key = app.secret_key.clone();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .args(["--test", "--test-concurrency=1", "sessions.test.mjs"])
-            .current_dir(js_dir())
-            .env("SESSIONS_API_URL", address)
-            .env("SESSIONS_SECRET_KEY", key)
-            .output()
-            .expect("node must be installed")
-    })
-    .await
-    .expect("node run");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    println!("{stdout}");
-    eprintln!("{}", String::from_utf8_lossy(&output.stderr));
+    let run = run_suite("sessions.test.mjs", &app.address, &app.secret_key).await;
     app.cleanup().await;
-    assert!(output.status.success(), "the official client suite failed");
+    assert!(run.passed, "every official client test passed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_writer_suite_passes_on_the_production_path() {
+    let app = TestApp::spawn().await;
+    let run = run_suite("writer.test.mjs", &app.address, &app.secret_key).await;
+    app.cleanup().await;
+    assert!(run.passed, "every official writer test passed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_official_writer_suite_passes_on_the_embedded_default() {
+    let dir = std::env::temp_dir().join(format!("sessions-writer-{}", tests::unique_name()));
+    std::fs::create_dir_all(&dir).expect("data dir");
+    let app = TestApp::spawn_embedded(&dir).await;
+    let run = run_suite("writer.test.mjs", &app.address, &app.secret_key).await;
+    app.cleanup().await;
+    let _ = std::fs::remove_dir_all(&dir);
     assert!(
-        stdout.contains("# fail 0"),
-        "every official client test passed"
+        run.passed,
+        "every official writer test passed on the embedded default"
     );
 }

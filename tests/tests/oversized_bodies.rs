@@ -10,8 +10,6 @@
 //!   connection closed; a body declared beyond the discard bound is answered at once and its
 //!   connection closed within the time bound.
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -30,32 +28,14 @@ const MARGIN: Duration = Duration::from_secs(3);
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_fetch_receives_every_413_with_its_json_body_and_cors_headers() {
     let app = TestApp::spawn().await;
-    let address = app.address.clone();
-    let key = app.secret_key.clone();
-    let output = tokio::task::spawn_blocking(move || {
-        Command::new("node")
-            .args(["--test", "--test-concurrency=1", "oversized.test.mjs"])
-            .current_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("js"))
-            .env("SESSIONS_API_URL", address)
-            .env("SESSIONS_SECRET_KEY", key)
-            .output()
-            .expect("node must be installed (Node.js 20+)")
-    })
-    .await
-    .expect("node run");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    println!("{stdout}");
-    eprintln!("{}", String::from_utf8_lossy(&output.stderr));
+    let run = tests::node::run_suite("oversized.test.mjs", &app.address, &app.secret_key).await;
     app.cleanup().await;
+    let stdout = run.stdout;
     assert!(
         stdout.contains("append: 100 of 100 answered 413"),
         "every oversized append was answered 413"
     );
-    assert!(output.status.success(), "the oversized-body suite failed");
-    assert!(
-        stdout.contains("# fail 0"),
-        "every oversized-body test passed"
-    );
+    assert!(run.passed, "every oversized-body test passed");
 }
 
 /// One HTTP/1.1 response read off a raw connection.

@@ -8,6 +8,7 @@ mod sessions;
 mod snapshots;
 mod unread_body;
 mod waitpoints;
+pub mod writer;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
@@ -68,7 +69,7 @@ pub fn route_table() -> Vec<(&'static str, MethodRouter<AppState>)> {
             "/realtime/v1/sessions/{session}/{io}",
             get(records_sse::subscribe)
                 .head(records_sse::head)
-                .put(sessions::initialize_stream),
+                .put(writer::initialize_stream),
         ),
         (
             "/realtime/v1/sessions/{session}/channels/{name}/{io}/append",
@@ -82,7 +83,13 @@ pub fn route_table() -> Vec<(&'static str, MethodRouter<AppState>)> {
             "/realtime/v1/sessions/{session}/channels/{name}/{io}",
             get(records_sse::subscribe_to_channel)
                 .head(records_sse::head_of_channel)
-                .put(sessions::initialize_channel_stream),
+                .put(writer::initialize_channel_stream),
+        ),
+        (
+            "/s2/v1/streams/{stream}/records",
+            // Append sessions are unbounded streams of frames; each frame and each REST body
+            // has its own limit (`s2_wire`).
+            post(writer::append_records).layer(DefaultBodyLimit::disable()),
         ),
         (
             "/api/v1/runs/{run}/session-streams/wait",
@@ -216,9 +223,13 @@ async fn refuse_nul_in_url(
     let has_nul = |text: &str| text.as_bytes().windows(3).any(|w| w == b"%00");
     let uri = request.uri();
     if has_nul(uri.path()) || uri.query().is_some_and(has_nul) {
-        return axum::response::IntoResponse::into_response(ApiError::BadRequest(
-            "The URL must not contain NUL (%00) characters".into(),
-        ));
+        const MESSAGE: &str = "The URL must not contain NUL (%00) characters";
+        if uri.path().starts_with(writer::WRITER_PATH_PREFIX) {
+            return axum::response::IntoResponse::into_response(crate::s2_wire::WireError::new(
+                400, "invalid", MESSAGE,
+            ));
+        }
+        return axum::response::IntoResponse::into_response(ApiError::BadRequest(MESSAGE.into()));
     }
     next.run(request).await
 }

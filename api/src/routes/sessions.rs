@@ -299,20 +299,6 @@ pub async fn jwt_claims(caller: SecretKeyCaller) -> Json<Value> {
     Json(json!({ "sub": caller.environment.public_id, "pub": true }))
 }
 
-/// `PUT /realtime/v1/sessions/{session}/{io}`: direct stream-store credentials are not offered.
-pub async fn initialize_stream() -> ApiError {
-    ApiError::NotImplemented(
-        "Direct stream-store credentials are not offered by this server; append with POST /realtime/v1/sessions/{session}/{io}/append",
-    )
-}
-
-/// `PUT /realtime/v1/sessions/{session}/channels/{name}/{io}`: as [`initialize_stream`].
-pub async fn initialize_channel_stream() -> ApiError {
-    ApiError::NotImplemented(
-        "Direct stream-store credentials are not offered by this server; append with POST /realtime/v1/sessions/{session}/channels/{name}/{io}/append",
-    )
-}
-
 /// `PATCH /api/v1/sessions/{session}`: `tags`, `metadata` (null clears); `externalId` is
 /// immutable (a different value → 422, the same value is a no-op); unknown fields → 400.
 pub async fn patch(

@@ -56,6 +56,61 @@ pub fn mint_public_token(
     )
 }
 
+/// The audience of writer access tokens: never a public access token's, so neither kind is
+/// accepted as the other.
+pub const WRITER_TOKEN_AUDIENCE: &str = "sessions:s2-writer";
+
+/// Claims of a writer access token (the `x-s2-access-token` that initializing a stream hands
+/// out): it may append to (and trim) exactly one stream of one session in one environment, until
+/// `exp`. Signed like public access tokens, with one of the environment's secret keys, so it is
+/// verified without a database read (keys are cached) and dies with the key that signed it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WriterTokenClaims {
+    pub iss: String,
+    /// Always [`WRITER_TOKEN_AUDIENCE`].
+    pub aud: String,
+    /// The environment's public id.
+    pub sub: String,
+    /// The stream name it may write: `sessions/{session friendly id}/{stream key}`.
+    pub stream: String,
+    pub iat: i64,
+    pub exp: i64,
+}
+
+/// Signs writer claims with HS256 and the environment's secret key bytes.
+pub fn mint_writer_token(
+    claims: &WriterTokenClaims,
+    secret_key: &str,
+) -> Result<String, jsonwebtoken::errors::Error> {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret_key.as_bytes()),
+    )
+}
+
+/// Verifies a writer token with one candidate secret key (HS256 pinned, `exp`, `iss` and the
+/// writer audience checked).
+pub fn verify_writer_token(
+    token: &str,
+    secret_key: &str,
+    issuer: &str,
+) -> Result<WriterTokenClaims, TokenError> {
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.algorithms = vec![Algorithm::HS256];
+    validation.leeway = TOKEN_LEEWAY_SECONDS;
+    validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+    validation.set_issuer(&[issuer]);
+    validation.set_audience(&[WRITER_TOKEN_AUDIENCE]);
+    jsonwebtoken::decode::<WriterTokenClaims>(
+        token,
+        &DecodingKey::from_secret(secret_key.as_bytes()),
+        &validation,
+    )
+    .map(|data| data.claims)
+    .map_err(|_| TokenError::Invalid)
+}
+
 /// Why a public access token was refused. Deliberately coarse: callers get one message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
@@ -232,6 +287,35 @@ mod tests {
             )
             .is_err()
         );
+    }
+
+    #[test]
+    fn writer_tokens_and_public_tokens_are_never_taken_for_each_other() {
+        let (iss, aud) = ("https://id.trigger.dev", "https://api.trigger.dev");
+        let now = chrono::Utc::now().timestamp();
+        let writer = WriterTokenClaims {
+            iss: iss.into(),
+            aud: WRITER_TOKEN_AUDIENCE.into(),
+            sub: "env_1".into(),
+            stream: "sessions/session_1/out".into(),
+            iat: now,
+            exp: now + 60,
+        };
+        let token = mint_writer_token(&writer, "k").expect("mint");
+        assert_eq!(verify_writer_token(&token, "k", iss), Ok(writer.clone()));
+        assert!(verify_writer_token(&token, "other", iss).is_err());
+        assert!(verify_public_token(&token, "k", iss, aud).is_err());
+        let public = mint_public_token(&claims(now + 60), "k").expect("mint");
+        assert!(verify_writer_token(&public, "k", iss).is_err());
+        let expired = mint_writer_token(
+            &WriterTokenClaims {
+                exp: now - 10,
+                ..writer
+            },
+            "k",
+        )
+        .expect("mint");
+        assert!(verify_writer_token(&expired, "k", iss).is_err());
     }
 
     #[test]

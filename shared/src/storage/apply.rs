@@ -98,6 +98,16 @@ pub struct BatchWrites {
     pub new_waitpoints: Vec<WaitpointRow>,
     /// Completions, applied after the inserts, each guarded by `status = 'WAITING'`.
     pub waitpoint_completions: Vec<WaitpointCompletion>,
+    /// New trim points, one per `(session, stream key)`; a stored higher point wins.
+    pub trims: Vec<StreamTrim>,
+}
+
+/// A stream's trim point: its records below `trim_seq` are no longer read.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StreamTrim {
+    pub session_id: Uuid,
+    pub stream: String,
+    pub trim_seq: i64,
 }
 
 /// The wire form of a stored session.
@@ -232,6 +242,11 @@ async fn load_named_stream_heads(
                 command.session_id,
                 append.stream().key(),
             )),
+            CommandBody::AppendRecords(batch) if batch.channel.is_some() => Some((
+                command.environment_id,
+                command.session_id,
+                batch.stream().key(),
+            )),
             _ => None,
         })
         .collect();
@@ -364,9 +379,12 @@ async fn load_state(
 
     load_registration_state(txn, commands, &mut state).await?;
 
-    let needs_runs = commands
-        .iter()
-        .any(|c| !matches!(c.body, CommandBody::Append(_)));
+    let needs_runs = commands.iter().any(|c| {
+        !matches!(
+            c.body,
+            CommandBody::Append(_) | CommandBody::AppendRecords(_)
+        )
+    });
     if needs_runs {
         let run_ids: Vec<Uuid> = state
             .sessions
@@ -563,6 +581,7 @@ async fn write(
         .exec_without_returning(txn)
         .await?;
     }
+    write_trims(txn, &writes.trims).await?;
     let mut outbox_events = writes.outbox;
     outbox_events.extend(complete_waitpoints(txn, writes.waitpoint_completions).await?);
     let now = Utc::now();
@@ -736,6 +755,37 @@ async fn insert_records_postgres(
         })
         .collect();
     execute_with_rows(txn, INSERT_RECORDS_SQL, rows).await
+}
+
+/// Raises a stream's trim point, never lowers it.
+const UPSERT_TRIM_SQL_POSTGRES: &str = "INSERT INTO stream_trims (session_id, stream, trim_seq) \
+VALUES ($1, $2, $3) ON CONFLICT (session_id, stream) \
+DO UPDATE SET trim_seq = GREATEST(stream_trims.trim_seq, EXCLUDED.trim_seq)";
+const UPSERT_TRIM_SQL_SQLITE: &str = "INSERT INTO stream_trims (session_id, stream, trim_seq) \
+VALUES (?, ?, ?) ON CONFLICT (session_id, stream) \
+DO UPDATE SET trim_seq = max(stream_trims.trim_seq, excluded.trim_seq)";
+
+/// One statement per trimmed stream: trims are rare (an agent trims once per turn).
+async fn write_trims(txn: &DatabaseTransaction, trims: &[StreamTrim]) -> Result<(), StorageError> {
+    let backend = txn.get_database_backend();
+    let sql = if backend == DbBackend::Postgres {
+        UPSERT_TRIM_SQL_POSTGRES
+    } else {
+        UPSERT_TRIM_SQL_SQLITE
+    };
+    for trim in trims {
+        txn.execute_raw(Statement::from_sql_and_values(
+            backend,
+            sql,
+            [
+                Value::from(trim.session_id),
+                Value::from(trim.stream.clone()),
+                Value::from(trim.trim_seq),
+            ],
+        ))
+        .await?;
+    }
+    Ok(())
 }
 
 /// Sessions per batched UPDATE (8 columns × 2 parameters each, well within both backends'

@@ -15,6 +15,7 @@ impl MigratorTrait for Migrator {
             Box::new(SessionSnapshots),
             Box::new(PartitionLogs),
             Box::new(NamedChannels),
+            Box::new(StreamTrims),
         ]
     }
 }
@@ -421,6 +422,33 @@ impl MigrationTrait for NamedChannels {
                 Table::alter()
                     .table("records")
                     .add_column(boolean("body_is_envelope").default(false))
+                    .to_owned(),
+            )
+            .await
+    }
+}
+
+/// The trim point of each stream a writer trimmed: records below it are no longer read.
+struct StreamTrims;
+
+impl MigrationName for StreamTrims {
+    fn name(&self) -> &str {
+        "m20261207_000007_stream_trims"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for StreamTrims {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table("stream_trims")
+                    .if_not_exists()
+                    .col(uuid("session_id"))
+                    .col(text("stream"))
+                    .col(big_integer("trim_seq"))
+                    .primary_key(Index::create().col("session_id").col("stream"))
                     .to_owned(),
             )
             .await

@@ -25,7 +25,9 @@ use crate::domain::ids::{self, ENVIRONMENT_PREFIX};
 use crate::domain::session::SessionItem;
 use crate::domain::{Io, SessionAddress, Stream};
 
-pub use apply::{BatchWrites, LoadedState, NewOutboxEvent, PartOwner, WaitpointCompletion};
+pub use apply::{
+    BatchWrites, LoadedState, NewOutboxEvent, PartOwner, StreamTrim, WaitpointCompletion,
+};
 pub use entities::environments::Model as EnvironmentRow;
 pub use entities::outbox_events::Model as OutboxEventRow;
 pub use entities::records::Model as RecordRow;
@@ -49,6 +51,24 @@ pub(crate) async fn next_seq_of_named_stream(
         .one(connection)
         .await?;
     Ok(last.flatten().map_or(0, |last| last + 1))
+}
+
+/// Records at or above the stream's trim point (`stream_trims`; 0 when it was never trimmed).
+fn above_trim_point(session_id: Uuid, key: &str) -> sea_orm::sea_query::Expr {
+    use sea_orm::sea_query::{Alias, Expr, ExprTrait, Func, Query, SubQueryStatement};
+    let table = Alias::new("stream_trims");
+    let trim_point = Query::select()
+        .column((table.clone(), Alias::new("trim_seq")))
+        .from(table.clone())
+        .and_where(Expr::col((table.clone(), Alias::new("session_id"))).eq(session_id))
+        .and_where(Expr::col((table, Alias::new("stream"))).eq(key))
+        .to_owned();
+    let trim_point = Expr::SubQuery(
+        None,
+        Box::new(SubQueryStatement::SelectStatement(trim_point)),
+    );
+    Expr::col((records::Entity, records::Column::SeqNum))
+        .gte(Expr::from(Func::coalesce([trim_point, Expr::val(0_i64)])))
 }
 
 impl RecordRow {
@@ -538,7 +558,8 @@ impl Store {
         Ok(apply::session_item(session, run_friendly_id))
     }
 
-    /// Records of one channel with `seq_num > after` (all if `None`), in order, at most `limit`.
+    /// Records of one channel with `seq_num > after` (all if `None`), in order, at most `limit`;
+    /// never records below the stream's trim point.
     pub async fn list_records(
         &self,
         environment_id: Uuid,
@@ -547,10 +568,12 @@ impl Store {
         after: Option<i64>,
         limit: u64,
     ) -> Result<Vec<RecordRow>, StorageError> {
+        let key = stream.key();
         let mut query = records::Entity::find()
             .filter(records::Column::EnvironmentId.eq(environment_id))
             .filter(records::Column::SessionId.eq(session_id))
-            .filter(records::Column::Io.eq(stream.key()));
+            .filter(records::Column::Io.eq(key.as_str()))
+            .filter(above_trim_point(session_id, &key));
         if let Some(after) = after {
             query = query.filter(records::Column::SeqNum.gt(after));
         }
@@ -561,7 +584,7 @@ impl Store {
             .await?)
     }
 
-    /// The last `limit` records of a stream, newest first.
+    /// The last `limit` records of a stream above its trim point, newest first.
     pub async fn last_records(
         &self,
         environment_id: Uuid,
@@ -569,10 +592,12 @@ impl Store {
         stream: &Stream,
         limit: u64,
     ) -> Result<Vec<RecordRow>, StorageError> {
+        let key = stream.key();
         Ok(records::Entity::find()
             .filter(records::Column::EnvironmentId.eq(environment_id))
             .filter(records::Column::SessionId.eq(session_id))
-            .filter(records::Column::Io.eq(stream.key()))
+            .filter(records::Column::Io.eq(key.as_str()))
+            .filter(above_trim_point(session_id, &key))
             .order_by_desc(records::Column::SeqNum)
             .limit(limit)
             .all(&self.db)

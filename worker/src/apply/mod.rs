@@ -16,8 +16,9 @@ use std::collections::{HashMap, HashSet};
 use chrono::{DateTime, Utc};
 use serde_json::json;
 use shared::commands::{
-    AppendCommand, CloseSessionCommand, Command, CommandBody, CreateSessionCommand,
-    EndAndContinueCommand, Outcome, PatchSessionCommand, RegisterWaitpointCommand,
+    AppendCommand, AppendRecordsCommand, CloseSessionCommand, Command, CommandBody,
+    CreateSessionCommand, EndAndContinueCommand, Outcome, PatchSessionCommand,
+    RegisterWaitpointCommand, WrittenRecord,
 };
 use shared::domain::dedup::{DedupKey, body_fingerprint};
 use shared::domain::session::{SessionItem, SessionState, append_state, session_state};
@@ -27,7 +28,7 @@ use shared::domain::waitpoint::{
 };
 use shared::domain::{Io, Stream};
 use shared::storage::{
-    BatchWrites, LoadedState, NewOutboxEvent, PartOwner, RecordRow, RunRow, SessionRow,
+    BatchWrites, LoadedState, NewOutboxEvent, PartOwner, RecordRow, RunRow, SessionRow, StreamTrim,
     WaitpointCompletion, WaitpointRow,
 };
 use uuid::Uuid;
@@ -51,6 +52,11 @@ pub const RUN_REQUESTED: &str = "run.requested";
 /// A record about to be written by [`Planner::write_record`].
 struct NewRecord<'a> {
     stream: Stream,
+    /// Each record needs its own id in `records.command_id` (unique): an append's command id,
+    /// or one derived from a writer batch's command id and the record's index.
+    record_id: Uuid,
+    /// Whether the record completes waiting waitpoints (reserved channels only).
+    wakes_waitpoints: bool,
     part_id: Option<String>,
     headers: &'a [(String, String)],
     body_is_envelope: bool,
@@ -95,6 +101,9 @@ impl Planner {
     fn apply(&mut self, command: &Command) -> Outcome {
         match &command.body {
             CommandBody::Append(append) => self.append(command, append),
+            CommandBody::AppendRecords(batch) => {
+                self.once(command, |planner| planner.append_records(command, batch))
+            }
             CommandBody::CreateSession(create) => {
                 self.once(command, |planner| planner.create_session(command, create))
             }
@@ -150,7 +159,10 @@ impl Planner {
     /// other command applied after it.
     fn open_session(&self, command: &Command) -> Result<&SessionRow, Outcome> {
         let session = self.session(command).ok_or(Outcome::SessionNotFound)?;
-        let state = if matches!(command.body, CommandBody::Append(_)) {
+        let state = if matches!(
+            command.body,
+            CommandBody::Append(_) | CommandBody::AppendRecords(_)
+        ) {
             append_state(
                 session.closed_at,
                 session.expires_at,
@@ -204,6 +216,8 @@ impl Planner {
         }
         let record = NewRecord {
             stream,
+            record_id: command.id,
+            wakes_waitpoints: true,
             part_id: append.part_id.clone(),
             headers: &append.headers,
             body_is_envelope: append.body_is_envelope,
@@ -227,12 +241,74 @@ impl Planner {
         Outcome::Appended { seq_num }
     }
 
+    /// Writes a writer batch: every record (a trim too) takes the stream's next seqNum, so the
+    /// batch gets contiguous seqNums. A trim raises the stream's trim point to
+    /// `min(trim_to, tail)`, the tail being the seqNum after the trim record. Writer records
+    /// complete no waitpoint: as on the reference server, only the append route wakes runs.
+    fn append_records(&mut self, command: &Command, batch: &AppendRecordsCommand) -> Outcome {
+        if let Err(rejected) = self.open_session(command) {
+            return rejected;
+        }
+        let stream = batch.stream();
+        let trim_header = [(String::new(), "trim".to_owned())];
+        let mut start_seq = None;
+        let mut end_seq = 0;
+        for (index, written) in batch.records.iter().enumerate() {
+            let (headers, body, trim_to): (&[(String, String)], &str, Option<u64>) = match written {
+                WrittenRecord::Record { headers, body } => (headers, body, None),
+                WrittenRecord::Trim { trim_to } => (&trim_header, "", Some(*trim_to)),
+            };
+            let record = NewRecord {
+                stream: stream.clone(),
+                record_id: Uuid::new_v5(&command.id, &(index as u64).to_be_bytes()),
+                wakes_waitpoints: false,
+                part_id: None,
+                headers,
+                body_is_envelope: true,
+                body,
+                fingerprint: body_fingerprint(body),
+            };
+            let Some(seq_num) = self.write_record(command, record) else {
+                return Outcome::SessionNotFound;
+            };
+            start_seq.get_or_insert(seq_num);
+            end_seq = seq_num + 1;
+            if let Some(trim_to) = trim_to {
+                let point = i64::try_from(trim_to).unwrap_or(i64::MAX).min(end_seq);
+                self.raise_trim_point(command.session_id, stream.key(), point);
+            }
+        }
+        Outcome::RecordsAppended {
+            start_seq: start_seq.unwrap_or(end_seq),
+            end_seq,
+            timestamp_ms: self.state.now.timestamp_millis(),
+        }
+    }
+
+    fn raise_trim_point(&mut self, session_id: Uuid, stream: String, point: i64) {
+        match self
+            .writes
+            .trims
+            .iter_mut()
+            .find(|trim| trim.session_id == session_id && trim.stream == stream)
+        {
+            Some(trim) => trim.trim_seq = trim.trim_seq.max(point),
+            None => self.writes.trims.push(StreamTrim {
+                session_id,
+                stream,
+                trim_seq: point,
+            }),
+        }
+    }
+
     /// Gives the record its stream's next seqNum, completes the waitpoints it wakes (reserved
     /// channels only: a named channel wakes no run) and writes it. `None` if the command's
     /// session does not exist.
     fn write_record(&mut self, command: &Command, record: NewRecord<'_>) -> Option<i64> {
         let NewRecord {
             stream,
+            record_id,
+            wakes_waitpoints,
             part_id,
             headers,
             body_is_envelope,
@@ -252,7 +328,9 @@ impl Planner {
             *counter += 1;
             session.updated_at = now;
             self.updated_sessions.insert(session_id);
-            self.drain(command, stream.io, seq_num, body);
+            if wakes_waitpoints {
+                self.drain(command, stream.io, seq_num, body);
+            }
             seq_num
         } else {
             // Named channels count in the batch state (loaded from their last record).
@@ -273,7 +351,7 @@ impl Planner {
             part_id,
             body: body.to_owned(),
             body_fingerprint: fingerprint,
-            command_id: command.id,
+            command_id: record_id,
             created_at: now,
             headers: (!headers.is_empty()).then(|| json!(headers)),
             body_is_envelope,
@@ -516,6 +594,8 @@ impl Planner {
             if !closed_by_its_own_run {
                 let record = NewRecord {
                     stream: Stream::reserved(Io::In),
+                    record_id: command.id,
+                    wakes_waitpoints: true,
                     part_id: None,
                     headers: &[],
                     body_is_envelope: false,
