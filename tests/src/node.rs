@@ -11,12 +11,13 @@ pub struct SuiteRun {
     pub passed: bool,
 }
 
-fn js_dir() -> PathBuf {
+/// `tests/js`.
+pub fn js_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("js")
 }
 
 /// `npm ci` in `tests/js` unless the official packages are installed already.
-fn install_packages() {
+pub fn install_packages() {
     let dir = js_dir();
     let installed = ["core", "sdk"]
         .iter()

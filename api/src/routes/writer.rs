@@ -461,6 +461,12 @@ async fn run_append_session(
                 decoder.push(&bytes);
                 let submitted: Result<(), WireError> = async {
                     while let Some(input) = decoder.next_input()? {
+                        // Each frame counts against the environment's rate limit, as a
+                        // request of its own would.
+                        state
+                            .rate_limits
+                            .check(target.caller.environment.id)
+                            .map_err(wire_error)?;
                         let records = s2_wire::written_records(input)?;
                         acks.push_back(submit_batch(&state, &target, records, ack_wait).await?);
                     }

@@ -614,7 +614,7 @@ struct Envelope {
 
 /// The seqNum and the send time of each record of an SSE `batch` event (`None` for records
 /// the load generator did not write). `data` is the appended JSON as text (or parsed).
-fn records_of_batch(data: &str) -> Vec<(i64, Option<u64>)> {
+pub fn records_of_batch(data: &str) -> Vec<(i64, Option<u64>)> {
     let Ok(batch) = serde_json::from_str::<Batch>(data) else {
         return Vec::new();
     };

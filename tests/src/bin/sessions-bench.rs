@@ -7,7 +7,9 @@
 //! loop) with SSE readers, the latency at half that rate (open loop), the same on `in` (whose
 //! appends answer after the worker applied them), the SSE fan-out at half rate (1,000
 //! readers on 100 sessions, each checked for order and completeness), the duplicate cost (20 %
-//! retries), the pipeline floor and the Durable Streams server; the first run also sweeps the
+//! retries), the pipeline floor and the Durable Streams server, the writer workload (agents
+//! appending over S2's protocol the way the official SDK's `out` writer does: max, half rate
+//! with SSE readers, and the same max against s2-lite); the first run also sweeps the
 //! offered rate for the curve. After the runs, once: the drain (the worker stopped while 200,000
 //! appends are accepted, then restarted and timed until all are persisted). The summary is the
 //! median over runs, with ratios to the references of the same run.
@@ -22,11 +24,14 @@ use tests::bench::durable_streams;
 use tests::bench::floor::{FloorConfig, run_pipeline_floor};
 use tests::bench::load::{Channel, LoadConfig, LoadResult, LoadSession, create_sessions, run_load};
 use tests::bench::report::ThroughputReport;
+use tests::bench::s2_lite;
+use tests::bench::writer::{VisibilityReaders, WriterConfig, WriterStream, run_writers};
 
 const USAGE: &str = "usage: sessions-bench [--runs N (3)] [--duration SECONDS (20)] \
 [--sessions N (1000)] [--clients N (64)] [--readers N (100)] [--partitions N (64)] \
 [--fanout-readers N (1000; 0 skips the fan-out window)] [--fanout-sessions N (100)] \
 [--drain-records N (200000; 0 skips the drain)] [--tools DIR (target/bench-tools)] \
+[--writers N (64; 0 skips the writer windows)] [--writer-batch N (100 records per frame)] \
 [--json PATH (target/bench/latest.json)] [--markdown PATH] [--skip-references] \
 [--amqp-url URL[,URL…] (the default broker; e.g. `deploy/rabbitmq-cluster.sh urls`)]";
 
@@ -44,6 +49,10 @@ struct Options {
     fanout_sessions: usize,
     /// Appends of the drain figure (0: no drain).
     drain_records: u64,
+    /// Agents of the writer windows, one session each (0: no writer windows).
+    writers: usize,
+    /// Records per frame of the writer's closed loop.
+    writer_batch: usize,
     tools: PathBuf,
     json: PathBuf,
     markdown: Option<PathBuf>,
@@ -63,6 +72,8 @@ fn parse_options() -> Result<Options, String> {
         fanout_readers: 1000,
         fanout_sessions: 100,
         drain_records: 200_000,
+        writers: 64,
+        writer_batch: 100,
         tools: PathBuf::from("target/bench-tools"),
         json: PathBuf::from("target/bench/latest.json"),
         markdown: None,
@@ -96,6 +107,8 @@ fn parse_options() -> Result<Options, String> {
             "--fanout-readers" => options.fanout_readers = number()?,
             "--fanout-sessions" => options.fanout_sessions = number()?.max(1),
             "--drain-records" => options.drain_records = number()? as u64,
+            "--writers" => options.writers = number()?,
+            "--writer-batch" => options.writer_batch = number()?.clamp(1, 1000),
             "--tools" => options.tools = PathBuf::from(value),
             "--json" => options.json = PathBuf::from(value),
             "--markdown" => options.markdown = Some(PathBuf::from(value)),
@@ -218,8 +231,22 @@ struct RunFigures {
     duplicates: ThroughputReport,
     floor: Option<ThroughputReport>,
     durable_streams: Option<ThroughputReport>,
+    /// The writer windows (absent with `--writers 0`).
+    writer: Option<WriterFigures>,
     api_peak_rss_mib: f64,
     worker_peak_rss_mib: f64,
+}
+
+/// The writer windows of one run: records/s are records acknowledged (applied by the worker:
+/// persisted), latencies are frame sent → ack, and send → SSE delivery for `visible`.
+#[derive(Debug, serde::Serialize)]
+struct WriterFigures {
+    agents: usize,
+    max: ThroughputReport,
+    half: ThroughputReport,
+    half_visible_p50_ms: f64,
+    half_visible_p99_ms: f64,
+    s2_lite: Option<ThroughputReport>,
 }
 
 /// The SSE fan-out window: open loop at half the max rate, appends to every session, readers
@@ -342,6 +369,10 @@ struct Bench {
     store: Store,
     sessions: Vec<LoadSession>,
     durable_streams_binary: Option<PathBuf>,
+    s2_lite_binary: Option<PathBuf>,
+    /// The writer agents' streams (initialized on first use) and this api's writer endpoint.
+    writer_streams: Vec<WriterStream>,
+    writer_endpoint: String,
     /// Unique appends (retries excluded) accepted so far: what the database must hold.
     expected_records: u64,
 }
@@ -497,6 +528,117 @@ impl Bench {
         Ok(figures)
     }
 
+    fn writer_config(&self, rate: Option<f64>) -> WriterConfig {
+        WriterConfig {
+            endpoint: self.writer_endpoint.clone(),
+            basin: "sessions".into(),
+            streams: self.writer_streams.clone(),
+            rate,
+            duration: self.options.duration,
+            record_bytes: 100,
+            linger: Duration::from_millis(100),
+            batch_records: self.options.writer_batch,
+            in_flight: 2,
+            agents_per_connection: 8,
+        }
+    }
+
+    /// PUT initialize of the first `--writers` sessions' `out`: their streams and tokens.
+    async fn initialize_writers(&mut self) -> Result<(), String> {
+        if !self.writer_streams.is_empty() {
+            return Ok(());
+        }
+        let client = reqwest::Client::new();
+        for session in self.sessions.iter().take(self.options.writers) {
+            let response = client
+                .put(format!(
+                    "{}/realtime/v1/sessions/{}/out",
+                    self.api_url, session.external_id
+                ))
+                .bearer_auth(&session.secret_key)
+                .send()
+                .await
+                .map_err(|error| format!("initialize a writer: {error}"))?;
+            if response.status().as_u16() != 202 {
+                return Err(format!("initialize a writer: {}", response.status()));
+            }
+            let header = |name: &str| {
+                response
+                    .headers()
+                    .get(name)
+                    .and_then(|value| value.to_str().ok())
+                    .map(str::to_owned)
+                    .ok_or_else(|| format!("initialize a writer: no {name}"))
+            };
+            self.writer_endpoint = header("x-s2-endpoint")?;
+            self.writer_streams.push(WriterStream {
+                name: header("x-s2-stream-name")?,
+                token: header("x-s2-access-token")?,
+            });
+        }
+        Ok(())
+    }
+
+    /// The writer windows: max (closed loop), half that rate (open loop, with SSE readers on
+    /// a quarter of the agents' sessions), and the max workload against s2-lite.
+    async fn writer_windows(&mut self) -> Result<WriterFigures, String> {
+        self.initialize_writers().await?;
+        let agents = self.writer_streams.len();
+        let batch = self.options.writer_batch;
+        let what = format!(
+            "writer max: {agents} agents, closed loop, {batch} records of 100 B per frame, 2 frames in flight"
+        );
+        eprintln!("== {what}");
+        let max = run_writers(&self.writer_config(None)).await?;
+        let max_report = max.report("sessions", &what);
+        eprintln!("{max_report}");
+        let rate = max_report.per_second / 2.0;
+        let what = format!(
+            "writer half: open loop at {rate:.0} records/s, 100 ms linger, {agents} agents"
+        );
+        eprintln!("== {what}");
+        let tailed: Vec<(String, String)> = self
+            .sessions
+            .iter()
+            .take(agents.div_ceil(4))
+            .map(|session| (session.external_id.clone(), session.secret_key.clone()))
+            .collect();
+        let readers = VisibilityReaders::open(&self.api_url, &tailed).await?;
+        let half = run_writers(&self.writer_config(Some(rate))).await?;
+        // Records acknowledged at the end of the window reach the readers within moments.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let visible = readers.finish();
+        let half_report = half.report("sessions", &what);
+        eprintln!(
+            "{half_report}\n   visible p50 {:.2} ms p99 {:.2} ms over {} readers",
+            visible.quantile_ms(0.5),
+            visible.quantile_ms(0.99),
+            tailed.len()
+        );
+        // Writer records are in the database now (acks come after the apply), also any whose
+        // ack was lost at the end of a window: count from what is there.
+        self.expected_records = self.records_in_database().await?;
+        let s2_lite = match &self.s2_lite_binary {
+            Some(binary) => {
+                eprintln!("== s2-lite: the writer max workload");
+                let result =
+                    s2_lite::run_writers_on_s2_lite(binary, &self.writer_config(None)).await?;
+                let report = result.report("s2-lite", "writer max: the same workload");
+                eprintln!("{report}");
+                Some(report)
+            }
+            None => None,
+        };
+        Ok(WriterFigures {
+            agents,
+            max: max_report,
+            half: half_report,
+            half_visible_p50_ms: visible.quantile_ms(0.5),
+            half_visible_p99_ms: visible.quantile_ms(0.99),
+            s2_lite,
+        })
+    }
+
     async fn records_in_database(&self) -> Result<u64, String> {
         self.store
             .count_rows(CountedTable::Records)
@@ -572,6 +714,11 @@ impl Bench {
                 &self.load(None, 0.2, duration),
             )
             .await?;
+        let writer = if self.options.writers > 0 {
+            Some(self.writer_windows().await?)
+        } else {
+            None
+        };
         if run == 0 {
             for share in [0.2, 0.4, 0.6, 0.8, 1.0, 1.2] {
                 let offered = max_rate * share;
@@ -638,6 +785,7 @@ impl Bench {
             duplicates: duplicates.report("sessions", "20% retries"),
             floor,
             durable_streams: durable,
+            writer,
             api_peak_rss_mib: api.peak_rss_mib(),
             worker_peak_rss_mib: worker.peak_rss_mib(),
         })
@@ -705,6 +853,35 @@ fn summarize(runs: &[RunFigures], drain: Option<&DrainFigures>) -> Value {
         "drain_records_per_second_after_startup":
             drain.map(|drain| drain.records_per_second_after_startup),
         "drain_worker_peak_rss_mib": drain.map(|drain| drain.worker_peak_rss_mib),
+    });
+    if let (Value::Object(summary), Value::Object(extra)) = (&mut summary, extra) {
+        summary.extend(extra);
+    }
+    let writers: Vec<&WriterFigures> = runs.iter().filter_map(|run| run.writer.as_ref()).collect();
+    let wm = |pick: &dyn Fn(&WriterFigures) -> f64| {
+        (!writers.is_empty()).then(|| median(writers.iter().map(|writer| pick(writer)).collect()))
+    };
+    let writer_max = wm(&|writer| writer.max.per_second);
+    let s2_lite = wm(&|writer| {
+        writer
+            .s2_lite
+            .as_ref()
+            .map_or(0.0, |report| report.per_second)
+    })
+    .filter(|rate| *rate > 0.0);
+    let extra = json!({
+        "writer_agents": writers.first().map(|writer| writer.agents),
+        "writer_records_per_second": writer_max,
+        "writer_ack_p50_ms_at_max": wm(&|writer| writer.max.p50_ms),
+        "writer_ack_p99_ms_at_max": wm(&|writer| writer.max.p99_ms),
+        "writer_records_per_second_at_half": wm(&|writer| writer.half.per_second),
+        "writer_ack_p99_ms_at_half": wm(&|writer| writer.half.p99_ms),
+        "writer_visible_p50_ms_at_half": wm(&|writer| writer.half_visible_p50_ms),
+        "writer_visible_p99_ms_at_half": wm(&|writer| writer.half_visible_p99_ms),
+        "s2_lite_records_per_second": s2_lite,
+        "s2_lite_ack_p99_ms_at_max":
+            wm(&|writer| writer.s2_lite.as_ref().map_or(0.0, |report| report.p99_ms)),
+        "writer_ratio_to_s2_lite": writer_max.zip(s2_lite).map(|(ours, theirs)| ours / theirs),
     });
     if let (Value::Object(summary), Value::Object(extra)) = (&mut summary, extra) {
         summary.extend(extra);
@@ -784,6 +961,7 @@ fn markdown(
         api_rss = number("api_peak_rss_mib"),
         worker_rss = number("worker_peak_rss_mib"),
     );
+    text.push_str(&writer_lines(options, summary));
     text.push_str(&fanout_and_drain_lines(options, summary, drain));
     text.push_str("### Every run\n\n```\n");
     for (index, run) in runs.iter().enumerate() {
@@ -804,12 +982,60 @@ fn markdown(
         if let Some(durable) = &run.durable_streams {
             text.push_str(&format!("  {durable}\n"));
         }
+        if let Some(writer) = &run.writer {
+            text.push_str(&format!("  {}\n  {}\n", writer.max, writer.half));
+            if let Some(s2_lite) = &writer.s2_lite {
+                text.push_str(&format!("  {s2_lite}\n"));
+            }
+        }
     }
     if let Some(drain) = drain {
         text.push_str(&format!("after the runs\n  {}\n  {drain}\n", drain.appends));
     }
     text.push_str("```\n");
     text
+}
+
+/// The rows of the writer windows, then their workload line.
+fn writer_lines(options: &Options, summary: &Value) -> String {
+    if summary["writer_agents"].is_null() {
+        return "| writer (S2 protocol) | not measured |\n".into();
+    }
+    let number = |key: &str| summary[key].as_f64().unwrap_or(0.0);
+    let s2_lite = if summary["s2_lite_records_per_second"].is_null() {
+        "not measured".to_owned()
+    } else {
+        format!(
+            "{:.2}× (s2-lite {:.0} records/s, ack p99 {:.2} ms)",
+            number("writer_ratio_to_s2_lite"),
+            number("s2_lite_records_per_second"),
+            number("s2_lite_ack_p99_ms_at_max")
+        )
+    };
+    format!(
+        "| writer records/s persisted (S2 protocol, closed loop, max) | {max:.0} |\n\
+         | writer ack latency p50 / p99 at max | {a50:.2} / {a99:.2} ms |\n\
+         | writer ratio to s2-lite (same workload, same run) | {s2_lite} |\n\
+         | writer at half rate: records/s, ack p99, visible p50 / p99 | {half:.0}, {h99:.2} ms, {v50:.2} / {v99:.2} ms |\n\n\
+         - Writer (per run, after the 20 % retries window): {agents} agents, one session's `out` \
+         each (initialized with `PUT …/out`), appending over S2's protocol (`s2s/proto` append \
+         sessions on HTTP/2, 8 agents per connection) as the SDK's writer does: records of 100 B \
+         wrapped as `{{\"data\", \"id\"}}`; max: {batch} records per frame, 2 frames in flight per \
+         agent; half: open loop at half that rate, each agent sending what it produced every \
+         100 ms (the SDK's linger), SSE readers on a quarter of the sessions. An ack means \
+         applied (persisted); ack latency is frame sent → ack; visible is frame sent → SSE \
+         delivery. s2-lite ({version}, `s2 lite --local-root`) gets the same max workload.\n",
+        max = number("writer_records_per_second"),
+        a50 = number("writer_ack_p50_ms_at_max"),
+        a99 = number("writer_ack_p99_ms_at_max"),
+        half = number("writer_records_per_second_at_half"),
+        h99 = number("writer_ack_p99_ms_at_half"),
+        v50 = number("writer_visible_p50_ms_at_half"),
+        v99 = number("writer_visible_p99_ms_at_half"),
+        agents = number("writer_agents"),
+        batch = options.writer_batch,
+        version = s2_lite::VERSION,
+    )
 }
 
 /// The workload lines of the fan-out window and the drain, then their rows of the table
@@ -898,6 +1124,11 @@ async fn bench(options: Options) -> Result<(), String> {
     } else {
         Some(durable_streams::ensure_installed(&options.tools)?)
     };
+    let s2_lite_binary = if options.skip_references || options.writers == 0 {
+        None
+    } else {
+        Some(s2_lite::ensure_installed(&options.tools.join("s2"))?)
+    };
     let name = tests::unique_name();
     let database_url = format!("{}/sessions_bench_{name}", tests::POSTGRES_SERVER);
     let store = Store::connect(&database_url, 2)
@@ -976,6 +1207,9 @@ async fn bench(options: Options) -> Result<(), String> {
         store,
         sessions,
         durable_streams_binary,
+        s2_lite_binary,
+        writer_streams: Vec::new(),
+        writer_endpoint: String::new(),
         expected_records: 0,
     };
     let mut runs = Vec::new();
@@ -1092,6 +1326,8 @@ mod checks {
             fanout_readers: 1000,
             fanout_sessions: 100,
             drain_records: 200_000,
+            writers: 64,
+            writer_batch: 100,
             tools: PathBuf::new(),
             json: PathBuf::new(),
             markdown: None,
@@ -1145,6 +1381,14 @@ mod checks {
             duplicates: report("retries", 1800.0),
             floor: None,
             durable_streams: None,
+            writer: Some(WriterFigures {
+                agents: 64,
+                max: report("writer max", 30_000.0),
+                half: report("writer half", 15_000.0),
+                half_visible_p50_ms: 20.0,
+                half_visible_p99_ms: 80.5,
+                s2_lite: Some(report("s2-lite", 60_000.0)),
+            }),
             api_peak_rss_mib: 50.0,
             worker_peak_rss_mib: 40.0,
         };
@@ -1167,11 +1411,17 @@ mod checks {
         assert_eq!(summary["drain_records"], 200_000);
         assert_eq!(summary["drain_seconds"], 40.0);
         assert_eq!(summary["drain_startup_seconds"], 0.75);
+        assert_eq!(summary["writer_records_per_second"], 30_000.0);
+        assert_eq!(summary["writer_ratio_to_s2_lite"], 0.5);
+        assert_eq!(summary["writer_visible_p99_ms_at_half"], 80.5);
         let text = markdown(&options(), &summary, &[run], Some(&drain), "sessions-bench");
         assert!(text.contains("to the `out` channel with the environment's secret key"));
         assert!(text.contains("| fan-out visible latency p50 / p99 | 3.50 / 12.25 ms |"));
         assert!(text.contains("| 0.75 s / 40.00 s |"));
         assert!(text.contains("SSE fan-out: 1000 readers on 100 sessions"));
+        assert!(text.contains(
+            "| writer ratio to s2-lite (same workload, same run) | 0.50× (s2-lite 60000 records/s"
+        ));
         if std::env::var_os("SHOW_SECTION").is_some() {
             eprintln!("{text}");
         }
@@ -1179,6 +1429,7 @@ mod checks {
         assert!(skipped["fanout_readers"].is_null() && skipped["drain_seconds"].is_null());
         let text = markdown(&options(), &skipped, &[], None, "sessions-bench");
         assert!(text.contains("| SSE fan-out at half rate | not measured |"));
+        assert!(text.contains("| writer (S2 protocol) | not measured |"));
     }
 
     #[test]
