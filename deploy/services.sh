@@ -5,7 +5,7 @@
 #   - a service that is missing is installed from Debian packages, then started.
 # Then it waits until each one answers. It also installs Prometheus (Debian's `prometheus`:
 # promtool for deploy/check.sh, and the server tests/tests/prometheus_scrape.rs starts on a port
-# of its own) without leaving a Prometheus service running. Needs root (or passwordless sudo)
+# of its own) and Caddy (tests/tests/behind_a_proxy.rs) without leaving either service running. Needs root (or passwordless sudo)
 # only when it has to install or start something. Safe to run again and again (CI runs it on
 # every build).
 set -euo pipefail
@@ -102,7 +102,25 @@ install_prometheus() {
   fi
 }
 
+# Caddy (Debian's `caddy`) is only installed, not run: tests/tests/behind_a_proxy.rs starts it
+# with deploy/caddy/Caddyfile on free ports. The package may start its service on :80/:443;
+# unless something already listened on :80, stop that again.
+install_caddy() {
+  if [ -x /usr/bin/caddy ]; then return 0; fi
+  local was_listening=0
+  if port_open 80; then was_listening=1; fi
+  install_packages --no-install-recommends caddy
+  if [ "$was_listening" -eq 0 ]; then
+    if [ -d /run/systemd/system ]; then
+      as_root systemctl disable --now caddy.service >/dev/null 2>&1 || true
+    else
+      as_root /etc/init.d/caddy stop >/dev/null 2>&1 || true
+    fi
+  fi
+}
+
 start_postgres
 start_redis
 start_rabbitmq
 install_prometheus
+install_caddy

@@ -35,7 +35,21 @@ pub fn install_packages() {
 /// Runs `file` (one test at a time) with `SESSIONS_API_URL` and `SESSIONS_SECRET_KEY`, prints
 /// its output, and says whether it exited 0 with no failed test.
 pub async fn run_suite(file: &'static str, api_url: &str, secret_key: &str) -> SuiteRun {
+    run_suite_with(file, api_url, secret_key, &[]).await
+}
+
+/// As [`run_suite`], with extra environment variables for node (e.g. `NODE_EXTRA_CA_CERTS`).
+pub async fn run_suite_with(
+    file: &'static str,
+    api_url: &str,
+    secret_key: &str,
+    environment: &[(&str, &std::ffi::OsStr)],
+) -> SuiteRun {
     let (api_url, secret_key) = (api_url.to_owned(), secret_key.to_owned());
+    let environment: Vec<(String, std::ffi::OsString)> = environment
+        .iter()
+        .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+        .collect();
     let output = tokio::task::spawn_blocking(move || {
         install_packages();
         Command::new("node")
@@ -43,6 +57,7 @@ pub async fn run_suite(file: &'static str, api_url: &str, secret_key: &str) -> S
             .current_dir(js_dir())
             .env("SESSIONS_API_URL", api_url)
             .env("SESSIONS_SECRET_KEY", secret_key)
+            .envs(environment)
             .output()
             .expect("node must be installed (Node.js 20+)")
     })
