@@ -167,7 +167,7 @@ impl Application {
     ) -> std::io::Result<()> {
         let link = self.state.publisher.clone();
         let hub = self.state.hub.clone();
-        let http2_idle_timeout = self.state.settings.http2_idle_timeout;
+        let limits = serve::ConnectionLimits::from_settings(&self.state.settings);
         let router = routes::router(self.state);
         tracing::info!(addr = %self.listener.local_addr()?, "api listening");
         let (draining, drain_started) = tokio::sync::oneshot::channel::<()>();
@@ -176,7 +176,7 @@ impl Application {
             hub.stop_readers();
             let _ = draining.send(());
         };
-        let serving = serve::serve(self.listener, router, http2_idle_timeout, signal);
+        let serving = serve::serve(self.listener, router, limits, signal);
         let grace = async move {
             if drain_started.await.is_ok() {
                 tokio::time::sleep(SHUTDOWN_GRACE).await;

@@ -172,3 +172,32 @@ pub fn idle_connection_closed() {
     tracing::debug!("idle HTTP/2 connection sent GOAWAY");
     metrics::counter!("sessions_api_idle_connections_closed_total").increment(1);
 }
+
+/// A client connection was accepted (within the budget).
+pub fn connection_opened() {
+    metrics::gauge!("sessions_api_connections").increment(1);
+}
+
+/// A client connection ended.
+pub fn connection_closed() {
+    metrics::gauge!("sessions_api_connections").decrement(1);
+}
+
+/// A new connection was closed at once: the api holds `SESSIONS_MAX_CONNECTIONS`.
+pub fn connection_refused() {
+    tracing::debug!("connection budget full: a new connection was closed");
+    metrics::counter!("sessions_api_connections_refused_total").increment(1);
+}
+
+/// A connection was closed for taking too long: `header` (request headers not complete within
+/// `SESSIONS_HTTP_HEADER_READ_TIMEOUT_MS`, or an idle keep-alive connection) or `no_request` (no
+/// request at all, within that time or within a second under connection pressure).
+pub fn connection_timed_out(phase: &'static str) {
+    tracing::debug!(phase, "connection closed by a timeout");
+    metrics::counter!("sessions_api_connection_timeouts_total", "phase" => phase).increment(1);
+}
+
+/// The connection budget, once at start (for the dashboard and the alert rule).
+pub fn connection_budget(max_connections: usize) {
+    metrics::gauge!("sessions_api_connection_budget").set(max_connections as f64);
+}

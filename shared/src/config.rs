@@ -68,6 +68,16 @@ pub struct Settings {
     /// `SESSIONS_HTTP2_IDLE_TIMEOUT_MS`: an HTTP/2 connection with no open stream for this long
     /// gets a GOAWAY (the official writer never closes its connection itself).
     pub http2_idle_timeout: Duration,
+    /// `SESSIONS_HTTP_HEADER_READ_TIMEOUT_MS`: how long a client may take to send a request's
+    /// headers (HTTP/1.1; also how long a keep-alive connection may stay idle), and how long a
+    /// connection may stay open without sending any request (both protocols).
+    pub header_read_timeout: Duration,
+    /// `SESSIONS_MAX_CONNECTIONS`: open client connections per api instance; past it new ones
+    /// are closed at once. Default: the open-files limit minus 256 (for the database pool, the
+    /// broker and the api's own files), at least 64.
+    pub max_connections: usize,
+    /// `SESSIONS_HTTP2_MAX_CONCURRENT_STREAMS`: streams one HTTP/2 connection may have open.
+    pub http2_max_concurrent_streams: u32,
     /// `SESSIONS_MAX_APPEND_BYTES`: largest append body.
     pub max_append_bytes: usize,
     /// `SESSIONS_MAX_JSON_BYTES`: largest JSON request body of the other routes.
@@ -175,6 +185,9 @@ impl std::fmt::Debug for Settings {
             writer_ack_wait,
             writer_idle_timeout,
             http2_idle_timeout,
+            header_read_timeout,
+            max_connections,
+            http2_max_concurrent_streams,
             max_append_bytes,
             max_json_bytes,
             max_snapshot_bytes,
@@ -223,6 +236,9 @@ impl std::fmt::Debug for Settings {
             .field("writer_ack_wait", writer_ack_wait)
             .field("writer_idle_timeout", writer_idle_timeout)
             .field("http2_idle_timeout", http2_idle_timeout)
+            .field("header_read_timeout", header_read_timeout)
+            .field("max_connections", max_connections)
+            .field("http2_max_concurrent_streams", http2_max_concurrent_streams)
             .field("max_append_bytes", max_append_bytes)
             .field("max_json_bytes", max_json_bytes)
             .field("max_snapshot_bytes", max_snapshot_bytes)
@@ -456,6 +472,25 @@ fn log_segment_bytes(get: impl Fn(&str) -> Option<String>) -> Result<u64, Config
     )
 }
 
+/// File descriptors the api keeps for its own work (database pool, broker, listeners, files).
+const RESERVED_FILE_DESCRIPTORS: usize = 256;
+
+/// The default connection budget: the soft open-files limit (`/proc/self/limits`; 1,024 where it
+/// cannot be read) minus [`RESERVED_FILE_DESCRIPTORS`], at least 64.
+fn default_max_connections() -> usize {
+    let soft_limit = std::fs::read_to_string("/proc/self/limits")
+        .ok()
+        .and_then(|limits| {
+            limits
+                .lines()
+                .find(|line| line.starts_with("Max open files"))
+                .and_then(|line| line.split_whitespace().nth(3))
+                .and_then(|soft| soft.parse::<usize>().ok())
+        })
+        .unwrap_or(1024);
+    soft_limit.saturating_sub(RESERVED_FILE_DESCRIPTORS).max(64)
+}
+
 impl Settings {
     /// Reads the process environment.
     pub fn from_env() -> Result<Self, ConfigError> {
@@ -573,6 +608,31 @@ impl Settings {
                 "SESSIONS_HTTP2_IDLE_TIMEOUT_MS",
                 get("SESSIONS_HTTP2_IDLE_TIMEOUT_MS"),
                 2_000,
+            )?,
+            header_read_timeout: millis(
+                "SESSIONS_HTTP_HEADER_READ_TIMEOUT_MS",
+                get("SESSIONS_HTTP_HEADER_READ_TIMEOUT_MS"),
+                30_000,
+            )?,
+            max_connections: in_range(
+                "SESSIONS_MAX_CONNECTIONS",
+                parse(
+                    "SESSIONS_MAX_CONNECTIONS",
+                    get("SESSIONS_MAX_CONNECTIONS"),
+                    default_max_connections(),
+                )?,
+                1,
+                10_000_000,
+            )?,
+            http2_max_concurrent_streams: in_range(
+                "SESSIONS_HTTP2_MAX_CONCURRENT_STREAMS",
+                parse(
+                    "SESSIONS_HTTP2_MAX_CONCURRENT_STREAMS",
+                    get("SESSIONS_HTTP2_MAX_CONCURRENT_STREAMS"),
+                    256,
+                )?,
+                1,
+                100_000,
             )?,
             max_append_bytes: in_range(
                 "SESSIONS_MAX_APPEND_BYTES",

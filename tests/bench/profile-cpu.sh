@@ -6,6 +6,8 @@
 #   tests/bench/profile-cpu.sh [sessions-bench options, e.g. --partitions 16]
 # SESSIONS_BENCH=<dir>/sessions-bench profiles the binaries of another build (a before/after
 # comparison: the api and worker next to that sessions-bench are the ones measured).
+# PROFILE_WINDOW=writer profiles the writer max window instead (per record acknowledged: the
+# official writer's path over S2's protocol).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 log=$(mktemp)
@@ -20,7 +22,11 @@ accepted() { grep -E '^ +[0-9.]+ s ' "$log" | tail -1 | awk '{print $5}'; }
 "${SESSIONS_BENCH:-target/release/sessions-bench}" --runs 1 --duration 12 --skip-references \
   --drain-records 0 --fanout-readers 0 --json target/bench/profile.json "$@" >"$log" 2>&1 &
 bench=$!
-until grep -q '^== max' "$log"; do sleep 0.2; done
+case "${PROFILE_WINDOW:-max}" in
+  writer) window='^== writer max'; unit=record ;;
+  *) window='^== max'; unit=append ;;
+esac
+until grep -q "$window" "$log"; do sleep 0.2; done
 sleep 3
 before_count=$(accepted); cpu_by_command >"$log.a"
 sleep 8
@@ -28,8 +34,8 @@ after_count=$(accepted); cpu_by_command >"$log.b"
 wait "$bench"
 appends=$((after_count - before_count))
 ticks=$(getconf CLK_TCK)
-echo "appends accepted in the 8 s window: $appends"
+echo "${unit}s acknowledged in the 8 s window: $appends"
 join -t $'\t' "$log.a" "$log.b" |
-  awk -F'\t' -v n="$appends" -v hz="$ticks" '{ d = $3 - $2; if (d > 0) printf "%-24s %6.0f us/append %6.1f %% of a core\n", $1, d * 1e6 / hz / n, d * 100 / hz / 8 }' |
+  awk -F'\t' -v n="$appends" -v hz="$ticks" -v unit="$unit" '{ d = $3 - $2; if (d > 0) printf "%-24s %6.1f us/%s %6.1f %% of a core\n", $1, d * 1e6 / hz / n, unit, d * 100 / hz / 8 }' |
   sort -k2 -n -r | head -12
 rm -f "$log" "$log.a" "$log.b"

@@ -208,7 +208,30 @@ pub async fn run_writers(config: &WriterConfig) -> Result<WriterResult, String> 
             shared.clone(),
         ));
     }
+    // A progress line a second, in the shape of the append windows' (`tests/bench/profile-cpu.sh`
+    // reads the fifth field: records acknowledged so far).
+    let ticker = {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let mut last = 0;
+            let mut interval = tokio::time::interval(Duration::from_secs(1));
+            interval.tick().await;
+            loop {
+                interval.tick().await;
+                let acked = shared.records_acked.load(Ordering::Relaxed);
+                eprintln!(
+                    "  {:>5.1} s  {:>7} records/s  {:>8} acked  {:>5} errors",
+                    started.elapsed().as_secs_f64(),
+                    acked - last,
+                    acked,
+                    shared.errors.load(Ordering::Relaxed),
+                );
+                last = acked;
+            }
+        })
+    };
     tokio::time::sleep(config.duration).await;
+    ticker.abort();
     shared.stopping.store(true, Ordering::Relaxed);
     let elapsed = started.elapsed();
     // Acks of frames sent before the end still count; give them a bounded time.

@@ -961,8 +961,10 @@ fn markdown(
         api_rss = number("api_peak_rss_mib"),
         worker_rss = number("worker_peak_rss_mib"),
     );
-    text.push_str(&writer_lines(options, summary));
-    text.push_str(&fanout_and_drain_lines(options, summary, drain));
+    let (writer_rows, writer_workload) = writer_lines(options, summary);
+    text.push_str(&writer_rows);
+    text.push_str(fanout_and_drain_lines(options, summary, drain).trim_end());
+    text.push_str(&format!("\n{writer_workload}\n"));
     text.push_str("### Every run\n\n```\n");
     for (index, run) in runs.iter().enumerate() {
         text.push_str(&format!(
@@ -996,10 +998,13 @@ fn markdown(
     text
 }
 
-/// The rows of the writer windows, then their workload line.
-fn writer_lines(options: &Options, summary: &Value) -> String {
+/// The rows of the writer windows, and their workload line (which follows the table).
+fn writer_lines(options: &Options, summary: &Value) -> (String, String) {
     if summary["writer_agents"].is_null() {
-        return "| writer (S2 protocol) | not measured |\n".into();
+        return (
+            "| writer (S2 protocol) | not measured |\n".into(),
+            String::new(),
+        );
     }
     let number = |key: &str| summary[key].as_f64().unwrap_or(0.0);
     let s2_lite = if summary["s2_lite_records_per_second"].is_null() {
@@ -1012,19 +1017,11 @@ fn writer_lines(options: &Options, summary: &Value) -> String {
             number("s2_lite_ack_p99_ms_at_max")
         )
     };
-    format!(
+    let rows = format!(
         "| writer records/s persisted (S2 protocol, closed loop, max) | {max:.0} |\n\
          | writer ack latency p50 / p99 at max | {a50:.2} / {a99:.2} ms |\n\
          | writer ratio to s2-lite (same workload, same run) | {s2_lite} |\n\
-         | writer at half rate: records/s, ack p99, visible p50 / p99 | {half:.0}, {h99:.2} ms, {v50:.2} / {v99:.2} ms |\n\n\
-         - Writer (per run, after the 20 % retries window): {agents} agents, one session's `out` \
-         each (initialized with `PUT …/out`), appending over S2's protocol (`s2s/proto` append \
-         sessions on HTTP/2, 8 agents per connection) as the SDK's writer does: records of 100 B \
-         wrapped as `{{\"data\", \"id\"}}`; max: {batch} records per frame, 2 frames in flight per \
-         agent; half: open loop at half that rate, each agent sending what it produced every \
-         100 ms (the SDK's linger), SSE readers on a quarter of the sessions. An ack means \
-         applied (persisted); ack latency is frame sent → ack; visible is frame sent → SSE \
-         delivery. s2-lite ({version}, `s2 lite --local-root`) gets the same max workload.\n",
+         | writer at half rate: records/s, ack p99, visible p50 / p99 | {half:.0}, {h99:.2} ms, {v50:.2} / {v99:.2} ms |\n",
         max = number("writer_records_per_second"),
         a50 = number("writer_ack_p50_ms_at_max"),
         a99 = number("writer_ack_p99_ms_at_max"),
@@ -1032,10 +1029,21 @@ fn writer_lines(options: &Options, summary: &Value) -> String {
         h99 = number("writer_ack_p99_ms_at_half"),
         v50 = number("writer_visible_p50_ms_at_half"),
         v99 = number("writer_visible_p99_ms_at_half"),
+    );
+    let workload = format!(
+        "- Writer (per run, after the 20 % retries window): {agents} agents, one session's `out` \
+         each (initialized with `PUT …/out`), appending over S2's protocol (`s2s/proto` append \
+         sessions on HTTP/2, 8 agents per connection) as the SDK's writer does: records of 100 B \
+         wrapped as `{{\"data\", \"id\"}}`; max: {batch} records per frame, 2 frames in flight per \
+         agent; half: open loop at half that rate, each agent sending what it produced every \
+         100 ms (the SDK's linger), SSE readers on a quarter of the sessions. An ack means \
+         applied (persisted); ack latency is frame sent → ack; visible is frame sent → SSE \
+         delivery. s2-lite ({version}, `s2 lite --local-root`) gets the same max workload.\n",
         agents = number("writer_agents"),
         batch = options.writer_batch,
         version = s2_lite::VERSION,
-    )
+    );
+    (rows, workload)
 }
 
 /// The workload lines of the fan-out window and the drain, then their rows of the table
