@@ -129,6 +129,43 @@ pub fn ack_frame(ack: &AppendAck) -> Bytes {
     frame(0, &prost::Message::encode_to_vec(ack))
 }
 
+/// A frame the server sends in an append session, as a client reads it.
+#[derive(Debug, PartialEq)]
+pub enum ServerFrame {
+    Ack(AppendAck),
+    /// A terminal error: its HTTP status and JSON body.
+    Terminal(u16, serde_json::Value),
+}
+
+/// Takes the next complete server frame off the front of `buffer` (a client's read buffer):
+/// `None` until one is complete. For clients (the tests and the benchmark's load generator).
+pub fn take_server_frame(buffer: &mut Vec<u8>) -> Result<Option<ServerFrame>, String> {
+    if buffer.len() < 3 {
+        return Ok(None);
+    }
+    let length =
+        (usize::from(buffer[0]) << 16) | (usize::from(buffer[1]) << 8) | usize::from(buffer[2]);
+    if length == 0 {
+        return Err("a frame without its flag byte".into());
+    }
+    if buffer.len() < 3 + length {
+        return Ok(None);
+    }
+    let frame: Vec<u8> = buffer.drain(..3 + length).skip(3).collect();
+    let (flag, body) = (frame[0], &frame[1..]);
+    if flag & TERMINAL_FLAG != 0 {
+        if body.len() < 2 {
+            return Err("a terminal frame without its status".into());
+        }
+        let status = u16::from_be_bytes([body[0], body[1]]);
+        let error = serde_json::from_slice(&body[2..]).map_err(|error| error.to_string())?;
+        return Ok(Some(ServerFrame::Terminal(status, error)));
+    }
+    prost::Message::decode(body)
+        .map(|ack| Some(ServerFrame::Ack(ack)))
+        .map_err(|error| error.to_string())
+}
+
 /// Splits the bytes of an append session's request body into frames.
 #[derive(Debug, Default)]
 pub struct FrameDecoder {
@@ -440,6 +477,20 @@ mod tests {
         assert_eq!(&terminal[4..6], &503_u16.to_be_bytes());
         let json: serde_json::Value = serde_json::from_slice(&terminal[6..]).expect("json");
         assert_eq!(json["code"], "unavailable");
+        // What a client reads back, frame by frame, with the rest left in its buffer.
+        let mut buffer = encoded.to_vec();
+        buffer.extend_from_slice(&terminal);
+        buffer.push(0);
+        assert!(matches!(
+            take_server_frame(&mut buffer),
+            Ok(Some(ServerFrame::Ack(ack))) if ack.end.as_ref().map(|p| p.seq_num) == Some(2)
+        ));
+        assert!(matches!(
+            take_server_frame(&mut buffer),
+            Ok(Some(ServerFrame::Terminal(503, error))) if error["message"] == "later"
+        ));
+        assert_eq!(take_server_frame(&mut buffer), Ok(None));
+        assert_eq!(buffer, vec![0]);
     }
 
     #[test]

@@ -475,20 +475,25 @@ fn log_segment_bytes(get: impl Fn(&str) -> Option<String>) -> Result<u64, Config
 /// File descriptors the api keeps for its own work (database pool, broker, listeners, files).
 const RESERVED_FILE_DESCRIPTORS: usize = 256;
 
-/// The default connection budget: the soft open-files limit (`/proc/self/limits`; 1,024 where it
-/// cannot be read) minus [`RESERVED_FILE_DESCRIPTORS`], at least 64.
-fn default_max_connections() -> usize {
-    let soft_limit = std::fs::read_to_string("/proc/self/limits")
+/// The soft open-files limit of this process (`/proc/self/limits`), `None` where it cannot be read.
+pub fn open_files_soft_limit() -> Option<usize> {
+    std::fs::read_to_string("/proc/self/limits")
+        .ok()?
+        .lines()
+        .find(|line| line.starts_with("Max open files"))?
+        .split_whitespace()
+        .nth(3)?
+        .parse()
         .ok()
-        .and_then(|limits| {
-            limits
-                .lines()
-                .find(|line| line.starts_with("Max open files"))
-                .and_then(|line| line.split_whitespace().nth(3))
-                .and_then(|soft| soft.parse::<usize>().ok())
-        })
-        .unwrap_or(1024);
-    soft_limit.saturating_sub(RESERVED_FILE_DESCRIPTORS).max(64)
+}
+
+/// The default connection budget: the soft open-files limit (1,024 where it cannot be read)
+/// minus [`RESERVED_FILE_DESCRIPTORS`], at least 64.
+fn default_max_connections() -> usize {
+    open_files_soft_limit()
+        .unwrap_or(1024)
+        .saturating_sub(RESERVED_FILE_DESCRIPTORS)
+        .max(64)
 }
 
 impl Settings {

@@ -14,16 +14,7 @@ use tokio::net::TcpStream;
 /// How many attacking connections a test may open: its own and the in-process api's file
 /// descriptors both count against this process's limit.
 fn attack_size(wanted: usize) -> usize {
-    let soft_limit = std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|limits| {
-            limits
-                .lines()
-                .find(|line| line.starts_with("Max open files"))
-                .and_then(|line| line.split_whitespace().nth(3))
-                .and_then(|soft| soft.parse::<usize>().ok())
-        })
-        .unwrap_or(1024);
+    let soft_limit = shared::config::open_files_soft_limit().unwrap_or(1024);
     wanted.min(soft_limit.saturating_sub(400) / 2).max(50)
 }
 

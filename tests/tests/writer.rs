@@ -7,7 +7,10 @@
 
 use std::time::{Duration, Instant};
 
-use api::s2_wire::{AppendAck, AppendInput, AppendRecord, Header, frame};
+use api::s2_wire::{
+    AppendAck, AppendInput, AppendRecord, Header, ServerFrame as WireFrame, frame,
+    take_server_frame,
+};
 use bytes::Bytes;
 use prost::Message;
 use serde_json::{Value, json};
@@ -126,20 +129,12 @@ impl AppendSession {
     async fn next(&mut self, within: Duration) -> ServerFrame {
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            if self.buffer.len() >= 3 {
-                let length = (usize::from(self.buffer[0]) << 16)
-                    | (usize::from(self.buffer[1]) << 8)
-                    | usize::from(self.buffer[2]);
-                if self.buffer.len() >= 3 + length {
-                    let frame: Vec<u8> = self.buffer.drain(..3 + length).skip(3).collect();
-                    let (flag, body) = (frame[0], &frame[1..]);
-                    if flag & 0x80 != 0 {
-                        let status = u16::from_be_bytes([body[0], body[1]]);
-                        let error = serde_json::from_slice(&body[2..]).expect("JSON error");
-                        return ServerFrame::Terminal(status, error);
-                    }
-                    return ServerFrame::Ack(AppendAck::decode(body).expect("an ack"));
+            match take_server_frame(&mut self.buffer).expect("a well-formed frame") {
+                Some(WireFrame::Ack(ack)) => return ServerFrame::Ack(ack),
+                Some(WireFrame::Terminal(status, error)) => {
+                    return ServerFrame::Terminal(status, error);
                 }
+                None => {}
             }
             match tokio::time::timeout_at(deadline, self.answer.chunk()).await {
                 Ok(Ok(Some(chunk))) => self.buffer.extend_from_slice(&chunk),

@@ -49,11 +49,42 @@ pub fn mint_public_token(
     claims: &PublicTokenClaims,
     secret_key: &str,
 ) -> Result<String, jsonwebtoken::errors::Error> {
+    sign_hs256(claims, secret_key)
+}
+
+/// Both kinds of token: HS256 over the secret key's bytes.
+fn sign_hs256(
+    claims: &impl Serialize,
+    secret_key: &str,
+) -> Result<String, jsonwebtoken::errors::Error> {
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         claims,
         &EncodingKey::from_secret(secret_key.as_bytes()),
     )
+}
+
+/// Verifies either kind of token: HS256 pinned, `exp`, `iss`, `aud` and `sub` required, `iss`
+/// and `aud` checked, [`TOKEN_LEEWAY_SECONDS`] of leeway.
+fn verify_hs256<Claims: serde::de::DeserializeOwned>(
+    token: &str,
+    secret_key: &str,
+    issuer: &str,
+    audience: &str,
+) -> Result<Claims, TokenError> {
+    let mut validation = Validation::new(Algorithm::HS256);
+    validation.algorithms = vec![Algorithm::HS256];
+    validation.leeway = TOKEN_LEEWAY_SECONDS;
+    validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
+    validation.set_issuer(&[issuer]);
+    validation.set_audience(&[audience]);
+    jsonwebtoken::decode::<Claims>(
+        token,
+        &DecodingKey::from_secret(secret_key.as_bytes()),
+        &validation,
+    )
+    .map(|data| data.claims)
+    .map_err(|_| TokenError::Invalid)
 }
 
 /// The audience of writer access tokens: never a public access token's, so neither kind is
@@ -82,11 +113,7 @@ pub fn mint_writer_token(
     claims: &WriterTokenClaims,
     secret_key: &str,
 ) -> Result<String, jsonwebtoken::errors::Error> {
-    jsonwebtoken::encode(
-        &Header::new(Algorithm::HS256),
-        claims,
-        &EncodingKey::from_secret(secret_key.as_bytes()),
-    )
+    sign_hs256(claims, secret_key)
 }
 
 /// Verifies a writer token with one candidate secret key (HS256 pinned, `exp`, `iss` and the
@@ -96,19 +123,7 @@ pub fn verify_writer_token(
     secret_key: &str,
     issuer: &str,
 ) -> Result<WriterTokenClaims, TokenError> {
-    let mut validation = Validation::new(Algorithm::HS256);
-    validation.algorithms = vec![Algorithm::HS256];
-    validation.leeway = TOKEN_LEEWAY_SECONDS;
-    validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-    validation.set_issuer(&[issuer]);
-    validation.set_audience(&[WRITER_TOKEN_AUDIENCE]);
-    jsonwebtoken::decode::<WriterTokenClaims>(
-        token,
-        &DecodingKey::from_secret(secret_key.as_bytes()),
-        &validation,
-    )
-    .map(|data| data.claims)
-    .map_err(|_| TokenError::Invalid)
+    verify_hs256(token, secret_key, issuer, WRITER_TOKEN_AUDIENCE)
 }
 
 /// Why a public access token was refused. Deliberately coarse: callers get one message.
@@ -158,19 +173,7 @@ pub fn verify_public_token(
     issuer: &str,
     audience: &str,
 ) -> Result<PublicTokenClaims, TokenError> {
-    let mut validation = Validation::new(Algorithm::HS256);
-    validation.algorithms = vec![Algorithm::HS256];
-    validation.leeway = TOKEN_LEEWAY_SECONDS;
-    validation.set_required_spec_claims(&["exp", "iss", "aud", "sub"]);
-    validation.set_issuer(&[issuer]);
-    validation.set_audience(&[audience]);
-    jsonwebtoken::decode::<PublicTokenClaims>(
-        token,
-        &DecodingKey::from_secret(secret_key.as_bytes()),
-        &validation,
-    )
-    .map(|data| data.claims)
-    .map_err(|_| TokenError::Invalid)
+    verify_hs256(token, secret_key, issuer, audience)
 }
 
 /// Encrypts a secret key for storage (ChaCha20-Poly1305 under the master key; hex of

@@ -34,29 +34,7 @@ const READY_LIMIT: Duration = Duration::from_secs(15);
 /// `cargo install --root <root> durable-streams --version 0.1.5 --locked` first if it is
 /// missing (minutes: it builds with LTO in its own target directory).
 pub fn ensure_installed(root: &Path) -> Result<PathBuf, String> {
-    let binary = root.join("bin").join(BINARY);
-    if binary.is_file() {
-        return Ok(binary);
-    }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = std::process::Command::new(cargo)
-        .arg("install")
-        .arg("--root")
-        .arg(root)
-        .args([CRATE, "--version", VERSION, "--locked"])
-        .status()
-        .map_err(|error| format!("running cargo install {CRATE}: {error}"))?;
-    if !status.success() {
-        return Err(format!("cargo install {CRATE} {VERSION} failed: {status}"));
-    }
-    if binary.is_file() {
-        Ok(binary)
-    } else {
-        Err(format!(
-            "cargo install {CRATE} succeeded but {} is missing",
-            binary.display()
-        ))
-    }
+    super::cargo_install(root, CRATE, VERSION, BINARY)
 }
 
 /// Starts `binary --durability wal` on a free loopback port with a fresh data directory,

@@ -19,29 +19,7 @@ const READY_LIMIT: Duration = Duration::from_secs(30);
 /// Returns `<root>/bin/s2`, running `cargo install --root <root> s2-cli --version 0.43.4
 /// --locked` first if it is missing (many minutes on two cores: it is a large build).
 pub fn ensure_installed(root: &Path) -> Result<PathBuf, String> {
-    let binary = root.join("bin").join(BINARY);
-    if binary.is_file() {
-        return Ok(binary);
-    }
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = std::process::Command::new(cargo)
-        .arg("install")
-        .arg("--root")
-        .arg(root)
-        .args([CRATE, "--version", VERSION, "--locked"])
-        .status()
-        .map_err(|error| format!("running cargo install {CRATE}: {error}"))?;
-    if !status.success() {
-        return Err(format!("cargo install {CRATE} {VERSION} failed: {status}"));
-    }
-    if binary.is_file() {
-        Ok(binary)
-    } else {
-        Err(format!(
-            "cargo install {CRATE} succeeded but {} is missing",
-            binary.display()
-        ))
-    }
+    super::cargo_install(root, CRATE, VERSION, BINARY)
 }
 
 /// A running s2-lite, killed (and its directory removed) when dropped.

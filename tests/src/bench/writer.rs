@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use api::s2_wire::{AppendAck, AppendInput, AppendRecord, frame};
+use api::s2_wire::{AppendInput, AppendRecord, ServerFrame, frame, take_server_frame};
 use bytes::Bytes;
 use prost::Message;
 use tokio::sync::{Mutex, mpsc};
@@ -142,20 +142,14 @@ impl AnswerFrames {
     /// The next ack (its record count) or `None` when the session ended or failed.
     async fn next_ack(&mut self) -> Option<u64> {
         loop {
-            if self.buffer.len() >= 3 {
-                let length = (usize::from(self.buffer[0]) << 16)
-                    | (usize::from(self.buffer[1]) << 8)
-                    | usize::from(self.buffer[2]);
-                if self.buffer.len() >= 3 + length {
-                    let frame: Vec<u8> = self.buffer.drain(..3 + length).skip(3).collect();
-                    if frame.first().is_none_or(|flag| flag & 0x80 != 0) {
-                        return None;
-                    }
-                    let ack = AppendAck::decode(&frame[1..]).ok()?;
+            match take_server_frame(&mut self.buffer) {
+                Ok(Some(ServerFrame::Ack(ack))) => {
                     let start = ack.start.map_or(0, |position| position.seq_num);
                     let end = ack.end.map_or(0, |position| position.seq_num);
                     return Some(end.saturating_sub(start));
                 }
+                Ok(Some(ServerFrame::Terminal(..))) | Err(_) => return None,
+                Ok(None) => {}
             }
             match self.response.chunk().await {
                 Ok(Some(chunk)) => self.buffer.extend_from_slice(&chunk),
