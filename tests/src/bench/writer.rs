@@ -91,20 +91,6 @@ fn unix_micros() -> u64 {
         .unwrap_or(0)
 }
 
-/// Percent-encodes a stream name for the URL path (`/` included), as the SDK does.
-fn encode(name: &str) -> String {
-    let mut encoded = String::with_capacity(name.len() + 8);
-    for byte in name.bytes() {
-        match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                encoded.push(char::from(byte));
-            }
-            other => encoded.push_str(&format!("%{other:02X}")),
-        }
-    }
-    encoded
-}
-
 /// A frame of `count` records, numbered from `first`, each carrying `sent_at`.
 fn records_frame(
     agent: usize,
@@ -263,7 +249,7 @@ async fn run_agent(
         .post(format!(
             "{}/streams/{}/records",
             config.endpoint,
-            encode(&stream.name)
+            crate::encode_segment(&stream.name)
         ))
         .bearer_auth(&stream.token)
         .header("content-type", "s2s/proto")

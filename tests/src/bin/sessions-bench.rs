@@ -351,18 +351,6 @@ async fn appends_settled(client: &reqwest::Client, metrics_url: &str) -> Option<
     Some(total as u64)
 }
 
-/// The soft limit of open files of this process (inherited by the api and the worker).
-fn open_files_limit() -> Option<u64> {
-    std::fs::read_to_string("/proc/self/limits")
-        .ok()?
-        .lines()
-        .find(|line| line.starts_with("Max open files"))?
-        .split_whitespace()
-        .nth(3)?
-        .parse()
-        .ok()
-}
-
 struct Bench {
     options: Options,
     api_url: String,
@@ -1192,8 +1180,9 @@ async fn bench(options: Options) -> Result<(), String> {
         ),
     ];
     let connections = options.fanout_readers + options.readers + options.clients;
-    if let Some(limit) = open_files_limit()
-        && limit < connections as u64 + 256
+    // The soft limit of open files of this process is inherited by the api and the worker.
+    if let Some(limit) = shared::config::open_files_soft_limit()
+        && limit < connections + 256
     {
         eprintln!(
             "sessions-bench: warning: the open files limit ({limit}) is low for {connections} connections (api and load generator each hold one per connection): raise it with `ulimit -n`"
