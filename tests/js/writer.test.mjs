@@ -275,7 +275,7 @@ test("out.trimTo(n): nothing below n on the records route or in SSE catch-up; th
   assert.deepEqual(clamped.map((record) => record.data), [{ n: 12 }]);
 });
 
-test("a named channel's out: append, pipe and writeControl through .channel(name).out", async () => {
+test("a named channel's out: append, pipe, writer with merge, writeControl and trimTo through .channel(name).out", async () => {
   const externalId = uniqueId("w-channel");
   await createSession(externalId);
   const notes = sessions.open(externalId).channel("notes");
@@ -300,6 +300,33 @@ test("a named channel's out: append, pipe and writeControl through .channel(name
   const withControl = await recordsWhen(externalId, "out", expected.length + 1, { channel: "notes" });
   assert.deepEqual(withControl.at(-1).headers, [["trigger-control", "turn-complete"]]);
   assert.equal(withControl.at(-1).seqNum, expected.length);
+  assert.deepEqual((await client.readSessionStreamRecords(externalId, "out")).records, []);
+
+  // `writer` with `merge` on the channel: the merged stream's chunks in their order.
+  const merged = range(4).map((n) => ({ merged: n }));
+  const { lastEventId: afterWriter } = await notes.out
+    .writer({
+      execute: ({ write, merge }) => {
+        write({ merged: "head" });
+        merge(streamOf(4, (n) => ({ merged: n })));
+      },
+    })
+    .waitUntilComplete();
+  const first = expected.length + 1; // after the control record
+  assert.equal(afterWriter, String(first + merged.length));
+  const written = await recordsWhen(externalId, "out", first + 1 + merged.length, { channel: "notes" });
+  assert.deepEqual(written.slice(first).map((record) => record.data), [{ merged: "head" }, ...merged]);
+
+  // `trimTo` on the channel hides what is below its point, there only.
+  await notes.out.trimTo(first);
+  const trimmed = await recordsUntil(
+    externalId,
+    "out",
+    (records) => records.length > 0 && records[0].seqNum >= first,
+    { channel: "notes" },
+  );
+  assert.deepEqual(trimmed.map((record) => record.seqNum), range(1 + merged.length, first));
+  assert.deepEqual(trimmed.map((record) => record.data), [{ merged: "head" }, ...merged]);
   assert.deepEqual((await client.readSessionStreamRecords(externalId, "out")).records, []);
 });
 
