@@ -38,8 +38,11 @@ const KEY_CACHE_TTL: Duration = Duration::from_secs(10);
 pub enum Credential {
     /// A secret key (kept only to sign the tokens this request mints; never logged or stored).
     SecretKey(String),
-    /// A verified public access token's scopes.
-    PublicToken { scopes: Vec<String> },
+    /// A verified public access token's scopes, and its digest (for per-token limits).
+    PublicToken {
+        scopes: Vec<String>,
+        token_digest: String,
+    },
 }
 
 /// An authenticated caller.
@@ -284,6 +287,7 @@ async fn authenticate_token(state: &AppState, token: &str) -> Result<Caller, Api
         environment,
         credential: Credential::PublicToken {
             scopes: claims.scopes,
+            token_digest: secret_key_digest(token),
         },
     })
 }
@@ -340,6 +344,14 @@ impl FromRequestParts<AppState> for SecretKeyCaller {
 }
 
 impl Caller {
+    /// The digest of the caller's public access token (`None` for a secret key).
+    pub fn token_digest(&self) -> Option<&str> {
+        match &self.credential {
+            Credential::PublicToken { token_digest, .. } => Some(token_digest),
+            Credential::SecretKey(_) => None,
+        }
+    }
+
     pub fn is_secret_key(&self) -> bool {
         matches!(self.credential, Credential::SecretKey(_))
     }
@@ -364,7 +376,7 @@ impl Caller {
         session: Option<&SessionRow>,
         target: Target<'_>,
     ) -> Result<(), ApiError> {
-        let Credential::PublicToken { scopes } = &self.credential else {
+        let Credential::PublicToken { scopes, .. } = &self.credential else {
             return Ok(());
         };
         let names = match session {

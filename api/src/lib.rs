@@ -56,6 +56,8 @@ pub struct AppState {
     pub verification_keys: Arc<auth::VerificationKeys>,
     pub secret_keys: Arc<auth::SecretKeyLookups>,
     pub rate_limits: Arc<rate_limit::RateLimits>,
+    /// Live SSE streams per environment and per token.
+    pub live_streams: Arc<rate_limit::LiveStreamSlots>,
 }
 
 /// Why the api could not start.
@@ -132,6 +134,7 @@ impl Application {
             settings.reply_timeout,
         ));
         let rate_limits = Arc::new(rate_limit::RateLimits::from_settings(&settings));
+        let live_streams = Arc::new(rate_limit::LiveStreamSlots::from_settings(&settings));
         Ok(Self {
             listener,
             state: AppState {
@@ -144,6 +147,7 @@ impl Application {
                 verification_keys: Arc::default(),
                 secret_keys: Arc::default(),
                 rate_limits,
+                live_streams,
             },
         })
     }

@@ -124,3 +124,122 @@ mod tests {
         }
     }
 }
+
+/// Live SSE streams per environment and per public access token
+/// (`SESSIONS_MAX_SSE_PER_ENVIRONMENT`, `SESSIONS_MAX_SSE_PER_TOKEN`), in memory per api
+/// instance: requests are counted above, but a stream holds a connection and a task for as long
+/// as it lasts. Past a cap the stream is refused with 429 and `Retry-After` (the official client
+/// retries it with backoff). Secret keys count only against their environment.
+#[derive(Debug)]
+pub struct LiveStreamSlots {
+    per_environment: usize,
+    per_token: usize,
+    counts: std::sync::Mutex<std::collections::HashMap<SlotKey, usize>>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum SlotKey {
+    Environment(Uuid),
+    /// A public access token, by its digest.
+    Token(String),
+}
+
+/// A live stream's slots, given back when it ends (dropped).
+#[derive(Debug)]
+pub struct LiveStreamSlot {
+    slots: std::sync::Arc<LiveStreamSlots>,
+    keys: Vec<SlotKey>,
+}
+
+impl Drop for LiveStreamSlot {
+    fn drop(&mut self) {
+        let mut counts = self.slots.lock();
+        for key in &self.keys {
+            if let Some(count) = counts.get_mut(key) {
+                *count = count.saturating_sub(1);
+                if *count == 0 {
+                    counts.remove(key);
+                }
+            }
+        }
+    }
+}
+
+/// How long a refused stream is told to wait.
+const LIVE_STREAM_RETRY_AFTER_SECONDS: u64 = 1;
+
+impl LiveStreamSlots {
+    pub fn from_settings(settings: &Settings) -> Self {
+        Self {
+            per_environment: settings.max_sse_per_environment,
+            per_token: settings.max_sse_per_token,
+            counts: std::sync::Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<SlotKey, usize>> {
+        // A poisoned lock only means another request panicked mid-update; the map is valid.
+        self.counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Takes a slot of `environment_id` and, for a public token, of `token_digest`; 429 when
+    /// either is full (then nothing is taken).
+    pub fn acquire(
+        self: &std::sync::Arc<Self>,
+        environment_id: Uuid,
+        token_digest: Option<&str>,
+    ) -> Result<LiveStreamSlot, ApiError> {
+        let mut keys = vec![(SlotKey::Environment(environment_id), self.per_environment)];
+        if let Some(digest) = token_digest {
+            keys.push((SlotKey::Token(digest.to_owned()), self.per_token));
+        }
+        let mut counts = self.lock();
+        for (key, cap) in &keys {
+            if counts.get(key).copied().unwrap_or(0) >= *cap {
+                crate::signals::live_stream_refused(match key {
+                    SlotKey::Environment(_) => "environment",
+                    SlotKey::Token(_) => "token",
+                });
+                return Err(ApiError::TooManyRequests {
+                    retry_after_seconds: LIVE_STREAM_RETRY_AFTER_SECONDS,
+                });
+            }
+        }
+        for (key, _) in &keys {
+            *counts.entry(key.clone()).or_insert(0) += 1;
+        }
+        Ok(LiveStreamSlot {
+            slots: self.clone(),
+            keys: keys.into_iter().map(|(key, _)| key).collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod live_stream_tests {
+    use super::*;
+
+    fn slots(per_environment: usize, per_token: usize) -> std::sync::Arc<LiveStreamSlots> {
+        std::sync::Arc::new(LiveStreamSlots {
+            per_environment,
+            per_token,
+            counts: std::sync::Mutex::default(),
+        })
+    }
+
+    #[test]
+    fn a_token_and_an_environment_each_have_a_cap_and_slots_come_back() {
+        let slots = slots(3, 2);
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let first = slots.acquire(a, Some("t1")).expect("1st");
+        let _second = slots.acquire(a, Some("t1")).expect("2nd");
+        assert!(slots.acquire(a, Some("t1")).is_err(), "the token's cap");
+        let _third = slots.acquire(a, Some("t2")).expect("another token");
+        assert!(slots.acquire(a, None).is_err(), "the environment's cap");
+        assert!(slots.acquire(b, Some("t3")).is_ok(), "another environment");
+        drop(first);
+        assert!(slots.acquire(a, Some("t1")).is_ok(), "a slot came back");
+    }
+}

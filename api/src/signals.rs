@@ -201,3 +201,9 @@ pub fn connection_timed_out(phase: &'static str) {
 pub fn connection_budget(max_connections: usize) {
     metrics::gauge!("sessions_api_connection_budget").set(max_connections as f64);
 }
+
+/// A live (SSE) stream was refused: its environment's or its token's cap is reached.
+pub fn live_stream_refused(scope: &'static str) {
+    tracing::debug!(scope, "live stream refused: cap reached");
+    metrics::counter!("sessions_api_sse_refused_total", "scope" => scope).increment(1);
+}

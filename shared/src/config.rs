@@ -78,6 +78,12 @@ pub struct Settings {
     pub max_connections: usize,
     /// `SESSIONS_HTTP2_MAX_CONCURRENT_STREAMS`: streams one HTTP/2 connection may have open.
     pub http2_max_concurrent_streams: u32,
+    /// `SESSIONS_MAX_SSE_PER_ENVIRONMENT`: live SSE streams one environment may hold open on one
+    /// api instance (past it: 429).
+    pub max_sse_per_environment: usize,
+    /// `SESSIONS_MAX_SSE_PER_TOKEN`: live SSE streams one public access token may hold open on
+    /// one api instance (past it: 429).
+    pub max_sse_per_token: usize,
     /// `SESSIONS_MAX_APPEND_BYTES`: largest append body.
     pub max_append_bytes: usize,
     /// `SESSIONS_MAX_JSON_BYTES`: largest JSON request body of the other routes.
@@ -188,6 +194,8 @@ impl std::fmt::Debug for Settings {
             header_read_timeout,
             max_connections,
             http2_max_concurrent_streams,
+            max_sse_per_environment,
+            max_sse_per_token,
             max_append_bytes,
             max_json_bytes,
             max_snapshot_bytes,
@@ -239,6 +247,8 @@ impl std::fmt::Debug for Settings {
             .field("header_read_timeout", header_read_timeout)
             .field("max_connections", max_connections)
             .field("http2_max_concurrent_streams", http2_max_concurrent_streams)
+            .field("max_sse_per_environment", max_sse_per_environment)
+            .field("max_sse_per_token", max_sse_per_token)
             .field("max_append_bytes", max_append_bytes)
             .field("max_json_bytes", max_json_bytes)
             .field("max_snapshot_bytes", max_snapshot_bytes)
@@ -628,6 +638,26 @@ impl Settings {
                 )?,
                 1,
                 10_000_000,
+            )?,
+            max_sse_per_environment: in_range(
+                "SESSIONS_MAX_SSE_PER_ENVIRONMENT",
+                parse(
+                    "SESSIONS_MAX_SSE_PER_ENVIRONMENT",
+                    get("SESSIONS_MAX_SSE_PER_ENVIRONMENT"),
+                    10_000,
+                )?,
+                1,
+                10_000_000,
+            )?,
+            max_sse_per_token: in_range(
+                "SESSIONS_MAX_SSE_PER_TOKEN",
+                parse(
+                    "SESSIONS_MAX_SSE_PER_TOKEN",
+                    get("SESSIONS_MAX_SSE_PER_TOKEN"),
+                    32,
+                )?,
+                1,
+                1_000_000,
             )?,
             http2_max_concurrent_streams: in_range(
                 "SESSIONS_HTTP2_MAX_CONCURRENT_STREAMS",

@@ -198,3 +198,83 @@ async fn connections_past_the_budget_are_closed_at_once_and_idle_ones_evicted_un
     assert_eq!(failed, 0, "the legitimate client was served throughout");
     app.cleanup().await;
 }
+
+/// Opens an SSE stream on `out` of `session` with `credential`: the response (headers only).
+async fn open_stream(app: &TestApp, session: &str, credential: &str) -> reqwest::Response {
+    app.client
+        .get(app.url(&format!("/realtime/v1/sessions/{session}/out")))
+        .bearer_auth(credential)
+        .header("Accept", "text/event-stream")
+        .header("Timeout-Seconds", "60")
+        .send()
+        .await
+        .expect("SSE request")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_streams_past_a_tokens_or_an_environments_cap_get_429_and_others_are_unaffected() {
+    let app = TestApp::spawn_with(SpawnOptions {
+        overrides: &[
+            ("SESSIONS_MAX_SSE_PER_TOKEN", "3"),
+            ("SESSIONS_MAX_SSE_PER_ENVIRONMENT", "5"),
+        ],
+        ..SpawnOptions::default()
+    })
+    .await;
+    let created = app.create_session("sse-cap").await;
+    let token = created["publicAccessToken"]
+        .as_str()
+        .expect("a session token")
+        .to_owned();
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let stream = open_stream(&app, "sse-cap", &token).await;
+        assert_eq!(stream.status().as_u16(), 200);
+        held.push(stream);
+    }
+    let refused = open_stream(&app, "sse-cap", &token).await;
+    assert_eq!(refused.status().as_u16(), 429, "the token's fourth stream");
+    assert!(refused.headers().contains_key("retry-after"));
+    let error: serde_json::Value = refused.json().await.expect("JSON error");
+    assert!(error["error"].is_string());
+    // The secret key counts against the environment only: two more fill it (3 + 2 = 5).
+    for _ in 0..2 {
+        let stream = open_stream(&app, "sse-cap", &app.secret_key).await;
+        assert_eq!(stream.status().as_u16(), 200);
+        held.push(stream);
+    }
+    assert_eq!(
+        open_stream(&app, "sse-cap", &app.secret_key)
+            .await
+            .status()
+            .as_u16(),
+        429,
+        "the environment's sixth stream"
+    );
+    // Another environment is not affected.
+    let other_key = app.create_environment("sse-cap-other").await;
+    app.create_session_as(&other_key, "sse-cap").await;
+    assert_eq!(
+        open_stream(&app, "sse-cap", &other_key)
+            .await
+            .status()
+            .as_u16(),
+        200
+    );
+    // A stream that ends gives its slot back.
+    drop(held.remove(0));
+    let started = Instant::now();
+    loop {
+        let stream = open_stream(&app, "sse-cap", &token).await;
+        if stream.status().is_success() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the slot of a closed stream came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(held);
+    app.cleanup().await;
+}

@@ -194,20 +194,28 @@ async fn subscribe_to(
         }
         None => 0,
     };
+    // A live stream holds a slot of its environment (and token) until it ends.
+    let slot = state
+        .live_streams
+        .acquire(caller.environment.id, caller.token_digest())?;
     // Subscribe before the first read, so nothing appended in between is missed.
     let feed = state.hub.subscribe(key.clone());
     let (events, receiver) = mpsc::channel::<Event>(CONNECTION_BUFFER);
-    tokio::spawn(serve_reader(
-        state.hub.clone(),
-        key,
-        feed,
-        next_seq,
-        Reading {
-            deadline: Instant::now() + timeout,
-            end_when_caught_up: settled,
-        },
-        events,
-    ));
+    tokio::spawn(async move {
+        serve_reader(
+            state.hub.clone(),
+            key,
+            feed,
+            next_seq,
+            Reading {
+                deadline: Instant::now() + timeout,
+                end_when_caught_up: settled,
+            },
+            events,
+        )
+        .await;
+        drop(slot);
+    });
     let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
         receiver
             .recv()

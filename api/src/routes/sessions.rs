@@ -151,7 +151,7 @@ pub async fn create(
         .as_deref()
         .map(validation::external_id)
         .transpose()?;
-    if let Credential::PublicToken { scopes } = &caller.credential
+    if let Credential::PublicToken { scopes, .. } = &caller.credential
         && !(allows_session_create(scopes, external_id.as_deref())
             && allows_trigger(scopes, &body.task_identifier))
     {
