@@ -106,4 +106,8 @@ run "session token" "$token"
 if grep -q "panicked" "$work/stderr"; then
   log "the server panicked:"; grep -A3 "panicked" "$work/stderr" >&2; status=1
 fi
+if [ "$status" -ne 0 ]; then
+  # What the server logged last (warnings and errors), to explain a failure such as a timeout.
+  log "the server's last log lines:"; tail -n 40 "$work/stderr" >&2
+fi
 exit "$status"
