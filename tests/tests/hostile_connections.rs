@@ -278,3 +278,68 @@ async fn live_streams_past_a_tokens_or_an_environments_cap_get_429_and_others_ar
     drop(held);
     app.cleanup().await;
 }
+
+/// The HTTP/2 rapid-reset attack (CVE-2023-44487): a client opens streams and resets each at
+/// once, as fast as it can, on h2c connections, for a few seconds, reconnecting whenever the
+/// server closes one. The api bounds the streams a client resets (h2's limits; past them the
+/// connection is closed) and the streams open at once; the test checks that the server closes
+/// the flooding connections, stays up and serves a legitimate client throughout, and prints
+/// what the attacker achieved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_http2_rapid_reset_flood_is_cut_off_and_others_are_served() {
+    const FLOOD: Duration = Duration::from_secs(3);
+    let app = TestApp::spawn().await;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let legitimate = tokio::spawn(legitimate_client(app.address.clone(), stopped));
+    let uri = format!("{}/healthz", app.address);
+    let started = Instant::now();
+    let (mut resets, mut connections, mut closed_by_server) = (0_usize, 0_usize, 0_usize);
+    while started.elapsed() < FLOOD {
+        let tcp = TcpStream::connect(address(&app)).await.expect("connect");
+        let (mut client, connection) = h2::client::handshake(tcp).await.expect("h2c handshake");
+        let connection = tokio::spawn(connection);
+        connections += 1;
+        let mut cut_off = false;
+        while started.elapsed() < FLOOD {
+            let Ok(ready) = client.clone().ready().await else {
+                cut_off = true;
+                break;
+            };
+            client = ready;
+            let request = http::Request::get(&uri).body(()).expect("request");
+            let Ok((_response, mut stream)) = client.send_request(request, false) else {
+                cut_off = true;
+                break;
+            };
+            stream.send_reset(h2::Reason::CANCEL);
+            resets += 1;
+            if resets % 100 == 0 {
+                // Let the legitimate client and the server's other tasks run.
+                tokio::task::yield_now().await;
+            }
+        }
+        closed_by_server += usize::from(cut_off);
+        drop(client);
+        let _ = tokio::time::timeout(Duration::from_secs(5), connection).await;
+    }
+    // The api still answers new connections after the flood.
+    let after = reqwest::Client::new()
+        .get(app.url("/healthz"))
+        .send()
+        .await
+        .expect("a new connection after the flood");
+    assert!(after.status().is_success());
+    let _ = stop.send(true);
+    let (ok, failed, p99) = legitimate.await.expect("legitimate client");
+    println!(
+        "rapid reset: {resets} streams opened and reset over {connections} h2c connections in {FLOOD:?}, \
+         {closed_by_server} of them closed by the server; legitimate client: {ok} ok, {failed} failed, p99 {p99:?}"
+    );
+    assert!(
+        closed_by_server > 0,
+        "the server cuts off a connection that keeps resetting streams"
+    );
+    assert_eq!(failed, 0, "the legitimate client was served throughout");
+    assert!(ok > 0);
+    app.cleanup().await;
+}
