@@ -86,37 +86,33 @@ start_rabbitmq() {
   wait_until "RabbitMQ" 120 port_open 5672
 }
 
-# Prometheus is only installed, not run: the tests start their own on a free port. The package
-# may start its service on :9090; unless something already listened there, stop that again.
-install_prometheus() {
-  if [ -x /usr/bin/prometheus ] && command -v promtool >/dev/null 2>&1; then return 0; fi
+# Installs a Debian package whose service the tests start themselves, on ports of their own:
+# unless something already listened on <port> before, the service the package started is stopped
+# again.  install_without_its_service <package> <port> <service>
+install_without_its_service() {
+  local package="$1" port="$2" service="$3"
   local was_listening=0
-  if port_open 9090; then was_listening=1; fi
-  install_packages --no-install-recommends prometheus
+  if port_open "$port"; then was_listening=1; fi
+  install_packages --no-install-recommends "$package"
   if [ "$was_listening" -eq 0 ]; then
     if [ -d /run/systemd/system ]; then
-      as_root systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+      as_root systemctl disable --now "$service.service" >/dev/null 2>&1 || true
     else
-      as_root /etc/init.d/prometheus stop >/dev/null 2>&1 || true
+      as_root "/etc/init.d/$service" stop >/dev/null 2>&1 || true
     fi
   fi
 }
 
-# Caddy (Debian's `caddy`) is only installed, not run: tests/tests/behind_a_proxy.rs starts it
-# with deploy/caddy/Caddyfile on free ports. The package may start its service on :80/:443;
-# unless something already listened on :80, stop that again.
+# Prometheus: promtool for deploy/check.sh, the server for tests/tests/prometheus_scrape.rs.
+install_prometheus() {
+  if [ -x /usr/bin/prometheus ] && command -v promtool >/dev/null 2>&1; then return 0; fi
+  install_without_its_service prometheus 9090 prometheus
+}
+
+# Caddy: tests/tests/behind_a_proxy.rs runs it with deploy/caddy/Caddyfile.
 install_caddy() {
   if [ -x /usr/bin/caddy ]; then return 0; fi
-  local was_listening=0
-  if port_open 80; then was_listening=1; fi
-  install_packages --no-install-recommends caddy
-  if [ "$was_listening" -eq 0 ]; then
-    if [ -d /run/systemd/system ]; then
-      as_root systemctl disable --now caddy.service >/dev/null 2>&1 || true
-    else
-      as_root /etc/init.d/caddy stop >/dev/null 2>&1 || true
-    fi
-  fi
+  install_without_its_service caddy 80 caddy
 }
 
 start_postgres

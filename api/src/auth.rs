@@ -199,6 +199,24 @@ fn bearer(parts: &Parts) -> Option<&str> {
 
 const INVALID_TOKEN: &str = "Invalid public access token";
 
+/// The session `address` names in `environment_id`, from the api instance's session cache when
+/// it holds it (no database read), read and cached otherwise. No authorization: callers check.
+pub async fn cached_session(
+    state: &AppState,
+    environment_id: Uuid,
+    address: &SessionAddress,
+) -> Result<Option<std::sync::Arc<SessionRow>>, ApiError> {
+    if let Some(session) = state.sessions.get(environment_id, address) {
+        return Ok(Some(session));
+    }
+    let Some(session) = state.store.find_session(environment_id, address).await? else {
+        return Ok(None);
+    };
+    let session = std::sync::Arc::new(session);
+    state.sessions.put(environment_id, address, session.clone());
+    Ok(Some(session))
+}
+
 /// A caller of the writer endpoint: a verified writer access token (see
 /// `shared::domain::tokens::WriterTokenClaims`).
 #[derive(Clone, Debug)]
@@ -226,21 +244,10 @@ pub async fn authenticate_writer(
     let token = bearer(parts)
         .filter(|token| !token.is_empty() && token.len() <= 8192)
         .ok_or(WriterAuthError::Unauthenticated)?;
-    let subject = unverified_subject(token).map_err(|_| WriterAuthError::Unauthenticated)?;
-    if subject.len() > 128 {
-        return Err(WriterAuthError::Unauthenticated);
-    }
-    let environment = state
-        .verification_keys
-        .environment(state, &subject)
+    let (environment, keys) = token_environment(state, token)
         .await
         .map_err(|_| WriterAuthError::Unavailable)?
         .ok_or(WriterAuthError::Unauthenticated)?;
-    let keys = state
-        .verification_keys
-        .for_environment(state, environment.id)
-        .await
-        .map_err(|_| WriterAuthError::Unavailable)?;
     let claims = keys
         .iter()
         .find_map(|key| verify_writer_token(token, key, &state.settings.jwt_issuer).ok())
@@ -254,20 +261,33 @@ pub async fn authenticate_writer(
     })
 }
 
-async fn authenticate_token(state: &AppState, token: &str) -> Result<Caller, ApiError> {
-    let subject = unverified_subject(token).map_err(|_| ApiError::Unauthorized(INVALID_TOKEN))?;
+/// The environment a token's `sub` names (read WITHOUT verifying the token: only to know whose
+/// keys verify it) and that environment's live keys, both from the caches. `None`: a malformed
+/// token or an unknown environment. Both kinds of token go through here.
+async fn token_environment(
+    state: &AppState,
+    token: &str,
+) -> Result<Option<(EnvironmentRow, Vec<String>)>, ApiError> {
+    let Ok(subject) = unverified_subject(token) else {
+        return Ok(None);
+    };
     if subject.len() > 128 {
-        return Err(ApiError::Unauthorized(INVALID_TOKEN));
+        return Ok(None);
     }
-    let environment = state
-        .store
-        .environment_by_public_id(&subject)
-        .await?
-        .ok_or(ApiError::Unauthorized(INVALID_TOKEN))?;
+    let Some(environment) = state.verification_keys.environment(state, &subject).await? else {
+        return Ok(None);
+    };
     let keys = state
         .verification_keys
         .for_environment(state, environment.id)
         .await?;
+    Ok(Some((environment, keys)))
+}
+
+async fn authenticate_token(state: &AppState, token: &str) -> Result<Caller, ApiError> {
+    let (environment, keys) = token_environment(state, token)
+        .await?
+        .ok_or(ApiError::Unauthorized(INVALID_TOKEN))?;
     let claims = keys
         .iter()
         .find_map(|key| {
@@ -440,20 +460,14 @@ impl Caller {
         address: &SessionAddress,
         stream: &Stream,
     ) -> Result<std::sync::Arc<SessionRow>, ApiError> {
-        let target = Target::of_stream(stream);
-        if let Some(session) = state.sessions.get(self.environment.id, address) {
-            self.authorize_on(Action::Write, address, Some(&session), target)?;
-            return Ok(session);
-        }
-        let session = self
-            .find_session_on(state, Action::Write, address, target)
-            .await?
-            .ok_or(ApiError::NotFound("Session not found"))?;
-        let session = std::sync::Arc::new(session);
-        state
-            .sessions
-            .put(self.environment.id, address, session.clone());
-        Ok(session)
+        let session = cached_session(state, self.environment.id, address).await?;
+        self.authorize_on(
+            Action::Write,
+            address,
+            session.as_deref(),
+            Target::of_stream(stream),
+        )?;
+        session.ok_or(ApiError::NotFound("Session not found"))
     }
 
     /// As [`Caller::find_session`], with 404 for a missing session.

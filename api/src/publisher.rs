@@ -107,30 +107,17 @@ impl Publisher {
     }
 
     /// Publishes `command` (marked as wanting a reply) and waits for the worker's outcome.
-    pub async fn submit_and_wait(&self, command: Command) -> Result<Outcome, ApiError> {
+    pub async fn submit_and_wait(self: &Arc<Self>, command: Command) -> Result<Outcome, ApiError> {
         self.submit_and_wait_for(command, self.reply_timeout).await
     }
 
     /// As [`Publisher::submit_and_wait`], waiting at most `timeout` for the reply.
     pub async fn submit_and_wait_for(
-        &self,
-        mut command: Command,
+        self: &Arc<Self>,
+        command: Command,
         timeout: Duration,
     ) -> Result<Outcome, ApiError> {
-        command.wants_reply = true;
-        let command_id = command.id;
-        let (reply_sender, reply) = oneshot::channel();
-        self.lock_waiters().insert(command_id, reply_sender);
-        let result = async {
-            self.submit(command).await?;
-            match tokio::time::timeout(timeout, reply).await {
-                Ok(Ok(outcome)) => Ok(outcome),
-                Ok(Err(_)) | Err(_) => Err(ApiError::ReplyTimeout),
-            }
-        }
-        .await;
-        self.lock_waiters().remove(&command_id);
-        result
+        self.submit_then_reply(command, timeout).await?.await
     }
 
     /// Publishes `command` (marked as wanting a reply) and returns once the broker confirmed it,

@@ -4,34 +4,16 @@ import { test } from "node:test";
 import assert from "node:assert/strict";
 import { ApiClient } from "@trigger.dev/core/v3";
 import { generateJWT } from "@trigger.dev/core/v3/jwt";
-import { configure, sessions } from "@trigger.dev/sdk";
-
-const baseUrl = process.env.SESSIONS_API_URL;
-const secretKey = process.env.SESSIONS_SECRET_KEY;
-assert.ok(baseUrl && secretKey, "SESSIONS_API_URL and SESSIONS_SECRET_KEY must be set");
-const client = new ApiClient(baseUrl, secretKey);
-// The SDK's `sessions` API (`sessions.open(id).channel(name)…`) talks to the same server.
-configure({ secretKey, baseURL: baseUrl });
-
-const uniqueId = (label) => `${label}-${Date.now()}-${Math.random().toString(36).slice(2)}`;
-
-async function createSession(externalId) {
-  return client.createSession({
-    type: "chat.agent",
-    externalId,
-    taskIdentifier: "agent",
-    triggerConfig: { basePayload: { chatId: externalId } },
-  });
-}
-
-async function recordsWhen(externalId, io, count, options = {}) {
-  const deadline = Date.now() + 20_000;
-  for (;;) {
-    const { records } = await client.readSessionStreamRecords(externalId, io, options);
-    if (records.length >= count || Date.now() > deadline) return records;
-    await new Promise((resolve) => setTimeout(resolve, 100));
-  }
-}
+import { sessions } from "@trigger.dev/sdk";
+import {
+  baseUrl,
+  client,
+  collect,
+  createSession,
+  recordsWhen,
+  secretKey,
+  uniqueId,
+} from "./helpers.mjs";
 
 /** The waitpoint once it is no longer WAITING (or as it is after 20 s). */
 async function settledWaitpoint(waitpointId) {
@@ -43,23 +25,6 @@ async function settledWaitpoint(waitpointId) {
   }
 }
 
-async function collect(stream, count, timeoutMs = 20_000) {
-  const reader = stream.getReader();
-  const parts = [];
-  const timer = setTimeout(() => reader.cancel(), timeoutMs);
-  try {
-    while (parts.length < count) {
-      const { done, value } = await reader.read();
-      if (done) break;
-      parts.push(value);
-    }
-  } finally {
-    clearTimeout(timer);
-    // Cancelling closes the connection instead of leaving it open until its deadline.
-    await reader.cancel().catch(() => {});
-  }
-  return parts;
-}
 
 test("create is idempotent and the response passes the client's schema", async () => {
   const externalId = uniqueId("create");

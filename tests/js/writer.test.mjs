@@ -9,58 +9,21 @@ import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
-import { ApiClient, SSEStreamSubscription } from "@trigger.dev/core/v3";
-import { configure, sessions } from "@trigger.dev/sdk";
+import { SSEStreamSubscription } from "@trigger.dev/core/v3";
+import { sessions } from "@trigger.dev/sdk";
+import {
+  baseUrl,
+  client,
+  collect,
+  createSession,
+  recordsUntil,
+  recordsWhen,
+  secretKey,
+  sleep,
+  uniqueId,
+} from "./helpers.mjs";
 
-const baseUrl = process.env.SESSIONS_API_URL;
-const secretKey = process.env.SESSIONS_SECRET_KEY;
-assert.ok(baseUrl && secretKey, "SESSIONS_API_URL and SESSIONS_SECRET_KEY must be set");
-const client = new ApiClient(baseUrl, secretKey);
-configure({ secretKey, baseURL: baseUrl });
-
-const uniqueId = (label) => `${label}-${Date.now()}-${Math.random().toString(36).slice(2)}`;
-const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 const range = (count, from = 0) => Array.from({ length: count }, (_, i) => from + i);
-
-async function createSession(externalId) {
-  return client.createSession({
-    type: "chat.agent",
-    externalId,
-    taskIdentifier: "agent",
-    triggerConfig: { basePayload: { chatId: externalId } },
-  });
-}
-
-/** The records route's answer once `done(records)` holds (or as it is after 20 s). */
-async function recordsUntil(externalId, io, done, options = {}) {
-  const deadline = Date.now() + 20_000;
-  for (;;) {
-    const { records } = await client.readSessionStreamRecords(externalId, io, options);
-    if (done(records) || Date.now() > deadline) return records;
-    await sleep(100);
-  }
-}
-
-const recordsWhen = (externalId, io, count, options) =>
-  recordsUntil(externalId, io, (records) => records.length >= count, options);
-
-async function collect(stream, count, timeoutMs = 20_000) {
-  const reader = stream.getReader();
-  const parts = [];
-  const timer = setTimeout(() => reader.cancel(), timeoutMs);
-  try {
-    while (parts.length < count) {
-      const { done, value } = await reader.read();
-      if (done) break;
-      parts.push(value);
-    }
-  } finally {
-    clearTimeout(timer);
-    // Cancelling closes the connection instead of leaving it open until its deadline.
-    await reader.cancel().catch(() => {});
-  }
-  return parts;
-}
 
 /** How many keys repeat an earlier one (nothing is deduplicated away before counting). */
 function duplicates(keys) {

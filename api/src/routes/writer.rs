@@ -36,7 +36,7 @@ use shared::storage::SessionRow;
 use tokio::sync::mpsc;
 
 use crate::AppState;
-use crate::auth::{Caller, WriterAuthError, WriterCaller, authenticate_writer};
+use crate::auth::{Caller, WriterAuthError, WriterCaller, authenticate_writer, cached_session};
 use crate::error::ApiError;
 use crate::s2_wire::{
     self, AppendInput, FrameDecoder, JsonAppendInput, WireError, ack, ack_frame, ack_json,
@@ -227,23 +227,10 @@ async fn writer_target(
     }
     let (address, stream) = parse_stream_name(&stream_name)
         .ok_or_else(|| WireError::new(404, "stream_not_found", "no such stream on this server"))?;
-    let environment_id = caller.environment.id;
-    let session = match state.sessions.get(environment_id, &address) {
-        Some(session) => session,
-        None => {
-            let session = state
-                .store
-                .find_session(environment_id, &address)
-                .await
-                .map_err(|error| wire_error(error.into()))?
-                .ok_or_else(|| WireError::new(404, "stream_not_found", "the session is gone"))?;
-            let session = std::sync::Arc::new(session);
-            state
-                .sessions
-                .put(environment_id, &address, session.clone());
-            session
-        }
-    };
+    let session = cached_session(state, caller.environment.id, &address)
+        .await
+        .map_err(wire_error)?
+        .ok_or_else(|| WireError::new(404, "stream_not_found", "the session is gone"))?;
     Ok(WriterTarget {
         caller,
         session,

@@ -420,25 +420,20 @@ pub async fn run_load(config: &LoadConfig, sessions: &[LoadSession]) -> Result<L
         ));
     }
     let ticker = config.progress.then(|| {
-        let progress = progress.clone();
-        tokio::spawn(async move {
-            let mut last = 0;
-            let mut interval = tokio::time::interval(Duration::from_secs(1));
-            interval.tick().await;
-            loop {
-                interval.tick().await;
-                let accepted = progress.accepted.load(Ordering::Relaxed);
-                eprintln!(
-                    "  {:>5.1} s  {:>7} appends/s  {:>8} accepted  {:>5} errors  {:>8} read",
-                    started.elapsed().as_secs_f64(),
-                    accepted - last,
-                    accepted,
-                    progress.errors.load(Ordering::Relaxed),
-                    progress.read.load(Ordering::Relaxed)
-                );
-                last = accepted;
-            }
-        })
+        let (accepted, tail) = (progress.clone(), progress.clone());
+        super::report::print_progress(
+            started,
+            "appends/s",
+            "accepted",
+            move || accepted.accepted.load(Ordering::Relaxed),
+            move || {
+                format!(
+                    "{:>5} errors  {:>8} read",
+                    tail.errors.load(Ordering::Relaxed),
+                    tail.read.load(Ordering::Relaxed)
+                )
+            },
+        )
     });
 
     let mut result = LoadResult {

@@ -117,3 +117,32 @@ mod tests {
         assert!((report.per_second - 250.0).abs() < 1e-9);
     }
 }
+
+/// Prints a progress line every second until aborted, the shape every window shares (tests/bench/
+/// profile-cpu.sh reads its fifth field: operations so far): elapsed seconds, operations in the
+/// last second with `unit`, `done()` operations so far with `label`, then `tail()`.
+pub fn print_progress(
+    started: std::time::Instant,
+    unit: &'static str,
+    label: &'static str,
+    done: impl Fn() -> u64 + Send + 'static,
+    tail: impl Fn() -> String + Send + 'static,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last = 0;
+        let mut interval = tokio::time::interval(Duration::from_secs(1));
+        interval.tick().await;
+        loop {
+            interval.tick().await;
+            let now = done();
+            eprintln!(
+                "  {:>5.1} s  {:>7} {unit}  {:>8} {label}  {}",
+                started.elapsed().as_secs_f64(),
+                now - last,
+                now,
+                tail()
+            );
+            last = now;
+        }
+    })
+}

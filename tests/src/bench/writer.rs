@@ -188,27 +188,15 @@ pub async fn run_writers(config: &WriterConfig) -> Result<WriterResult, String> 
             shared.clone(),
         ));
     }
-    // A progress line a second, in the shape of the append windows' (`tests/bench/profile-cpu.sh`
-    // reads the fifth field: records acknowledged so far).
     let ticker = {
-        let shared = shared.clone();
-        tokio::spawn(async move {
-            let mut last = 0;
-            let mut interval = tokio::time::interval(Duration::from_secs(1));
-            interval.tick().await;
-            loop {
-                interval.tick().await;
-                let acked = shared.records_acked.load(Ordering::Relaxed);
-                eprintln!(
-                    "  {:>5.1} s  {:>7} records/s  {:>8} acked  {:>5} errors",
-                    started.elapsed().as_secs_f64(),
-                    acked - last,
-                    acked,
-                    shared.errors.load(Ordering::Relaxed),
-                );
-                last = acked;
-            }
-        })
+        let (acked, errors) = (shared.clone(), shared.clone());
+        super::report::print_progress(
+            started,
+            "records/s",
+            "acked",
+            move || acked.records_acked.load(Ordering::Relaxed),
+            move || format!("{:>5} errors", errors.errors.load(Ordering::Relaxed)),
+        )
     };
     tokio::time::sleep(config.duration).await;
     ticker.abort();
