@@ -101,23 +101,6 @@ impl std::fmt::Display for ThroughputReport {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn quantiles_and_rates_come_from_what_was_recorded() {
-        let mut latencies = Latencies::default();
-        for millis in 1..=100 {
-            latencies.record(Duration::from_millis(millis));
-        }
-        assert!((latencies.quantile_ms(0.5) - 50.0).abs() < 0.1);
-        assert!((latencies.quantile_ms(0.99) - 99.0).abs() < 0.1);
-        let report = ThroughputReport::new("x", "y", 500, 0, Duration::from_secs(2), &latencies);
-        assert!((report.per_second - 250.0).abs() < 1e-9);
-    }
-}
-
 /// Prints a progress line every second until aborted, the shape every window shares (tests/bench/
 /// profile-cpu.sh reads its fifth field: operations so far): elapsed seconds, operations in the
 /// last second with `unit`, `done()` operations so far with `label`, then `tail()`.
@@ -145,4 +128,21 @@ pub fn print_progress(
             last = now;
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_and_rates_come_from_what_was_recorded() {
+        let mut latencies = Latencies::default();
+        for millis in 1..=100 {
+            latencies.record(Duration::from_millis(millis));
+        }
+        assert!((latencies.quantile_ms(0.5) - 50.0).abs() < 0.1);
+        assert!((latencies.quantile_ms(0.99) - 99.0).abs() < 0.1);
+        let report = ThroughputReport::new("x", "y", 500, 0, Duration::from_secs(2), &latencies);
+        assert!((report.per_second - 250.0).abs() < 1e-9);
+    }
 }
