@@ -38,6 +38,9 @@ pub enum ApiError {
     LengthRequired(&'static str),
     #[error("{0}")]
     PayloadTooLarge(String),
+    /// The request body came too slowly (`routes::body`); the connection is closed after it.
+    #[error("{0}")]
+    RequestTimeout(&'static str),
     #[error("{0}")]
     NotImplemented(&'static str),
     /// The environment's rate limit is exhausted; answered with `Retry-After`.
@@ -85,6 +88,7 @@ impl ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::LengthRequired(_) => StatusCode::LENGTH_REQUIRED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Broker(_) | ApiError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -139,6 +143,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert("x-should-retry", HeaderValue::from_static("false"));
+        }
+        if matches!(self, ApiError::RequestTimeout(_)) {
+            // The rest of a body that came too slowly is not worth waiting for.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if let ApiError::TooManyRequests {
             retry_after_seconds,

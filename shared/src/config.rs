@@ -72,6 +72,12 @@ pub struct Settings {
     /// headers (HTTP/1.1; also how long a keep-alive connection may stay idle), and how long a
     /// connection may stay open without sending any request (both protocols).
     pub header_read_timeout: Duration,
+    /// `SESSIONS_HTTP_BODY_IDLE_TIMEOUT_MS`: longest silence between two pieces of a request
+    /// body the api reads whole (then 408 and the connection is closed).
+    pub body_idle_timeout: Duration,
+    /// `SESSIONS_HTTP_BODY_READ_TIMEOUT_MS`: longest time to receive a whole request body the
+    /// api reads whole, however steadily it trickles in (then 408).
+    pub body_read_timeout: Duration,
     /// `SESSIONS_MAX_CONNECTIONS`: open client connections per api instance; past it new ones
     /// are closed at once. Default: the open-files limit minus 256 (for the database pool, the
     /// broker and the api's own files), at least 64.
@@ -102,6 +108,12 @@ pub struct Settings {
     pub publish_batch_max: usize,
     /// `SESSIONS_WORKER_BATCH_MAX`: most broker messages applied in one transaction.
     pub worker_batch_max: usize,
+    /// `SESSIONS_WORKER_BATCH_LINGER_MS`: after a batch's first message, how long the worker
+    /// waits for more before it applies the batch (fewer, larger transactions under load).
+    pub worker_batch_linger: Duration,
+    /// `SESSIONS_RETENTION_AFTER_CLOSE_SECONDS`: sessions closed or expired longer ago than
+    /// this are purged with everything that belongs to them; `None` (0, the default): never.
+    pub retention_after_close: Option<Duration>,
     /// `SESSIONS_WORKER_PREFETCH`: how many messages of each partition log a worker reads
     /// ahead of what it has applied (the stream consumer's prefetch).
     pub worker_prefetch: u16,
@@ -192,6 +204,8 @@ impl std::fmt::Debug for Settings {
             writer_idle_timeout,
             http2_idle_timeout,
             header_read_timeout,
+            body_idle_timeout,
+            body_read_timeout,
             max_connections,
             http2_max_concurrent_streams,
             max_sse_per_environment,
@@ -203,6 +217,8 @@ impl std::fmt::Debug for Settings {
             discard_timeout,
             publish_batch_max,
             worker_batch_max,
+            worker_batch_linger,
+            retention_after_close,
             worker_prefetch,
             worker_apply_lanes,
             claim_ttl,
@@ -245,6 +261,8 @@ impl std::fmt::Debug for Settings {
             .field("writer_idle_timeout", writer_idle_timeout)
             .field("http2_idle_timeout", http2_idle_timeout)
             .field("header_read_timeout", header_read_timeout)
+            .field("body_idle_timeout", body_idle_timeout)
+            .field("body_read_timeout", body_read_timeout)
             .field("max_connections", max_connections)
             .field("http2_max_concurrent_streams", http2_max_concurrent_streams)
             .field("max_sse_per_environment", max_sse_per_environment)
@@ -256,6 +274,8 @@ impl std::fmt::Debug for Settings {
             .field("discard_timeout", discard_timeout)
             .field("publish_batch_max", publish_batch_max)
             .field("worker_batch_max", worker_batch_max)
+            .field("worker_batch_linger", worker_batch_linger)
+            .field("retention_after_close", retention_after_close)
             .field("worker_prefetch", worker_prefetch)
             .field("worker_apply_lanes", worker_apply_lanes)
             .field("claim_ttl", claim_ttl)
@@ -629,6 +649,16 @@ impl Settings {
                 get("SESSIONS_HTTP_HEADER_READ_TIMEOUT_MS"),
                 30_000,
             )?,
+            body_idle_timeout: millis(
+                "SESSIONS_HTTP_BODY_IDLE_TIMEOUT_MS",
+                get("SESSIONS_HTTP_BODY_IDLE_TIMEOUT_MS"),
+                30_000,
+            )?,
+            body_read_timeout: millis(
+                "SESSIONS_HTTP_BODY_READ_TIMEOUT_MS",
+                get("SESSIONS_HTTP_BODY_READ_TIMEOUT_MS"),
+                120_000,
+            )?,
             max_connections: in_range(
                 "SESSIONS_MAX_CONNECTIONS",
                 parse(
@@ -739,6 +769,29 @@ impl Settings {
                 1,
                 10_000,
             )?,
+            retention_after_close: match in_range(
+                "SESSIONS_RETENTION_AFTER_CLOSE_SECONDS",
+                parse(
+                    "SESSIONS_RETENTION_AFTER_CLOSE_SECONDS",
+                    get("SESSIONS_RETENTION_AFTER_CLOSE_SECONDS"),
+                    0_u64,
+                )?,
+                0,
+                100 * 365 * 24 * 3600,
+            )? {
+                0 => None,
+                seconds => Some(Duration::from_secs(seconds)),
+            },
+            worker_batch_linger: Duration::from_millis(in_range(
+                "SESSIONS_WORKER_BATCH_LINGER_MS",
+                parse(
+                    "SESSIONS_WORKER_BATCH_LINGER_MS",
+                    get("SESSIONS_WORKER_BATCH_LINGER_MS"),
+                    0_u64,
+                )?,
+                0,
+                1_000,
+            )?),
             worker_prefetch: in_range(
                 "SESSIONS_WORKER_PREFETCH",
                 parse(

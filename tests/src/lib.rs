@@ -154,7 +154,17 @@ pub fn settings_env(settings: &Settings) -> Vec<(&'static str, String)> {
             "SESSIONS_WORKER_BATCH_MAX",
             settings.worker_batch_max.to_string(),
         ),
+        (
+            "SESSIONS_WORKER_BATCH_LINGER_MS",
+            settings.worker_batch_linger.as_millis().to_string(),
+        ),
     ]);
+    if let Some(retention) = settings.retention_after_close {
+        env.push((
+            "SESSIONS_RETENTION_AFTER_CLOSE_SECONDS",
+            retention.as_secs().to_string(),
+        ));
+    }
     if let Some(replicas) = settings.log_replicas {
         env.push(("SESSIONS_LOG_REPLICAS", replicas.to_string()));
     }
@@ -486,9 +496,17 @@ impl TestApp {
     /// claims), with the same request helpers. Restarting on the same directory keeps the data
     /// and the development key.
     pub async fn spawn_embedded(data_dir: &std::path::Path) -> Self {
+        Self::spawn_embedded_with(data_dir, &[]).await
+    }
+
+    /// The embedded default with extra or replaced configuration variables.
+    pub async fn spawn_embedded_with(
+        data_dir: &std::path::Path,
+        overrides: &[(&str, &str)],
+    ) -> Self {
         init_test_logging();
         let name = unique_name();
-        let settings = test_settings(&name, &[]);
+        let settings = test_settings(&name, overrides);
         let embedded = api::embedded::Embedded::build(settings, data_dir)
             .await
             .expect("embedded server builds");

@@ -17,6 +17,7 @@ use shared::domain::headers::is_command_record;
 use shared::domain::session::{SessionState, session_state};
 use shared::domain::{ChannelName, Io, SessionAddress, Stream, validation};
 
+use super::body::{BodyLimits, read_whole_body};
 use crate::AppState;
 use crate::auth::Caller;
 use crate::error::ApiError;
@@ -166,9 +167,11 @@ async fn append_to(
     let part_id = part_id(&headers)?;
     let prefer_wait = prefer_wait(&headers)?;
     let session = caller.session_for_append(&state, &address, &stream).await?;
-    let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::PayloadTooLarge(format!("Request body exceeds the limit of {limit} bytes"))
-    })?;
+    let bytes = read_whole_body(body, BodyLimits::from_settings(&state.settings, limit))
+        .await
+        .map_err(|error| {
+            error.into_api_error(format!("Request body exceeds the limit of {limit} bytes"))
+        })?;
     let text = String::from_utf8(bytes.to_vec())
         .map_err(|_| ApiError::BadRequest("Body must be UTF-8 text".into()))?;
     validation::no_nul("body", &text)?;

@@ -1,6 +1,7 @@
 //! THE list of routes. Handlers live in the sibling modules; every one of them authenticates
 //! before it reads or writes anything.
 
+mod body;
 mod channels;
 mod health;
 mod records_sse;
@@ -137,25 +138,24 @@ async fn openapi() -> impl axum::response::IntoResponse {
     )
 }
 
-/// A request body read within `SESSIONS_MAX_JSON_BYTES`, refused with our JSON errors (413 when
-/// too large) instead of axum's plain-text rejections.
+/// A request body read within `SESSIONS_MAX_JSON_BYTES` and the body timeouts, refused with our
+/// JSON errors (413 when too large, 408 when too slow) instead of axum's plain-text rejections.
 #[derive(Debug)]
 pub(crate) struct LimitedBody(pub axum::body::Bytes);
 
-impl<S: Send + Sync> axum::extract::FromRequest<S> for LimitedBody {
+impl axum::extract::FromRequest<AppState> for LimitedBody {
     type Rejection = ApiError;
 
-    async fn from_request(request: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
-        axum::body::Bytes::from_request(request, state)
+    async fn from_request(
+        request: axum::extract::Request,
+        state: &AppState,
+    ) -> Result<Self, ApiError> {
+        let limits =
+            body::BodyLimits::from_settings(&state.settings, state.settings.max_json_bytes);
+        body::read_whole_body(request.into_body(), limits)
             .await
             .map(LimitedBody)
-            .map_err(|rejection| {
-                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                    ApiError::PayloadTooLarge("Request body is larger than the limit".into())
-                } else {
-                    ApiError::BadRequest(format!("Cannot read the request body: {rejection}"))
-                }
-            })
+            .map_err(|error| error.into_api_error("Request body is larger than the limit".into()))
     }
 }
 

@@ -19,6 +19,7 @@ use shared::domain::SessionAddress;
 use shared::domain::scopes::Action;
 use shared::domain::snapshots::{SNAPSHOT_URL_SECONDS, sign, verify};
 
+use super::body::{BodyLimits, read_whole_body};
 use super::public_base_url;
 use super::sessions::session_address;
 use crate::AppState;
@@ -119,9 +120,11 @@ pub async fn blob(
                 "Snapshot is {length} bytes; the limit is {limit}"
             )));
         }
-        let bytes: Bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
-            ApiError::PayloadTooLarge(format!("Snapshot exceeds the limit of {limit} bytes"))
-        })?;
+        let bytes: Bytes = read_whole_body(body, BodyLimits::from_settings(&state.settings, limit))
+            .await
+            .map_err(|error| {
+                error.into_api_error(format!("Snapshot exceeds the limit of {limit} bytes"))
+            })?;
         state
             .store
             .put_snapshot(environment.id, session.id, bytes.to_vec())

@@ -190,6 +190,12 @@ pub(crate) async fn discard_unread_body(
         return response;
     };
     let started = Instant::now();
+    if response.status() == axum::http::StatusCode::REQUEST_TIMEOUT {
+        // The body came too slowly (`routes::body`): waiting for its rest is what an attacker
+        // wants. Close instead.
+        crate::signals::unread_body("timed_out", started.elapsed());
+        return closing(response);
+    }
     if expects_continue && !polled {
         crate::signals::unread_body("not_sent", started.elapsed());
         return closing(response);

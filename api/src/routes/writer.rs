@@ -35,6 +35,7 @@ use shared::domain::{Io, SessionAddress, Stream};
 use shared::storage::SessionRow;
 use tokio::sync::mpsc;
 
+use super::body::{BodyLimits, BodyReadError, read_whole_body};
 use crate::AppState;
 use crate::auth::{Caller, WriterAuthError, WriterCaller, authenticate_writer, cached_session};
 use crate::error::ApiError;
@@ -346,14 +347,23 @@ async fn rest_append(
     body: Body,
     json: bool,
 ) -> Result<Response, WireError> {
-    let bytes = axum::body::to_bytes(body, MAX_REST_BODY_BYTES)
+    let limits = BodyLimits::from_settings(&state.settings, MAX_REST_BODY_BYTES);
+    let bytes = read_whole_body(body, limits)
         .await
-        .map_err(|_| {
-            WireError::new(
+        .map_err(|error| match error {
+            BodyReadError::TooLarge => WireError::new(
                 413,
                 "batch_too_large",
                 format!("a REST append body may be at most {MAX_REST_BODY_BYTES} bytes"),
-            )
+            ),
+            BodyReadError::TimedOut => WireError::new(
+                408,
+                "request_timeout",
+                "the request body did not arrive in time",
+            ),
+            BodyReadError::Broken => {
+                WireError::new(400, "bad_body", "cannot read the request body")
+            }
         })?;
     let input: AppendInput = if json {
         serde_json::from_slice::<JsonAppendInput>(&bytes)
