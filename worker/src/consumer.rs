@@ -384,14 +384,24 @@ async fn consume_loop(
         if let Some(admitted) = readers.admit(context, logs, ownership, first).await {
             batch.push(admitted);
         }
+        // Whatever has arrived, and what arrives within the linger: under load a few
+        // milliseconds of waiting turn many small transactions (and notifications) into one.
+        let linger_until = tokio::time::Instant::now() + context.settings.worker_batch_linger;
         while batch.len() < context.settings.worker_batch_max {
-            match deliveries.try_recv() {
-                Ok(next) => {
-                    if let Some(admitted) = readers.admit(context, logs, ownership, next).await {
-                        batch.push(admitted);
+            let next = match deliveries.try_recv() {
+                Ok(next) => next,
+                Err(mpsc::error::TryRecvError::Empty)
+                    if !context.settings.worker_batch_linger.is_zero() =>
+                {
+                    match tokio::time::timeout_at(linger_until, deliveries.recv()).await {
+                        Ok(Some(next)) => next,
+                        Ok(None) | Err(_) => break,
                     }
                 }
                 Err(_) => break,
+            };
+            if let Some(admitted) = readers.admit(context, logs, ownership, next).await {
+                batch.push(admitted);
             }
         }
         if batch.is_empty() {
