@@ -18,6 +18,7 @@ pub mod consumer;
 pub mod health;
 pub mod outcome;
 pub mod ownership;
+pub mod purge;
 pub mod signals;
 pub mod timeouts;
 
@@ -95,10 +96,12 @@ impl Worker {
             shutdown.clone(),
         ));
         let timer = tokio::spawn(timeouts::run(self.context.clone(), shutdown.clone()));
+        let purge = tokio::spawn(purge::run(self.context.clone(), shutdown.clone()));
         signals::log_retention(&self.context.settings.log_max_age);
         consumer::run(self.context.clone(), shutdown).await;
         sweeper.abort();
         timer.abort();
+        purge.abort();
         self.context.link.close().await;
     }
 }

@@ -196,6 +196,21 @@ fn queue_arguments_differ(queue: &str, error: &str) {
     );
 }
 
+/// A retention purge round deleted `purged` (sessions past `SESSIONS_RETENTION_AFTER_CLOSE_SECONDS`).
+pub fn purged(purged: &shared::storage::RowsPurged, took: Duration) {
+    tracing::info!(
+        sessions = purged.sessions,
+        records = purged.records,
+        ?took,
+        "purged sessions past the retention"
+    );
+    metrics::counter!("sessions_purged_total").increment(purged.sessions);
+    for (table, rows) in purged.by_table() {
+        metrics::counter!("sessions_purged_rows_total", "table" => table).increment(rows);
+    }
+    metrics::histogram!("sessions_purge_round_seconds").record(took.as_secs_f64());
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -91,8 +91,9 @@ pub struct BatchWrites {
     pub updated_sessions: Vec<SessionRow>,
     pub runs: Vec<RunRow>,
     pub records: Vec<RecordRow>,
-    /// Outcomes of non-append commands, replayed on redelivery.
-    pub applied_outcomes: Vec<(Uuid, Outcome)>,
+    /// Outcomes of non-append commands, replayed on redelivery: `(command id, session id,
+    /// outcome)`.
+    pub applied_outcomes: Vec<(Uuid, Uuid, Outcome)>,
     pub outbox: Vec<NewOutboxEvent>,
     /// Waitpoints registered by this batch, as registered (WAITING).
     pub new_waitpoints: Vec<WaitpointRow>,
@@ -586,13 +587,14 @@ async fn write(
     outbox_events.extend(complete_waitpoints(txn, writes.waitpoint_completions).await?);
     let now = Utc::now();
     for chunk in writes.applied_outcomes.chunks(CHUNK) {
-        applied_commands::Entity::insert_many(chunk.iter().map(|(command_id, outcome)| {
-            applied_commands::ActiveModel {
+        applied_commands::Entity::insert_many(chunk.iter().map(
+            |(command_id, session_id, outcome)| applied_commands::ActiveModel {
                 command_id: sea_orm::Set(*command_id),
                 outcome: sea_orm::Set(serde_json::to_value(outcome).unwrap_or_default()),
                 applied_at: sea_orm::Set(now),
-            }
-        }))
+                session_id: sea_orm::Set(Some(*session_id)),
+            },
+        ))
         .exec_without_returning(txn)
         .await?;
     }

@@ -172,6 +172,9 @@ pub mod applied_commands {
         /// The serialized `Outcome`, replayed on redelivery.
         pub outcome: Json,
         pub applied_at: DateTimeUtc,
+        /// The command's session (purged with it); NULL for rows written before the column
+        /// existed.
+        pub session_id: Option<Uuid>,
     }
 
     #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]

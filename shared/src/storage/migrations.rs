@@ -16,6 +16,7 @@ impl MigratorTrait for Migrator {
             Box::new(PartitionLogs),
             Box::new(NamedChannels),
             Box::new(StreamTrims),
+            Box::new(DataLifecycle),
         ]
     }
 }
@@ -451,6 +452,51 @@ impl MigrationTrait for StreamTrims {
                     .primary_key(Index::create().col("session_id").col("stream"))
                     .to_owned(),
             )
+            .await
+    }
+}
+
+/// What the retention purge needs: the session of each applied-command row (to delete it with
+/// its session), and indexes to find sessions closed or expired before a cutoff.
+struct DataLifecycle;
+
+impl MigrationName for DataLifecycle {
+    fn name(&self) -> &str {
+        "m20261208_000008_data_lifecycle"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for DataLifecycle {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .alter_table(
+                Table::alter()
+                    .table("applied_commands")
+                    .add_column(uuid_null("session_id"))
+                    .to_owned(),
+            )
+            .await?;
+        manager
+            .create_index(plain_index(
+                "applied_commands_session",
+                "applied_commands",
+                &["session_id"],
+            ))
+            .await?;
+        manager
+            .create_index(plain_index(
+                "sessions_closed_at",
+                "sessions",
+                &["closed_at"],
+            ))
+            .await?;
+        manager
+            .create_index(plain_index(
+                "sessions_expires_at",
+                "sessions",
+                &["expires_at"],
+            ))
             .await
     }
 }

@@ -9,6 +9,7 @@ mod entities;
 mod listing;
 mod logs;
 mod migrations;
+mod purge;
 
 use std::time::Duration;
 
@@ -85,6 +86,7 @@ pub use entities::sessions::Model as SessionRow;
 pub use entities::waitpoints::Model as WaitpointRow;
 pub use listing::{ListError, PageCursor, SessionListQuery, SessionPage, StatusFilter};
 pub use logs::{DeadLetter, LogAdvance, NewDeadLetter};
+pub use purge::RowsPurged;
 
 use entities::{
     environments, outbox_events, projects, records, runs, secret_keys, session_snapshots, sessions,

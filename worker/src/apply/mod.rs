@@ -138,7 +138,7 @@ impl Planner {
         if !self.state.applied_outcomes.contains_key(&command.id) {
             self.writes
                 .applied_outcomes
-                .push((command.id, outcome.clone()));
+                .push((command.id, command.session_id, outcome.clone()));
             self.state
                 .applied_outcomes
                 .insert(command.id, outcome.clone());

@@ -1,0 +1,212 @@
+//! Data lifecycle in the database: deleting sessions that were closed or expired longer ago than
+//! the retention (`SESSIONS_RETENTION_AFTER_CLOSE_SECONDS`), with everything that belongs to
+//! them.
+//!
+//! Bounded and interruptible by construction: a session's records go first, in chunks of at most
+//! `chunk` rows per statement (each its own short transaction, no long lock), then everything
+//! else of the session and the session row in one small transaction. Every statement re-checks
+//! that the session is still past the retention, so stopping at any point (or two workers
+//! purging the same session) leaves nothing inconsistent: a session whose row still exists is
+//! simply purged further on the next round.
+//!
+//! What is not here: when purges run and their metrics (the worker's `purge` module).
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::ExprTrait;
+use sea_orm::{
+    ColumnTrait, ConnectionTrait, DbBackend, EntityTrait, QueryFilter, QueryOrder, QuerySelect,
+    Statement, TransactionTrait, Value,
+};
+use uuid::Uuid;
+
+use super::entities::{applied_commands, runs, session_snapshots, sessions, waitpoints};
+use super::{StorageError, Store};
+
+/// Rows one purge deleted, per table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RowsPurged {
+    pub records: u64,
+    pub waitpoints: u64,
+    pub applied_commands: u64,
+    pub snapshots: u64,
+    pub stream_trims: u64,
+    pub runs: u64,
+    pub sessions: u64,
+}
+
+impl RowsPurged {
+    /// `(table, rows)` for metrics.
+    pub fn by_table(&self) -> [(&'static str, u64); 7] {
+        [
+            ("records", self.records),
+            ("waitpoints", self.waitpoints),
+            ("applied_commands", self.applied_commands),
+            ("session_snapshots", self.snapshots),
+            ("stream_trims", self.stream_trims),
+            ("runs", self.runs),
+            ("sessions", self.sessions),
+        ]
+    }
+
+    pub fn add(&mut self, other: RowsPurged) {
+        self.records += other.records;
+        self.waitpoints += other.waitpoints;
+        self.applied_commands += other.applied_commands;
+        self.snapshots += other.snapshots;
+        self.stream_trims += other.stream_trims;
+        self.runs += other.runs;
+        self.sessions += other.sessions;
+    }
+}
+
+/// The condition "session `$1` is closed or expired before `$2`", spelled for each backend.
+const PAST_RETENTION_POSTGRES: &str =
+    "EXISTS (SELECT 1 FROM sessions s WHERE s.id = $1 AND (s.closed_at < $2 OR s.expires_at < $2))";
+const PAST_RETENTION_SQLITE: &str =
+    "EXISTS (SELECT 1 FROM sessions s WHERE s.id = ?1 AND (s.closed_at < ?2 OR s.expires_at < ?2))";
+
+impl Store {
+    /// Sessions closed or expired before `cutoff`, at most `limit`, longest gone first.
+    pub async fn sessions_past_retention(
+        &self,
+        cutoff: DateTime<Utc>,
+        limit: u64,
+    ) -> Result<Vec<Uuid>, StorageError> {
+        let closed = sessions::Entity::find()
+            .select_only()
+            .column(sessions::Column::Id)
+            .filter(sessions::Column::ClosedAt.lt(cutoff))
+            .order_by_asc(sessions::Column::ClosedAt)
+            .limit(limit)
+            .into_tuple::<Uuid>()
+            .all(&self.db)
+            .await?;
+        let expired = sessions::Entity::find()
+            .select_only()
+            .column(sessions::Column::Id)
+            .filter(sessions::Column::ExpiresAt.lt(cutoff))
+            .filter(sessions::Column::ClosedAt.is_null())
+            .order_by_asc(sessions::Column::ExpiresAt)
+            .limit(limit)
+            .into_tuple::<Uuid>()
+            .all(&self.db)
+            .await?;
+        let mut ids = closed;
+        ids.extend(expired);
+        ids.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+        Ok(ids)
+    }
+
+    /// Deletes at most `chunk` records of `session_id` if the session is still past the
+    /// retention at `cutoff`; returns how many it deleted (0: none left, or not purgeable).
+    pub async fn purge_records_chunk(
+        &self,
+        session_id: Uuid,
+        cutoff: DateTime<Utc>,
+        chunk: u64,
+    ) -> Result<u64, StorageError> {
+        let backend = self.db.get_database_backend();
+        let sql = if backend == DbBackend::Postgres {
+            format!(
+                "DELETE FROM records WHERE ctid = ANY(ARRAY(SELECT ctid FROM records \
+                 WHERE session_id = $1 LIMIT $3)) AND {PAST_RETENTION_POSTGRES}"
+            )
+        } else {
+            format!(
+                "DELETE FROM records WHERE rowid IN (SELECT rowid FROM records \
+                 WHERE session_id = ?1 LIMIT ?3) AND {PAST_RETENTION_SQLITE}"
+            )
+        };
+        let chunk = i64::try_from(chunk).unwrap_or(i64::MAX);
+        let result = self
+            .db
+            .execute_raw(Statement::from_sql_and_values(
+                backend,
+                sql,
+                [
+                    Value::from(session_id),
+                    Value::from(cutoff),
+                    Value::from(chunk),
+                ],
+            ))
+            .await?;
+        Ok(result.rows_affected())
+    }
+
+    /// Deletes everything else of `session_id` and the session itself, in one transaction, if
+    /// the session is still past the retention at `cutoff` (call it once its records are gone:
+    /// records left over are deleted too, in the same transaction).
+    pub async fn purge_session(
+        &self,
+        session_id: Uuid,
+        cutoff: DateTime<Utc>,
+    ) -> Result<RowsPurged, StorageError> {
+        let txn = self.db.begin().await?;
+        // Lock the row (Postgres): a concurrent purge of the same session waits, then finds
+        // nothing to delete.
+        let backend = txn.get_database_backend();
+        let mut find = sessions::Entity::find_by_id(session_id).filter(
+            sessions::Column::ClosedAt
+                .lt(cutoff)
+                .or(sessions::Column::ExpiresAt.lt(cutoff)),
+        );
+        if backend == DbBackend::Postgres {
+            // SQLite has no row locks (its writers are serialized anyway).
+            find = find.lock_exclusive();
+        }
+        let still_purgeable = find.one(&txn).await?.is_some();
+        if !still_purgeable {
+            txn.commit().await?;
+            return Ok(RowsPurged::default());
+        }
+        let by_session = |table: &str| {
+            let placeholder = if backend == DbBackend::Postgres {
+                "$1"
+            } else {
+                "?"
+            };
+            Statement::from_sql_and_values(
+                backend,
+                format!("DELETE FROM {table} WHERE session_id = {placeholder}"),
+                [Value::from(session_id)],
+            )
+        };
+        let mut purged = RowsPurged {
+            records: txn
+                .execute_raw(by_session("records"))
+                .await?
+                .rows_affected(),
+            stream_trims: txn
+                .execute_raw(by_session("stream_trims"))
+                .await?
+                .rows_affected(),
+            ..RowsPurged::default()
+        };
+        purged.waitpoints = waitpoints::Entity::delete_many()
+            .filter(waitpoints::Column::SessionId.eq(session_id))
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        purged.applied_commands = applied_commands::Entity::delete_many()
+            .filter(applied_commands::Column::SessionId.eq(session_id))
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        purged.snapshots = session_snapshots::Entity::delete_many()
+            .filter(session_snapshots::Column::SessionId.eq(session_id))
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        purged.runs = runs::Entity::delete_many()
+            .filter(runs::Column::SessionId.eq(session_id))
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        purged.sessions = sessions::Entity::delete_by_id(session_id)
+            .exec(&txn)
+            .await?
+            .rows_affected;
+        txn.commit().await?;
+        Ok(purged)
+    }
+}
