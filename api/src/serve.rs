@@ -50,9 +50,6 @@ pub const PRESSURE_TIMEOUT: Duration = Duration::from_secs(1);
 const HTTP2_MAX_PENDING_RESETS: usize = 20;
 /// Largest HTTP/2 header list (decoded).
 const HTTP2_MAX_HEADER_LIST_BYTES: u32 = 64 << 10;
-/// HTTP/2 keep-alive: a ping after this much silence, and the connection is closed when its
-/// answer does not come within the same time.
-const HTTP2_KEEP_ALIVE: Duration = Duration::from_secs(20);
 
 /// The bounds on client connections (see the module documentation).
 #[derive(Clone, Copy, Debug)]
@@ -61,6 +58,9 @@ pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
     pub http2_idle_timeout: Duration,
     pub http2_max_concurrent_streams: u32,
+    /// HTTP/2 keep-alive: a ping after this much silence, and the connection is closed when its
+    /// answer does not come within the same time.
+    pub http2_keep_alive: Duration,
 }
 
 impl ConnectionLimits {
@@ -70,6 +70,7 @@ impl ConnectionLimits {
             header_read_timeout: settings.header_read_timeout,
             http2_idle_timeout: settings.http2_idle_timeout,
             http2_max_concurrent_streams: settings.http2_max_concurrent_streams,
+            http2_keep_alive: settings.http2_keep_alive,
         }
     }
 }
@@ -183,8 +184,8 @@ async fn serve_connection(
         .max_concurrent_streams(limits.http2_max_concurrent_streams)
         .max_pending_accept_reset_streams(HTTP2_MAX_PENDING_RESETS)
         .max_header_list_size(HTTP2_MAX_HEADER_LIST_BYTES)
-        .keep_alive_interval(HTTP2_KEEP_ALIVE)
-        .keep_alive_timeout(HTTP2_KEEP_ALIVE);
+        .keep_alive_interval(limits.http2_keep_alive)
+        .keep_alive_timeout(limits.http2_keep_alive);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
     let mut connection = std::pin::pin!(connection);
     let mut shutting_down = false;

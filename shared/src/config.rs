@@ -84,6 +84,9 @@ pub struct Settings {
     pub max_connections: usize,
     /// `SESSIONS_HTTP2_MAX_CONCURRENT_STREAMS`: streams one HTTP/2 connection may have open.
     pub http2_max_concurrent_streams: u32,
+    /// `SESSIONS_HTTP2_KEEPALIVE_MS`: an HTTP/2 connection silent this long gets a ping, and is
+    /// closed when the answer does not come within the same time.
+    pub http2_keep_alive: Duration,
     /// `SESSIONS_MAX_SSE_PER_ENVIRONMENT`: live SSE streams one environment may hold open on one
     /// api instance (past it: 429).
     pub max_sse_per_environment: usize,
@@ -208,6 +211,7 @@ impl std::fmt::Debug for Settings {
             body_read_timeout,
             max_connections,
             http2_max_concurrent_streams,
+            http2_keep_alive,
             max_sse_per_environment,
             max_sse_per_token,
             max_append_bytes,
@@ -265,6 +269,7 @@ impl std::fmt::Debug for Settings {
             .field("body_read_timeout", body_read_timeout)
             .field("max_connections", max_connections)
             .field("http2_max_concurrent_streams", http2_max_concurrent_streams)
+            .field("http2_keep_alive", http2_keep_alive)
             .field("max_sse_per_environment", max_sse_per_environment)
             .field("max_sse_per_token", max_sse_per_token)
             .field("max_append_bytes", max_append_bytes)
@@ -698,6 +703,11 @@ impl Settings {
                 )?,
                 1,
                 100_000,
+            )?,
+            http2_keep_alive: millis(
+                "SESSIONS_HTTP2_KEEPALIVE_MS",
+                get("SESSIONS_HTTP2_KEEPALIVE_MS"),
+                20_000,
             )?,
             max_append_bytes: in_range(
                 "SESSIONS_MAX_APPEND_BYTES",

@@ -46,6 +46,23 @@ pub fn unique_name() -> String {
     format!("t{seconds}_{random}")
 }
 
+/// A memory field of `/proc/<pid>/status` (e.g. `VmRSS`, `VmHWM`) in MiB; 0 if unreadable.
+pub fn process_memory_mib(pid: u32, field: &str) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|value| {
+            value
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0.0, |kib| kib / 1024.0)
+}
+
 /// A loopback port that was free a moment ago (for child processes' listeners).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -153,22 +153,6 @@ fn cpu_ticks(pid: u32) -> u64 {
     field(11) + field(12)
 }
 
-fn rss_mib(pid: u32) -> f64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| {
-            value
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<f64>()
-                .ok()
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
-}
-
 fn open_file_descriptors(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
 }
@@ -182,7 +166,9 @@ impl ResourceWatch {
             loop {
                 spent.peak_file_descriptors =
                     spent.peak_file_descriptors.max(open_file_descriptors(pid));
-                spent.peak_rss_mib = spent.peak_rss_mib.max(rss_mib(pid));
+                spent.peak_rss_mib = spent
+                    .peak_rss_mib
+                    .max(tests::process_memory_mib(pid, "VmRSS"));
                 tokio::select! {
                     _ = stopped.changed() => break,
                     () = tokio::time::sleep(Duration::from_millis(50)) => {}
