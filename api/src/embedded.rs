@@ -123,12 +123,7 @@ impl Embedded {
             Cache::in_memory(&settings.redis_prefix),
         )
         .await?;
-        let application = Application::build_with(
-            settings.clone(),
-            Some(broker),
-            Cache::in_memory(&settings.redis_prefix),
-        )
-        .await?;
+        let application = Application::build_with(settings.clone(), Some(broker)).await?;
         Ok(Self {
             settings,
             application,

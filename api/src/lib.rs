@@ -32,7 +32,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use shared::broker::{BrokerConfig, BrokerLink, InProcessBroker};
-use shared::cache::Cache;
 use shared::config::Settings;
 use shared::storage::Store;
 use tokio::net::TcpListener;
@@ -49,7 +48,6 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub store: Store,
     pub publisher: Arc<Publisher>,
-    pub cache: Arc<Cache>,
     pub hub: Arc<live::Hub>,
     /// Sessions read by the append route (see `session_cache`).
     pub sessions: Arc<session_cache::SessionCache>,
@@ -67,8 +65,6 @@ pub enum StartError {
     Bind(std::io::Error),
     #[error(transparent)]
     Storage(#[from] shared::storage::StorageError),
-    #[error(transparent)]
-    Cache(#[from] shared::cache::CacheError),
 }
 
 async fn keep_connected(link: std::sync::Weak<BrokerLink>) {
@@ -90,10 +86,9 @@ pub struct Application {
 }
 
 impl Application {
-    /// The production api: RabbitMQ, Postgres, Redis.
+    /// The production api: RabbitMQ and Postgres (Redis is the workers' business only).
     pub async fn build(settings: Settings) -> Result<Self, StartError> {
-        let cache = Cache::new(&settings.redis_url, &settings.redis_prefix)?;
-        Self::build_with(settings, None, cache).await
+        Self::build_with(settings, None).await
     }
 
     /// An api on the given adapters: `in_process` is the embedded default's broker (`None`:
@@ -101,13 +96,11 @@ impl Application {
     pub async fn build_with(
         settings: Settings,
         in_process: Option<Arc<InProcessBroker>>,
-        cache: Cache,
     ) -> Result<Self, StartError> {
         let listener = TcpListener::bind(settings.http_addr)
             .await
             .map_err(StartError::Bind)?;
         let store = Store::connect(&settings.database_url, settings.db_max_connections).await?;
-        let cache = Arc::new(cache);
         let instance = uuid::Uuid::now_v7().simple().to_string();
         let config = BrokerConfig::from_settings(&settings, format!("api-{instance}"), in_process)
             .with_signals(signals::BROKER);
@@ -141,7 +134,6 @@ impl Application {
                 settings: Arc::new(settings),
                 store,
                 publisher,
-                cache,
                 hub,
                 sessions,
                 verification_keys: Arc::default(),

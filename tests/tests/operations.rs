@@ -340,6 +340,22 @@ async fn readiness_becomes(app: &TestApp, status: u16) -> Value {
     panic!("/readyz never answered {status}");
 }
 
+/// The api does not use Redis, so a Redis outage must not make its instances unready (a load
+/// balancer would take every one of them out).
+#[tokio::test]
+async fn api_readiness_does_not_depend_on_redis() {
+    let app = TestApp::spawn_with(tests::SpawnOptions {
+        // Nothing listens on port 1.
+        overrides: &[("REDIS_URL", "redis://127.0.0.1:1/")],
+        without_worker: true,
+        ..tests::SpawnOptions::default()
+    })
+    .await;
+    let (status, body) = readiness(&app).await;
+    assert_eq!(status, 200, "ready without Redis: {body}");
+    app.cleanup().await;
+}
+
 #[tokio::test]
 async fn api_readiness_names_a_lost_database_or_broker_and_recovers() {
     let broker = tests::proxy::TcpProxy::start("127.0.0.1:5672".parse().expect("address")).await;
