@@ -368,6 +368,46 @@ pub fn workspace_binary(binary: &str) -> PathBuf {
     path
 }
 
+/// An api running as a child process on its own loopback port, with `settings`.
+pub struct ChildApi {
+    child: tokio::process::Child,
+    /// `http://127.0.0.1:<port>`.
+    pub url: String,
+}
+
+impl ChildApi {
+    /// Starts `sessions-api` with `settings` and waits until it answers `/healthz`.
+    pub async fn spawn(settings: &Settings) -> Self {
+        let port = free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let child = tokio::process::Command::new(workspace_binary("sessions-api"))
+            .envs(settings_env(settings))
+            .env("SESSIONS_HTTP_ADDR", format!("127.0.0.1:{port}"))
+            .env("SESSIONS_MODE", "production")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("api process starts");
+        let client = reqwest::Client::new();
+        for _ in 0..200 {
+            if client.get(format!("{url}/healthz")).send().await.is_ok() {
+                return Self { child, url };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the api process never answered /healthz");
+    }
+
+    pub async fn kill(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
 /// A worker running as a child process (so that tests can `kill -9` it).
 pub struct ChildWorker {
     child: tokio::process::Child,
@@ -639,12 +679,18 @@ impl TestApp {
 
     /// Every record of a channel, paging through the records route.
     pub async fn records(&self, session: &str, io: &str) -> Vec<Record> {
+        self.records_at(&self.address, session, io).await
+    }
+
+    /// Every record of a channel read through the api at `base` (another instance of this
+    /// app's deployment) with this app's secret key.
+    pub async fn records_at(&self, base: &str, session: &str, io: &str) -> Vec<Record> {
         let mut all: Vec<Record> = Vec::new();
         loop {
-            let mut url = self.url(&format!(
-                "/realtime/v1/sessions/{}/{io}/records",
+            let mut url = format!(
+                "{base}/realtime/v1/sessions/{}/{io}/records",
                 encode_segment(session)
-            ));
+            );
             if let Some(last) = all.last() {
                 url.push_str(&format!("?afterEventId={}", last.seq_num));
             }
