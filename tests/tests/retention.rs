@@ -1,6 +1,7 @@
-//! The retention purge (`SESSIONS_RETENTION_AFTER_CLOSE_SECONDS`): a session closed longer ago
-//! than the retention disappears with everything that belongs to it, as if it never existed;
-//! open sessions and sessions closed more recently are untouched. On the production path
+//! The retention purge (`SESSIONS_RETENTION_AFTER_CLOSE_SECONDS`): a session closed or expired
+//! longer ago than the retention disappears with everything that belongs to it (every table is
+//! checked by name, and a table the test does not know fails it), as if it never existed; an
+//! open session, and the appends made to it while the purge runs, are untouched. On the production path
 //! (Postgres) and on the embedded default (SQLite): the purge's SQL differs per backend.
 
 use std::time::{Duration, Instant};
@@ -12,11 +13,67 @@ use tests::{SpawnOptions, TestApp};
 /// The purge looks every 10 s; a session is due one retention (1 s) after its close.
 const PURGED_WITHIN: Duration = Duration::from_secs(40);
 
-/// Rows of `session_id` in every table that holds something of a session.
+/// Every table that holds rows of a session, with the column naming the session: the purge
+/// must empty each of them.
+const SESSION_TABLES: [(&str, &str); 7] = [
+    ("sessions", "id"),
+    ("records", "session_id"),
+    ("waitpoints", "session_id"),
+    ("applied_commands", "session_id"),
+    ("session_snapshots", "session_id"),
+    ("stream_trims", "session_id"),
+    ("runs", "session_id"),
+];
+
+/// Every other table, and why it holds nothing of a session: outbox rows are deleted once
+/// published; the rest belong to environments, partitions or the migrator.
+const OTHER_TABLES: [&str; 8] = [
+    "projects",
+    "environments",
+    "secret_keys",
+    "outbox_events",
+    "log_positions",
+    "partition_leases",
+    "dead_letters",
+    "seaql_migrations",
+];
+
+/// The tables the migrations created.
+async fn tables(db: &sea_orm::DatabaseConnection) -> Vec<String> {
+    let sql = if db.get_database_backend() == DbBackend::Postgres {
+        "SELECT table_name AS name FROM information_schema.tables WHERE table_schema = 'public'"
+    } else {
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+    };
+    let rows = db
+        .query_all_raw(Statement::from_string(db.get_database_backend(), sql))
+        .await
+        .expect("tables");
+    let mut names: Vec<String> = rows
+        .iter()
+        .map(|row| row.try_get::<String>("", "name").expect("name"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// Rows of `session_id` in every table that holds something of a session; fails when a table
+/// exists that neither list above names (a new table must say whether the purge empties it).
 async fn rows_of(app: &TestApp, session_id: uuid::Uuid) -> Vec<(&'static str, i64)> {
     let db = sea_orm::Database::connect(&app.settings.database_url)
         .await
         .expect("database");
+    let mut known: Vec<String> = SESSION_TABLES
+        .iter()
+        .map(|(table, _)| (*table).to_owned())
+        .chain(OTHER_TABLES.iter().map(|table| (*table).to_owned()))
+        .collect();
+    known.sort();
+    assert_eq!(
+        tables(&db).await,
+        known,
+        "every table is either purged with its session or listed as holding nothing of one"
+    );
     let backend = db.get_database_backend();
     let placeholder = if backend == DbBackend::Postgres {
         "$1"
@@ -24,15 +81,7 @@ async fn rows_of(app: &TestApp, session_id: uuid::Uuid) -> Vec<(&'static str, i6
         "?"
     };
     let mut counts = Vec::new();
-    for (table, column) in [
-        ("sessions", "id"),
-        ("records", "session_id"),
-        ("waitpoints", "session_id"),
-        ("applied_commands", "session_id"),
-        ("session_snapshots", "session_id"),
-        ("stream_trims", "session_id"),
-        ("runs", "session_id"),
-    ] {
+    for (table, column) in SESSION_TABLES {
         let row = db
             .query_one_raw(Statement::from_sql_and_values(
                 backend,
@@ -131,15 +180,81 @@ async fn a_closed_session_past_the_retention_is_purged_with_everything(app: &Tes
     );
     app.wait_for_records("kept", "out", 1, Duration::from_secs(30))
         .await;
+    // A session that expires (never closed) goes the same way.
+    let expires_at = (chrono::Utc::now() + chrono::TimeDelta::seconds(2)).to_rfc3339();
+    let created = app
+        .create_session_with(
+            &app.secret_key,
+            json!({
+                "type": "chat.agent",
+                "externalId": "expiring",
+                "taskIdentifier": "agent",
+                "triggerConfig": { "basePayload": {} },
+                "expiresAt": expires_at,
+            }),
+        )
+        .await;
+    assert!(
+        created.status().is_success(),
+        "create: {}",
+        created.status()
+    );
+    assert!(
+        app.append("expiring", "out", "e0", None)
+            .await
+            .status()
+            .is_success()
+    );
+    let expiring_id = app.session_row("expiring").await.id;
     close(app, "doomed").await;
 
+    // Appends to the kept session go on while the purge runs; every one must be written, once,
+    // in order.
+    let appending = {
+        let (client, url, key) = (
+            app.client.clone(),
+            app.url("/realtime/v1/sessions/kept/out/append"),
+            app.secret_key.clone(),
+        );
+        tokio::spawn(async move {
+            let mut acknowledged = vec!["k0".to_owned()];
+            let started = Instant::now();
+            let mut n = 1;
+            while started.elapsed() < Duration::from_secs(12) {
+                let body = format!("k{n}");
+                let response = client
+                    .post(&url)
+                    .bearer_auth(&key)
+                    .header("X-Part-Id", &body)
+                    .body(body.clone())
+                    .send()
+                    .await
+                    .expect("append");
+                assert!(
+                    response.status().is_success(),
+                    "append: {}",
+                    response.status()
+                );
+                acknowledged.push(body);
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            acknowledged
+        })
+    };
+
     let started = Instant::now();
-    while status_of(app, "/api/v1/sessions/doomed").await != 404 {
+    while status_of(app, "/api/v1/sessions/doomed").await != 404
+        || status_of(app, "/api/v1/sessions/expiring").await != 404
+    {
         assert!(
             started.elapsed() < PURGED_WITHIN,
-            "the closed session was purged within {PURGED_WITHIN:?}"
+            "the closed and the expired session were purged within {PURGED_WITHIN:?}"
         );
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    for (table, rows) in rows_of(app, expiring_id).await {
+        assert_eq!(rows, 0, "{table} rows of the purged expired session");
     }
     // Purged whole: no row of it left anywhere.
     for (table, rows) in rows_of(app, doomed_id).await {
@@ -150,8 +265,14 @@ async fn a_closed_session_past_the_retention_is_purged_with_everything(app: &Tes
         status_of(app, "/realtime/v1/sessions/doomed/out/records").await,
         status_of(app, "/realtime/v1/sessions/never-existed/out/records").await
     );
-    // The kept session is untouched.
-    assert_eq!(app.records("kept", "out").await.len(), 1);
+    // The kept session is untouched, and every append made while the purge ran is there, once,
+    // in order.
+    let acknowledged = appending.await.expect("appender");
+    let kept = app
+        .wait_for_records("kept", "out", acknowledged.len(), Duration::from_secs(30))
+        .await;
+    let bodies: Vec<String> = kept.into_iter().map(|record| record.data).collect();
+    assert_eq!(bodies, acknowledged);
     assert_eq!(status_of(app, "/api/v1/sessions/kept").await, 200);
     // The externalId is free again: create makes a new session, with no records.
     app.create_session("doomed").await;
