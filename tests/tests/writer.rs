@@ -13,6 +13,7 @@ use api::s2_wire::{
 };
 use bytes::Bytes;
 use prost::Message;
+use sea_orm::ConnectionTrait;
 use serde_json::{Value, json};
 use tests::{InProcessWorker, SpawnOptions, TestApp, encode_segment, without_worker};
 use tokio::sync::mpsc;
@@ -209,6 +210,36 @@ async fn an_append_session_acknowledges_each_frame_in_order_with_contiguous_seq_
     assert_eq!(
         listed,
         vec![(2, "c".to_owned()), (3, "d".to_owned()), (4, String::new())]
+    );
+    // Trim means delete: the worker removes the rows below the trim point (within its 10 s
+    // tick), and only those.
+    let session_id = app.session_row("writer-acks").await.id;
+    let db = sea_orm::Database::connect(&app.settings.database_url)
+        .await
+        .expect("database");
+    let started = Instant::now();
+    let stored = loop {
+        let rows = db
+            .query_all_raw(sea_orm::Statement::from_sql_and_values(
+                sea_orm::DbBackend::Postgres,
+                "SELECT seq_num FROM records WHERE session_id = $1 AND io = 'out' ORDER BY seq_num",
+                [session_id.into()],
+            ))
+            .await
+            .expect("records");
+        let stored: Vec<i64> = rows
+            .iter()
+            .map(|row| row.try_get::<i64>("", "seq_num").expect("seq_num"))
+            .collect();
+        if stored.first() != Some(&0) || started.elapsed() > Duration::from_secs(30) {
+            break stored;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(
+        stored,
+        vec![2, 3, 4, 5],
+        "rows below the trim point deleted, the rest kept"
     );
     app.cleanup().await;
 }

@@ -1,6 +1,7 @@
-//! The retention purge: every [`TICK`], deletes sessions closed or expired longer ago than
-//! `SESSIONS_RETENTION_AFTER_CLOSE_SECONDS` (0, the default: never), with everything that
-//! belongs to them (`shared::storage` does the deleting, in bounded steps).
+//! Deleting what is no longer wanted, every [`TICK`]: records below their stream's trim point
+//! (always; a writer's trim command asks for it), and, with a retention set, sessions closed or
+//! expired longer ago than `SESSIONS_RETENTION_AFTER_CLOSE_SECONDS` (0, the default: never) with
+//! everything that belongs to them (`shared::storage` does the deleting, in bounded steps).
 //!
 //! Why in the worker rather than a separate command: every deployment already runs workers, so
 //! retention needs no extra scheduler; each step is short and re-checked, so several workers
@@ -25,15 +26,18 @@ pub const SESSIONS_PER_ROUND: u64 = 100;
 pub const RECORDS_PER_STATEMENT: u64 = 5_000;
 
 pub async fn run(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool>) {
-    let Some(retention) = context.settings.retention_after_close else {
-        return;
-    };
     let mut interval = tokio::time::interval(TICK);
     loop {
         tokio::select! {
             _ = interval.tick() => {}
             _ = shutdown.changed() => return,
         }
+        if let Err(error) = delete_trimmed(&context, &shutdown).await {
+            tracing::warn!(%error, "deleting trimmed records failed; retrying next tick");
+        }
+        let Some(retention) = context.settings.retention_after_close else {
+            continue;
+        };
         loop {
             match purge_round(&context, retention, &shutdown).await {
                 Ok(sessions) if sessions == SESSIONS_PER_ROUND && !*shutdown.borrow() => {}
@@ -43,6 +47,26 @@ pub async fn run(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool
                     break;
                 }
             }
+        }
+    }
+}
+
+/// Deletes records below their stream's trim point, [`RECORDS_PER_STATEMENT`] at a time, until
+/// none is left (always on: a trim is the writer asking for exactly that).
+async fn delete_trimmed(
+    context: &WorkerContext,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<(), StorageError> {
+    loop {
+        let deleted = context
+            .store
+            .delete_trimmed_records(RECORDS_PER_STATEMENT)
+            .await?;
+        if deleted > 0 {
+            crate::signals::trimmed_records_deleted(deleted);
+        }
+        if deleted < RECORDS_PER_STATEMENT || *shutdown.borrow() {
+            return Ok(());
         }
     }
 }

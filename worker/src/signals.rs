@@ -196,6 +196,12 @@ fn queue_arguments_differ(queue: &str, error: &str) {
     );
 }
 
+/// Records below their stream's trim point were deleted.
+pub fn trimmed_records_deleted(records: u64) {
+    tracing::debug!(records, "deleted records below their trim point");
+    metrics::counter!("sessions_trimmed_records_deleted_total").increment(records);
+}
+
 /// A retention purge round deleted `purged` (sessions past `SESSIONS_RETENTION_AFTER_CLOSE_SECONDS`).
 pub fn purged(purged: &shared::storage::RowsPurged, took: Duration) {
     tracing::info!(

@@ -9,6 +9,9 @@
 //! purging the same session) leaves nothing inconsistent: a session whose row still exists is
 //! simply purged further on the next round.
 //!
+//! Also here: deleting records below their stream's trim point (a writer's trim command), see
+//! [`Store::delete_trimmed_records`].
+//!
 //! What is not here: when purges run and their metrics (the worker's `purge` module).
 
 use chrono::{DateTime, Utc};
@@ -65,7 +68,43 @@ const PAST_RETENTION_POSTGRES: &str =
 const PAST_RETENTION_SQLITE: &str =
     "EXISTS (SELECT 1 FROM sessions s WHERE s.id = ?1 AND (s.closed_at < ?2 OR s.expires_at < ?2))";
 
+/// Records below their stream's trim point, except those with a part id and each stream's last
+/// record (see [`Store::delete_trimmed_records`]); `{row}` is `ctid` or `rowid`.
+const TRIMMED_RECORDS: &str = "SELECT r.{row} FROM stream_trims t \
+JOIN records r ON r.session_id = t.session_id AND r.io = t.stream AND r.seq_num < t.trim_seq \
+WHERE r.part_id IS NULL AND r.seq_num < (SELECT max(m.seq_num) FROM records m \
+WHERE m.session_id = t.session_id AND m.io = t.stream)";
+
 impl Store {
+    /// Deletes at most `chunk` records that lie below their stream's trim point; returns how
+    /// many. Kept: records with a part id (hidden from every read, they stay as the dedup fence
+    /// of their part id for as long as the session exists) and each stream's last record (a
+    /// side channel's next sequence number is read from it).
+    pub async fn delete_trimmed_records(&self, chunk: u64) -> Result<u64, StorageError> {
+        let backend = self.db.get_database_backend();
+        let sql = if backend == DbBackend::Postgres {
+            format!(
+                "DELETE FROM records WHERE ctid = ANY(ARRAY({} LIMIT $1))",
+                TRIMMED_RECORDS.replace("{row}", "ctid")
+            )
+        } else {
+            format!(
+                "DELETE FROM records WHERE rowid IN ({} LIMIT ?1)",
+                TRIMMED_RECORDS.replace("{row}", "rowid")
+            )
+        };
+        let chunk = i64::try_from(chunk).unwrap_or(i64::MAX);
+        let result = self
+            .db
+            .execute_raw(Statement::from_sql_and_values(
+                backend,
+                sql,
+                [Value::from(chunk)],
+            ))
+            .await?;
+        Ok(result.rows_affected())
+    }
+
     /// Sessions closed or expired before `cutoff`, at most `limit`, longest gone first.
     pub async fn sessions_past_retention(
         &self,
