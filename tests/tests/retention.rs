@@ -210,39 +210,7 @@ async fn a_closed_session_past_the_retention_is_purged_with_everything(app: &Tes
 
     // Appends to the kept session go on while the purge runs; every one must be written, once,
     // in order.
-    let appending = {
-        let (client, url, key) = (
-            app.client.clone(),
-            app.url("/realtime/v1/sessions/kept/out/append"),
-            app.secret_key.clone(),
-        );
-        tokio::spawn(async move {
-            let mut acknowledged = vec!["k0".to_owned()];
-            let started = Instant::now();
-            let mut n = 1;
-            while started.elapsed() < Duration::from_secs(12) {
-                let body = format!("k{n}");
-                let response = client
-                    .post(&url)
-                    .bearer_auth(&key)
-                    .header("X-Part-Id", &body)
-                    .body(body.clone())
-                    .send()
-                    .await
-                    .expect("append");
-                assert!(
-                    response.status().is_success(),
-                    "append: {}",
-                    response.status()
-                );
-                acknowledged.push(body);
-                n += 1;
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            acknowledged
-        })
-    };
-
+    let mut acknowledged = vec!["k0".to_owned()];
     let started = Instant::now();
     while status_of(app, "/api/v1/sessions/doomed").await != 404
         || status_of(app, "/api/v1/sessions/expiring").await != 404
@@ -251,7 +219,15 @@ async fn a_closed_session_past_the_retention_is_purged_with_everything(app: &Tes
             started.elapsed() < PURGED_WITHIN,
             "the closed and the expired session were purged within {PURGED_WITHIN:?}"
         );
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        let body = format!("k{}", acknowledged.len());
+        let appended = app.append("kept", "out", &body, Some(&body)).await;
+        assert!(
+            appended.status().is_success(),
+            "append: {}",
+            appended.status()
+        );
+        acknowledged.push(body);
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
     for (table, rows) in rows_of(app, expiring_id).await {
         assert_eq!(rows, 0, "{table} rows of the purged expired session");
@@ -267,7 +243,6 @@ async fn a_closed_session_past_the_retention_is_purged_with_everything(app: &Tes
     );
     // The kept session is untouched, and every append made while the purge ran is there, once,
     // in order.
-    let acknowledged = appending.await.expect("appender");
     let kept = app
         .wait_for_records("kept", "out", acknowledged.len(), Duration::from_secs(30))
         .await;

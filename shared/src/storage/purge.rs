@@ -22,7 +22,7 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use super::entities::{applied_commands, runs, session_snapshots, sessions, waitpoints};
+use super::entities::sessions;
 use super::{StorageError, Store};
 
 /// Rows one purge deleted, per table.
@@ -198,53 +198,29 @@ impl Store {
             txn.commit().await?;
             return Ok(RowsPurged::default());
         }
-        let by_session = |table: &str| {
-            let placeholder = if backend == DbBackend::Postgres {
-                "$1"
-            } else {
-                "?"
-            };
-            Statement::from_sql_and_values(
+        let placeholder = if backend == DbBackend::Postgres {
+            "$1"
+        } else {
+            "?"
+        };
+        let delete = async |table: &str, column: &str| -> Result<u64, StorageError> {
+            let statement = Statement::from_sql_and_values(
                 backend,
-                format!("DELETE FROM {table} WHERE session_id = {placeholder}"),
+                format!("DELETE FROM {table} WHERE {column} = {placeholder}"),
                 [Value::from(session_id)],
-            )
+            );
+            Ok(txn.execute_raw(statement).await?.rows_affected())
         };
-        let mut purged = RowsPurged {
-            records: txn
-                .execute_raw(by_session("records"))
-                .await?
-                .rows_affected(),
-            stream_trims: txn
-                .execute_raw(by_session("stream_trims"))
-                .await?
-                .rows_affected(),
-            ..RowsPurged::default()
+        let purged = RowsPurged {
+            records: delete("records", "session_id").await?,
+            stream_trims: delete("stream_trims", "session_id").await?,
+            waitpoints: delete("waitpoints", "session_id").await?,
+            applied_commands: delete("applied_commands", "session_id").await?,
+            snapshots: delete("session_snapshots", "session_id").await?,
+            runs: delete("runs", "session_id").await?,
+            // Last: while the row exists, the session can be found and purged again.
+            sessions: delete("sessions", "id").await?,
         };
-        purged.waitpoints = waitpoints::Entity::delete_many()
-            .filter(waitpoints::Column::SessionId.eq(session_id))
-            .exec(&txn)
-            .await?
-            .rows_affected;
-        purged.applied_commands = applied_commands::Entity::delete_many()
-            .filter(applied_commands::Column::SessionId.eq(session_id))
-            .exec(&txn)
-            .await?
-            .rows_affected;
-        purged.snapshots = session_snapshots::Entity::delete_many()
-            .filter(session_snapshots::Column::SessionId.eq(session_id))
-            .exec(&txn)
-            .await?
-            .rows_affected;
-        purged.runs = runs::Entity::delete_many()
-            .filter(runs::Column::SessionId.eq(session_id))
-            .exec(&txn)
-            .await?
-            .rows_affected;
-        purged.sessions = sessions::Entity::delete_by_id(session_id)
-            .exec(&txn)
-            .await?
-            .rows_affected;
         txn.commit().await?;
         Ok(purged)
     }
