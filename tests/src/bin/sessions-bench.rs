@@ -30,6 +30,7 @@ use tests::bench::writer::{VisibilityReaders, WriterConfig, WriterStream, run_wr
 const USAGE: &str = "usage: sessions-bench [--runs N (3)] [--duration SECONDS (20)] \
 [--sessions N (1000)] [--clients N (64)] [--readers N (100)] [--partitions N (64)] \
 [--fanout-readers N (1000; 0 skips the fan-out window)] [--fanout-sessions N (100)] \
+[--purge-backlog N (0): closed sessions of 1,000 records purged during a max window] \
 [--drain-records N (200000; 0 skips the drain)] [--tools DIR (target/bench-tools)] \
 [--writers N (64; 0 skips the writer windows)] [--writer-batch N (100 records per frame)] \
 [--json PATH (target/bench/latest.json)] [--markdown PATH] [--skip-references] \
@@ -59,6 +60,9 @@ struct Options {
     skip_references: bool,
     /// `AMQP_URL` of the api and worker (a list: a cluster).
     amqp_url: String,
+    /// Closed sessions (1,000 records each) the retention purge deletes during the "max while
+    /// purging" window of the first run (0: no such window, and no retention).
+    purge_backlog: usize,
 }
 
 fn parse_options() -> Result<Options, String> {
@@ -78,6 +82,7 @@ fn parse_options() -> Result<Options, String> {
         json: PathBuf::from("target/bench/latest.json"),
         markdown: None,
         skip_references: false,
+        purge_backlog: 0,
         amqp_url: tests::AMQP_URL.into(),
     };
     let mut arguments = std::env::args().skip(1);
@@ -107,6 +112,7 @@ fn parse_options() -> Result<Options, String> {
             "--fanout-readers" => options.fanout_readers = number()?,
             "--fanout-sessions" => options.fanout_sessions = number()?.max(1),
             "--drain-records" => options.drain_records = number()? as u64,
+            "--purge-backlog" => options.purge_backlog = number()?,
             "--writers" => options.writers = number()?,
             "--writer-batch" => options.writer_batch = number()?.clamp(1, 1000),
             "--tools" => options.tools = PathBuf::from(value),
@@ -220,8 +226,22 @@ struct RunFigures {
     durable_streams: Option<ThroughputReport>,
     /// The writer windows (absent with `--writers 0`).
     writer: Option<WriterFigures>,
+    /// The max window again while the retention purge deletes a backlog (first run, with
+    /// `--purge-backlog`).
+    while_purging: Option<PurgeFigures>,
     api_peak_rss_mib: f64,
     worker_peak_rss_mib: f64,
+}
+
+/// The max window while the retention purge runs.
+#[derive(Debug, serde::Serialize)]
+struct PurgeFigures {
+    max: ThroughputReport,
+    backlog_sessions: usize,
+    /// Backlog sessions still there when the window ended (0: the purge finished inside it).
+    sessions_left_at_end: u64,
+    /// Sessions purged per second during the window.
+    sessions_purged_per_second: f64,
 }
 
 /// The writer windows of one run: records/s are records acknowledged (applied by the worker:
@@ -350,6 +370,7 @@ struct Bench {
     writer_endpoint: String,
     /// Unique appends (retries excluded) accepted so far: what the database must hold.
     expected_records: u64,
+    database_url: String,
 }
 
 impl Bench {
@@ -614,6 +635,93 @@ impl Bench {
         })
     }
 
+    /// Sessions of the purge backlog still in the database.
+    async fn purge_backlog_left(&self, db: &sea_orm::DatabaseConnection) -> Result<u64, String> {
+        use sea_orm::ConnectionTrait;
+        let row = db
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                "SELECT count(*) AS n FROM sessions WHERE external_id LIKE 'purge-backlog-%'",
+            ))
+            .await
+            .map_err(|error| error.to_string())?
+            .ok_or("no count")?;
+        row.try_get::<i64>("", "n")
+            .map(|n| n as u64)
+            .map_err(|error| error.to_string())
+    }
+
+    /// Inserts `--purge-backlog` sessions closed a day ago with 1,000 records each (the shape
+    /// the append route writes), waits until the worker's purge has started on them, then runs
+    /// the closed-loop max window while it deletes them.
+    async fn max_while_purging(&mut self) -> Result<PurgeFigures, String> {
+        use sea_orm::ConnectionTrait;
+        let backlog = self.options.purge_backlog;
+        eprintln!("== inserting a purge backlog: {backlog} closed sessions of 1,000 records");
+        let db = sea_orm::Database::connect(&self.database_url)
+            .await
+            .map_err(|error| error.to_string())?;
+        let statements = [
+            format!(
+                "INSERT INTO sessions (id, friendly_id, environment_id, external_id, session_type, \
+                 task_identifier, trigger_config, tags, created_at, updated_at, closed_at, \
+                 closed_reason, next_seq_in, next_seq_out) \
+                 SELECT md5('purge' || n)::uuid, 'session_purge' || n, md5('purge-env')::uuid, \
+                 'purge-backlog-' || n, 'chat.agent', 'agent', '{{\"basePayload\": {{}}}}'::jsonb, \
+                 '[]'::jsonb, now() - interval '2 days', now() - interval '1 day', \
+                 now() - interval '1 day', 'bench', 0, 1000 FROM generate_series(1, {backlog}) AS n"
+            ),
+            format!(
+                "INSERT INTO records (session_id, io, seq_num, environment_id, part_id, body, \
+                 body_fingerprint, command_id, created_at, headers, body_is_envelope) \
+                 SELECT md5('purge' || n)::uuid, 'out', g, md5('purge-env')::uuid, NULL, \
+                 repeat('x', 100), encode(sha256(('b' || n || '-' || g)::bytea), 'hex'), \
+                 gen_random_uuid(), now() - interval '2 days', NULL, false \
+                 FROM generate_series(1, {backlog}) AS n, generate_series(0, 999) AS g"
+            ),
+        ];
+        for statement in statements {
+            db.execute_unprepared(&statement)
+                .await
+                .map_err(|error| format!("inserting the purge backlog: {error}"))?;
+        }
+        // The worker looks every 10 s.
+        let waited = Instant::now();
+        while self.purge_backlog_left(&db).await? == backlog as u64 {
+            if waited.elapsed() > Duration::from_secs(30) {
+                return Err("the retention purge did not start within 30 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let left_at_start = self.purge_backlog_left(&db).await?;
+        let clients = self.options.clients;
+        let what = format!("max while purging: closed loop, {clients} clients");
+        eprintln!("== {what}");
+        let result = run_load(&self.load(None, 0.0, self.options.duration), &self.sessions).await?;
+        let left_at_end = self.purge_backlog_left(&db).await?;
+        let report = result.report("sessions", &what);
+        let purged_per_second = (left_at_start - left_at_end) as f64 / result.elapsed.as_secs_f64();
+        eprintln!(
+            "{report}\n   purge: {} backlog sessions left at the start, {left_at_end} at the end ({purged_per_second:.0} sessions/s)",
+            left_at_start
+        );
+        // Let the purge finish, then count what the database holds from here on.
+        let waited = Instant::now();
+        while self.purge_backlog_left(&db).await? > 0 {
+            if waited.elapsed() > Duration::from_secs(600) {
+                return Err("the retention purge did not finish within 600 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        self.expected_records = self.records_in_database().await?;
+        Ok(PurgeFigures {
+            max: report,
+            backlog_sessions: backlog,
+            sessions_left_at_end: left_at_end,
+            sessions_purged_per_second: purged_per_second,
+        })
+    }
+
     async fn records_in_database(&self) -> Result<u64, String> {
         self.store
             .count_rows(CountedTable::Records)
@@ -666,6 +774,11 @@ impl Bench {
             )
             .await?;
         let max_rate = max.accepted as f64 / max.elapsed.as_secs_f64();
+        let while_purging = if run == 0 && self.options.purge_backlog > 0 {
+            Some(self.max_while_purging().await?)
+        } else {
+            None
+        };
         let (half, _, _) = self
             .measure(
                 &format!("half: open loop at {:.0}/s", max_rate / 2.0),
@@ -761,6 +874,7 @@ impl Bench {
             floor,
             durable_streams: durable,
             writer,
+            while_purging,
             api_peak_rss_mib: api.peak_rss_mib(),
             worker_peak_rss_mib: worker.peak_rss_mib(),
         })
@@ -808,7 +922,18 @@ fn summarize(runs: &[RunFigures], drain: Option<&DrainFigures>) -> Value {
     };
     let fan_min = |pick: &dyn Fn(&FanoutFigures) -> usize| fanouts.iter().map(|f| pick(f)).min();
     let fan_max = |pick: &dyn Fn(&FanoutFigures) -> u64| fanouts.iter().map(|f| pick(f)).max();
+    // The purge window (first run only) beside the max window of the same run.
+    let purging = runs.first().and_then(|run| {
+        run.while_purging
+            .as_ref()
+            .map(|purge| (purge, run.max.per_second))
+    });
     let extra = json!({
+        "purge_backlog_sessions": purging.map(|(purge, _)| purge.backlog_sessions),
+        "appends_per_second_while_purging": purging.map(|(purge, _)| purge.max.per_second),
+        "appends_while_purging_ratio_to_max": purging.map(|(purge, max)| purge.max.per_second / max),
+        "purge_sessions_left_at_end_of_window": purging.map(|(purge, _)| purge.sessions_left_at_end),
+        "purge_sessions_per_second": purging.map(|(purge, _)| purge.sessions_purged_per_second),
         "fanout_readers": fanouts.first().map(|fanout| fanout.readers),
         "fanout_sessions": fanouts.first().map(|fanout| fanout.sessions),
         "fanout_appends_per_second": fan(&|fanout| fanout.appends.per_second),
@@ -1160,6 +1285,16 @@ async fn bench(options: Options) -> Result<(), String> {
         ),
         // Rate limits are a policy cap per environment, not capacity: off while measuring it.
         ("SESSIONS_RATE_LIMIT_PER_SECOND".into(), "0".into()),
+        // The purge window's backlog is closed a day before; the bench's own sessions stay open.
+        (
+            "SESSIONS_RETENTION_AFTER_CLOSE_SECONDS".into(),
+            if options.purge_backlog > 0 {
+                "3600"
+            } else {
+                "0"
+            }
+            .into(),
+        ),
         ("SESSIONS_HTTP_ADDR".into(), format!("127.0.0.1:{api_port}")),
         (
             "SESSIONS_WORKER_HTTP_ADDR".into(),
@@ -1195,6 +1330,7 @@ async fn bench(options: Options) -> Result<(), String> {
         writer_streams: Vec::new(),
         writer_endpoint: String::new(),
         expected_records: 0,
+        database_url: database_url.clone(),
     };
     let mut runs = Vec::new();
     let mut sweep = Vec::new();
@@ -1317,6 +1453,7 @@ mod checks {
             markdown: None,
             skip_references: true,
             amqp_url: String::new(),
+            purge_backlog: 0,
         }
     }
 
@@ -1373,6 +1510,7 @@ mod checks {
                 half_visible_p99_ms: 80.5,
                 s2_lite: Some(report("s2-lite", 60_000.0)),
             }),
+            while_purging: None,
             api_peak_rss_mib: 50.0,
             worker_peak_rss_mib: 40.0,
         };
