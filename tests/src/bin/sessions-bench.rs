@@ -662,6 +662,16 @@ impl Bench {
             .await
             .map_err(|error| error.to_string())?;
         let statements = [
+            // Records first: the purge must not find a session whose records are not
+            // committed yet.
+            format!(
+                "INSERT INTO records (session_id, io, seq_num, environment_id, part_id, body, \
+                 body_fingerprint, command_id, created_at, headers, body_is_envelope) \
+                 SELECT md5('purge' || n)::uuid, 'out', g, md5('purge-env')::uuid, NULL, \
+                 repeat('x', 100), encode(sha256(('b' || n || '-' || g)::bytea), 'hex'), \
+                 gen_random_uuid(), now() - interval '2 days', NULL, false \
+                 FROM generate_series(1, {backlog}) AS n, generate_series(0, 999) AS g"
+            ),
             format!(
                 "INSERT INTO sessions (id, friendly_id, environment_id, external_id, session_type, \
                  task_identifier, trigger_config, tags, created_at, updated_at, closed_at, \
@@ -670,14 +680,6 @@ impl Bench {
                  'purge-backlog-' || n, 'chat.agent', 'agent', '{{\"basePayload\": {{}}}}'::jsonb, \
                  '[]'::jsonb, now() - interval '2 days', now() - interval '1 day', \
                  now() - interval '1 day', 'bench', 0, 1000 FROM generate_series(1, {backlog}) AS n"
-            ),
-            format!(
-                "INSERT INTO records (session_id, io, seq_num, environment_id, part_id, body, \
-                 body_fingerprint, command_id, created_at, headers, body_is_envelope) \
-                 SELECT md5('purge' || n)::uuid, 'out', g, md5('purge-env')::uuid, NULL, \
-                 repeat('x', 100), encode(sha256(('b' || n || '-' || g)::bytea), 'hex'), \
-                 gen_random_uuid(), now() - interval '2 days', NULL, false \
-                 FROM generate_series(1, {backlog}) AS n, generate_series(0, 999) AS g"
             ),
         ];
         for statement in statements {
