@@ -19,7 +19,7 @@ pub mod sse;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
@@ -373,15 +373,24 @@ pub struct ChildApi {
     child: tokio::process::Child,
     /// `http://127.0.0.1:<port>`.
     pub url: String,
+    /// What the process wrote to stderr (its warnings and errors), collected as it runs.
+    stderr: Arc<Mutex<String>>,
 }
 
 impl ChildApi {
     /// Starts `sessions-api` with `settings` and waits until it answers `/healthz`.
     pub async fn spawn(settings: &Settings) -> Self {
+        Self::spawn_with(settings, &[]).await
+    }
+
+    /// Same, with extra or replaced configuration variables.
+    pub async fn spawn_with(settings: &Settings, overrides: &[(&str, &str)]) -> Self {
+        use tokio::io::AsyncReadExt;
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
-        let child = tokio::process::Command::new(workspace_binary("sessions-api"))
+        let mut child = tokio::process::Command::new(workspace_binary("sessions-api"))
             .envs(settings_env(settings))
+            .envs(overrides.iter().copied())
             .env("SESSIONS_HTTP_ADDR", format!("127.0.0.1:{port}"))
             .env("SESSIONS_MODE", "production")
             .env(
@@ -390,17 +399,43 @@ impl ChildApi {
             )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()
             .expect("api process starts");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut pipe = child.stderr.take().expect("stderr pipe");
+        let collected = stderr.clone();
+        tokio::spawn(async move {
+            let mut buffer = [0_u8; 4096];
+            while let Ok(read) = pipe.read(&mut buffer).await {
+                if read == 0 {
+                    break;
+                }
+                collected
+                    .lock()
+                    .expect("stderr buffer")
+                    .push_str(&String::from_utf8_lossy(&buffer[..read]));
+            }
+        });
         let client = reqwest::Client::new();
         for _ in 0..200 {
             if client.get(format!("{url}/healthz")).send().await.is_ok() {
-                return Self { child, url };
+                return Self { child, url, stderr };
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("the api process never answered /healthz");
+    }
+
+    /// The process id (for reading what it spends from `/proc`).
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the api process runs")
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().expect("stderr buffer").clone()
     }
 
     pub async fn kill(mut self) {

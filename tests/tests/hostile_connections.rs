@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use tests::{SpawnOptions, TestApp, free_port};
+use tests::{ChildApi, SpawnOptions, TestApp};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -26,65 +26,23 @@ fn attack_size(wanted: usize) -> usize {
 /// An api process under attack, beside the in-process app whose database and worker it uses.
 struct ApiUnderAttack {
     app: TestApp,
-    child: tokio::process::Child,
+    api: ChildApi,
     /// `http://127.0.0.1:<port>`.
     url: String,
-    /// What the process wrote to stderr (its warnings and errors), collected as it runs.
-    stderr: std::sync::Arc<std::sync::Mutex<String>>,
 }
 
 impl ApiUnderAttack {
     /// Starts the app (with `overrides`) and a `sessions-api` process with the same settings
-    /// and `overrides`, and waits until it answers `/healthz`.
+    /// and `overrides`.
     async fn spawn(overrides: &[(&str, &str)]) -> Self {
         let app = TestApp::spawn_with(SpawnOptions {
             overrides,
             ..SpawnOptions::default()
         })
         .await;
-        let port = free_port();
-        let url = format!("http://127.0.0.1:{port}");
-        let child = tokio::process::Command::new(tests::workspace_binary("sessions-api"))
-            .envs(tests::settings_env(&app.settings))
-            .envs(overrides.iter().copied())
-            .env("SESSIONS_HTTP_ADDR", format!("127.0.0.1:{port}"))
-            .env("SESSIONS_MODE", "production")
-            .env("RUST_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("api process starts");
-        let mut child = child;
-        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let mut pipe = child.stderr.take().expect("stderr pipe");
-        let collected = stderr.clone();
-        tokio::spawn(async move {
-            let mut buffer = [0_u8; 4096];
-            while let Ok(read) = pipe.read(&mut buffer).await {
-                if read == 0 {
-                    break;
-                }
-                collected
-                    .lock()
-                    .expect("stderr buffer")
-                    .push_str(&String::from_utf8_lossy(&buffer[..read]));
-            }
-        });
-        let client = reqwest::Client::new();
-        for _ in 0..200 {
-            if client.get(format!("{url}/healthz")).send().await.is_ok() {
-                return Self {
-                    app,
-                    child,
-                    url,
-                    stderr,
-                };
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("the api process never answered /healthz");
+        let api = ChildApi::spawn_with(&app.settings, overrides).await;
+        let url = api.url.clone();
+        Self { app, api, url }
     }
 
     fn address(&self) -> String {
@@ -93,7 +51,7 @@ impl ApiUnderAttack {
 
     /// Panics if the api logged that it ran out of file descriptors.
     fn assert_no_emfile(&self) {
-        let logs = self.stderr.lock().expect("stderr buffer");
+        let logs = self.api.stderr();
         assert!(
             !logs.contains("Too many open files") && !logs.contains("EMFILE"),
             "the api ran out of file descriptors: {logs}"
@@ -101,11 +59,11 @@ impl ApiUnderAttack {
     }
 
     fn pid(&self) -> u32 {
-        self.child.id().expect("the api process runs")
+        self.api.pid()
     }
 
-    async fn cleanup(mut self) {
-        let _ = self.child.kill().await;
+    async fn cleanup(self) {
+        self.api.kill().await;
         self.app.cleanup().await;
     }
 }
@@ -221,6 +179,24 @@ async fn legitimate_client(
     (ok, failed, p99)
 }
 
+/// Waits, for each of `attackers` at once, until the server closes it (at most `within`):
+/// when each was closed, and how long until every one was.
+async fn all_closed_by_server(
+    attackers: Vec<TcpStream>,
+    within: Duration,
+) -> (Vec<Option<Duration>>, Duration) {
+    let opened = Instant::now();
+    let waits: Vec<_> = attackers
+        .into_iter()
+        .map(|stream| tokio::spawn(closed_by_server(stream, within)))
+        .collect();
+    let mut closed = Vec::with_capacity(waits.len());
+    for wait in waits {
+        closed.push(wait.await.expect("wait"));
+    }
+    (closed, opened.elapsed())
+}
+
 /// Waits until the server closes `stream` (EOF or reset), at most `within`: how long it took.
 async fn closed_by_server(mut stream: TcpStream, within: Duration) -> Option<Duration> {
     let started = Instant::now();
@@ -258,16 +234,7 @@ async fn a_slowloris_is_closed_within_the_header_timeout_while_others_are_served
             .expect("write");
         attackers.push(stream);
     }
-    let opened = Instant::now();
-    let waits: Vec<_> = attackers
-        .into_iter()
-        .map(|stream| tokio::spawn(closed_by_server(stream, HEADER_TIMEOUT * 5)))
-        .collect();
-    let mut closed = Vec::with_capacity(size);
-    for wait in waits {
-        closed.push(wait.await.expect("wait"));
-    }
-    let all_closed_after = opened.elapsed();
+    let (closed, all_closed_after) = all_closed_by_server(attackers, HEADER_TIMEOUT * 5).await;
     let _ = stop.send(true);
     let spent = watch.finish().await;
     let (ok, failed, p99) = legitimate.await.expect("legitimate client");
@@ -471,16 +438,7 @@ async fn connections_past_the_budget_are_closed_at_once_and_idle_ones_evicted_un
         // Connections that send nothing at all.
         attackers.push(TcpStream::connect(api.address()).await.expect("connect"));
     }
-    let opened = Instant::now();
-    let waits: Vec<_> = attackers
-        .into_iter()
-        .map(|stream| tokio::spawn(closed_by_server(stream, HEADER_TIMEOUT * 4)))
-        .collect();
-    let mut closed = Vec::with_capacity(size);
-    for wait in waits {
-        closed.push(wait.await.expect("wait"));
-    }
-    let all_closed_after = opened.elapsed();
+    let (closed, all_closed_after) = all_closed_by_server(attackers, HEADER_TIMEOUT * 4).await;
     // Once the flood is gone, a new client is served at once.
     let fresh = reqwest::Client::new()
         .get(format!("{}/healthz", api.url))

@@ -12,7 +12,6 @@ mod waitpoints;
 pub mod writer;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
 use axum::http::{HeaderName, Method, header};
 use axum::routing::{MethodRouter, get, post};
 use tower_http::catch_panic::CatchPanicLayer;
@@ -52,15 +51,13 @@ pub fn route_table() -> Vec<(&'static str, MethodRouter<AppState>)> {
         ),
         (
             "/api/v1/session-snapshots/{session}",
-            get(snapshots::blob)
-                .put(snapshots::blob)
-                .layer(DefaultBodyLimit::disable()),
+            get(snapshots::blob).put(snapshots::blob),
         ),
         ("/api/v1/auth/jwt/claims", post(sessions::jwt_claims)),
         (
             "/realtime/v1/sessions/{session}/{io}/append",
             // The append route enforces its own limit from content-length, before reading.
-            post(channels::append).layer(DefaultBodyLimit::disable()),
+            post(channels::append),
         ),
         (
             "/realtime/v1/sessions/{session}/{io}/records",
@@ -74,7 +71,7 @@ pub fn route_table() -> Vec<(&'static str, MethodRouter<AppState>)> {
         ),
         (
             "/realtime/v1/sessions/{session}/channels/{name}/{io}/append",
-            post(channels::append_to_channel).layer(DefaultBodyLimit::disable()),
+            post(channels::append_to_channel),
         ),
         (
             "/realtime/v1/sessions/{session}/channels/{name}/{io}/records",
@@ -90,7 +87,7 @@ pub fn route_table() -> Vec<(&'static str, MethodRouter<AppState>)> {
             "/s2/v1/streams/{stream}/records",
             // Append sessions are unbounded streams of frames; each frame and each REST body
             // has its own limit (`s2_wire`).
-            post(writer::append_records).layer(DefaultBodyLimit::disable()),
+            post(writer::append_records),
         ),
         (
             "/api/v1/runs/{run}/session-streams/wait",
@@ -104,7 +101,6 @@ pub fn route_table() -> Vec<(&'static str, MethodRouter<AppState>)> {
 }
 
 pub fn router(state: AppState) -> Router {
-    let max_json_bytes = state.settings.max_json_bytes;
     let discard_bounds = unread_body::DiscardBounds {
         max_bytes: state.settings.max_discard_bytes,
         timeout: state.settings.discard_timeout,
@@ -120,7 +116,6 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn(refuse_nul_in_url))
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(axum::middleware::from_fn(record_request))
-        .layer(DefaultBodyLimit::max(max_json_bytes))
         // Outside the handlers, the panic catcher and the metrics: whatever answered before the
         // body was read, the rest of it is discarded (bounded) before the answer goes out.
         .layer(axum::middleware::from_fn_with_state(

@@ -62,18 +62,22 @@ impl RowsPurged {
     }
 }
 
-/// The condition "session `$1` is closed or expired before `$2`", spelled for each backend.
-const PAST_RETENTION_POSTGRES: &str =
-    "EXISTS (SELECT 1 FROM sessions s WHERE s.id = $1 AND (s.closed_at < $2 OR s.expires_at < $2))";
-const PAST_RETENTION_SQLITE: &str =
-    "EXISTS (SELECT 1 FROM sessions s WHERE s.id = ?1 AND (s.closed_at < ?2 OR s.expires_at < ?2))";
+/// Records of session `$1`, which must still be closed or expired before `$2`, at most `$3`.
+/// `{row}` is the physical row id (see [`Store::delete_records_by_row`]).
+const RECORDS_OF_PURGEABLE_SESSION: &str = "SELECT r.{row} FROM records r WHERE r.session_id = $1 \
+AND EXISTS (SELECT 1 FROM sessions s WHERE s.id = $1 AND (s.closed_at < $2 OR s.expires_at < $2)) \
+LIMIT $3";
 
 /// Records below their stream's trim point, except those with a part id and each stream's last
-/// record (see [`Store::delete_trimmed_records`]); `{row}` is `ctid` or `rowid`.
+/// record (see [`Store::delete_trimmed_records`]), at most `$1`.
 const TRIMMED_RECORDS: &str = "SELECT r.{row} FROM stream_trims t \
 JOIN records r ON r.session_id = t.session_id AND r.io = t.stream AND r.seq_num < t.trim_seq \
 WHERE r.part_id IS NULL AND r.seq_num < (SELECT max(m.seq_num) FROM records m \
-WHERE m.session_id = t.session_id AND m.io = t.stream)";
+WHERE m.session_id = t.session_id AND m.io = t.stream) LIMIT $1";
+
+fn chunk_value(chunk: u64) -> Value {
+    Value::from(i64::try_from(chunk).unwrap_or(i64::MAX))
+}
 
 impl Store {
     /// Deletes at most `chunk` records that lie below their stream's trim point; returns how
@@ -81,26 +85,34 @@ impl Store {
     /// of their part id for as long as the session exists) and each stream's last record (a
     /// side channel's next sequence number is read from it).
     pub async fn delete_trimmed_records(&self, chunk: u64) -> Result<u64, StorageError> {
+        self.delete_records_by_row(TRIMMED_RECORDS, vec![chunk_value(chunk)])
+            .await
+    }
+
+    /// Deletes the records whose physical row id (`ctid` on Postgres, `rowid` on SQLite)
+    /// `select` returns; `select` names that column `{row}` and numbers its parameters `$n`.
+    /// One statement: a bounded chunk, no long lock.
+    async fn delete_records_by_row(
+        &self,
+        select: &str,
+        values: Vec<Value>,
+    ) -> Result<u64, StorageError> {
         let backend = self.db.get_database_backend();
         let sql = if backend == DbBackend::Postgres {
             format!(
-                "DELETE FROM records WHERE ctid = ANY(ARRAY({} LIMIT $1))",
-                TRIMMED_RECORDS.replace("{row}", "ctid")
+                "DELETE FROM records WHERE ctid = ANY(ARRAY({}))",
+                select.replace("{row}", "ctid")
             )
         } else {
+            // SQLite numbers its parameters `?n`.
             format!(
-                "DELETE FROM records WHERE rowid IN ({} LIMIT ?1)",
-                TRIMMED_RECORDS.replace("{row}", "rowid")
+                "DELETE FROM records WHERE rowid IN ({})",
+                select.replace("{row}", "rowid").replace('$', "?")
             )
         };
-        let chunk = i64::try_from(chunk).unwrap_or(i64::MAX);
         let result = self
             .db
-            .execute_raw(Statement::from_sql_and_values(
-                backend,
-                sql,
-                [Value::from(chunk)],
-            ))
+            .execute_raw(Statement::from_sql_and_values(backend, sql, values))
             .await?;
         Ok(result.rows_affected())
     }
@@ -144,32 +156,15 @@ impl Store {
         cutoff: DateTime<Utc>,
         chunk: u64,
     ) -> Result<u64, StorageError> {
-        let backend = self.db.get_database_backend();
-        let sql = if backend == DbBackend::Postgres {
-            format!(
-                "DELETE FROM records WHERE ctid = ANY(ARRAY(SELECT ctid FROM records \
-                 WHERE session_id = $1 LIMIT $3)) AND {PAST_RETENTION_POSTGRES}"
-            )
-        } else {
-            format!(
-                "DELETE FROM records WHERE rowid IN (SELECT rowid FROM records \
-                 WHERE session_id = ?1 LIMIT ?3) AND {PAST_RETENTION_SQLITE}"
-            )
-        };
-        let chunk = i64::try_from(chunk).unwrap_or(i64::MAX);
-        let result = self
-            .db
-            .execute_raw(Statement::from_sql_and_values(
-                backend,
-                sql,
-                [
-                    Value::from(session_id),
-                    Value::from(cutoff),
-                    Value::from(chunk),
-                ],
-            ))
-            .await?;
-        Ok(result.rows_affected())
+        self.delete_records_by_row(
+            RECORDS_OF_PURGEABLE_SESSION,
+            vec![
+                Value::from(session_id),
+                Value::from(cutoff),
+                chunk_value(chunk),
+            ],
+        )
+        .await
     }
 
     /// Deletes everything else of `session_id` and the session itself, in one transaction, if
