@@ -30,7 +30,8 @@ use tests::bench::writer::{VisibilityReaders, WriterConfig, WriterStream, run_wr
 const USAGE: &str = "usage: sessions-bench [--runs N (3)] [--duration SECONDS (20)] \
 [--sessions N (1000)] [--clients N (64)] [--readers N (100)] [--partitions N (64)] \
 [--fanout-readers N (1000; 0 skips the fan-out window)] [--fanout-sessions N (100)] \
-[--purge-backlog N (0): closed sessions of 1,000 records purged during a max window] \
+[--purge-backlog N (0): sessions of 1,000 records the retention purge deletes in purge windows] \
+[--purge-pairs N (3): control and purge max windows, alternating, with --purge-backlog] \
 [--drain-records N (200000; 0 skips the drain)] [--tools DIR (target/bench-tools)] \
 [--writers N (64; 0 skips the writer windows)] [--writer-batch N (100 records per frame)] \
 [--json PATH (target/bench/latest.json)] [--markdown PATH] [--skip-references] \
@@ -60,9 +61,11 @@ struct Options {
     skip_references: bool,
     /// `AMQP_URL` of the api and worker (a list: a cluster).
     amqp_url: String,
-    /// Closed sessions (1,000 records each) the retention purge deletes during the "max while
-    /// purging" window of the first run (0: no such window, and no retention).
+    /// Sessions (1,000 records each) the retention purge deletes during the purge windows of
+    /// the first run (0: no such windows, and no retention).
     purge_backlog: usize,
+    /// Pairs of control and purge windows.
+    purge_pairs: usize,
 }
 
 fn parse_options() -> Result<Options, String> {
@@ -83,6 +86,7 @@ fn parse_options() -> Result<Options, String> {
         markdown: None,
         skip_references: false,
         purge_backlog: 0,
+        purge_pairs: 3,
         amqp_url: tests::AMQP_URL.into(),
     };
     let mut arguments = std::env::args().skip(1);
@@ -113,6 +117,7 @@ fn parse_options() -> Result<Options, String> {
             "--fanout-sessions" => options.fanout_sessions = number()?.max(1),
             "--drain-records" => options.drain_records = number()? as u64,
             "--purge-backlog" => options.purge_backlog = number()?,
+            "--purge-pairs" => options.purge_pairs = number()?.max(1),
             "--writers" => options.writers = number()?,
             "--writer-batch" => options.writer_batch = number()?.clamp(1, 1000),
             "--tools" => options.tools = PathBuf::from(value),
@@ -204,6 +209,39 @@ fn median(mut values: Vec<f64>) -> f64 {
     }
 }
 
+/// Keeps at least [`PURGE_WORK_READY`] backlog sessions closed and not yet purged, so that every
+/// purge round finds a full page and starts the next one at once; returns whether the open
+/// backlog ran out before `stop`.
+async fn keep_purge_work_ready(
+    db: sea_orm::DatabaseConnection,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<bool, String> {
+    use sea_orm::ConnectionTrait;
+    loop {
+        let (closed, left) = Bench::purge_backlog_counts(&db).await?;
+        if closed == left && closed < PURGE_WORK_READY {
+            return Ok(true);
+        }
+        if closed < PURGE_WORK_READY {
+            db.execute_unprepared(&format!(
+                "UPDATE sessions SET closed_at = now() - interval '1 day', closed_reason = 'bench' \
+                 WHERE id IN (SELECT id FROM sessions WHERE external_id LIKE 'purge-backlog-%' \
+                 AND closed_at IS NULL LIMIT {})",
+                PURGE_WORK_READY * 2 - closed
+            ))
+            .await
+            .map_err(|error| format!("closing purge backlog sessions: {error}"))?;
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = stop.changed() => return Ok(false),
+        }
+    }
+}
+
+/// Closed, not yet purged backlog sessions the purge windows keep ready (three purge rounds).
+const PURGE_WORK_READY: u64 = 300;
+
 /// Everything one run measured.
 #[derive(Debug, serde::Serialize)]
 struct RunFigures {
@@ -226,22 +264,45 @@ struct RunFigures {
     durable_streams: Option<ThroughputReport>,
     /// The writer windows (absent with `--writers 0`).
     writer: Option<WriterFigures>,
-    /// The max window again while the retention purge deletes a backlog (first run, with
-    /// `--purge-backlog`).
+    /// Max windows alternating without and with the retention purge deleting a backlog (first
+    /// run, with `--purge-backlog`).
     while_purging: Option<PurgeFigures>,
     api_peak_rss_mib: f64,
     worker_peak_rss_mib: f64,
 }
 
-/// The max window while the retention purge runs.
+/// The purge A/B: control and purge windows, alternating.
 #[derive(Debug, serde::Serialize)]
 struct PurgeFigures {
-    max: ThroughputReport,
     backlog_sessions: usize,
-    /// Backlog sessions still there when the window ended (0: the purge finished inside it).
-    sessions_left_at_end: u64,
-    /// Sessions purged per second during the window.
+    windows: Vec<PurgeWindow>,
+}
+
+/// One max window of the purge A/B.
+#[derive(Debug, serde::Serialize)]
+struct PurgeWindow {
+    /// Whether the retention purge was deleting backlog sessions during the window.
+    purging: bool,
+    max: ThroughputReport,
+    /// Backlog sessions purged per second during the window (1,000 records each).
     sessions_purged_per_second: f64,
+    /// The purge had work left at the end of the window (it ran throughout).
+    purge_ran_throughout: bool,
+}
+
+impl PurgeFigures {
+    /// Median appends/s of the purge windows over the median of the control windows.
+    fn ratio(&self) -> Option<f64> {
+        let rates = |purging: bool| {
+            self.windows
+                .iter()
+                .filter(|window| window.purging == purging)
+                .map(|window| window.max.per_second)
+                .collect::<Vec<_>>()
+        };
+        let (purging, control) = (rates(true), rates(false));
+        (!purging.is_empty() && !control.is_empty()).then(|| median(purging) / median(control))
+    }
 }
 
 /// The writer windows of one run: records/s are records acknowledged (applied by the worker:
@@ -635,35 +696,53 @@ impl Bench {
         })
     }
 
-    /// Sessions of the purge backlog still in the database.
-    async fn purge_backlog_left(&self, db: &sea_orm::DatabaseConnection) -> Result<u64, String> {
+    /// The purge backlog's sessions: (closed ones the purge has not deleted yet, all left).
+    async fn purge_backlog_counts(db: &sea_orm::DatabaseConnection) -> Result<(u64, u64), String> {
         use sea_orm::ConnectionTrait;
         let row = db
             .query_one_raw(sea_orm::Statement::from_string(
                 sea_orm::DbBackend::Postgres,
-                "SELECT count(*) AS n FROM sessions WHERE external_id LIKE 'purge-backlog-%'",
+                "SELECT count(*) FILTER (WHERE closed_at IS NOT NULL) AS closed, count(*) AS left \
+                 FROM sessions WHERE external_id LIKE 'purge-backlog-%'",
             ))
             .await
             .map_err(|error| error.to_string())?
             .ok_or("no count")?;
-        row.try_get::<i64>("", "n")
-            .map(|n| n as u64)
-            .map_err(|error| error.to_string())
+        let count = |column: &str| {
+            row.try_get::<i64>("", column)
+                .map(|n| n as u64)
+                .map_err(|error| error.to_string())
+        };
+        Ok((count("closed")?, count("left")?))
     }
 
-    /// Inserts `--purge-backlog` sessions closed a day ago with 1,000 records each (the shape
-    /// the append route writes), waits until the worker's purge has started on them, then runs
-    /// the closed-loop max window while it deletes them.
-    async fn max_while_purging(&mut self) -> Result<PurgeFigures, String> {
+    /// Waits until the worker has persisted every record the bench expects.
+    async fn wait_until_persisted(&self) -> Result<(), String> {
+        let started = Instant::now();
+        while self.records_in_database().await? < self.expected_records {
+            if started.elapsed() > Duration::from_secs(300) {
+                return Err("the worker did not catch up within 300 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    }
+
+    /// What a running retention purge costs the closed loop, measured side by side: inserts
+    /// `--purge-backlog` open sessions of 1,000 records each (the shape the append route
+    /// writes), then alternates `--purge-pairs` pairs of max windows: a control window (the
+    /// backlog sits there, nothing to purge) and a purge window (backlog sessions are closed a
+    /// day ago, topped up so that the purge always has a full round of work, and deleted by the
+    /// worker's purge while the load runs). Between windows the worker catches up and the purge
+    /// finishes, so every window starts from the same state.
+    async fn purge_alternation(&mut self) -> Result<PurgeFigures, String> {
         use sea_orm::ConnectionTrait;
         let backlog = self.options.purge_backlog;
-        eprintln!("== inserting a purge backlog: {backlog} closed sessions of 1,000 records");
+        eprintln!("== inserting a purge backlog: {backlog} open sessions of 1,000 records");
         let db = sea_orm::Database::connect(&self.database_url)
             .await
             .map_err(|error| error.to_string())?;
         let statements = [
-            // Records first: the purge must not find a session whose records are not
-            // committed yet.
             format!(
                 "INSERT INTO records (session_id, io, seq_num, environment_id, part_id, body, \
                  body_fingerprint, command_id, created_at, headers, body_is_envelope) \
@@ -678,49 +757,95 @@ impl Bench {
                  closed_reason, next_seq_in, next_seq_out) \
                  SELECT md5('purge' || n)::uuid, 'session_purge' || n, md5('purge-env')::uuid, \
                  'purge-backlog-' || n, 'chat.agent', 'agent', '{{\"basePayload\": {{}}}}'::jsonb, \
-                 '[]'::jsonb, now() - interval '2 days', now() - interval '1 day', \
-                 now() - interval '1 day', 'bench', 0, 1000 FROM generate_series(1, {backlog}) AS n"
+                 '[]'::jsonb, now() - interval '2 days', now() - interval '2 days', \
+                 NULL, NULL, 0, 1000 FROM generate_series(1, {backlog}) AS n"
             ),
+            // A fresh planner view of the larger table for both kinds of window.
+            "ANALYZE records, sessions".to_owned(),
         ];
         for statement in statements {
             db.execute_unprepared(&statement)
                 .await
                 .map_err(|error| format!("inserting the purge backlog: {error}"))?;
         }
-        // The worker looks every 10 s.
-        let waited = Instant::now();
-        while self.purge_backlog_left(&db).await? == backlog as u64 {
-            if waited.elapsed() > Duration::from_secs(30) {
-                return Err("the retention purge did not start within 30 s".into());
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        let left_at_start = self.purge_backlog_left(&db).await?;
+        self.expected_records += backlog as u64 * 1_000;
         let clients = self.options.clients;
-        let what = format!("max while purging: closed loop, {clients} clients");
-        eprintln!("== {what}");
-        let result = run_load(&self.load(None, 0.0, self.options.duration), &self.sessions).await?;
-        let left_at_end = self.purge_backlog_left(&db).await?;
-        let report = result.report("sessions", &what);
-        let purged_per_second = (left_at_start - left_at_end) as f64 / result.elapsed.as_secs_f64();
-        eprintln!(
-            "{report}\n   purge: {} backlog sessions left at the start, {left_at_end} at the end ({purged_per_second:.0} sessions/s)",
-            left_at_start
-        );
-        // Let the purge finish, then count what the database holds from here on.
-        let waited = Instant::now();
-        while self.purge_backlog_left(&db).await? > 0 {
-            if waited.elapsed() > Duration::from_secs(600) {
-                return Err("the retention purge did not finish within 600 s".into());
+        let mut windows = Vec::new();
+        for pair in 0..self.options.purge_pairs {
+            let what = format!(
+                "purge pair {}: control, closed loop, {clients} clients",
+                pair + 1
+            );
+            eprintln!("== {what}");
+            let result =
+                run_load(&self.load(None, 0.0, self.options.duration), &self.sessions).await?;
+            self.expected_records += result.accepted - result.retries;
+            windows.push(PurgeWindow {
+                purging: false,
+                max: result.report("sessions", &what),
+                sessions_purged_per_second: 0.0,
+                purge_ran_throughout: false,
+            });
+            eprintln!("{}", windows.last().map(|w| &w.max).expect("pushed"));
+            self.wait_until_persisted().await?;
+
+            let what = format!(
+                "purge pair {}: purging, closed loop, {clients} clients",
+                pair + 1
+            );
+            eprintln!("== {what}");
+            let (_, left_before) = Self::purge_backlog_counts(&db).await?;
+            let (stop_topping_up, stopped) = tokio::sync::watch::channel(false);
+            let top_up = tokio::spawn(keep_purge_work_ready(db.clone(), stopped));
+            // The worker looks every 10 s when it found nothing the last time.
+            let waited = Instant::now();
+            while Self::purge_backlog_counts(&db).await?.1 == left_before {
+                if waited.elapsed() > Duration::from_secs(30) {
+                    return Err("the retention purge did not start within 30 s".into());
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            let (_, left_at_start) = Self::purge_backlog_counts(&db).await?;
+            let result =
+                run_load(&self.load(None, 0.0, self.options.duration), &self.sessions).await?;
+            let (closed_at_end, left_at_end) = Self::purge_backlog_counts(&db).await?;
+            let _ = stop_topping_up.send(true);
+            let ran_out = top_up.await.map_err(|error| error.to_string())??;
+            self.expected_records += result.accepted - result.retries;
+            let purged_per_second =
+                (left_at_start - left_at_end) as f64 / result.elapsed.as_secs_f64();
+            let window = PurgeWindow {
+                purging: true,
+                max: result.report("sessions", &what),
+                sessions_purged_per_second: purged_per_second,
+                purge_ran_throughout: closed_at_end > 0 && !ran_out,
+            };
+            eprintln!(
+                "{}\n   purge: {purged_per_second:.0} sessions/s ({:.0} records/s), work left at the end: {closed_at_end} sessions{}",
+                window.max,
+                purged_per_second * 1_000.0,
+                if ran_out {
+                    "; the backlog ran out during the window"
+                } else {
+                    ""
+                }
+            );
+            windows.push(window);
+            // Let the purge finish what was closed, then the worker catch up.
+            let waited = Instant::now();
+            while Self::purge_backlog_counts(&db).await?.0 > 0 {
+                if waited.elapsed() > Duration::from_secs(600) {
+                    return Err("the retention purge did not finish within 600 s".into());
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let (_, left_after) = Self::purge_backlog_counts(&db).await?;
+            self.expected_records -= (left_before - left_after) * 1_000;
+            self.wait_until_persisted().await?;
         }
-        self.expected_records = self.records_in_database().await?;
         Ok(PurgeFigures {
-            max: report,
             backlog_sessions: backlog,
-            sessions_left_at_end: left_at_end,
-            sessions_purged_per_second: purged_per_second,
+            windows,
         })
     }
 
@@ -777,7 +902,7 @@ impl Bench {
             .await?;
         let max_rate = max.accepted as f64 / max.elapsed.as_secs_f64();
         let while_purging = if run == 0 && self.options.purge_backlog > 0 {
-            Some(self.max_while_purging().await?)
+            Some(self.purge_alternation().await?)
         } else {
             None
         };
@@ -924,18 +1049,12 @@ fn summarize(runs: &[RunFigures], drain: Option<&DrainFigures>) -> Value {
     };
     let fan_min = |pick: &dyn Fn(&FanoutFigures) -> usize| fanouts.iter().map(|f| pick(f)).min();
     let fan_max = |pick: &dyn Fn(&FanoutFigures) -> u64| fanouts.iter().map(|f| pick(f)).max();
-    // The purge window (first run only) beside the max window of the same run.
-    let purging = runs.first().and_then(|run| {
-        run.while_purging
-            .as_ref()
-            .map(|purge| (purge, run.max.per_second))
-    });
+    // The purge A/B (first run only).
+    let purging = runs.first().and_then(|run| run.while_purging.as_ref());
     let extra = json!({
-        "purge_backlog_sessions": purging.map(|(purge, _)| purge.backlog_sessions),
-        "appends_per_second_while_purging": purging.map(|(purge, _)| purge.max.per_second),
-        "appends_while_purging_ratio_to_max": purging.map(|(purge, max)| purge.max.per_second / max),
-        "purge_sessions_left_at_end_of_window": purging.map(|(purge, _)| purge.sessions_left_at_end),
-        "purge_sessions_per_second": purging.map(|(purge, _)| purge.sessions_purged_per_second),
+        "purge_backlog_sessions": purging.map(|purge| purge.backlog_sessions),
+        "purge_windows": purging.map(|purge| &purge.windows),
+        "appends_while_purging_ratio_to_control": purging.and_then(PurgeFigures::ratio),
         "fanout_readers": fanouts.first().map(|fanout| fanout.readers),
         "fanout_sessions": fanouts.first().map(|fanout| fanout.sessions),
         "fanout_appends_per_second": fan(&|fanout| fanout.appends.per_second),
@@ -1287,7 +1406,7 @@ async fn bench(options: Options) -> Result<(), String> {
         ),
         // Rate limits are a policy cap per environment, not capacity: off while measuring it.
         ("SESSIONS_RATE_LIMIT_PER_SECOND".into(), "0".into()),
-        // The purge window's backlog is closed a day before; the bench's own sessions stay open.
+        // The purge windows close backlog sessions a day back; the bench's own stay open.
         (
             "SESSIONS_RETENTION_AFTER_CLOSE_SECONDS".into(),
             if options.purge_backlog > 0 {
@@ -1456,6 +1575,7 @@ mod checks {
             skip_references: true,
             amqp_url: String::new(),
             purge_backlog: 0,
+            purge_pairs: 3,
         }
     }
 
