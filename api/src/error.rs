@@ -1,11 +1,14 @@
-//! THE mapping from failures to HTTP answers. Every error body is JSON `{"error": "..."}` (the
-//! closed-session refusal adds `ok`, `code` and `closedReason`, as the official client expects);
-//! 5xx bodies never carry internals (those go to the log).
+//! THE mapping from failures to HTTP answers: [`ApiError`] to status and body, and every worker
+//! refusal ([`Outcome`]) to an [`ApiError`] ([`ApiError::refusal`]), the same on every route.
+//! Every error body is JSON `{"error": "..."}` (the closed-session refusal adds `ok`, `code` and
+//! `closedReason`, as the official client expects); 5xx bodies never carry internals (those go
+//! to the log).
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 use shared::broker::BrokerError;
+use shared::commands::Outcome;
 use shared::domain::ValidationError;
 use shared::storage::StorageError;
 
@@ -23,11 +26,12 @@ pub enum ApiError {
     Validation(#[from] ValidationError),
     #[error("{0}")]
     Conflict(String),
-    /// An append to a closed or expired session: 409 with the stable `code: "session_closed"`
-    /// (and the close reason) that the official chat transport treats as terminal.
+    /// A write to a closed or expired session (an append, a create that finds a closed
+    /// session, an end-and-continue): 409 with the stable `code: "session_closed"` (and the
+    /// close reason) that the official chat transport treats as terminal.
     #[error("{message}")]
     SessionClosed {
-        message: &'static str,
+        message: String,
         closed_reason: Option<String>,
     },
     #[error("{0}")]
@@ -61,19 +65,49 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    /// The refusal of an append to a session that no longer accepts writes.
-    pub fn closed_session(closed_reason: Option<String>) -> Self {
+    /// The refusal of a write to a session that no longer accepts writes; `attempted` names
+    /// the write ("append to" gives the reference's "Cannot append to a closed session").
+    pub fn closed_session(attempted: Attempted, closed_reason: Option<String>) -> Self {
         ApiError::SessionClosed {
-            message: "Cannot append to a closed session",
+            message: format!("Cannot {} a closed session", attempted.verb()),
             closed_reason,
         }
     }
 
-    /// The refusal of an append to a session past its `expiresAt`.
-    pub fn expired_session() -> Self {
+    /// The refusal of a write to a session past its `expiresAt`.
+    pub fn expired_session(attempted: Attempted) -> Self {
         ApiError::SessionClosed {
-            message: "Cannot append to an expired session",
+            message: format!("Cannot {} an expired session", attempted.verb()),
             closed_reason: Some("expired".into()),
+        }
+    }
+
+    /// THE answer to a worker outcome that is not the success the route waited for. Every
+    /// refusal the worker decides maps here, so a closed session gets the same 409 on every
+    /// route; a success outcome reaching this is a bug between the route and the worker (500,
+    /// logged). The match has no catch-all: a new `Outcome` variant must be decided here.
+    pub fn refusal(attempted: Attempted, outcome: Outcome) -> Self {
+        match outcome {
+            Outcome::Conflict { .. } => ApiError::Conflict(
+                "X-Part-Id was already used with a different body; nothing was appended".into(),
+            ),
+            Outcome::SessionClosed { closed_reason } => {
+                ApiError::closed_session(attempted, closed_reason)
+            }
+            Outcome::SessionExpired => ApiError::expired_session(attempted),
+            Outcome::SessionNotFound => ApiError::NotFound("Session not found"),
+            success @ (Outcome::Appended { .. }
+            | Outcome::Duplicate { .. }
+            | Outcome::RecordsAppended { .. }
+            | Outcome::SessionCreated { .. }
+            | Outcome::SessionClosedNow { .. }
+            | Outcome::SessionUpdated { .. }
+            | Outcome::RunContinued { .. }
+            | Outcome::WaitpointRegistered { .. }) => ApiError::Internal(format!(
+                "the worker answered {} to a route that cannot {} with it",
+                success.name(),
+                attempted.verb()
+            )),
         }
     }
 
@@ -111,6 +145,30 @@ impl ApiError {
             }
             ApiError::Internal(_) => "Internal error".into(),
             other => other.to_string(),
+        }
+    }
+}
+
+/// The write a route asked the worker for, as the refusal's message names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Attempted {
+    Append,
+    Create,
+    Close,
+    Update,
+    EndAndContinue,
+    Wait,
+}
+
+impl Attempted {
+    fn verb(self) -> &'static str {
+        match self {
+            Attempted::Append => "append to",
+            Attempted::Create => "create or reuse",
+            Attempted::Close => "close",
+            Attempted::Update => "update",
+            Attempted::EndAndContinue => "end and continue the run of",
+            Attempted::Wait => "wait on",
         }
     }
 }
@@ -159,5 +217,182 @@ impl IntoResponse for ApiError {
                 .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_seconds));
         }
         response
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared::domain::session::SessionItem;
+
+    fn session() -> Box<SessionItem> {
+        Box::new(SessionItem {
+            id: "session_1".into(),
+            external_id: None,
+            session_type: "chat.agent".into(),
+            task_identifier: "agent".into(),
+            trigger_config: json!({}),
+            current_run_id: None,
+            tags: Vec::new(),
+            metadata: None,
+            closed_at: None,
+            closed_reason: None,
+            expires_at: None,
+            created_at: chrono::Utc::now(),
+            updated_at: chrono::Utc::now(),
+        })
+    }
+
+    /// One value of every `Outcome` variant, with the status a route answers when that
+    /// outcome is not the success it waited for. The exhaustive match makes a new variant a
+    /// compile error here until it has a row.
+    fn every_outcome() -> Vec<(Outcome, StatusCode)> {
+        let all = vec![
+            (
+                Outcome::Appended { seq_num: 1 },
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+            (
+                Outcome::Duplicate { seq_num: 1 },
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+            (Outcome::Conflict { seq_num: 1 }, StatusCode::CONFLICT),
+            (
+                Outcome::RecordsAppended {
+                    start_seq: 0,
+                    end_seq: 1,
+                    timestamp_ms: 0,
+                },
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+            (
+                Outcome::SessionClosed {
+                    closed_reason: Some("done".into()),
+                },
+                StatusCode::CONFLICT,
+            ),
+            (Outcome::SessionExpired, StatusCode::CONFLICT),
+            (Outcome::SessionNotFound, StatusCode::NOT_FOUND),
+            (
+                Outcome::SessionCreated {
+                    session: session(),
+                    run_friendly_id: "run_1".into(),
+                    cached: false,
+                },
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+            (
+                Outcome::SessionClosedNow { session: session() },
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+            (
+                Outcome::SessionUpdated { session: session() },
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+            (
+                Outcome::RunContinued {
+                    run_friendly_id: "run_2".into(),
+                    swapped: true,
+                },
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+            (
+                Outcome::WaitpointRegistered {
+                    friendly_id: "waitpoint_1".into(),
+                    cached: false,
+                },
+                StatusCode::INTERNAL_SERVER_ERROR,
+            ),
+        ];
+        for (outcome, _) in &all {
+            match outcome {
+                Outcome::Appended { .. }
+                | Outcome::Duplicate { .. }
+                | Outcome::Conflict { .. }
+                | Outcome::RecordsAppended { .. }
+                | Outcome::SessionClosed { .. }
+                | Outcome::SessionExpired
+                | Outcome::SessionNotFound
+                | Outcome::SessionCreated { .. }
+                | Outcome::SessionClosedNow { .. }
+                | Outcome::SessionUpdated { .. }
+                | Outcome::RunContinued { .. }
+                | Outcome::WaitpointRegistered { .. } => {}
+            }
+        }
+        all
+    }
+
+    async fn body_of(error: ApiError) -> (StatusCode, serde_json::Value) {
+        let response = error.into_response();
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .expect("body");
+        (status, serde_json::from_slice(&bytes).expect("JSON body"))
+    }
+
+    #[tokio::test]
+    async fn every_outcome_maps_to_one_answer_whatever_the_route() {
+        let routes = [
+            Attempted::Append,
+            Attempted::Create,
+            Attempted::Close,
+            Attempted::Update,
+            Attempted::EndAndContinue,
+            Attempted::Wait,
+        ];
+        for (outcome, status) in every_outcome() {
+            for attempted in routes {
+                let (answered, body) = body_of(ApiError::refusal(attempted, outcome.clone())).await;
+                assert_eq!(answered, status, "{attempted:?} refused with {outcome:?}");
+                assert!(body["error"].is_string(), "{body}");
+                if status.is_server_error() {
+                    // No internals (the outcome's content) in a 5xx body.
+                    assert_eq!(body, json!({"error": "Internal error"}));
+                }
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_closed_session_is_the_same_409_on_every_route() {
+        for attempted in [
+            Attempted::Append,
+            Attempted::Create,
+            Attempted::EndAndContinue,
+        ] {
+            let closed = ApiError::refusal(
+                attempted,
+                Outcome::SessionClosed {
+                    closed_reason: Some("done".into()),
+                },
+            );
+            let response = closed.into_response();
+            assert_eq!(response.headers()["x-should-retry"], "false");
+            let (status, body) = body_of(ApiError::refusal(
+                attempted,
+                Outcome::SessionClosed {
+                    closed_reason: Some("done".into()),
+                },
+            ))
+            .await;
+            assert_eq!(status, StatusCode::CONFLICT);
+            assert_eq!(body["code"], "session_closed");
+            assert_eq!(body["closedReason"], "done");
+            assert_eq!(body["ok"], false);
+            let (_, expired) = body_of(ApiError::refusal(attempted, Outcome::SessionExpired)).await;
+            assert_eq!(expired["code"], "session_closed");
+            assert_eq!(expired["closedReason"], "expired");
+        }
+        let (_, append) = body_of(ApiError::refusal(
+            Attempted::Append,
+            Outcome::SessionClosed {
+                closed_reason: None,
+            },
+        ))
+        .await;
+        // The reference's wording for appends.
+        assert_eq!(append["error"], "Cannot append to a closed session");
     }
 }

@@ -332,7 +332,11 @@ pub enum Outcome {
         end_seq: i64,
         timestamp_ms: i64,
     },
-    SessionClosed,
+    /// The session is closed; `closed_reason` is the reason it was closed with, if any.
+    SessionClosed {
+        #[serde(default)]
+        closed_reason: Option<String>,
+    },
     SessionExpired,
     SessionNotFound,
     /// Create: the session (new or existing) and its current run.
@@ -369,7 +373,7 @@ impl Outcome {
             Outcome::RecordsAppended { .. } => "applied",
             Outcome::Duplicate { .. } => "duplicate",
             Outcome::Conflict { .. } => "conflict",
-            Outcome::SessionClosed => "rejected_closed",
+            Outcome::SessionClosed { .. } => "rejected_closed",
             Outcome::SessionExpired => "rejected_expired",
             Outcome::SessionNotFound => "rejected_not_found",
             Outcome::SessionCreated { cached: false, .. } => "applied",

@@ -178,7 +178,7 @@ async fn end_and_continue_swaps_only_for_the_current_run_of_this_environment() {
         .find(|event| event["runId"] == json!(second_run))
         .expect("run.requested for the new run");
     assert_eq!(requested["reason"], json!("upgrade"));
-    // Closed → 400; bad bodies → 400.
+    // Closed → 409 `session_closed` (the same refusal as an append's); bad bodies → 400.
     send(
         &app,
         reqwest::Method::POST,
@@ -187,7 +187,7 @@ async fn end_and_continue_swaps_only_for_the_current_run_of_this_environment() {
         json!({}),
     )
     .await;
-    let (status, _) = send(
+    let (status, closed) = send(
         &app,
         reqwest::Method::POST,
         path,
@@ -195,7 +195,8 @@ async fn end_and_continue_swaps_only_for_the_current_run_of_this_environment() {
         json!({"callingRunId": second_run, "reason": "x"}),
     )
     .await;
-    assert_eq!(status, 400);
+    assert_eq!(status, 409);
+    assert_eq!(closed["code"], "session_closed");
     assert_eq!(
         send(
             &app,

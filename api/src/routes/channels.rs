@@ -20,7 +20,7 @@ use shared::domain::{ChannelName, Io, SessionAddress, Stream, validation};
 use super::body::{BodyLimits, read_whole_body};
 use crate::AppState;
 use crate::auth::Caller;
-use crate::error::ApiError;
+use crate::error::{ApiError, Attempted};
 use shared::domain::scopes::{Action, Target};
 
 /// Most records one `records` response carries; callers page with `afterEventId`.
@@ -178,9 +178,12 @@ async fn append_to(
     let accepted_at = Utc::now();
     match session_state(session.closed_at, session.expires_at, accepted_at) {
         SessionState::Closed => {
-            return Err(ApiError::closed_session(session.closed_reason.clone()));
+            return Err(ApiError::closed_session(
+                Attempted::Append,
+                session.closed_reason.clone(),
+            ));
         }
-        SessionState::Expired => return Err(ApiError::expired_session()),
+        SessionState::Expired => return Err(ApiError::expired_session(Attempted::Append)),
         SessionState::Open => {}
     }
     let command = Command::new(
@@ -223,23 +226,7 @@ async fn append_to(
         Outcome::Duplicate { seq_num } => Ok(Json(
             json!({ "ok": true, "seq": seq_num, "seqNum": seq_num, "duplicate": true }),
         )),
-        Outcome::Conflict { .. } => Err(ApiError::Conflict(
-            "X-Part-Id was already used with a different body; nothing was appended".into(),
-        )),
-        Outcome::SessionClosed => {
-            // The close was applied after this instance's cached view; the reason is in the row.
-            let closed_reason = state
-                .store
-                .find_session(caller.environment.id, &address)
-                .await?
-                .and_then(|session| session.closed_reason);
-            Err(ApiError::closed_session(closed_reason))
-        }
-        Outcome::SessionExpired => Err(ApiError::expired_session()),
-        Outcome::SessionNotFound => Err(ApiError::NotFound("Session not found")),
-        other => Err(ApiError::Internal(format!(
-            "unexpected append outcome {other:?}"
-        ))),
+        refused => Err(ApiError::refusal(Attempted::Append, refused)),
     }
 }
 

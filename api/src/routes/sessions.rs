@@ -23,7 +23,7 @@ use uuid::Uuid;
 use super::LimitedBody;
 use crate::AppState;
 use crate::auth::{Caller, Credential, SecretKeyCaller};
-use crate::error::ApiError;
+use crate::error::{ApiError, Attempted};
 use shared::domain::scopes::{Action, allows_session_create, allows_trigger};
 
 /// Lifetime of the token returned by create.
@@ -206,11 +206,7 @@ pub async fn create(
             run_friendly_id,
             cached,
         } => created_response(&state, &caller, &session, &run_friendly_id, cached).await,
-        Outcome::SessionClosed => Err(ApiError::Conflict("Session is closed".into())),
-        Outcome::SessionExpired => Err(ApiError::Conflict("expiresAt is in the past".into())),
-        other => Err(ApiError::Internal(format!(
-            "unexpected create outcome {other:?}"
-        ))),
+        refused => Err(ApiError::refusal(Attempted::Create, refused)),
     }
 }
 
@@ -259,10 +255,7 @@ pub async fn close(
     state.sessions.invalidate(&[changed]);
     match outcome? {
         Outcome::SessionClosedNow { session } => Ok(Json(session).into_response()),
-        Outcome::SessionNotFound => Err(ApiError::NotFound("Session not found")),
-        other => Err(ApiError::Internal(format!(
-            "unexpected close outcome {other:?}"
-        ))),
+        refused => Err(ApiError::refusal(Attempted::Close, refused)),
     }
 }
 
@@ -367,10 +360,7 @@ pub async fn patch(
     state.sessions.invalidate(&[changed]);
     match outcome? {
         Outcome::SessionUpdated { session } => Ok(Json(session).into_response()),
-        Outcome::SessionNotFound => Err(ApiError::NotFound("Session not found")),
-        other => Err(ApiError::Internal(format!(
-            "unexpected patch outcome {other:?}"
-        ))),
+        refused => Err(ApiError::refusal(Attempted::Update, refused)),
     }
 }
 
@@ -427,12 +417,7 @@ pub async fn end_and_continue(
             "pendingVersion": false,
         }))
         .into_response()),
-        Outcome::SessionClosed => Err(ApiError::BadRequest("Session is closed".into())),
-        Outcome::SessionExpired => Err(ApiError::BadRequest("Session has expired".into())),
-        Outcome::SessionNotFound => Err(ApiError::NotFound("Session not found")),
-        other => Err(ApiError::Internal(format!(
-            "unexpected end-and-continue outcome {other:?}"
-        ))),
+        refused => Err(ApiError::refusal(Attempted::EndAndContinue, refused)),
     }
 }
 

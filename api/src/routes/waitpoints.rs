@@ -21,7 +21,7 @@ use super::LimitedBody;
 use super::sessions::parse_json;
 use crate::AppState;
 use crate::auth::SecretKeyCaller;
-use crate::error::ApiError;
+use crate::error::{ApiError, Attempted};
 
 /// Lifetime of an idempotency key when the request names none.
 const DEFAULT_IDEMPOTENCY_TTL: TimeDelta = TimeDelta::days(30);
@@ -149,10 +149,7 @@ pub async fn wait(
         } => Ok(Json(
             json!({ "waitpointId": friendly_id, "isCached": cached }),
         )),
-        Outcome::SessionNotFound => Err(ApiError::NotFound("Session not found")),
-        other => Err(ApiError::Internal(format!(
-            "unexpected wait outcome {other:?}"
-        ))),
+        refused => Err(ApiError::refusal(Attempted::Wait, refused)),
     }
 }
 

@@ -38,7 +38,7 @@ use tokio::sync::mpsc;
 use super::body::{BodyLimits, BodyReadError, read_whole_body};
 use crate::AppState;
 use crate::auth::{Caller, WriterAuthError, WriterCaller, authenticate_writer, cached_session};
-use crate::error::ApiError;
+use crate::error::{ApiError, Attempted};
 use crate::s2_wire::{
     self, AppendInput, FrameDecoder, JsonAppendInput, WireError, ack, ack_frame, ack_json,
 };
@@ -172,6 +172,7 @@ fn wire_error(error: ApiError) -> WireError {
         ApiError::SessionClosed { .. } => {
             WireError::new(409, "session_closed", "the session is closed")
         }
+        ApiError::NotFound(_) => WireError::new(404, "stream_not_found", "the session is gone"),
         other => {
             tracing::error!(error = %other, "writer request failed");
             WireError::new(500, "internal", "internal error")
@@ -324,19 +325,7 @@ async fn submit_batch(
                 crate::signals::writer_batch_acknowledged(end_seq - start_seq);
                 Ok(ack(start_seq, end_seq, timestamp_ms))
             }
-            Outcome::SessionClosed | Outcome::SessionExpired => Err(WireError::new(
-                409,
-                "session_closed",
-                "the session is closed",
-            )),
-            Outcome::SessionNotFound => Err(WireError::new(
-                404,
-                "stream_not_found",
-                "the session is gone",
-            )),
-            other => Err(wire_error(ApiError::Internal(format!(
-                "unexpected writer outcome {other:?}"
-            )))),
+            refused => Err(wire_error(ApiError::refusal(Attempted::Append, refused))),
         }
     })
 }

@@ -173,7 +173,9 @@ impl Planner {
             session_state(session.closed_at, session.expires_at, command.accepted_at)
         };
         match state {
-            SessionState::Closed => Err(Outcome::SessionClosed),
+            SessionState::Closed => Err(Outcome::SessionClosed {
+                closed_reason: session.closed_reason.clone(),
+            }),
             SessionState::Expired => Err(Outcome::SessionExpired),
             SessionState::Open => Ok(session),
         }
@@ -504,7 +506,9 @@ impl Planner {
                 return Outcome::SessionNotFound;
             }
             if existing.closed_at.is_some() {
-                return Outcome::SessionClosed;
+                return Outcome::SessionClosed {
+                    closed_reason: existing.closed_reason.clone(),
+                };
             }
             // The cached path refreshes the trigger config and nothing else (as the reference
             // server does): later runs use the caller's newest config.

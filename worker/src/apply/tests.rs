@@ -222,8 +222,14 @@ fn redelivered_and_repeated_commands_apply_once() {
 fn closed_expired_and_missing_sessions_reject_appends() {
     let mut closed = session_row();
     closed.closed_at = Some(now());
+    closed.closed_reason = Some("done".into());
     let (writes, outcomes) = plan_batch(&[append(10, Io::In, None, "a")], state_with(Some(closed)));
-    assert_eq!(outcomes, vec![Outcome::SessionClosed]);
+    assert_eq!(
+        outcomes,
+        vec![Outcome::SessionClosed {
+            closed_reason: Some("done".into())
+        }]
+    );
     assert!(writes.records.is_empty());
 
     let mut expired = session_row();
@@ -324,7 +330,12 @@ fn close_is_idempotent_and_blocks_later_appends() {
         panic!("expected a close outcome, got {:?}", outcomes[1]);
     };
     assert_eq!(session.closed_reason.as_deref(), Some("done"));
-    assert_eq!(outcomes[2], Outcome::SessionClosed);
+    assert_eq!(
+        outcomes[2],
+        Outcome::SessionClosed {
+            closed_reason: Some("done".into())
+        }
+    );
     assert_eq!(outcomes[3], outcomes[1]);
     // "before", then the one close message (the second close changes nothing).
     assert_eq!(writes.records.len(), 2);
@@ -546,6 +557,6 @@ fn appends_answered_before_the_api_could_know_of_a_close_are_written() {
     let mut state = state_with(Some(closed));
     state.close_grace = TimeDelta::seconds(1);
     let (writes, outcomes) = plan_batch(&[accepted(1_000)], state);
-    assert_eq!(outcomes, vec![Outcome::SessionClosed]);
+    assert!(matches!(outcomes[..], [Outcome::SessionClosed { .. }]));
     assert!(writes.records.is_empty());
 }
