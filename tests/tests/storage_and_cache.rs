@@ -19,7 +19,33 @@ async fn concurrent_starts_migrate_once_and_all_succeed() {
             .expect("task")
             .expect("every concurrent start succeeds");
     }
+    // Each migration is recorded once, and the same ones as a lone start records.
+    let alone = format!("{}/sessions_{name}_alone", tests::POSTGRES_SERVER);
+    Store::connect(&alone, 2).await.expect("a lone start");
+    let concurrent_migrations = applied_migrations(&url).await;
+    assert_eq!(concurrent_migrations, applied_migrations(&alone).await);
+    assert!(
+        concurrent_migrations.len() >= 8,
+        "{concurrent_migrations:?}"
+    );
     tests::drop_database(&url).await;
+    tests::drop_database(&alone).await;
+}
+
+/// The versions recorded in `seaql_migrations`, as many times as each is recorded.
+async fn applied_migrations(url: &str) -> Vec<String> {
+    use sea_orm::ConnectionTrait;
+    let db = sea_orm::Database::connect(url).await.expect("connect");
+    let rows = db
+        .query_all_raw(sea_orm::Statement::from_string(
+            sea_orm::DbBackend::Postgres,
+            "SELECT version FROM seaql_migrations ORDER BY version",
+        ))
+        .await
+        .expect("seaql_migrations");
+    rows.iter()
+        .map(|row| row.try_get::<String>("", "version").expect("version"))
+        .collect()
 }
 
 #[tokio::test]
