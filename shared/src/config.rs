@@ -169,10 +169,6 @@ pub struct Settings {
     pub master_key: [u8; 32],
     /// Whether [`Settings::master_key`] is the built-in development key.
     pub master_key_is_default: bool,
-    /// `SESSIONS_TEST_FAILPOINT`: test-only fault injection (`abort_after_commit` makes the worker
-    /// abort right after a batch that appended records commits, before events, replies and acks). Never set it in
-    /// production.
-    pub test_failpoint: Option<String>,
     /// `SESSIONS_RATE_LIMIT_PER_SECOND`: authenticated requests per second per environment
     /// (per api instance); `0` disables rate limiting.
     pub rate_limit_per_second: u32,
@@ -240,7 +236,6 @@ impl std::fmt::Debug for Settings {
             public_url,
             master_key: _,
             master_key_is_default,
-            test_failpoint,
             rate_limit_per_second,
             rate_limit_burst,
         } = self;
@@ -298,7 +293,6 @@ impl std::fmt::Debug for Settings {
             .field("public_url", public_url)
             .field("master_key", &"[redacted]")
             .field("master_key_is_default", master_key_is_default)
-            .field("test_failpoint", test_failpoint)
             .field("rate_limit_per_second", rate_limit_per_second)
             .field("rate_limit_burst", rate_limit_burst)
             .finish()
@@ -898,7 +892,6 @@ impl Settings {
                 Some(text) => parse_master_key(&text)?,
             },
             master_key_is_default: get("SESSIONS_MASTER_KEY").is_none(),
-            test_failpoint: get("SESSIONS_TEST_FAILPOINT"),
             public_url: get("SESSIONS_PUBLIC_URL")
                 .map(|url| url_with_scheme("SESSIONS_PUBLIC_URL", url, &["http://", "https://"]))
                 .transpose()?,

@@ -188,9 +188,6 @@ pub fn settings_env(settings: &Settings) -> Vec<(&'static str, String)> {
     if settings.drain_legacy_queues {
         env.push(("SESSIONS_DRAIN_LEGACY_QUEUES", "1".into()));
     }
-    if let Some(failpoint) = &settings.test_failpoint {
-        env.push(("SESSIONS_TEST_FAILPOINT", failpoint.clone()));
-    }
     env
 }
 
@@ -443,17 +440,30 @@ impl ChildApi {
     }
 }
 
-/// A worker running as a child process (so that tests can `kill -9` it).
+/// The failpoint that makes a worker abort right after committing a batch that appended
+/// records (before its events, replies and acknowledgements): pass it to
+/// [`ChildWorker::spawn_with`]. The worker binary has it only when built with its
+/// `test-failpoints` feature, which this harness's dependency turns on.
+pub const ABORT_AFTER_COMMIT: (&str, &str) = ("SESSIONS_TEST_FAILPOINT", "abort_after_commit");
+
+/// A worker running as a child process (so that tests can `kill -9` it, pause it, or watch it
+/// exit).
 pub struct ChildWorker {
     child: tokio::process::Child,
 }
 
 impl ChildWorker {
     pub fn spawn(settings: &Settings) -> Self {
+        Self::spawn_with(settings, &[])
+    }
+
+    /// Same, with extra or replaced environment variables (e.g. [`ABORT_AFTER_COMMIT`]).
+    pub fn spawn_with(settings: &Settings, extra: &[(&str, &str)]) -> Self {
         let binary = workspace_binary("sessions-worker");
         let mut command = tokio::process::Command::new(binary);
         command
             .envs(settings_env(settings))
+            .envs(extra.iter().copied())
             .env(
                 "RUST_LOG",
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
@@ -467,18 +477,31 @@ impl ChildWorker {
         }
     }
 
-    /// SIGKILL: no chance to finish, ack or clean up.
+    /// SIGKILL: no chance to finish, ack or clean up (a paused worker is killed too).
     pub async fn kill_9(mut self) {
+        self.signal("CONT");
         let _ = self.child.kill().await;
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, …) with kill(1).
+    pub fn signal(&self, name: &str) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args([format!("-{name}"), pid.to_string()])
+                .status();
+        }
+    }
+
+    /// Whether the process exited within `timeout`.
+    pub async fn exited_within(&mut self, timeout: Duration) -> bool {
+        tokio::time::timeout(timeout, self.child.wait())
+            .await
+            .is_ok_and(|status| status.is_ok())
     }
 
     /// SIGTERM, then waits for the exit status (graceful shutdown).
     pub async fn terminate(mut self) -> std::process::ExitStatus {
-        if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-        }
+        self.signal("TERM");
         self.child.wait().await.expect("worker exit status")
     }
 }

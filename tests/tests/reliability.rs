@@ -39,54 +39,6 @@ use tokio::task::JoinSet;
 
 // --------------------------------------------------------------------- processes and services
 
-/// A worker child process with extra environment variables (the harness's [`ChildWorker`] only
-/// passes what [`tests::settings_env`] knows), which can be paused and whose exit can be
-/// awaited.
-struct WorkerProcess {
-    child: tokio::process::Child,
-}
-
-impl WorkerProcess {
-    fn spawn(settings: &Settings, extra: &[(&str, &str)]) -> Self {
-        let mut command = tokio::process::Command::new(tests::workspace_binary("sessions-worker"));
-        command
-            .envs(tests::settings_env(settings))
-            .envs(extra.iter().copied())
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::inherit())
-            .kill_on_drop(true);
-        Self {
-            child: command.spawn().expect("worker process starts"),
-        }
-    }
-
-    /// Sends a signal (`STOP`, `CONT`, …) with kill(1).
-    fn signal(&self, name: &str) {
-        if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill")
-                .args([format!("-{name}"), pid.to_string()])
-                .status();
-        }
-    }
-
-    async fn kill_9(mut self) {
-        self.signal("CONT");
-        let _ = self.child.kill().await;
-    }
-
-    /// Whether the process exited within `timeout`.
-    async fn exited_within(&mut self, timeout: Duration) -> bool {
-        tokio::time::timeout(timeout, self.child.wait())
-            .await
-            .is_ok_and(|status| status.is_ok())
-    }
-}
-
 use tests::free_port;
 
 /// A private `redis-server` without persistence: killing it loses every key.
@@ -875,7 +827,7 @@ async fn worker_counters(client: &reqwest::Client, port: u16) -> String {
 }
 
 /// Claim expiry. Two workers with a 300 ms claim TTL (`SESSIONS_CLAIM_TTL_MS`, which the
-/// harness's `settings_env` does not pass, hence [`WorkerProcess`]) and a 2 s AMQP heartbeat;
+/// harness's `settings_env` does not pass, hence [`ChildWorker::spawn_with`]) and a 2 s AMQP heartbeat;
 /// producers re-send every second append (client retries, same part id). Mid-load worker 0 is
 /// paused with SIGSTOP for 6 s (soak: each worker in turn, 4 pauses): its claims expire, the
 /// broker declares it dead after missed heartbeats and hands its unacknowledged message and its
@@ -903,9 +855,9 @@ async fn claim_expiry_of_a_paused_holder() {
         })
         .collect();
     let extra = [("SESSIONS_CLAIM_TTL_MS", "300")];
-    let workers: Vec<WorkerProcess> = settings
+    let workers: Vec<ChildWorker> = settings
         .iter()
-        .map(|settings| WorkerProcess::spawn(settings, &extra))
+        .map(|settings| ChildWorker::spawn_with(settings, &extra))
         .collect();
     let plan = Plan::new(sized(40, 200))
         .waitpoints_every(8)
@@ -982,8 +934,7 @@ async fn waitpoints_across_two_environments_sharing_external_ids() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_between_persist_and_drain() {
     let app = TestApp::spawn_with(without_worker()).await;
-    let mut crashing = app.settings.clone();
-    crashing.test_failpoint = Some("abort_after_commit".into());
+    let settings = app.settings.clone();
     let plan = Plan::new(sized(60, 200));
     // Sessions and waitpoints are created with a healthy worker (both wait for its reply).
     let setup = ChildWorker::spawn(&app.settings);
@@ -1027,7 +978,7 @@ async fn crash_between_persist_and_drain() {
     let (mut records_by_aborted, mut completions_by_aborted) = (0, 0);
     for _ in 0..crashes {
         let before = records_and_completions(&db).await;
-        let mut worker = WorkerProcess::spawn(&crashing, &[]);
+        let mut worker = ChildWorker::spawn_with(&settings, &[tests::ABORT_AFTER_COMMIT]);
         let exited = worker.exited_within(Duration::from_secs(10)).await;
         let after = records_and_completions(&db).await;
         records_by_aborted += after.0 - before.0;

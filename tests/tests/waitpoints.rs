@@ -359,9 +359,7 @@ async fn a_worker_killed_between_persist_and_everything_after_still_completes_ex
         .await;
     healthy.kill_9().await;
     // A worker that dies right after committing the append's batch.
-    let mut crashing_settings = app.settings.clone();
-    crashing_settings.test_failpoint = Some("abort_after_commit".into());
-    let _crashing = ChildWorker::spawn(&crashing_settings);
+    let _crashing = ChildWorker::spawn_with(&app.settings, &[tests::ABORT_AFTER_COMMIT]);
     assert_eq!(
         app.append("crash", "in", "survives", Some("c1"))
             .await

@@ -679,12 +679,11 @@ async fn apply_messages(
     let appended_records = outcomes
         .iter()
         .any(|outcome| matches!(outcome, Outcome::Appended { .. }));
-    if appended_records && context.settings.test_failpoint.as_deref() == Some("abort_after_commit")
-    {
+    #[cfg(feature = "test-failpoints")]
+    if appended_records {
         // Test-only: die between persisting records and everything that follows (events,
         // replies, acknowledgements).
-        tracing::error!("SESSIONS_TEST_FAILPOINT=abort_after_commit: aborting");
-        std::process::abort();
+        crate::failpoint::abort_after_commit();
     }
 
     let completed = outbox

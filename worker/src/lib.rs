@@ -8,6 +8,7 @@
 //! - [`signals`]: every instrumentation point (log line and metric together).
 //! - [`timeouts`]: the waitpoint timer.
 //! - [`health`]: the worker's `/healthz`, `/readyz` and `/metrics` listener.
+//! - `failpoint`: test-only fault injection, present only with the `test-failpoints` feature.
 //!
 //! [`Worker::build`] connects (and migrates) the database; the broker and Redis connect lazily
 //! and reconnect on their own. [`Worker::run_until_stopped`] runs until the shutdown signal and
@@ -15,6 +16,8 @@
 
 pub mod apply;
 pub mod consumer;
+#[cfg(feature = "test-failpoints")]
+pub mod failpoint;
 pub mod health;
 pub mod outcome;
 pub mod ownership;
