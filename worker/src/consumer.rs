@@ -676,11 +676,11 @@ async fn apply_messages(
         Err(error) => return Err(ApplyFailure::Permanent(error.to_string())),
     };
     signals::batch_committed(commands, started.elapsed());
-    let appended_records = outcomes
-        .iter()
-        .any(|outcome| matches!(outcome, Outcome::Appended { .. }));
     #[cfg(feature = "test-failpoints")]
-    if appended_records {
+    if outcomes
+        .iter()
+        .any(|outcome| matches!(outcome, Outcome::Appended { .. }))
+    {
         // Test-only: die between persisting records and everything that follows (events,
         // replies, acknowledgements).
         crate::failpoint::abort_after_commit();
