@@ -329,7 +329,7 @@ for name, service in services.items():
         if not (context / build.get("dockerfile", "Dockerfile")).is_file():
             error(f"{compose_path}: {name}: no {build.get('dockerfile')} in {context}")
 prometheus_config = pathlib.Path("deploy/prometheus/prometheus.yml").read_text()
-for target in ('"127.0.0.1:3030"', '"127.0.0.1:3031"'):
+for target in ('"127.0.0.1:3032"', '"127.0.0.1:3031"'):
     if target not in prometheus_config:
         error(f"deploy/prometheus/prometheus.yml no longer has the target {target} that "
               "compose.yaml and tests/tests/prometheus_scrape.rs rewrite")

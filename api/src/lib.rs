@@ -63,6 +63,8 @@ pub struct AppState {
 pub enum StartError {
     #[error("cannot bind SESSIONS_HTTP_ADDR: {0}")]
     Bind(std::io::Error),
+    #[error("cannot bind SESSIONS_METRICS_ADDR: {0}")]
+    BindMetrics(std::io::Error),
     #[error(transparent)]
     Storage(#[from] shared::storage::StorageError),
 }
@@ -82,6 +84,8 @@ async fn keep_connected(link: std::sync::Weak<BrokerLink>) {
 #[derive(Debug)]
 pub struct Application {
     listener: TcpListener,
+    /// `SESSIONS_METRICS_ADDR`'s listener, when `/metrics` is served apart.
+    metrics_listener: Option<TcpListener>,
     state: AppState,
 }
 
@@ -100,6 +104,14 @@ impl Application {
         let listener = TcpListener::bind(settings.http_addr)
             .await
             .map_err(StartError::Bind)?;
+        let metrics_listener = match settings.metrics_addr {
+            Some(address) => Some(
+                TcpListener::bind(address)
+                    .await
+                    .map_err(StartError::BindMetrics)?,
+            ),
+            None => None,
+        };
         let store = Store::connect(&settings.database_url, settings.db_max_connections).await?;
         let instance = uuid::Uuid::now_v7().simple().to_string();
         let config = BrokerConfig::from_settings(&settings, format!("api-{instance}"), in_process)
@@ -130,6 +142,7 @@ impl Application {
         let live_streams = Arc::new(rate_limit::LiveStreamSlots::from_settings(&settings));
         Ok(Self {
             listener,
+            metrics_listener,
             state: AppState {
                 settings: Arc::new(settings),
                 store,
@@ -151,6 +164,13 @@ impl Application {
             .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 0)))
     }
 
+    /// The bound address of the `/metrics` listener, when `SESSIONS_METRICS_ADDR` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener
+            .as_ref()
+            .and_then(|listener| listener.local_addr().ok())
+    }
+
     pub fn state(&self) -> &AppState {
         &self.state
     }
@@ -166,6 +186,19 @@ impl Application {
         let limits = serve::ConnectionLimits::from_settings(&self.state.settings);
         let router = routes::router(self.state);
         tracing::info!(addr = %self.listener.local_addr()?, "api listening");
+        let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+        let metrics = self.metrics_listener.map(|listener| {
+            tokio::spawn(async move {
+                let served = axum::serve(listener, routes::metrics_router())
+                    .with_graceful_shutdown(async move {
+                        let _ = metrics_stopped.await;
+                    })
+                    .await;
+                if let Err(error) = served {
+                    tracing::error!(%error, "the metrics listener failed");
+                }
+            })
+        });
         let (draining, drain_started) = tokio::sync::oneshot::channel::<()>();
         let signal = async move {
             shutdown.await;
@@ -185,6 +218,10 @@ impl Application {
             () = grace => {
                 tracing::warn!(grace = ?SHUTDOWN_GRACE, "in-flight requests did not finish in time; stopping anyway");
             }
+        }
+        let _ = stop_metrics.send(());
+        if let Some(metrics) = metrics {
+            let _ = metrics.await;
         }
         link.link().close().await;
         Ok(())

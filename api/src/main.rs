@@ -125,6 +125,9 @@ async fn serve(settings: Settings) -> ExitCode {
         "sessions-api listening on http://{}",
         application.local_addr()
     );
+    if let Some(metrics) = application.metrics_addr() {
+        eprintln!("sessions-api metrics on http://{metrics}/metrics");
+    }
     match application.run_until_stopped(shutdown_signal()).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

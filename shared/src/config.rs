@@ -39,6 +39,9 @@ pub struct Settings {
     pub redis_url: String,
     /// `SESSIONS_HTTP_ADDR`: where the api listens.
     pub http_addr: SocketAddr,
+    /// `SESSIONS_METRICS_ADDR`: where the api serves `/metrics` (and `/healthz`) on a listener
+    /// of its own, and not on `SESSIONS_HTTP_ADDR`; unset: `/metrics` is on the api listener.
+    pub metrics_addr: Option<SocketAddr>,
     /// `SESSIONS_WORKER_HTTP_ADDR`: where `sessions-worker` serves `/healthz`, `/readyz` and
     /// `/metrics`.
     pub worker_http_addr: SocketAddr,
@@ -191,6 +194,7 @@ impl std::fmt::Debug for Settings {
             log_segment_bytes,
             redis_url,
             http_addr,
+            metrics_addr,
             worker_http_addr,
             partitions,
             broker_prefix,
@@ -248,6 +252,7 @@ impl std::fmt::Debug for Settings {
             .field("log_segment_bytes", log_segment_bytes)
             .field("redis_url", &without_credentials(redis_url))
             .field("http_addr", http_addr)
+            .field("metrics_addr", metrics_addr)
             .field("worker_http_addr", worker_http_addr)
             .field("partitions", partitions)
             .field("broker_prefix", broker_prefix)
@@ -584,6 +589,15 @@ impl Settings {
                 get("SESSIONS_HTTP_ADDR"),
                 SocketAddr::from(([127, 0, 0, 1], 3030)),
             )?,
+            metrics_addr: get("SESSIONS_METRICS_ADDR")
+                .map(|raw| {
+                    parse(
+                        "SESSIONS_METRICS_ADDR",
+                        Some(raw),
+                        SocketAddr::from(([0; 4], 0)),
+                    )
+                })
+                .transpose()?,
             worker_http_addr: parse(
                 "SESSIONS_WORKER_HTTP_ADDR",
                 get("SESSIONS_WORKER_HTTP_ADDR"),
@@ -962,6 +976,7 @@ mod tests {
     fn defaults_are_loopback() {
         let settings = settings(&[]).expect("defaults");
         assert_eq!(settings.http_addr.to_string(), "127.0.0.1:3030");
+        assert_eq!(settings.metrics_addr, None);
         assert!(settings.database_url.contains("127.0.0.1"));
         assert_eq!(settings.partitions, 64);
         assert_eq!(settings.max_append_bytes, 1 << 20);
@@ -997,6 +1012,8 @@ mod tests {
         assert_eq!(error.variable, "SESSIONS_WORKER_PREFETCH");
         let error = settings(&[("SESSIONS_HTTP_ADDR", "nowhere")]).expect_err("bad");
         assert_eq!(error.variable, "SESSIONS_HTTP_ADDR");
+        let error = settings(&[("SESSIONS_METRICS_ADDR", "3032")]).expect_err("bad");
+        assert_eq!(error.variable, "SESSIONS_METRICS_ADDR");
         let error = settings(&[("SESSIONS_MASTER_KEY", "abcd")]).expect_err("bad");
         assert_eq!(error.variable, "SESSIONS_MASTER_KEY");
         let error = settings(&[("WORKER_COUNT", "3"), ("WORKER_INDEX", "3")]).expect_err("bad");

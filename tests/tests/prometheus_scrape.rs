@@ -73,7 +73,7 @@ impl Prometheus {
         std::fs::create_dir_all(&directory).expect("prometheus directory");
         let config =
             std::fs::read_to_string(shipped.join("prometheus.yml")).expect("prometheus.yml");
-        let config = rewrite(&config, "\"127.0.0.1:3030\"", &format!("\"{api}\""));
+        let config = rewrite(&config, "\"127.0.0.1:3032\"", &format!("\"{api}\""));
         let config = rewrite(&config, "\"127.0.0.1:3031\"", &format!("\"{worker}\""));
         let config = rewrite(&config, "scrape_interval: 15s", "scrape_interval: 1s");
         std::fs::write(directory.join("prometheus.yml"), config).expect("write config");
@@ -188,11 +188,25 @@ fn single_value(result: &[(Value, f64)]) -> Option<f64> {
 #[tokio::test]
 async fn prometheus_with_the_shipped_config_scrapes_the_api_and_the_worker() {
     Prometheus::require_installed();
+    // The api serves /metrics on a listener of its own, as the shipped configuration expects.
+    let api_metrics_address = format!("127.0.0.1:{}", free_port());
     let app = TestApp::spawn_with(tests::SpawnOptions {
         without_worker: true,
+        overrides: &[("SESSIONS_METRICS_ADDR", &api_metrics_address)],
         ..tests::SpawnOptions::default()
     })
     .await;
+    let public_metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("public listener");
+    assert_eq!(
+        public_metrics.status(),
+        404,
+        "with SESSIONS_METRICS_ADDR, /metrics is not on the api listener"
+    );
     let worker_address = format!("127.0.0.1:{}", free_port());
     let mut settings = app.settings.clone();
     settings.worker_http_addr = worker_address.parse().expect("address");
@@ -203,7 +217,7 @@ async fn prometheus_with_the_shipped_config_scrapes_the_api_and_the_worker() {
     // tests, when several share the process) is the baseline.
     let metrics_before = app
         .client
-        .get(app.url("/metrics"))
+        .get(format!("http://{api_metrics_address}/metrics"))
         .send()
         .await
         .expect("metrics")
@@ -224,8 +238,7 @@ async fn prometheus_with_the_shipped_config_scrapes_the_api_and_the_worker() {
         .await;
     assert_eq!(records.len() as u64, APPENDS);
 
-    let api_address = app.address.trim_start_matches("http://").to_owned();
-    let mut prometheus = Prometheus::start(&app.name, &api_address, &worker_address);
+    let mut prometheus = Prometheus::start(&app.name, &api_metrics_address, &worker_address);
     let client = &app.client;
 
     // Both jobs of the shipped configuration are up.

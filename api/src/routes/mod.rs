@@ -106,7 +106,12 @@ pub fn router(state: AppState) -> Router {
         timeout: state.settings.discard_timeout,
     };
     let mut router = Router::new();
+    let metrics_apart = state.settings.metrics_addr.is_some();
     for (path, methods) in route_table() {
+        if path == "/metrics" && metrics_apart {
+            // Served by `metrics_router` on SESSIONS_METRICS_ADDR instead.
+            continue;
+        }
         router = router.route(path, methods);
     }
     crate::signals::register_panic_counter();
@@ -124,6 +129,14 @@ pub fn router(state: AppState) -> Router {
         ))
         .layer(cors())
         .with_state(state)
+}
+
+/// The listener of `SESSIONS_METRICS_ADDR`: `/metrics` and `/healthz`, nothing a client of the
+/// api could reach (keep this port off the public network).
+pub fn metrics_router() -> Router {
+    Router::new()
+        .route("/metrics", get(health::metrics))
+        .route("/healthz", get(health::healthz))
 }
 
 async fn openapi() -> impl axum::response::IntoResponse {
