@@ -7,7 +7,6 @@
 //! made on first start, which encrypts the stored copy of the development key so that a restart
 //! can print the same key again).
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -16,8 +15,8 @@ use shared::broker::InProcessBroker;
 use shared::cache::Cache;
 use shared::config::Settings;
 use shared::domain::tokens::decrypt_secret;
+use shared::shutdown::CancellationToken;
 use shared::storage::Store;
-use tokio::sync::watch;
 
 use crate::{Application, StartError};
 
@@ -151,16 +150,13 @@ impl Embedded {
         &self.environment_id
     }
 
-    /// Serves until `shutdown` resolves; then the api stops accepting and the worker finishes
-    /// its batch.
-    pub async fn run_until_stopped(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
-        let (stop_worker, worker_stopped) = watch::channel(false);
-        let worker = tokio::spawn(self.worker.run_until_stopped(worker_stopped));
+    /// Serves until `shutdown` is cancelled; then the api stops accepting and finishes its
+    /// requests (which may wait for the worker), and only then the worker finishes its batch.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> std::io::Result<()> {
+        let stop_worker = CancellationToken::new();
+        let worker = tokio::spawn(self.worker.run_until_stopped(stop_worker.clone()));
         let served = self.application.run_until_stopped(shutdown).await;
-        let _ = stop_worker.send(true);
+        stop_worker.cancel();
         let _ = worker.await;
         served
     }

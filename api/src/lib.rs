@@ -27,12 +27,12 @@ pub mod serve;
 pub mod session_cache;
 pub mod signals;
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use shared::broker::{BrokerConfig, BrokerLink, InProcessBroker};
 use shared::config::Settings;
+use shared::shutdown::CancellationToken;
 use shared::storage::Store;
 use tokio::net::TcpListener;
 
@@ -177,22 +177,19 @@ impl Application {
 
     /// Serves until `shutdown` resolves, then stops accepting, ends live (SSE) streams and lets
     /// in-flight requests finish for at most [`SHUTDOWN_GRACE`].
-    pub async fn run_until_stopped(
-        self,
-        shutdown: impl Future<Output = ()> + Send + 'static,
-    ) -> std::io::Result<()> {
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> std::io::Result<()> {
         let link = self.state.publisher.clone();
         let hub = self.state.hub.clone();
         let limits = serve::ConnectionLimits::from_settings(&self.state.settings);
         let router = routes::router(self.state);
         tracing::info!(addr = %self.listener.local_addr()?, "api listening");
-        let (stop_metrics, metrics_stopped) = tokio::sync::oneshot::channel::<()>();
+        // The metrics listener answers until the api has stopped serving.
+        let stop_metrics = CancellationToken::new();
         let metrics = self.metrics_listener.map(|listener| {
+            let stopped = stop_metrics.clone().cancelled_owned();
             tokio::spawn(async move {
                 let served = axum::serve(listener, routes::metrics_router())
-                    .with_graceful_shutdown(async move {
-                        let _ = metrics_stopped.await;
-                    })
+                    .with_graceful_shutdown(stopped)
                     .await;
                 if let Err(error) = served {
                     tracing::error!(%error, "the metrics listener failed");
@@ -201,7 +198,7 @@ impl Application {
         });
         let (draining, drain_started) = tokio::sync::oneshot::channel::<()>();
         let signal = async move {
-            shutdown.await;
+            shutdown.cancelled().await;
             hub.stop_readers();
             let _ = draining.send(());
         };
@@ -219,7 +216,7 @@ impl Application {
                 tracing::warn!(grace = ?SHUTDOWN_GRACE, "in-flight requests did not finish in time; stopping anyway");
             }
         }
-        let _ = stop_metrics.send(());
+        stop_metrics.cancel();
         if let Some(metrics) = metrics {
             let _ = metrics.await;
         }

@@ -98,7 +98,8 @@ async fn serve_embedded(settings: Settings) -> ExitCode {
     );
     println!("environment: {}", embedded.environment_id());
     println!("secret key:  {}", embedded.secret_key());
-    match embedded.run_until_stopped(shutdown_signal()).await {
+    let shutdown = shared::shutdown::token_cancelled_on_signal("finishing in-flight requests");
+    match embedded.run_until_stopped(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("sessions-api: server error: {error}");
@@ -128,7 +129,8 @@ async fn serve(settings: Settings) -> ExitCode {
     if let Some(metrics) = application.metrics_addr() {
         eprintln!("sessions-api metrics on http://{metrics}/metrics");
     }
-    match application.run_until_stopped(shutdown_signal()).await {
+    let shutdown = shared::shutdown::token_cancelled_on_signal("finishing in-flight requests");
+    match application.run_until_stopped(shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("sessions-api: server error: {error}");
@@ -301,21 +303,4 @@ async fn manage_keys(
         }
     }
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    let mut terminate =
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(_) => {
-                let _ = interrupt.await;
-                return;
-            }
-        };
-    tokio::select! {
-        _ = interrupt => {}
-        _ = terminate.recv() => {}
-    }
-    tracing::info!("shutdown requested; finishing in-flight requests");
 }

@@ -15,5 +15,6 @@ pub mod cache;
 pub mod commands;
 pub mod config;
 pub mod domain;
+pub mod shutdown;
 pub mod storage;
 pub mod telemetry;

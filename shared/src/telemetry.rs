@@ -1,7 +1,9 @@
-//! Logging and metrics set-up shared by both binaries.
+//! Logging, metrics and the operational HTTP probes shared by both binaries.
 //!
 //! Logs go to stderr through `tracing` (filter with `RUST_LOG`). Metrics use the `metrics`
-//! facade with a Prometheus recorder; each process renders it at `GET /metrics`.
+//! facade with a Prometheus recorder; each process renders it at `GET /metrics`. The probe
+//! handlers ([`healthz`], [`metrics`], [`readiness`]) are the same in the api and the worker;
+//! each process only says which dependencies its readiness checks.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -87,25 +89,39 @@ fn record_process_metrics() {
     }
 }
 
-/// The readiness answer of a process from its dependency checks (`name`, reachable): HTTP status
-/// and body. 503 names every unreachable dependency.
-pub fn readiness(checks: &[(&'static str, bool)]) -> (u16, serde_json::Value) {
+/// `GET /readyz`: the answer of a process from its dependency checks (`name`, reachable): 200
+/// `{"status": "ready"}`, or 503 naming every unreachable dependency.
+pub fn readiness(
+    checks: &[(&'static str, bool)],
+) -> (axum::http::StatusCode, axum::Json<serde_json::Value>) {
     let failing: Vec<&str> = checks
         .iter()
         .filter(|(_, reachable)| !reachable)
         .map(|(name, _)| *name)
         .collect();
     if failing.is_empty() {
-        (200, serde_json::json!({ "status": "ready" }))
+        (
+            axum::http::StatusCode::OK,
+            axum::Json(serde_json::json!({ "status": "ready" })),
+        )
     } else {
         (
-            503,
-            serde_json::json!({ "status": "unavailable", "failing": failing }),
+            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(serde_json::json!({ "status": "unavailable", "failing": failing })),
         )
     }
 }
 
-/// The Prometheus text of this process (`None` if another recorder was installed first).
-pub fn render_metrics() -> Option<String> {
-    prometheus().map(|handle| handle.render())
+/// `GET /healthz`: the process is up.
+pub async fn healthz() -> axum::Json<serde_json::Value> {
+    axum::Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// `GET /metrics`: the Prometheus text of this process (503 if another recorder was installed
+/// first).
+pub async fn metrics() -> (axum::http::StatusCode, String) {
+    match prometheus() {
+        Some(handle) => (axum::http::StatusCode::OK, handle.render()),
+        None => (axum::http::StatusCode::SERVICE_UNAVAILABLE, String::new()),
+    }
 }

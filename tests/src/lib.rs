@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 use rand::Rng;
 use serde_json::{Value, json};
 use shared::config::Settings;
+use shared::shutdown::CancellationToken;
 use shared::storage::Store;
-use tokio::sync::{oneshot, watch};
 
 pub const POSTGRES_SERVER: &str = "postgres://postgres@127.0.0.1:5432";
 pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=5";
@@ -326,7 +326,7 @@ pub async fn drop_database(database_url: &str) {
 
 /// An in-process worker.
 pub struct InProcessWorker {
-    stop: watch::Sender<bool>,
+    stop: CancellationToken,
     handle: tokio::task::JoinHandle<()>,
 }
 
@@ -335,13 +335,13 @@ impl InProcessWorker {
         let worker = worker::Worker::build(settings)
             .await
             .expect("worker builds");
-        let (stop, stopped) = watch::channel(false);
-        let handle = tokio::spawn(worker.run_until_stopped(stopped));
+        let stop = CancellationToken::new();
+        let handle = tokio::spawn(worker.run_until_stopped(stop.clone()));
         Self { stop, handle }
     }
 
     pub async fn stop(self) {
-        let _ = self.stop.send(true);
+        self.stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(20), self.handle).await;
     }
 }
@@ -524,7 +524,7 @@ pub struct TestApp {
     pub secret_key: String,
     pub environment_id: String,
     pub store: Store,
-    api_stop: Option<oneshot::Sender<()>>,
+    api_stop: CancellationToken,
     api_handle: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
     pub worker: Option<InProcessWorker>,
     /// The data directory of an embedded server (`None`: the production path).
@@ -580,10 +580,8 @@ impl TestApp {
             .create_environment("test-project", "dev", &settings.master_key)
             .await
             .expect("environment");
-        let (api_stop, stopped) = oneshot::channel::<()>();
-        let api_handle = tokio::spawn(application.run_until_stopped(async move {
-            let _ = stopped.await;
-        }));
+        let api_stop = CancellationToken::new();
+        let api_handle = tokio::spawn(application.run_until_stopped(api_stop.clone()));
         let worker = if options.without_worker {
             None
         } else {
@@ -600,7 +598,7 @@ impl TestApp {
             secret_key: created.secret_key.expect("a new environment has a key"),
             environment_id: created.environment.public_id,
             store,
-            api_stop: Some(api_stop),
+            api_stop,
             api_handle: Some(api_handle),
             worker,
             embedded_data_dir: None,
@@ -632,10 +630,8 @@ impl TestApp {
         let store = Store::connect(&settings.database_url, 1)
             .await
             .expect("store");
-        let (api_stop, stopped) = oneshot::channel::<()>();
-        let api_handle = tokio::spawn(embedded.run_until_stopped(async move {
-            let _ = stopped.await;
-        }));
+        let api_stop = CancellationToken::new();
+        let api_handle = tokio::spawn(embedded.run_until_stopped(api_stop.clone()));
         Self {
             name,
             settings,
@@ -647,7 +643,7 @@ impl TestApp {
             secret_key,
             environment_id,
             store,
-            api_stop: Some(api_stop),
+            api_stop,
             api_handle: Some(api_handle),
             worker: None,
             embedded_data_dir: Some(data_dir.to_path_buf()),
@@ -899,9 +895,7 @@ impl TestApp {
         if let Some(worker) = self.worker.take() {
             worker.stop().await;
         }
-        if let Some(stop) = self.api_stop.take() {
-            let _ = stop.send(());
-        }
+        self.api_stop.cancel();
         if let Some(handle) = self.api_handle.take() {
             let _ = tokio::time::timeout(Duration::from_secs(10), handle).await;
         }

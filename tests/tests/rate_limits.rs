@@ -385,10 +385,8 @@ async fn the_embedded_server_limits_the_same_way() {
         .expect("embedded server builds");
     let url = format!("http://{}/api/v1/sessions", embedded.local_addr());
     let key = embedded.secret_key().to_owned();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(embedded.run_until_stopped(async move {
-        let _ = stopped.await;
-    }));
+    let stop = shared::shutdown::CancellationToken::new();
+    let server = tokio::spawn(embedded.run_until_stopped(stop.clone()));
     let client = reqwest::Client::new();
     let mut answers = Vec::new();
     for _ in 0..6 {
@@ -412,7 +410,7 @@ async fn the_embedded_server_limits_the_same_way() {
         .find(|answer| answer.status == 429)
         .unwrap_or_else(|| panic!("beyond the burst: {statuses:?}"));
     assert_well_formed_429(limited);
-    let _ = stop.send(());
+    stop.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), server).await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -18,10 +18,8 @@ async fn a_close_through_one_api_instance_reaches_the_others_and_no_answered_app
         .await
         .expect("second api builds");
     let second_url = format!("http://{}", second.local_addr());
-    let (stop_second, stopped) = tokio::sync::oneshot::channel::<()>();
-    let second_handle = tokio::spawn(second.run_until_stopped(async move {
-        let _ = stopped.await;
-    }));
+    let stop_second = shared::shutdown::CancellationToken::new();
+    let second_handle = tokio::spawn(second.run_until_stopped(stop_second.clone()));
     app.create_session("cached").await;
     let append_to_second = |body: String| {
         let request = app
@@ -90,7 +88,7 @@ async fn a_close_through_one_api_instance_reaches_the_others_and_no_answered_app
     );
     assert_eq!(records.len(), answered.len() + 1, "one close message");
 
-    let _ = stop_second.send(());
+    stop_second.cancel();
     let _ = tokio::time::timeout(Duration::from_secs(10), second_handle).await;
     app.cleanup().await;
 }

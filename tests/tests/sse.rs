@@ -190,10 +190,8 @@ async fn a_reader_on_another_api_instance_sees_the_records() {
         .await
         .expect("second api");
     let second_address = format!("http://{}", second.local_addr());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(second.run_until_stopped(async move {
-        let _ = stopped.await;
-    }));
+    let stop = shared::shutdown::CancellationToken::new();
+    let serving = tokio::spawn(second.run_until_stopped(stop.clone()));
     let mut reader = SseReader::new(
         app.subscribe_at(&second_address, "two-apis", "in", &[])
             .await,
@@ -208,7 +206,7 @@ async fn a_reader_on_another_api_instance_sees_the_records() {
         ["via-first-0", "via-first-1", "via-first-2"]
     );
     drop(reader);
-    let _ = stop.send(());
+    stop.cancel();
     let _ = serving.await;
     app.cleanup().await;
 }

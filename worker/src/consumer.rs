@@ -37,8 +37,9 @@ use shared::commands::{Command, CommandBody, Envelope, NewRecords, Outcome, Repl
 use shared::config::Settings;
 use shared::domain::dedup::DedupKey;
 use shared::domain::log::{FirstMessage, ResumePoint, judge_first_message};
+use shared::shutdown::CancellationToken;
 use shared::storage::{LogAdvance, NewDeadLetter, OutboxEventRow, StorageError, Store};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 
 use crate::apply::plan_batch;
 use crate::outcome::{BatchOutcome, settle};
@@ -83,7 +84,7 @@ impl WorkerContext {
 const STALLED_RETRY: Duration = Duration::from_secs(30);
 
 /// Runs until `shutdown` turns true: read, apply, acknowledge; rebuild on failure.
-pub async fn run(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(context: Arc<WorkerContext>, shutdown: CancellationToken) {
     let config = BrokerConfig::from_settings(
         &context.settings,
         format!("{}-consumer", context.instance),
@@ -98,7 +99,7 @@ pub async fn run(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool
     let mut delays = backon::BackoffBuilder::build(reconnect);
     let started = Instant::now();
     let mut legacy_drained = context.in_process.is_some() || !context.settings.drain_legacy_queues;
-    while !*shutdown.borrow() {
+    while !shutdown.is_cancelled() {
         let (sink, deliveries) = mpsc::channel(
             usize::from(context.settings.worker_prefetch)
                 .saturating_mul(2)
@@ -131,7 +132,7 @@ pub async fn run(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool
                 signals::reconnecting(&error, delay);
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.changed() => {}
+                    _ = shutdown.cancelled() => {}
                 }
                 continue;
             }
@@ -150,14 +151,7 @@ pub async fn run(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool
         }
         delays = backon::BackoffBuilder::build(reconnect);
         let mut ownership = Ownership::new(&context.settings, started);
-        let end = consume_loop(
-            &context,
-            deliveries,
-            &mut logs,
-            &mut ownership,
-            &mut shutdown,
-        )
-        .await;
+        let end = consume_loop(&context, deliveries, &mut logs, &mut ownership, &shutdown).await;
         logs.close().await;
         Ownership::clear_gauges();
         match end {
@@ -170,7 +164,7 @@ pub async fn run(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool
             LoopEnd::RetryBudgetExhausted => {
                 tokio::select! {
                     _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                    _ = shutdown.changed() => {}
+                    _ = shutdown.cancelled() => {}
                 }
             }
         }
@@ -322,7 +316,7 @@ async fn consume_loop(
     mut deliveries: mpsc::Receiver<LogDelivery>,
     logs: &mut PartitionLogs,
     ownership: &mut Ownership,
-    shutdown: &mut watch::Receiver<bool>,
+    shutdown: &CancellationToken,
 ) -> LoopEnd {
     let mut readers = Readers {
         states: HashMap::new(),
@@ -355,7 +349,7 @@ async fn consume_loop(
         }
         let take_more = in_flight.len() < lanes;
         let first = tokio::select! {
-            _ = shutdown.changed() => { ending = Some(LoopEnd::Shutdown); continue; }
+            _ = shutdown.cancelled() => { ending = Some(LoopEnd::Shutdown); continue; }
             _ = logs.broken() => { ending = Some(LoopEnd::ConnectionBroken); continue; }
             Some(result) = in_flight.next(), if !in_flight.is_empty() => {
                 match result {
@@ -363,7 +357,7 @@ async fn consume_loop(
                     BatchEnd::Fenced(partitions) => restart_due.extend(partitions),
                     BatchEnd::BudgetExhausted => ending = Some(LoopEnd::RetryBudgetExhausted),
                 }
-                if ending.is_none() && *shutdown.borrow() {
+                if ending.is_none() && shutdown.is_cancelled() {
                     ending = Some(LoopEnd::Shutdown);
                 }
                 continue;
@@ -854,12 +848,12 @@ pub async fn publish_outbox(context: &WorkerContext, events: Vec<OutboxEventRow>
 }
 
 /// Re-publishes outbox events left behind by a crash between commit and publish.
-pub async fn sweep_outbox(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool>) {
+pub async fn sweep_outbox(context: Arc<WorkerContext>, shutdown: CancellationToken) {
     let mut interval = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
             _ = interval.tick() => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.cancelled() => return,
         }
         // Younger events are still being published by the batch that wrote them.
         let older_than = chrono::Utc::now() - chrono::TimeDelta::seconds(5);

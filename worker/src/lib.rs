@@ -30,10 +30,14 @@ use std::sync::Arc;
 use shared::broker::{BrokerConfig, BrokerLink, InProcessBroker};
 use shared::cache::{Cache, CacheError};
 use shared::config::Settings;
+use shared::shutdown::{CancellationToken, TaskTracker};
 use shared::storage::{StorageError, Store};
-use tokio::sync::watch;
 
 use consumer::WorkerContext;
+
+/// How long a stopping worker waits for its background tasks to finish their current step
+/// (one database statement or publish each; they are idempotent, so cutting one is safe).
+const BACKGROUND_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Why the worker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -92,19 +96,31 @@ impl Worker {
         health::router(self.context.clone())
     }
 
-    /// Consumes until `shutdown` becomes true, then finishes the current batch and returns.
-    pub async fn run_until_stopped(self, shutdown: watch::Receiver<bool>) {
-        let sweeper = tokio::spawn(consumer::sweep_outbox(
+    /// Consumes until `shutdown` is cancelled, then finishes the current batch, lets the
+    /// background tasks (outbox sweep, waitpoint timer, purge) end their current step, and
+    /// returns.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) {
+        let background = TaskTracker::new();
+        background.spawn(consumer::sweep_outbox(
             self.context.clone(),
             shutdown.clone(),
         ));
-        let timer = tokio::spawn(timeouts::run(self.context.clone(), shutdown.clone()));
-        let purge = tokio::spawn(purge::run(self.context.clone(), shutdown.clone()));
+        background.spawn(timeouts::run(self.context.clone(), shutdown.clone()));
+        background.spawn(purge::run(self.context.clone(), shutdown.clone()));
+        background.close();
         signals::log_retention(&self.context.settings.log_max_age);
-        consumer::run(self.context.clone(), shutdown).await;
-        sweeper.abort();
-        timer.abort();
-        purge.abort();
+        consumer::run(self.context.clone(), shutdown.clone()).await;
+        // Consuming can also end on its own only when cancelled; make sure the rest stops too.
+        shutdown.cancel();
+        if tokio::time::timeout(BACKGROUND_STOP_GRACE, background.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                grace = ?BACKGROUND_STOP_GRACE,
+                "a background task did not finish its step in time; stopping anyway"
+            );
+        }
         self.context.link.close().await;
     }
 }

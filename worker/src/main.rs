@@ -1,7 +1,7 @@
 //! `sessions-worker`: reads configuration, builds the worker, runs it until SIGTERM/SIGINT.
 
 use shared::config::Settings;
-use tokio::sync::watch;
+use shared::shutdown::CancellationToken;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
@@ -35,19 +35,25 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     };
+    let shutdown = shared::shutdown::token_cancelled_on_signal("finishing the current batch");
     let health = worker.health_router();
-    tokio::spawn(async move {
-        if let Err(error) = axum::serve(listener, health).await {
-            tracing::warn!(%error, "health listener stopped");
-        }
-    });
-    let (stop, stopped) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("shutdown requested; finishing the current batch");
-        let _ = stop.send(true);
-    });
-    worker.run_until_stopped(stopped).await;
+    // The health listener answers until the worker has stopped (a stopping worker still says
+    // why it is not ready).
+    let health_stop = CancellationToken::new();
+    let health_task = {
+        let health_stop = health_stop.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(listener, health)
+                .with_graceful_shutdown(health_stop.cancelled_owned())
+                .await;
+            if let Err(error) = served {
+                tracing::warn!(%error, "health listener stopped");
+            }
+        })
+    };
+    worker.run_until_stopped(shutdown).await;
+    health_stop.cancel();
+    let _ = health_task.await;
     std::process::ExitCode::SUCCESS
 }
 
@@ -224,25 +230,4 @@ async fn accept_gap(
         serde_json::json!({ "partition": partition, "log": name, "accepted": known })
     );
     Ok(())
-}
-
-async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
-    #[cfg(unix)]
-    {
-        let mut terminate =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(signal) => signal,
-                Err(_) => {
-                    let _ = interrupt.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = interrupt => {}
-            _ = terminate.recv() => {}
-        }
-    }
-    #[cfg(not(unix))]
-    let _ = interrupt.await;
 }

@@ -13,8 +13,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use shared::shutdown::CancellationToken;
 use shared::storage::{RowsPurged, StorageError};
-use tokio::sync::watch;
 
 use crate::consumer::WorkerContext;
 
@@ -25,12 +25,12 @@ pub const SESSIONS_PER_ROUND: u64 = 100;
 /// Records one statement deletes at most.
 pub const RECORDS_PER_STATEMENT: u64 = 5_000;
 
-pub async fn run(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(context: Arc<WorkerContext>, shutdown: CancellationToken) {
     let mut interval = tokio::time::interval(TICK);
     loop {
         tokio::select! {
             _ = interval.tick() => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.cancelled() => return,
         }
         if let Err(error) = delete_trimmed(&context, &shutdown).await {
             tracing::warn!(%error, "deleting trimmed records failed; retrying next tick");
@@ -40,7 +40,7 @@ pub async fn run(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool
         };
         loop {
             match purge_round(&context, retention, &shutdown).await {
-                Ok(sessions) if sessions == SESSIONS_PER_ROUND && !*shutdown.borrow() => {}
+                Ok(sessions) if sessions == SESSIONS_PER_ROUND && !shutdown.is_cancelled() => {}
                 Ok(_) => break,
                 Err(error) => {
                     tracing::warn!(%error, "retention purge failed; retrying next tick");
@@ -55,7 +55,7 @@ pub async fn run(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool
 /// none is left (always on: a trim is the writer asking for exactly that).
 async fn delete_trimmed(
     context: &WorkerContext,
-    shutdown: &watch::Receiver<bool>,
+    shutdown: &CancellationToken,
 ) -> Result<(), StorageError> {
     loop {
         let deleted = context
@@ -65,7 +65,7 @@ async fn delete_trimmed(
         if deleted > 0 {
             crate::signals::trimmed_records_deleted(deleted);
         }
-        if deleted < RECORDS_PER_STATEMENT || *shutdown.borrow() {
+        if deleted < RECORDS_PER_STATEMENT || shutdown.is_cancelled() {
             return Ok(());
         }
     }
@@ -76,7 +76,7 @@ async fn delete_trimmed(
 async fn purge_round(
     context: &WorkerContext,
     retention: Duration,
-    shutdown: &watch::Receiver<bool>,
+    shutdown: &CancellationToken,
 ) -> Result<u64, StorageError> {
     let started = Instant::now();
     let cutoff = chrono::Utc::now()
@@ -87,7 +87,7 @@ async fn purge_round(
         .await?;
     let mut purged = RowsPurged::default();
     for &session_id in &sessions {
-        if *shutdown.borrow() {
+        if shutdown.is_cancelled() {
             break;
         }
         loop {
@@ -96,7 +96,7 @@ async fn purge_round(
                 .purge_records_chunk(session_id, cutoff, RECORDS_PER_STATEMENT)
                 .await?;
             purged.records += deleted;
-            if deleted < RECORDS_PER_STATEMENT || *shutdown.borrow() {
+            if deleted < RECORDS_PER_STATEMENT || shutdown.is_cancelled() {
                 break;
             }
         }

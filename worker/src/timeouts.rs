@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use shared::shutdown::CancellationToken;
 
 use crate::apply::time_out;
 use crate::consumer::{WorkerContext, publish_outbox};
@@ -15,12 +15,12 @@ use crate::consumer::{WorkerContext, publish_outbox};
 const TICK: Duration = Duration::from_secs(1);
 const PER_TICK: u64 = 500;
 
-pub async fn run(context: Arc<WorkerContext>, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(context: Arc<WorkerContext>, shutdown: CancellationToken) {
     let mut interval = tokio::time::interval(TICK);
     loop {
         tokio::select! {
             _ = interval.tick() => {}
-            _ = shutdown.changed() => return,
+            _ = shutdown.cancelled() => return,
         }
         let now = chrono::Utc::now();
         match context

@@ -28,9 +28,9 @@ pub const OPENAPI_DOCUMENT: &str = include_str!("../../openapi.json");
 /// OpenAPI test sees exactly the paths the router serves.
 pub fn route_table() -> Vec<(&'static str, MethodRouter<AppState>)> {
     vec![
-        ("/healthz", get(health::healthz)),
+        ("/healthz", get(shared::telemetry::healthz)),
         ("/readyz", get(health::readyz)),
-        ("/metrics", get(health::metrics)),
+        ("/metrics", get(shared::telemetry::metrics)),
         ("/openapi.json", get(openapi)),
         (
             "/api/v1/sessions",
@@ -135,8 +135,8 @@ pub fn router(state: AppState) -> Router {
 /// api could reach (keep this port off the public network).
 pub fn metrics_router() -> Router {
     Router::new()
-        .route("/metrics", get(health::metrics))
-        .route("/healthz", get(health::healthz))
+        .route("/metrics", get(shared::telemetry::metrics))
+        .route("/healthz", get(shared::telemetry::healthz))
 }
 
 async fn openapi() -> impl axum::response::IntoResponse {
