@@ -89,25 +89,12 @@ async fn bad_configuration_fails_at_start_naming_the_variable() {
 async fn keys_rotate_with_a_grace_period_and_revoke_at_once() {
     let name = tests::unique_name();
     let settings = tests::test_settings(&name, &[]);
-    let binary = env!("CARGO_BIN_EXE_sessions-api");
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_sessions-api"));
     let admin = |arguments: &[&str]| {
         let mut all = vec!["admin"];
         all.extend_from_slice(arguments);
         all.extend_from_slice(&["--project", "acme", "--environment", "dev"]);
-        let output = std::process::Command::new(binary)
-            .args(&all)
-            .envs(tests::settings_env(&settings))
-            .output()
-            .expect("cli runs");
-        assert!(
-            output.status.success(),
-            "{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8_lossy(&output.stdout)
-            .lines()
-            .map(|line| serde_json::from_str::<Value>(line).expect("json line"))
-            .collect::<Vec<_>>()
+        tests::run_cli_json_lines(binary, &settings, &all)
     };
     let first = admin(&["create-environment"])[0]["secretKey"]
         .as_str()

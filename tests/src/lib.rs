@@ -112,6 +112,36 @@ pub fn worker_settings(base: &Settings, index: u16, count: u16) -> Settings {
     settings
 }
 
+/// Runs `binary` (an admin command line) with `settings`, asserts it succeeded, and returns its
+/// standard output as JSON lines (the admin commands print one JSON object per line).
+pub fn run_cli_json_lines(
+    binary: &std::path::Path,
+    settings: &Settings,
+    arguments: &[&str],
+) -> Vec<serde_json::Value> {
+    let output = std::process::Command::new(binary)
+        .args(arguments)
+        .envs(settings_env(settings))
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("the command line runs");
+    assert!(
+        output.status.success(),
+        "{} {arguments:?} failed: {}",
+        binary.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect()
+}
+
+/// `sessions-worker admin …` with `settings`: its JSON lines.
+pub fn worker_admin(settings: &Settings, arguments: &[&str]) -> Vec<serde_json::Value> {
+    run_cli_json_lines(&workspace_binary("sessions-worker"), settings, arguments)
+}
+
 /// The environment variables that reproduce `settings` in a child process.
 pub fn settings_env(settings: &Settings) -> Vec<(&'static str, String)> {
     let mut env = vec![

@@ -97,24 +97,6 @@ async fn the_worker_serves_health_readiness_and_metrics() {
     app.cleanup().await;
 }
 
-fn worker_admin(settings: &shared::config::Settings, arguments: &[&str]) -> Vec<Value> {
-    let output = std::process::Command::new(tests::workspace_binary("sessions-worker"))
-        .args(arguments)
-        .envs(tests::settings_env(settings))
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("cli runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("a JSON line"))
-        .collect()
-}
-
 /// Writes a dead letter row directly (the harness may talk to the database).
 async fn park_dead_letter(app: &TestApp, partition: u16, message_id: &str, payload: &[u8]) {
     use sea_orm::ConnectionTrait;
@@ -177,7 +159,7 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed_to_their_partiti
     .await;
     let mut listed = Vec::new();
     for _ in 0..50 {
-        listed = worker_admin(&app.settings, &["admin", "dead-letters", "list"]);
+        listed = tests::worker_admin(&app.settings, &["admin", "dead-letters", "list"]);
         if listed.len() == 2 {
             break;
         }
@@ -202,7 +184,7 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed_to_their_partiti
     assert_eq!(valid["session"], json!(session_id.id.to_string()));
     assert!(valid["ageSeconds"].is_number());
 
-    let replayed = worker_admin(
+    let replayed = tests::worker_admin(
         &app.settings,
         &["admin", "dead-letters", "replay", "valid-1"],
     );
@@ -214,7 +196,7 @@ async fn dead_letters_are_listed_with_their_reason_and_replayed_to_their_partiti
         records.first().map(|r| r.data.as_str()),
         Some("back from the dead")
     );
-    let remaining = worker_admin(&app.settings, &["admin", "dead-letters", "list"]);
+    let remaining = tests::worker_admin(&app.settings, &["admin", "dead-letters", "list"]);
     assert_eq!(remaining.len(), 1);
     assert_eq!(remaining[0]["messageId"], json!("poison-1"));
     link.close().await;

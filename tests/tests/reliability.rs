@@ -100,25 +100,6 @@ impl PrivateRedis {
     }
 }
 
-/// `sessions-worker admin …` with the deployment's settings: its JSON lines.
-fn worker_admin(settings: &Settings, arguments: &[&str]) -> Vec<Value> {
-    let output = std::process::Command::new(tests::workspace_binary("sessions-worker"))
-        .args(arguments)
-        .envs(tests::settings_env(settings))
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("cli runs");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout)
-        .lines()
-        .map(|line| serde_json::from_str(line).expect("a JSON line"))
-        .collect()
-}
-
 // ---------------------------------------------------------------------- the checker, proven
 
 /// The checker proves itself on a real run: clean first, then five faults seeded in the
@@ -628,7 +609,7 @@ async fn postgres_outage_during_load() {
     join_all(producers).await;
     let probed = inside_outage(&probe.stop().await, &[(cut_at, restore_at)]);
     let inside = inside_outage(&run.history, &[(cut_at, restore_at)]);
-    let dead_letters = worker_admin(&run.app.settings, &["admin", "dead-letters", "list"]);
+    let dead_letters = tests::worker_admin(&run.app.settings, &["admin", "dead-letters", "list"]);
     let report = run
         .finish(
             "postgres_outage",
@@ -1070,7 +1051,7 @@ async fn poison_commands_are_dead_lettered_and_partitions_keep_flowing() {
     join_all(producers).await;
     let mut letters = Vec::new();
     for _ in 0..100 {
-        letters = worker_admin(&run.app.settings, &["admin", "dead-letters", "list"]);
+        letters = tests::worker_admin(&run.app.settings, &["admin", "dead-letters", "list"]);
         if letters.len() >= published {
             break;
         }
