@@ -1,5 +1,7 @@
 //! The Architecture Invariant lines of ARCHITECTURE.md, checked over the source tree: which
-//! modules may name which adapter library, and where metrics are recorded.
+//! modules may name which adapter library, where metrics are recorded, who acknowledges
+//! deliveries, that the domain and apply rules do no IO, and that handlers and apply code do not
+//! know which mode (production or embedded) runs.
 
 use std::path::{Path, PathBuf};
 
@@ -95,8 +97,57 @@ fn metrics_are_recorded_only_at_the_defined_instrumentation_points() {
 }
 
 #[test]
+fn only_the_outcome_module_acknowledges_deliveries() {
+    // The broker adapter implements acknowledgements; the worker decides them in one place.
+    for call in [".ack(", ".ack_through(", ".nack(", ".reject("] {
+        assert_eq!(
+            offenders(call, &["worker/src/outcome.rs", "shared/src/broker/"]),
+            Vec::<String>::new(),
+            "{call}"
+        );
+    }
+}
+
+#[test]
+fn the_domain_and_the_apply_rules_do_no_io() {
+    for needle in [
+        "async fn", ".await", "tokio::", "sea_orm", "lapin", "redis", "std::fs", "std::net",
+        "reqwest",
+    ] {
+        assert_eq!(
+            offenders_under(needle, &["shared/src/domain/", "worker/src/apply/"]),
+            Vec::<String>::new(),
+            "{needle}"
+        );
+    }
+}
+
+#[test]
+fn no_handler_and_no_apply_code_knows_which_mode_runs() {
+    for needle in ["in_process", "InProcess", "embedded", "sqlite", "Sqlite"] {
+        assert_eq!(
+            offenders_under(needle, &["api/src/routes/", "worker/src/apply/"]),
+            Vec::<String>::new(),
+            "{needle}"
+        );
+    }
+}
+
+/// Files under `folders` that name `needle` in code.
+fn offenders_under(needle: &str, folders: &[&str]) -> Vec<String> {
+    let outside: Vec<String> = offenders(needle, &[]);
+    outside
+        .into_iter()
+        .filter(|path| folders.iter().any(|folder| path.starts_with(folder)))
+        .collect()
+}
+
+#[test]
 fn the_offender_search_finds_what_it_looks_for() {
     // Guards the checks above against passing vacuously.
     assert!(!offenders("lapin", &[]).is_empty());
     assert!(!offenders("metrics::", &[]).is_empty());
+    assert!(!offenders_under(".ack(", &["shared/src/broker/"]).is_empty());
+    assert!(!offenders_under("pub fn", &["shared/src/domain/", "worker/src/apply/"]).is_empty());
+    assert!(!offenders_under("Json", &["api/src/routes/"]).is_empty());
 }

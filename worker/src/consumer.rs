@@ -266,9 +266,11 @@ impl Readers {
             }
             FirstMessage::AlreadyApplied => {
                 state.awaiting_first = false;
-                if let Err(error) = delivery.ack_through().await {
-                    tracing::debug!(%error, "acknowledging an already applied message failed");
-                }
+                crate::outcome::settle(
+                    std::slice::from_ref(&delivery),
+                    crate::outcome::BatchOutcome::AlreadyApplied,
+                )
+                .await;
                 None
             }
             FirstMessage::Gap { expected, found } => {
@@ -758,7 +760,7 @@ async fn drain_legacy_queues(context: &WorkerContext, config: &BrokerConfig) -> 
                     .map_err(|_| "legacy queue drain: could not record a dead letter".to_owned())?;
                 signals::dead_lettered(partition, message.message_id.as_deref(), &letter[0].reason);
             }
-            message.ack().await.map_err(|error| error.to_string())?;
+            crate::outcome::settle_legacy(&message).await?;
             applied += 1;
         }
         match legacy.delete_if_empty(partition).await {

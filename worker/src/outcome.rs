@@ -1,5 +1,6 @@
 //! THE place where the worker decides what happens to the messages it read: every
-//! acknowledgement goes through [`settle`].
+//! acknowledgement goes through [`settle`] (partition logs) or [`settle_legacy`] (the previous
+//! version's queues, drained after an upgrade).
 //!
 //! On a partition log an acknowledgement is flow control only: the stored log position (moved
 //! in the batch's own transaction) is what says a message was applied, so a message that is
@@ -10,13 +11,16 @@
 
 use std::collections::HashMap;
 
-use shared::broker::LogDelivery;
+use shared::broker::{LegacyMessage, LogDelivery};
 
 /// How the batch that holds some deliveries ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BatchOutcome {
     /// Its transaction committed (including dead letters recorded for poison messages).
     Committed,
+    /// The first message a resumed reader got had been applied before (the stored position
+    /// says so): acknowledged, not applied again.
+    AlreadyApplied,
     /// The offsets fence refused it: another reader applied these messages, or an earlier
     /// batch failed. Its readers restart from the stored positions.
     Fenced,
@@ -29,7 +33,7 @@ pub enum BatchOutcome {
 /// acknowledgement that fails only costs the reader's credit, and the connection is rebuilt.
 pub async fn settle(deliveries: &[LogDelivery], outcome: BatchOutcome) {
     match outcome {
-        BatchOutcome::Committed => {
+        BatchOutcome::Committed | BatchOutcome::AlreadyApplied => {
             // One acknowledgement per partition: the last delivery, with `multiple`.
             let mut last: HashMap<u16, &LogDelivery> = HashMap::new();
             for delivery in deliveries {
@@ -46,4 +50,11 @@ pub async fn settle(deliveries: &[LogDelivery], outcome: BatchOutcome) {
             // stored positions; the fence decides what is applied.
         }
     }
+}
+
+/// Acknowledges a message of the previous version's quorum queue once it was applied or
+/// dead-lettered (its transaction committed): that removes it from the queue. An error leaves
+/// it there; the drain stops and reads it again (the fence makes a second apply harmless).
+pub async fn settle_legacy(message: &LegacyMessage) -> Result<(), String> {
+    message.ack().await.map_err(|error| error.to_string())
 }
