@@ -67,6 +67,9 @@ pub enum StartError {
     BindMetrics(std::io::Error),
     #[error(transparent)]
     Storage(#[from] shared::storage::StorageError),
+    /// `SESSIONS_PARTITIONS` differs from the partition logs the deployment already uses.
+    #[error("{0}")]
+    PartitionCount(String),
 }
 
 async fn keep_connected(link: std::sync::Weak<BrokerLink>) {
@@ -114,8 +117,22 @@ impl Application {
         };
         let store = Store::connect(&settings.database_url, settings.db_max_connections).await?;
         let instance = uuid::Uuid::now_v7().simple().to_string();
+        let embedded = in_process.is_some();
         let config = BrokerConfig::from_settings(&settings, format!("api-{instance}"), in_process)
             .with_signals(signals::BROKER);
+        if !embedded {
+            // The embedded logs live in memory (nothing survives a restart in them), so only a
+            // broker's logs can hold commands of another partition count.
+            if let Some(refusal) = store
+                .partition_count_mismatch(
+                    settings.partitions,
+                    &config.names.partition_logs(settings.partitions),
+                )
+                .await?
+            {
+                return Err(StartError::PartitionCount(refusal));
+            }
+        }
         let reply_queue = config.names.reply_queue(&instance);
         let (reply_sink, replies) = tokio::sync::mpsc::unbounded_channel();
         let (notification_sink, notifications) = tokio::sync::mpsc::unbounded_channel();

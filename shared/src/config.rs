@@ -45,7 +45,8 @@ pub struct Settings {
     /// `SESSIONS_WORKER_HTTP_ADDR`: where `sessions-worker` serves `/healthz`, `/readyz` and
     /// `/metrics`.
     pub worker_http_addr: SocketAddr,
-    /// `SESSIONS_PARTITIONS`: number of partition queues; fixed per deployment.
+    /// `SESSIONS_PARTITIONS`: number of partition logs (default 8); fixed per deployment: the
+    /// api and the worker refuse to start with another count than the deployment's logs.
     pub partitions: u16,
     /// `SESSIONS_BROKER_PREFIX`: prefix of every exchange and queue name.
     pub broker_prefix: String,
@@ -605,7 +606,7 @@ impl Settings {
             )?,
             partitions: in_range(
                 "SESSIONS_PARTITIONS",
-                parse("SESSIONS_PARTITIONS", get("SESSIONS_PARTITIONS"), 64)?,
+                parse("SESSIONS_PARTITIONS", get("SESSIONS_PARTITIONS"), 8)?,
                 1,
                 1024,
             )?,
@@ -978,7 +979,7 @@ mod tests {
         assert_eq!(settings.http_addr.to_string(), "127.0.0.1:3030");
         assert_eq!(settings.metrics_addr, None);
         assert!(settings.database_url.contains("127.0.0.1"));
-        assert_eq!(settings.partitions, 64);
+        assert_eq!(settings.partitions, 8);
         assert_eq!(settings.max_append_bytes, 1 << 20);
     }
 

@@ -552,3 +552,52 @@ async fn partition_logs_with_other_arguments_are_used_as_they_are() {
     link.close().await;
     let _ = connection.close(200, "done".into()).await;
 }
+
+/// Runs `binary` with `settings` (and production mode) and returns its exit success and
+/// stderr; fails the test if it is still running after `within` (it should have refused).
+async fn refused_start(
+    binary: &str,
+    settings: &shared::config::Settings,
+    within: Duration,
+) -> (bool, String) {
+    let child = tokio::process::Command::new(tests::workspace_binary(binary))
+        .envs(tests::settings_env(settings))
+        .env("SESSIONS_MODE", "production")
+        .env("SESSIONS_HTTP_ADDR", "127.0.0.1:0")
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("starts");
+    let output = tokio::time::timeout(within, child.wait_with_output())
+        .await
+        .unwrap_or_else(|_| panic!("{binary} did not refuse to start within {within:?}"))
+        .expect("exit status");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn a_changed_partition_count_refuses_to_start_naming_the_variable() {
+    let app = TestApp::spawn().await;
+    // The worker has recorded its partition logs once it applied something.
+    app.create_session("partitioned").await;
+    let mut changed = app.settings.clone();
+    changed.partitions = app.settings.partitions * 2;
+    for binary in ["sessions-api", "sessions-worker"] {
+        let (succeeded, stderr) = refused_start(binary, &changed, Duration::from_secs(30)).await;
+        assert!(!succeeded, "{binary} started with another partition count");
+        assert!(
+            stderr.contains(&format!("SESSIONS_PARTITIONS={}", app.settings.partitions)),
+            "{binary}: {stderr}"
+        );
+    }
+    // Nothing was published with the other count: the session still answers on its own log.
+    let response = app.append("partitioned", "in", "still here", None).await;
+    assert_eq!(response.status(), 200);
+    app.cleanup().await;
+}

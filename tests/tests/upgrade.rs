@@ -128,3 +128,95 @@ async fn commands_left_in_legacy_partition_queues_are_applied_first_then_the_que
     let _ = connection.close(200, "done".into()).await;
     app.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_drain_refuses_when_the_old_version_had_more_partitions() {
+    let app = TestApp::spawn_with(SpawnOptions {
+        overrides: &[("SESSIONS_DRAIN_LEGACY_QUEUES", "1")],
+        without_worker: true,
+        ..SpawnOptions::default()
+    })
+    .await;
+    // The previous version ran with more partitions than this one is configured with: its
+    // queue just past the configured count still holds a command.
+    let beyond = format!(
+        "{}.p{:03}",
+        app.settings.broker_prefix, app.settings.partitions
+    );
+    let connection = lapin::Connection::connect(tests::AMQP_URL, Default::default())
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let declared = channel
+        .queue_declare(
+            beyond.as_str().into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            legacy_queue_arguments(),
+        )
+        .await
+        .expect("the old partition queue");
+    assert_eq!(declared.message_count(), 0);
+    channel
+        .basic_publish(
+            "".into(),
+            beyond.as_str().into(),
+            BasicPublishOptions::default(),
+            b"an old command",
+            lapin::BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .expect("publish");
+    // An append accepted by the new api meanwhile waits in its partition log.
+    let created = app
+        .client
+        .post(app.url("/api/v1/sessions"))
+        .bearer_auth(&app.secret_key)
+        .json(&serde_json::json!({
+            "type": "chat.agent", "externalId": "held", "taskIdentifier": "agent",
+            "triggerConfig": {"basePayload": {}}
+        }))
+        .timeout(Duration::from_secs(3))
+        .send()
+        .await;
+    // The create waits for a worker that must not apply anything: it times out (504) or the
+    // client gives up; either way nothing was created.
+    assert!(created.map_or(true, |response| response.status() != 201
+        && response.status() != 200));
+
+    let worker = InProcessWorker::spawn(app.settings.clone()).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Nothing applied: the old queue keeps its message, and the session was not created.
+    let still = channel
+        .queue_declare(
+            beyond.as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("the old queue is still there");
+    assert_eq!(still.message_count(), 1, "the drain did not take from it");
+    let listed = app
+        .client
+        .get(app.url("/api/v1/sessions/held"))
+        .bearer_auth(&app.secret_key)
+        .send()
+        .await
+        .expect("retrieve");
+    assert_eq!(
+        listed.status(),
+        404,
+        "no command was applied from the new logs either"
+    );
+    worker.stop().await;
+    let _ = channel
+        .queue_delete(beyond.as_str().into(), Default::default())
+        .await;
+    let _ = connection.close(200, "done".into()).await;
+    app.cleanup().await;
+}

@@ -114,9 +114,10 @@ pub async fn run(context: Arc<WorkerContext>, shutdown: CancellationToken) {
             )
             .await
             .map_err(|error| error.to_string())?;
-            let names: Vec<String> = (0..context.settings.partitions)
-                .map(|partition| context.log_name(partition))
-                .collect();
+            let names = context
+                .link
+                .names()
+                .partition_logs(context.settings.partitions);
             context
                 .store
                 .ensure_log_positions(&names)
@@ -724,6 +725,19 @@ async fn drain_legacy_queues(context: &WorkerContext, config: &BrokerConfig) -> 
         return Ok(());
     };
     let present = legacy.present().await.map_err(|error| error.to_string())?;
+    if present.contains(&context.settings.partitions) {
+        // Draining only the first queues would leave accepted appends in the others for good.
+        return Err(format!(
+            "the previous version's partition queues go beyond SESSIONS_PARTITIONS={} \
+             (queue {} exists): set SESSIONS_PARTITIONS to the count that version ran with \
+             (64 if it was not set) and start again",
+            context.settings.partitions,
+            context
+                .link
+                .names()
+                .legacy_partition_queue(context.settings.partitions)
+        ));
+    }
     let ownership = Ownership::new(&context.settings, Instant::now());
     for partition in present.into_iter().filter(|&p| ownership.is_home(p)) {
         let mut applied = 0_usize;

@@ -46,6 +46,9 @@ pub enum WorkerError {
     Storage(#[from] StorageError),
     #[error(transparent)]
     Cache(#[from] CacheError),
+    /// `SESSIONS_PARTITIONS` differs from the partition logs the deployment already uses.
+    #[error("{0}")]
+    PartitionCount(String),
 }
 
 /// A built worker, ready to run.
@@ -79,6 +82,18 @@ impl Worker {
             .with_signals(crate::signals::BROKER),
             None,
         );
+        // The embedded logs live in memory (nothing survives a restart in them), so only a
+        // broker's logs can hold commands of another partition count.
+        if in_process.is_none()
+            && let Some(refusal) = store
+                .partition_count_mismatch(
+                    settings.partitions,
+                    &link.names().partition_logs(settings.partitions),
+                )
+                .await?
+        {
+            return Err(WorkerError::PartitionCount(refusal));
+        }
         Ok(Self {
             context: Arc::new(WorkerContext {
                 settings,

@@ -77,11 +77,13 @@ impl LegacyPartitionQueues {
         }))
     }
 
-    /// The partitions whose legacy queue still exists. A passive declare of a missing queue
-    /// closes its channel, so each check uses a channel of its own.
+    /// The partitions whose legacy queue still exists, among `0..=partitions`: one past the
+    /// configured count, so that a caller can tell that the previous version ran with more
+    /// partitions. A passive declare of a missing queue closes its channel, so each check uses
+    /// a channel of its own.
     pub async fn present(&self) -> Result<Vec<u16>, BrokerError> {
         let mut present = Vec::new();
-        for partition in 0..self.config.names.partitions {
+        for partition in 0..=self.config.names.partitions {
             let channel = bounded("opening a channel", self.connection.create_channel()).await?;
             let queue = self.config.names.legacy_partition_queue(partition);
             let declared = tokio::time::timeout(

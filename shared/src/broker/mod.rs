@@ -62,6 +62,12 @@ impl BrokerNames {
     pub fn partition_log(&self, partition: u16) -> String {
         format!("{}.log.p{partition:03}", self.prefix)
     }
+    /// The logs of partitions `0..count`, in order.
+    pub fn partition_logs(&self, count: u16) -> Vec<String> {
+        (0..count)
+            .map(|partition| self.partition_log(partition))
+            .collect()
+    }
     /// The quorum queue that was partition `partition` before partitions became logs (read
     /// only to drain it after an upgrade).
     pub fn legacy_partition_queue(&self, partition: u16) -> String {

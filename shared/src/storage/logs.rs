@@ -181,6 +181,26 @@ impl Store {
         Ok(())
     }
 
+    /// Why a process must not start with `configured` partitions whose logs are `expected`,
+    /// given the logs this database has positions of (`domain::partition::
+    /// partition_count_mismatch`); `None`: it may.
+    pub async fn partition_count_mismatch(
+        &self,
+        configured: u16,
+        expected: &[String],
+    ) -> Result<Option<String>, StorageError> {
+        use sea_orm::QuerySelect;
+        let recorded: Vec<String> = log_positions::Entity::find()
+            .select_only()
+            .column(log_positions::Column::Log)
+            .into_tuple()
+            .all(self.connection())
+            .await?;
+        Ok(crate::domain::partition::partition_count_mismatch(
+            configured, expected, &recorded,
+        ))
+    }
+
     /// Where a reader of each of `logs` resumes (a log without a row: from the beginning).
     pub async fn log_positions(
         &self,

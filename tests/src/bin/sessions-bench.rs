@@ -28,7 +28,7 @@ use tests::bench::s2_lite;
 use tests::bench::writer::{VisibilityReaders, WriterConfig, WriterStream, run_writers};
 
 const USAGE: &str = "usage: sessions-bench [--runs N (3)] [--duration SECONDS (20)] \
-[--sessions N (1000)] [--clients N (64)] [--readers N (100)] [--partitions N (64)] \
+[--sessions N (1000)] [--clients N (64)] [--readers N (100)] [--partitions N (8, the server's default)] \
 [--fanout-readers N (1000; 0 skips the fan-out window)] [--fanout-sessions N (100)] \
 [--purge-backlog N (0): sessions of 1,000 records the retention purge deletes in purge windows] \
 [--purge-pairs N (3): control and purge max windows, alternating, with --purge-backlog] \
@@ -75,7 +75,7 @@ fn parse_options() -> Result<Options, String> {
         sessions: 1000,
         clients: 64,
         readers: 100,
-        partitions: 64,
+        partitions: 8,
         fanout_readers: 1000,
         fanout_sessions: 100,
         drain_records: 200_000,
