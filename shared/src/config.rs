@@ -945,7 +945,7 @@ mod tests {
         // What is not secret is still there to debug with.
         assert!(shown.contains("postgres://***@db.internal:5432/sessions"));
         assert!(shown.contains("amqp://***@a:5672/%2f,amqps://***@b:5671/%2f"));
-        assert!(shown.contains("partitions: 64"));
+        assert!(shown.contains("partitions: 8"));
     }
 
     #[test]
