@@ -22,6 +22,40 @@ fn legacy_queue_arguments() -> FieldTable {
     arguments
 }
 
+/// Declares `queue` as the previous version declared its partition queues; returns how many
+/// messages it holds.
+async fn declare_legacy_queue(channel: &lapin::Channel, queue: &str) -> u32 {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                durable: true,
+                ..QueueDeclareOptions::default()
+            },
+            legacy_queue_arguments(),
+        )
+        .await
+        .expect("the old partition queue")
+        .message_count()
+}
+
+/// The messages ready in `queue`, or `None` when it does not exist (a passive declare is
+/// refused with NOT_FOUND, which also closes `channel`).
+async fn messages_in(channel: &lapin::Channel, queue: &str) -> Option<u32> {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .ok()
+        .map(|declared| declared.message_count())
+}
+
 #[tokio::test]
 async fn commands_left_in_legacy_partition_queues_are_applied_first_then_the_queues_go() {
     let app = TestApp::spawn_with(SpawnOptions {
@@ -53,17 +87,7 @@ async fn commands_left_in_legacy_partition_queues_are_applied_first_then_the_que
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirms");
-    channel
-        .queue_declare(
-            legacy_queue.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            legacy_queue_arguments(),
-        )
-        .await
-        .expect("the old partition queue");
+    declare_legacy_queue(&channel, &legacy_queue).await;
     for body in ["2", "3"] {
         let command = Command::new(
             session.environment_id,
@@ -113,17 +137,11 @@ async fn commands_left_in_legacy_partition_queues_are_applied_first_then_the_que
 
     // The drained queue is gone: a passive declare is refused with NOT_FOUND.
     let check = connection.create_channel().await.expect("channel");
-    let gone = check
-        .queue_declare(
-            legacy_queue.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await;
-    assert!(gone.is_err(), "the drained legacy queue was deleted");
+    assert_eq!(
+        messages_in(&check, &legacy_queue).await,
+        None,
+        "the drained legacy queue was deleted"
+    );
     upgraded.stop().await;
     let _ = connection.close(200, "done".into()).await;
     app.cleanup().await;
@@ -147,18 +165,7 @@ async fn a_drain_refuses_when_the_old_version_had_more_partitions() {
         .await
         .expect("connect");
     let channel = connection.create_channel().await.expect("channel");
-    let declared = channel
-        .queue_declare(
-            beyond.as_str().into(),
-            QueueDeclareOptions {
-                durable: true,
-                ..QueueDeclareOptions::default()
-            },
-            legacy_queue_arguments(),
-        )
-        .await
-        .expect("the old partition queue");
-    assert_eq!(declared.message_count(), 0);
+    assert_eq!(declare_legacy_queue(&channel, &beyond).await, 0);
     channel
         .basic_publish(
             "".into(),
@@ -189,18 +196,11 @@ async fn a_drain_refuses_when_the_old_version_had_more_partitions() {
     let worker = InProcessWorker::spawn(app.settings.clone()).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     // Nothing applied: the old queue keeps its message, and the session was not created.
-    let still = channel
-        .queue_declare(
-            beyond.as_str().into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("the old queue is still there");
-    assert_eq!(still.message_count(), 1, "the drain did not take from it");
+    assert_eq!(
+        messages_in(&channel, &beyond).await,
+        Some(1),
+        "the old queue is still there and the drain did not take from it"
+    );
     let listed = app
         .client
         .get(app.url("/api/v1/sessions/held"))
