@@ -446,13 +446,25 @@ impl ChildApi {
             }
         });
         let client = reqwest::Client::new();
-        for _ in 0..200 {
+        // Generous: a start migrates the database, and the suite runs many tests at once on a
+        // small machine.
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(60) {
             if client.get(format!("{url}/healthz")).send().await.is_ok() {
                 return Self { child, url, stderr };
             }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "the api process exited ({status}) before answering /healthz: {}",
+                    stderr.lock().expect("stderr buffer")
+                );
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("the api process never answered /healthz");
+        panic!(
+            "the api process never answered /healthz within 60 s: {}",
+            stderr.lock().expect("stderr buffer")
+        );
     }
 
     /// The process id (for reading what it spends from `/proc`).
