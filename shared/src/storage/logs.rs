@@ -153,9 +153,12 @@ pub(super) async fn insert_dead_letters(
 
 impl Store {
     /// Makes sure every log in `logs` has a position row (nothing applied yet for new ones), so
-    /// that the fence is a plain compare-and-set.
+    /// that the fence is a plain compare-and-set. In one transaction: a process checking the
+    /// partition count at start (`partition_count_mismatch`) sees all of them or none.
     pub async fn ensure_log_positions(&self, logs: &[String]) -> Result<(), StorageError> {
+        use sea_orm::TransactionTrait;
         let now = Utc::now();
+        let transaction = self.connection().begin().await?;
         for log in logs {
             let backend = self.connection().get_database_backend();
             let sql = match backend {
@@ -170,7 +173,7 @@ impl Store {
                      ON CONFLICT (log) DO NOTHING"
                 }
             };
-            self.connection()
+            transaction
                 .execute_raw(Statement::from_sql_and_values(
                     backend,
                     sql,
@@ -178,6 +181,7 @@ impl Store {
                 ))
                 .await?;
         }
+        transaction.commit().await?;
         Ok(())
     }
 
