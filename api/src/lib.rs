@@ -117,21 +117,12 @@ impl Application {
         };
         let store = Store::connect(&settings.database_url, settings.db_max_connections).await?;
         let instance = uuid::Uuid::now_v7().simple().to_string();
-        let embedded = in_process.is_some();
         let config = BrokerConfig::from_settings(&settings, format!("api-{instance}"), in_process)
             .with_signals(signals::BROKER);
-        if !embedded {
-            // The embedded logs live in memory (nothing survives a restart in them), so only a
-            // broker's logs can hold commands of another partition count.
-            if let Some(refusal) = store
-                .partition_count_mismatch(
-                    settings.partitions,
-                    &config.names.partition_logs(settings.partitions),
-                )
-                .await?
-            {
-                return Err(StartError::PartitionCount(refusal));
-            }
+        if let Some(logs) = config.lasting_partition_logs()
+            && let Some(refusal) = store.partition_count_mismatch(&logs).await?
+        {
+            return Err(StartError::PartitionCount(refusal));
         }
         let reply_queue = config.names.reply_queue(&instance);
         let (reply_sink, replies) = tokio::sync::mpsc::unbounded_channel();
@@ -203,15 +194,12 @@ impl Application {
         // The metrics listener answers until the api has stopped serving.
         let stop_metrics = CancellationToken::new();
         let metrics = self.metrics_listener.map(|listener| {
-            let stopped = stop_metrics.clone().cancelled_owned();
-            tokio::spawn(async move {
-                let served = axum::serve(listener, routes::metrics_router())
-                    .with_graceful_shutdown(stopped)
-                    .await;
-                if let Err(error) = served {
-                    tracing::error!(%error, "the metrics listener failed");
-                }
-            })
+            shared::telemetry::serve_probes(
+                listener,
+                routes::metrics_router(),
+                stop_metrics.clone(),
+                "metrics listener",
+            )
         });
         let (draining, drain_started) = tokio::sync::oneshot::channel::<()>();
         let signal = async move {

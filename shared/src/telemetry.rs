@@ -125,3 +125,22 @@ pub async fn metrics() -> (axum::http::StatusCode, String) {
         None => (axum::http::StatusCode::SERVICE_UNAVAILABLE, String::new()),
     }
 }
+
+/// Serves the probe `router` on `listener` in a task of its own until `stop` is cancelled (the
+/// worker's health listener, the api's `SESSIONS_METRICS_ADDR` listener); `what` names it in
+/// the log if it fails.
+pub fn serve_probes(
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    stop: crate::shutdown::CancellationToken,
+    what: &'static str,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let served = axum::serve(listener, router)
+            .with_graceful_shutdown(stop.cancelled_owned())
+            .await;
+        if let Err(error) = served {
+            tracing::error!(%error, "the {what} failed");
+        }
+    })
+}

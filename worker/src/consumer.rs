@@ -114,10 +114,7 @@ pub async fn run(context: Arc<WorkerContext>, shutdown: CancellationToken) {
             )
             .await
             .map_err(|error| error.to_string())?;
-            let names = context
-                .link
-                .names()
-                .partition_logs(context.settings.partitions);
+            let names = context.link.names().partition_logs();
             context
                 .store
                 .ensure_log_positions(&names)

@@ -73,27 +73,18 @@ impl Worker {
     ) -> Result<Self, WorkerError> {
         let store = Store::connect(&settings.database_url, settings.db_max_connections).await?;
         let instance = format!("worker-{}", uuid::Uuid::now_v7().simple());
-        let link = BrokerLink::new(
-            BrokerConfig::from_settings(
-                &settings,
-                format!("{instance}-publisher"),
-                in_process.clone(),
-            )
-            .with_signals(crate::signals::BROKER),
-            None,
-        );
-        // The embedded logs live in memory (nothing survives a restart in them), so only a
-        // broker's logs can hold commands of another partition count.
-        if in_process.is_none()
-            && let Some(refusal) = store
-                .partition_count_mismatch(
-                    settings.partitions,
-                    &link.names().partition_logs(settings.partitions),
-                )
-                .await?
+        let config = BrokerConfig::from_settings(
+            &settings,
+            format!("{instance}-publisher"),
+            in_process.clone(),
+        )
+        .with_signals(crate::signals::BROKER);
+        if let Some(logs) = config.lasting_partition_logs()
+            && let Some(refusal) = store.partition_count_mismatch(&logs).await?
         {
             return Err(WorkerError::PartitionCount(refusal));
         }
+        let link = BrokerLink::new(config, None);
         Ok(Self {
             context: Arc::new(WorkerContext {
                 settings,

@@ -40,17 +40,8 @@ async fn main() -> std::process::ExitCode {
     // The health listener answers until the worker has stopped (a stopping worker still says
     // why it is not ready).
     let health_stop = CancellationToken::new();
-    let health_task = {
-        let health_stop = health_stop.clone();
-        tokio::spawn(async move {
-            let served = axum::serve(listener, health)
-                .with_graceful_shutdown(health_stop.cancelled_owned())
-                .await;
-            if let Err(error) = served {
-                tracing::warn!(%error, "health listener stopped");
-            }
-        })
-    };
+    let health_task =
+        shared::telemetry::serve_probes(listener, health, health_stop.clone(), "health listener");
     worker.run_until_stopped(shutdown).await;
     health_stop.cancel();
     let _ = health_task.await;

@@ -62,9 +62,9 @@ impl BrokerNames {
     pub fn partition_log(&self, partition: u16) -> String {
         format!("{}.log.p{partition:03}", self.prefix)
     }
-    /// The logs of partitions `0..count`, in order.
-    pub fn partition_logs(&self, count: u16) -> Vec<String> {
-        (0..count)
+    /// The logs of every partition, in order.
+    pub fn partition_logs(&self) -> Vec<String> {
+        (0..self.partitions)
             .map(|partition| self.partition_log(partition))
             .collect()
     }
@@ -190,6 +190,15 @@ pub struct BrokerConfig {
 }
 
 impl BrokerConfig {
+    /// The partition logs that outlive a restart, and so may still hold commands routed by the
+    /// partition count they were written with: the broker's (`None` for the embedded default,
+    /// whose logs live in memory).
+    pub fn lasting_partition_logs(&self) -> Option<Vec<String>> {
+        self.in_process
+            .is_none()
+            .then(|| self.names.partition_logs())
+    }
+
     /// The broker configuration of a deployment; `in_process` selects the embedded broker.
     pub fn from_settings(
         settings: &crate::config::Settings,

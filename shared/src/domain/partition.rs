@@ -29,19 +29,15 @@ pub fn home_worker_of(partition: u16, worker_count: u16) -> u16 {
     partition % worker_count.max(1)
 }
 
-/// Why a process must not start with `configured` partitions, given the partition logs whose
-/// names (`expected`, partitions `0..configured` in order) it would use and every log the
-/// deployment's database has recorded a position for (`recorded`); `None` when they are the same
-/// logs, or when none is recorded yet (a new deployment).
+/// Why a process must not start with the partition logs it would use (`expected`, one per
+/// configured partition), given every log the deployment's database has recorded a position for
+/// (`recorded`); `None` when they are the same logs, or when none is recorded yet (a new
+/// deployment).
 ///
 /// The partition count maps every session to its log, so it is fixed per deployment: starting
 /// with another count would send a session's new commands to another log while its older ones
 /// may wait unapplied in the old one (reordered, or never read at all).
-pub fn partition_count_mismatch(
-    configured: u16,
-    expected: &[String],
-    recorded: &[String],
-) -> Option<String> {
+pub fn partition_count_mismatch(expected: &[String], recorded: &[String]) -> Option<String> {
     // This deployment's partition logs: the names that differ from the first expected one only
     // in the partition number.
     let stem = expected
@@ -65,10 +61,11 @@ pub fn partition_count_mismatch(
         return None;
     }
     Some(format!(
-        "SESSIONS_PARTITIONS is {configured}, but this deployment's database records {} partition \
+        "SESSIONS_PARTITIONS is {}, but this deployment's database records {} partition \
          logs ({} … {}); the partition count is fixed per deployment because it maps every \
          session to its log. Set SESSIONS_PARTITIONS={} (deployments created before the default \
          became 8 use 64), or change the count as README \"Changing the partition count\" says",
+        expected.len(),
         in_use.len(),
         in_use.first().map(|name| name.as_str()).unwrap_or_default(),
         in_use.last().map(|name| name.as_str()).unwrap_or_default(),
@@ -88,17 +85,17 @@ mod tests {
     fn a_deployment_starts_only_with_the_partition_count_it_was_created_with() {
         use super::partition_count_mismatch;
         // A new deployment, or the same count: fine. Other deployments' logs do not count.
-        assert_eq!(partition_count_mismatch(8, &logs(8), &[]), None);
-        assert_eq!(partition_count_mismatch(8, &logs(8), &logs(8)), None);
+        assert_eq!(partition_count_mismatch(&logs(8), &[]), None);
+        assert_eq!(partition_count_mismatch(&logs(8), &logs(8)), None);
         let mut with_others = logs(8);
         with_others.push("other.log.p009".into());
         with_others.push("sessions.log.pending".into());
-        assert_eq!(partition_count_mismatch(8, &logs(8), &with_others), None);
+        assert_eq!(partition_count_mismatch(&logs(8), &with_others), None);
         // Fewer or more than recorded: refused, naming the variable and the recorded count.
-        let fewer = partition_count_mismatch(8, &logs(8), &logs(64)).expect("refused");
+        let fewer = partition_count_mismatch(&logs(8), &logs(64)).expect("refused");
         assert!(fewer.contains("SESSIONS_PARTITIONS=64"), "{fewer}");
         assert!(fewer.contains("sessions.log.p063"), "{fewer}");
-        let more = partition_count_mismatch(16, &logs(16), &logs(8)).expect("refused");
+        let more = partition_count_mismatch(&logs(16), &logs(8)).expect("refused");
         assert!(more.contains("SESSIONS_PARTITIONS=8"), "{more}");
     }
 

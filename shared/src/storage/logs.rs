@@ -185,12 +185,10 @@ impl Store {
         Ok(())
     }
 
-    /// Why a process must not start with `configured` partitions whose logs are `expected`,
-    /// given the logs this database has positions of (`domain::partition::
-    /// partition_count_mismatch`); `None`: it may.
+    /// Why a process must not start with the partition logs `expected`, given the logs this
+    /// database has positions of (`domain::partition::partition_count_mismatch`); `None`: it may.
     pub async fn partition_count_mismatch(
         &self,
-        configured: u16,
         expected: &[String],
     ) -> Result<Option<String>, StorageError> {
         use sea_orm::QuerySelect;
@@ -201,7 +199,7 @@ impl Store {
             .all(self.connection())
             .await?;
         Ok(crate::domain::partition::partition_count_mismatch(
-            configured, expected, &recorded,
+            expected, &recorded,
         ))
     }
 
