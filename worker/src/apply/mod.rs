@@ -21,6 +21,7 @@ use shared::commands::{
     RegisterWaitpointCommand, WrittenRecord,
 };
 use shared::domain::dedup::{DedupKey, body_fingerprint};
+use shared::domain::ids::writer_record_id;
 use shared::domain::session::{SessionItem, SessionState, append_state, session_state};
 use shared::domain::waitpoint::{
     STATUS_COMPLETED, STATUS_TIMED_OUT, STATUS_WAITING, WAITPOINT_COMPLETED, WAITPOINT_TIMED_OUT,
@@ -53,7 +54,8 @@ pub const RUN_REQUESTED: &str = "run.requested";
 struct NewRecord<'a> {
     stream: Stream,
     /// Each record needs its own id in `records.command_id` (unique): an append's command id,
-    /// or one derived from a writer batch's command id and the record's index.
+    /// or one derived from a writer batch's command id and the record's index
+    /// ([`writer_record_id`]).
     record_id: Uuid,
     /// Whether the record completes waiting waitpoints (reserved channels only).
     wakes_waitpoints: bool,
@@ -262,13 +264,15 @@ impl Planner {
             };
             let record = NewRecord {
                 stream: stream.clone(),
-                record_id: Uuid::new_v5(&command.id, &(index as u64).to_be_bytes()),
+                record_id: writer_record_id(command.id, index as u64),
                 wakes_waitpoints: false,
                 part_id: None,
                 headers,
                 body_is_envelope: true,
                 body,
-                fingerprint: body_fingerprint(body),
+                // Only a record with a part id is ever compared with a retry's body; a
+                // writer record has none, so it stores no fingerprint (no SHA-256 per record).
+                fingerprint: String::new(),
             };
             let Some(seq_num) = self.write_record(command, record) else {
                 return Outcome::SessionNotFound;
