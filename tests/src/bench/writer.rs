@@ -11,7 +11,8 @@
 //!   records unacknowledged, sending the next as soon as an ack comes back: the most the server
 //!   acknowledges (an ack here means the worker applied the batch: persisted).
 //! - **Open loop** (`rate: Some(r)`): `r` records per second in total, spread over the agents;
-//!   each agent sends what it produced once per `linger` (the SDK's batching), one frame each.
+//!   each agent sends what it produced once per `linger` (the SDK's batching), one frame each,
+//!   agents at phases spread evenly over the linger (independent agents do not tick together).
 //!
 //! Latencies: `ack` is frame sent → its ack received. The records' own send time is the frame's
 //! send time (the client's linger is the client's choice, not the server's latency).
@@ -268,7 +269,15 @@ async fn run_agent(
         tokio::spawn(async move {
             let mut next = 0_u64;
             let mut owed = 0.0_f64;
-            let mut tick = tokio::time::interval(config.linger);
+            // Open loop: agents send once per linger, each at its own phase (spread evenly
+            // over the linger), as independent agents do. Started in lockstep, every agent's
+            // frame arrived within the same few milliseconds: a burst of the whole linger's
+            // records ten times a second rather than the offered rate.
+            let phase = config
+                .linger
+                .mul_f64(agent as f64 / config.streams.len().max(1) as f64);
+            let mut tick =
+                tokio::time::interval_at(tokio::time::Instant::now() + phase, config.linger);
             while !shared.stopping.load(Ordering::Relaxed) {
                 let count = match rate {
                     None => {

@@ -1257,7 +1257,8 @@ fn writer_lines(options: &Options, summary: &Value) -> (String, String) {
          sessions on HTTP/2, 8 agents per connection) as the SDK's writer does: records of 100 B \
          wrapped as `{{\"data\", \"id\"}}`; max: {batch} records per frame, 2 frames in flight per \
          agent; half: open loop at half that rate, each agent sending what it produced every \
-         100 ms (the SDK's linger), SSE readers on a quarter of the sessions. An ack means \
+         100 ms (the SDK's linger) at its own phase (agents spread over the linger, not in \
+         lockstep), SSE readers on a quarter of the sessions. An ack means \
          applied (persisted); ack latency is frame sent → ack; visible is frame sent → SSE \
          delivery. s2-lite ({version}, `s2 lite --local-root`) gets the same max workload.\n",
         agents = number("writer_agents"),
