@@ -18,7 +18,7 @@ async fn admin_cli_creates_an_environment_once_and_the_key_works() {
                 "--environment",
                 "dev",
             ])
-            .envs(tests::settings_env(&settings))
+            .envs(settings.to_env())
             .output()
             .expect("cli runs")
     };
@@ -54,7 +54,7 @@ async fn admin_cli_creates_an_environment_once_and_the_key_works() {
             "--environment",
             "dev",
         ])
-        .envs(tests::settings_env(&settings))
+        .envs(settings.to_env())
         .output()
         .expect("cli runs");
     assert!(!bad.status.success());

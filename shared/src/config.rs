@@ -914,6 +914,188 @@ impl Settings {
             rate_limit_burst,
         })
     }
+
+    /// The environment variables that reproduce these settings ([`Settings::from_lookup`] of
+    /// them gives the same settings back): how a process hands its configuration to a process
+    /// it starts (the test harness's child apis, workers and admin commands). Carries the
+    /// secrets as they are (URLs with passwords, a master key that is not the default): for a
+    /// child's environment, never for a log.
+    pub fn to_env(&self) -> Vec<(&'static str, String)> {
+        // Destructured, so that a new field fails to compile until it is listed here.
+        let Self {
+            database_url,
+            amqp_url,
+            log_replicas,
+            log_max_bytes,
+            log_max_age,
+            log_segment_bytes,
+            redis_url,
+            http_addr,
+            metrics_addr,
+            worker_http_addr,
+            partitions,
+            broker_prefix,
+            redis_prefix,
+            confirm_timeout,
+            reply_timeout,
+            in_append_wait,
+            writer_token_ttl,
+            writer_ack_wait,
+            writer_idle_timeout,
+            http2_idle_timeout,
+            header_read_timeout,
+            body_idle_timeout,
+            body_read_timeout,
+            max_connections,
+            http2_max_concurrent_streams,
+            http2_keep_alive,
+            max_sse_per_environment,
+            max_sse_per_token,
+            max_append_bytes,
+            max_json_bytes,
+            max_snapshot_bytes,
+            max_discard_bytes,
+            discard_timeout,
+            publish_batch_max,
+            worker_batch_max,
+            worker_batch_linger,
+            retention_after_close,
+            worker_prefetch,
+            worker_apply_lanes,
+            claim_ttl,
+            retry_budget,
+            worker_index,
+            worker_count,
+            worker_standby_delay,
+            partition_lease,
+            drain_legacy_queues,
+            auth_cache_ttl,
+            session_cache_ttl,
+            db_max_connections,
+            jwt_issuer,
+            jwt_audience,
+            public_url,
+            master_key,
+            master_key_is_default,
+            rate_limit_per_second,
+            rate_limit_burst,
+        } = self;
+        let millis = |duration: &Duration| duration.as_millis().to_string();
+        let mut env = vec![
+            ("DATABASE_URL", database_url.clone()),
+            ("AMQP_URL", amqp_url.clone()),
+            ("SESSIONS_LOG_MAX_BYTES", log_max_bytes.to_string()),
+            ("SESSIONS_LOG_MAX_AGE", log_max_age.clone()),
+            ("SESSIONS_LOG_SEGMENT_BYTES", log_segment_bytes.to_string()),
+            ("REDIS_URL", redis_url.clone()),
+            ("SESSIONS_HTTP_ADDR", http_addr.to_string()),
+            ("SESSIONS_WORKER_HTTP_ADDR", worker_http_addr.to_string()),
+            ("SESSIONS_PARTITIONS", partitions.to_string()),
+            ("SESSIONS_BROKER_PREFIX", broker_prefix.clone()),
+            ("SESSIONS_REDIS_PREFIX", redis_prefix.clone()),
+            ("SESSIONS_CONFIRM_TIMEOUT_MS", millis(confirm_timeout)),
+            ("SESSIONS_REPLY_TIMEOUT_MS", millis(reply_timeout)),
+            ("SESSIONS_IN_APPEND_WAIT_MS", millis(in_append_wait)),
+            (
+                "SESSIONS_WRITER_TOKEN_TTL_SECONDS",
+                writer_token_ttl.as_secs().to_string(),
+            ),
+            ("SESSIONS_WRITER_ACK_WAIT_MS", millis(writer_ack_wait)),
+            (
+                "SESSIONS_WRITER_IDLE_TIMEOUT_MS",
+                millis(writer_idle_timeout),
+            ),
+            ("SESSIONS_HTTP2_IDLE_TIMEOUT_MS", millis(http2_idle_timeout)),
+            (
+                "SESSIONS_HTTP_HEADER_READ_TIMEOUT_MS",
+                millis(header_read_timeout),
+            ),
+            (
+                "SESSIONS_HTTP_BODY_IDLE_TIMEOUT_MS",
+                millis(body_idle_timeout),
+            ),
+            (
+                "SESSIONS_HTTP_BODY_READ_TIMEOUT_MS",
+                millis(body_read_timeout),
+            ),
+            ("SESSIONS_MAX_CONNECTIONS", max_connections.to_string()),
+            (
+                "SESSIONS_HTTP2_MAX_CONCURRENT_STREAMS",
+                http2_max_concurrent_streams.to_string(),
+            ),
+            ("SESSIONS_HTTP2_KEEPALIVE_MS", millis(http2_keep_alive)),
+            (
+                "SESSIONS_MAX_SSE_PER_ENVIRONMENT",
+                max_sse_per_environment.to_string(),
+            ),
+            ("SESSIONS_MAX_SSE_PER_TOKEN", max_sse_per_token.to_string()),
+            ("SESSIONS_MAX_APPEND_BYTES", max_append_bytes.to_string()),
+            ("SESSIONS_MAX_JSON_BYTES", max_json_bytes.to_string()),
+            (
+                "SESSIONS_MAX_SNAPSHOT_BYTES",
+                max_snapshot_bytes.to_string(),
+            ),
+            ("SESSIONS_MAX_DISCARD_BYTES", max_discard_bytes.to_string()),
+            ("SESSIONS_DISCARD_TIMEOUT_MS", millis(discard_timeout)),
+            ("SESSIONS_PUBLISH_BATCH_MAX", publish_batch_max.to_string()),
+            ("SESSIONS_WORKER_BATCH_MAX", worker_batch_max.to_string()),
+            (
+                "SESSIONS_WORKER_BATCH_LINGER_MS",
+                millis(worker_batch_linger),
+            ),
+            (
+                "SESSIONS_RETENTION_AFTER_CLOSE_SECONDS",
+                retention_after_close
+                    .map_or(0, |after| after.as_secs())
+                    .to_string(),
+            ),
+            ("SESSIONS_WORKER_PREFETCH", worker_prefetch.to_string()),
+            (
+                "SESSIONS_WORKER_APPLY_LANES",
+                worker_apply_lanes.to_string(),
+            ),
+            ("SESSIONS_CLAIM_TTL_MS", millis(claim_ttl)),
+            ("SESSIONS_RETRY_BUDGET_MS", millis(retry_budget)),
+            ("WORKER_INDEX", worker_index.to_string()),
+            ("WORKER_COUNT", worker_count.to_string()),
+            (
+                "SESSIONS_WORKER_STANDBY_DELAY_MS",
+                millis(worker_standby_delay),
+            ),
+            ("SESSIONS_PARTITION_LEASE_MS", millis(partition_lease)),
+            (
+                "SESSIONS_DRAIN_LEGACY_QUEUES",
+                if *drain_legacy_queues { "1" } else { "0" }.to_owned(),
+            ),
+            ("SESSIONS_AUTH_CACHE_TTL_MS", millis(auth_cache_ttl)),
+            ("SESSIONS_SESSION_CACHE_TTL_MS", millis(session_cache_ttl)),
+            (
+                "SESSIONS_DB_MAX_CONNECTIONS",
+                db_max_connections.to_string(),
+            ),
+            ("SESSIONS_JWT_ISSUER", jwt_issuer.clone()),
+            ("SESSIONS_JWT_AUDIENCE", jwt_audience.clone()),
+            (
+                "SESSIONS_RATE_LIMIT_PER_SECOND",
+                rate_limit_per_second.to_string(),
+            ),
+            ("SESSIONS_RATE_LIMIT_BURST", rate_limit_burst.to_string()),
+        ];
+        if let Some(replicas) = log_replicas {
+            env.push(("SESSIONS_LOG_REPLICAS", replicas.to_string()));
+        }
+        if let Some(address) = metrics_addr {
+            env.push(("SESSIONS_METRICS_ADDR", address.to_string()));
+        }
+        if let Some(url) = public_url {
+            env.push(("SESSIONS_PUBLIC_URL", url.clone()));
+        }
+        // Unset means the development key (and the warning that goes with it).
+        if !master_key_is_default {
+            env.push(("SESSIONS_MASTER_KEY", hex::encode(master_key)));
+        }
+        env
+    }
 }
 
 #[cfg(test)]
@@ -946,6 +1128,46 @@ mod tests {
         assert!(shown.contains("postgres://***@db.internal:5432/sessions"));
         assert!(shown.contains("amqp://***@a:5672/%2f,amqps://***@b:5671/%2f"));
         assert!(shown.contains("partitions: 8"));
+    }
+
+    /// `to_env` then `from_lookup` gives the same settings, for the defaults and for settings
+    /// where every optional value is set and the others differ from their defaults.
+    #[test]
+    fn settings_survive_the_trip_through_environment_variables() {
+        let mut changed = Settings::from_lookup(|_| None).expect("defaults");
+        changed.database_url = "postgres://app:db-pass@db.internal:5432/other".into();
+        changed.amqp_url = "amqp://mq:mq-pass@a:5672/%2f,amqp://mq:mq-pass@b:5672/%2f".into();
+        changed.redis_url = "redis://:cache-pass@cache:6379/2".into();
+        changed.log_replicas = Some(3);
+        changed.log_max_age = "24h".into();
+        changed.metrics_addr = Some(SocketAddr::from(([0, 0, 0, 0], 3032)));
+        changed.http_addr = SocketAddr::from(([10, 0, 0, 1], 8080));
+        changed.partitions = 16;
+        changed.reply_timeout = Duration::from_millis(1234);
+        changed.writer_token_ttl = Duration::from_secs(3600);
+        changed.discard_timeout = Duration::ZERO;
+        changed.worker_batch_linger = Duration::from_millis(5);
+        changed.retention_after_close = Some(Duration::from_secs(86_400));
+        changed.worker_index = 2;
+        changed.worker_count = 3;
+        changed.drain_legacy_queues = true;
+        changed.session_cache_ttl = Duration::ZERO;
+        changed.public_url = Some("https://sessions.example.com/prefix".into());
+        changed.master_key = [0xAB; 32];
+        changed.master_key_is_default = false;
+        changed.rate_limit_per_second = 0;
+        changed.rate_limit_burst = 7;
+        for original in [Settings::from_lookup(|_| None).expect("defaults"), changed] {
+            let env: HashMap<&str, String> = original.to_env().into_iter().collect();
+            let back = Settings::from_lookup(|name| env.get(name).cloned())
+                .unwrap_or_else(|error| panic!("{error}"));
+            assert_eq!(format!("{back:?}"), format!("{original:?}"));
+            // What `Debug` redacts, compared directly.
+            assert_eq!(back.database_url, original.database_url);
+            assert_eq!(back.amqp_url, original.amqp_url);
+            assert_eq!(back.redis_url, original.redis_url);
+            assert_eq!(back.master_key, original.master_key);
+        }
     }
 
     #[test]

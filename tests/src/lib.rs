@@ -121,7 +121,7 @@ pub fn run_cli_json_lines(
 ) -> Vec<serde_json::Value> {
     let output = std::process::Command::new(binary)
         .args(arguments)
-        .envs(settings_env(settings))
+        .envs(settings.to_env())
         .env("RUST_LOG", "warn")
         .output()
         .expect("the command line runs");
@@ -140,85 +140,6 @@ pub fn run_cli_json_lines(
 /// `sessions-worker admin …` with `settings`: its JSON lines.
 pub fn worker_admin(settings: &Settings, arguments: &[&str]) -> Vec<serde_json::Value> {
     run_cli_json_lines(&workspace_binary("sessions-worker"), settings, arguments)
-}
-
-/// The environment variables that reproduce `settings` in a child process.
-pub fn settings_env(settings: &Settings) -> Vec<(&'static str, String)> {
-    let mut env = vec![
-        ("DATABASE_URL", settings.database_url.clone()),
-        ("AMQP_URL", settings.amqp_url.clone()),
-        ("REDIS_URL", settings.redis_url.clone()),
-        ("SESSIONS_PARTITIONS", settings.partitions.to_string()),
-        (
-            "SESSIONS_WORKER_HTTP_ADDR",
-            settings.worker_http_addr.to_string(),
-        ),
-        ("SESSIONS_BROKER_PREFIX", settings.broker_prefix.clone()),
-        ("SESSIONS_REDIS_PREFIX", settings.redis_prefix.clone()),
-        (
-            "SESSIONS_DB_MAX_CONNECTIONS",
-            settings.db_max_connections.to_string(),
-        ),
-        (
-            "SESSIONS_CONFIRM_TIMEOUT_MS",
-            settings.confirm_timeout.as_millis().to_string(),
-        ),
-        (
-            "SESSIONS_RATE_LIMIT_PER_SECOND",
-            settings.rate_limit_per_second.to_string(),
-        ),
-        (
-            "SESSIONS_RATE_LIMIT_BURST",
-            settings.rate_limit_burst.to_string(),
-        ),
-    ];
-    env.extend([
-        ("WORKER_INDEX", settings.worker_index.to_string()),
-        ("WORKER_COUNT", settings.worker_count.to_string()),
-        (
-            "SESSIONS_WORKER_STANDBY_DELAY_MS",
-            settings.worker_standby_delay.as_millis().to_string(),
-        ),
-        (
-            "SESSIONS_PARTITION_LEASE_MS",
-            settings.partition_lease.as_millis().to_string(),
-        ),
-        ("SESSIONS_LOG_MAX_BYTES", settings.log_max_bytes.to_string()),
-        ("SESSIONS_LOG_MAX_AGE", settings.log_max_age.clone()),
-        (
-            "SESSIONS_LOG_SEGMENT_BYTES",
-            settings.log_segment_bytes.to_string(),
-        ),
-        (
-            "SESSIONS_WORKER_PREFETCH",
-            settings.worker_prefetch.to_string(),
-        ),
-        (
-            "SESSIONS_SESSION_CACHE_TTL_MS",
-            settings.session_cache_ttl.as_millis().to_string(),
-        ),
-        (
-            "SESSIONS_WORKER_BATCH_MAX",
-            settings.worker_batch_max.to_string(),
-        ),
-        (
-            "SESSIONS_WORKER_BATCH_LINGER_MS",
-            settings.worker_batch_linger.as_millis().to_string(),
-        ),
-    ]);
-    if let Some(retention) = settings.retention_after_close {
-        env.push((
-            "SESSIONS_RETENTION_AFTER_CLOSE_SECONDS",
-            retention.as_secs().to_string(),
-        ));
-    }
-    if let Some(replicas) = settings.log_replicas {
-        env.push(("SESSIONS_LOG_REPLICAS", replicas.to_string()));
-    }
-    if settings.drain_legacy_queues {
-        env.push(("SESSIONS_DRAIN_LEGACY_QUEUES", "1".into()));
-    }
-    env
 }
 
 pub fn init_test_logging() {
@@ -416,7 +337,7 @@ impl ChildApi {
         let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
         let mut child = tokio::process::Command::new(workspace_binary("sessions-api"))
-            .envs(settings_env(settings))
+            .envs(settings.to_env())
             .envs(overrides.iter().copied())
             .env("SESSIONS_HTTP_ADDR", format!("127.0.0.1:{port}"))
             .env("SESSIONS_MODE", "production")
@@ -504,7 +425,7 @@ impl ChildWorker {
         let binary = workspace_binary("sessions-worker");
         let mut command = tokio::process::Command::new(binary);
         command
-            .envs(settings_env(settings))
+            .envs(settings.to_env())
             .envs(extra.iter().copied())
             .env(
                 "RUST_LOG",

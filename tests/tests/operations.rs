@@ -374,7 +374,7 @@ async fn api_sigterm_ends_live_streams_finishes_appends_and_exits_cleanly() {
     let port = free_port();
     let address = format!("http://127.0.0.1:{port}");
     let mut api = tokio::process::Command::new(tests::workspace_binary("sessions-api"))
-        .envs(tests::settings_env(&app.settings))
+        .envs(app.settings.to_env())
         .env("SESSIONS_HTTP_ADDR", format!("127.0.0.1:{port}"))
         .env("SESSIONS_MODE", "production")
         .env("RUST_LOG", "warn")
@@ -561,7 +561,7 @@ async fn refused_start(
     within: Duration,
 ) -> (bool, String) {
     let child = tokio::process::Command::new(tests::workspace_binary(binary))
-        .envs(tests::settings_env(settings))
+        .envs(settings.to_env())
         .env("SESSIONS_MODE", "production")
         .env("SESSIONS_HTTP_ADDR", "127.0.0.1:0")
         .env("RUST_LOG", "warn")

@@ -807,8 +807,7 @@ async fn worker_counters(client: &reqwest::Client, port: u16) -> String {
         .join(" ")
 }
 
-/// Claim expiry. Two workers with a 300 ms claim TTL (`SESSIONS_CLAIM_TTL_MS`, which the
-/// harness's `settings_env` does not pass, hence [`ChildWorker::spawn_with`]) and a 2 s AMQP heartbeat;
+/// Claim expiry. Two workers with a 300 ms claim TTL (`SESSIONS_CLAIM_TTL_MS`) and a 2 s AMQP heartbeat;
 /// producers re-send every second append (client retries, same part id). Mid-load worker 0 is
 /// paused with SIGSTOP for 6 s (soak: each worker in turn, 4 pauses): its claims expire, the
 /// broker declares it dead after missed heartbeats and hands its unacknowledged message and its
@@ -829,17 +828,14 @@ async fn claim_expiry_of_a_paused_holder() {
         .map(|index| {
             let mut settings = worker_settings(&app.settings, index, 2);
             settings.amqp_url = "amqp://guest:guest@127.0.0.1:5672/%2f?heartbeat=2".into();
+            settings.claim_ttl = Duration::from_millis(300);
             settings.worker_http_addr = format!("127.0.0.1:{}", ports[usize::from(index)])
                 .parse()
                 .expect("address");
             settings
         })
         .collect();
-    let extra = [("SESSIONS_CLAIM_TTL_MS", "300")];
-    let workers: Vec<ChildWorker> = settings
-        .iter()
-        .map(|settings| ChildWorker::spawn_with(settings, &extra))
-        .collect();
+    let workers: Vec<ChildWorker> = settings.iter().map(ChildWorker::spawn).collect();
     let plan = Plan::new(sized(40, 200))
         .waitpoints_every(8)
         .resend_every(2);
