@@ -93,11 +93,15 @@ use entities::{
     waitpoints,
 };
 
-/// A storage failure. [`StorageError::is_transient`] tells the worker whether to retry.
+/// A storage failure. [`StorageError::is_transient`] tells the worker whether to retry. It
+/// carries no database library type: a failure of the database is classified where it happens
+/// (see the `From<DbErr>` impl) and leaves storage as its message and that classification.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
-    #[error("database error: {0}")]
-    Database(#[from] DbErr),
+    /// The database failed or refused a statement. `transient`: retrying the same transaction
+    /// may succeed (see [`StorageError::is_transient`]).
+    #[error("database error: {message}")]
+    Database { message: String, transient: bool },
     #[error("DATABASE_URL {0}")]
     InvalidUrl(String),
     #[error("stored data is inconsistent: {0}")]
@@ -116,10 +120,19 @@ impl StorageError {
     /// while the partition stalls; the worker isolates the command instead.
     pub fn is_transient(&self) -> bool {
         match self {
-            StorageError::Database(error) => database_error_is_transient(error),
+            StorageError::Database { transient, .. } => *transient,
             StorageError::InvalidUrl(_)
             | StorageError::Inconsistent(_)
             | StorageError::Fenced(_) => false,
+        }
+    }
+}
+
+impl From<DbErr> for StorageError {
+    fn from(error: DbErr) -> Self {
+        StorageError::Database {
+            transient: database_error_is_transient(&error),
+            message: error.to_string(),
         }
     }
 }
@@ -805,6 +818,18 @@ mod tests {
         ] {
             assert!(!sqlstate_is_transient(permanent), "{permanent}");
         }
+    }
+
+    #[test]
+    fn a_database_failure_leaves_storage_classified_and_as_text() {
+        let lost = StorageError::from(DbErr::ConnectionAcquire(sea_orm::ConnAcquireErr::Timeout));
+        assert!(lost.is_transient());
+        let refused = StorageError::from(DbErr::Custom("value too long".into()));
+        assert!(!refused.is_transient());
+        let StorageError::Database { message, .. } = refused else {
+            panic!("a database failure: {refused:?}");
+        };
+        assert!(message.contains("value too long"), "{message}");
     }
 
     #[test]
