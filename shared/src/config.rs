@@ -184,124 +184,21 @@ pub struct Settings {
 /// Credentials never reach a log line through `{:?}`: the URLs lose their user information and
 /// the master key is not shown.
 impl std::fmt::Debug for Settings {
+    /// The variables that give these settings ([`Settings::to_env`]), with the secrets
+    /// redacted: credentials in URLs, and the master key (absent: the development key).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // Destructured, so that a new field fails to compile until it is listed here.
-        let Self {
-            database_url,
-            amqp_url,
-            log_replicas,
-            log_max_bytes,
-            log_max_age,
-            log_segment_bytes,
-            redis_url,
-            http_addr,
-            metrics_addr,
-            worker_http_addr,
-            partitions,
-            broker_prefix,
-            redis_prefix,
-            confirm_timeout,
-            reply_timeout,
-            in_append_wait,
-            writer_token_ttl,
-            writer_ack_wait,
-            writer_idle_timeout,
-            http2_idle_timeout,
-            header_read_timeout,
-            body_idle_timeout,
-            body_read_timeout,
-            max_connections,
-            http2_max_concurrent_streams,
-            http2_keep_alive,
-            max_sse_per_environment,
-            max_sse_per_token,
-            max_append_bytes,
-            max_json_bytes,
-            max_snapshot_bytes,
-            max_discard_bytes,
-            discard_timeout,
-            publish_batch_max,
-            worker_batch_max,
-            worker_batch_linger,
-            retention_after_close,
-            worker_prefetch,
-            worker_apply_lanes,
-            claim_ttl,
-            retry_budget,
-            worker_index,
-            worker_count,
-            worker_standby_delay,
-            partition_lease,
-            drain_legacy_queues,
-            auth_cache_ttl,
-            session_cache_ttl,
-            db_max_connections,
-            jwt_issuer,
-            jwt_audience,
-            public_url,
-            master_key: _,
-            master_key_is_default,
-            rate_limit_per_second,
-            rate_limit_burst,
-        } = self;
-        f.debug_struct("Settings")
-            .field("database_url", &without_credentials(database_url))
-            .field("amqp_url", &without_credentials(amqp_url))
-            .field("log_replicas", log_replicas)
-            .field("log_max_bytes", log_max_bytes)
-            .field("log_max_age", log_max_age)
-            .field("log_segment_bytes", log_segment_bytes)
-            .field("redis_url", &without_credentials(redis_url))
-            .field("http_addr", http_addr)
-            .field("metrics_addr", metrics_addr)
-            .field("worker_http_addr", worker_http_addr)
-            .field("partitions", partitions)
-            .field("broker_prefix", broker_prefix)
-            .field("redis_prefix", redis_prefix)
-            .field("confirm_timeout", confirm_timeout)
-            .field("reply_timeout", reply_timeout)
-            .field("in_append_wait", in_append_wait)
-            .field("writer_token_ttl", writer_token_ttl)
-            .field("writer_ack_wait", writer_ack_wait)
-            .field("writer_idle_timeout", writer_idle_timeout)
-            .field("http2_idle_timeout", http2_idle_timeout)
-            .field("header_read_timeout", header_read_timeout)
-            .field("body_idle_timeout", body_idle_timeout)
-            .field("body_read_timeout", body_read_timeout)
-            .field("max_connections", max_connections)
-            .field("http2_max_concurrent_streams", http2_max_concurrent_streams)
-            .field("http2_keep_alive", http2_keep_alive)
-            .field("max_sse_per_environment", max_sse_per_environment)
-            .field("max_sse_per_token", max_sse_per_token)
-            .field("max_append_bytes", max_append_bytes)
-            .field("max_json_bytes", max_json_bytes)
-            .field("max_snapshot_bytes", max_snapshot_bytes)
-            .field("max_discard_bytes", max_discard_bytes)
-            .field("discard_timeout", discard_timeout)
-            .field("publish_batch_max", publish_batch_max)
-            .field("worker_batch_max", worker_batch_max)
-            .field("worker_batch_linger", worker_batch_linger)
-            .field("retention_after_close", retention_after_close)
-            .field("worker_prefetch", worker_prefetch)
-            .field("worker_apply_lanes", worker_apply_lanes)
-            .field("claim_ttl", claim_ttl)
-            .field("retry_budget", retry_budget)
-            .field("worker_index", worker_index)
-            .field("worker_count", worker_count)
-            .field("worker_standby_delay", worker_standby_delay)
-            .field("partition_lease", partition_lease)
-            .field("drain_legacy_queues", drain_legacy_queues)
-            .field("auth_cache_ttl", auth_cache_ttl)
-            .field("session_cache_ttl", session_cache_ttl)
-            .field("db_max_connections", db_max_connections)
-            .field("jwt_issuer", jwt_issuer)
-            .field("jwt_audience", jwt_audience)
-            .field("public_url", public_url)
-            .field("master_key", &"[redacted]")
-            .field("master_key_is_default", master_key_is_default)
-            .field("rate_limit_per_second", rate_limit_per_second)
-            .field("rate_limit_burst", rate_limit_burst)
-            .finish()
+        let mut shown = f.debug_map();
+        for (variable, value) in self.to_env() {
+            let value = match variable {
+                "DATABASE_URL" | "AMQP_URL" | "REDIS_URL" | "SESSIONS_PUBLIC_URL" => {
+                    without_credentials(&value)
+                }
+                "SESSIONS_MASTER_KEY" => "[redacted]".to_owned(),
+                _ => value,
+            };
+            shown.entry(&variable, &value);
+        }
+        shown.finish()
     }
 }
 
@@ -1110,6 +1007,7 @@ mod tests {
             "amqp://mq:mq-pass-456@a:5672/%2f,amqps://mq:mq-pass-789@b:5671/%2f".into();
         settings.redis_url = "redis://:cache-pass-000@cache:6379".into();
         settings.master_key = [0xAB; 32];
+        settings.master_key_is_default = false;
         let shown = format!("{settings:?}");
         for secret in [
             "db-pass-123",
@@ -1124,10 +1022,14 @@ mod tests {
             "the master key's bytes in {shown}"
         );
         assert!(!shown.to_lowercase().contains(&"ab".repeat(32)));
+        assert!(
+            shown.contains(r#""SESSIONS_MASTER_KEY": "[redacted]""#),
+            "{shown}"
+        );
         // What is not secret is still there to debug with.
         assert!(shown.contains("postgres://***@db.internal:5432/sessions"));
         assert!(shown.contains("amqp://***@a:5672/%2f,amqps://***@b:5671/%2f"));
-        assert!(shown.contains("partitions: 8"));
+        assert!(shown.contains(r#""SESSIONS_PARTITIONS": "8""#), "{shown}");
     }
 
     /// `to_env` then `from_lookup` gives the same settings, for the defaults and for settings
