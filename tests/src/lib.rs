@@ -142,6 +142,26 @@ pub fn worker_admin(settings: &Settings, arguments: &[&str]) -> Vec<serde_json::
     run_cli_json_lines(&workspace_binary("sessions-worker"), settings, arguments)
 }
 
+/// Messages ready (not delivered to a consumer) in `queue`, or `None` when it does not exist or
+/// cannot be read. A passive declare of a missing queue closes its channel, so each read uses a
+/// channel of its own.
+pub async fn queue_message_count(connection: &lapin::Connection, queue: &str) -> Option<u32> {
+    let channel = connection.create_channel().await.ok()?;
+    let declared = channel
+        .queue_declare(
+            queue.into(),
+            lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..lapin::options::QueueDeclareOptions::default()
+            },
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .ok()?;
+    let _ = channel.close(200, "depth read".into()).await;
+    Some(declared.message_count())
+}
+
 pub fn init_test_logging() {
     static ONCE: OnceLock<()> = OnceLock::new();
     ONCE.get_or_init(|| {

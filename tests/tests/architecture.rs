@@ -135,8 +135,7 @@ fn no_handler_and_no_apply_code_knows_which_mode_runs() {
 
 /// Files under `folders` that name `needle` in code.
 fn offenders_under(needle: &str, folders: &[&str]) -> Vec<String> {
-    let outside: Vec<String> = offenders(needle, &[]);
-    outside
+    offenders(needle, &[])
         .into_iter()
         .filter(|path| folders.iter().any(|folder| path.starts_with(folder)))
         .collect()

@@ -39,21 +39,10 @@ async fn declare_legacy_queue(channel: &lapin::Channel, queue: &str) -> u32 {
         .message_count()
 }
 
-/// The messages ready in `queue`, or `None` when it does not exist (a passive declare is
-/// refused with NOT_FOUND, which also closes `channel`).
-async fn messages_in(channel: &lapin::Channel, queue: &str) -> Option<u32> {
-    channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .ok()
-        .map(|declared| declared.message_count())
+/// The queue the previous version used for `partition`, named as that version named it
+/// (written out here rather than taken from the code under test: it is history).
+fn legacy_queue(settings: &shared::config::Settings, partition: u16) -> String {
+    format!("{}.p{partition:03}", settings.broker_prefix)
 }
 
 #[tokio::test]
@@ -78,7 +67,7 @@ async fn commands_left_in_legacy_partition_queues_are_applied_first_then_the_que
     // What an old api instance left in the old queue of the session's partition.
     let session = app.session_row("upgraded").await;
     let partition = partition_of(session.id, app.settings.partitions);
-    let legacy_queue = format!("{}.p{partition:03}", app.settings.broker_prefix);
+    let legacy_queue = legacy_queue(&app.settings, partition);
     let connection = lapin::Connection::connect(tests::AMQP_URL, Default::default())
         .await
         .expect("connect");
@@ -136,9 +125,8 @@ async fn commands_left_in_legacy_partition_queues_are_applied_first_then_the_que
     );
 
     // The drained queue is gone: a passive declare is refused with NOT_FOUND.
-    let check = connection.create_channel().await.expect("channel");
     assert_eq!(
-        messages_in(&check, &legacy_queue).await,
+        tests::queue_message_count(&connection, &legacy_queue).await,
         None,
         "the drained legacy queue was deleted"
     );
@@ -157,10 +145,7 @@ async fn a_drain_refuses_when_the_old_version_had_more_partitions() {
     .await;
     // The previous version ran with more partitions than this one is configured with: its
     // queue just past the configured count still holds a command.
-    let beyond = format!(
-        "{}.p{:03}",
-        app.settings.broker_prefix, app.settings.partitions
-    );
+    let beyond = legacy_queue(&app.settings, app.settings.partitions);
     let connection = lapin::Connection::connect(tests::AMQP_URL, Default::default())
         .await
         .expect("connect");
@@ -197,7 +182,7 @@ async fn a_drain_refuses_when_the_old_version_had_more_partitions() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     // Nothing applied: the old queue keeps its message, and the session was not created.
     assert_eq!(
-        messages_in(&channel, &beyond).await,
+        tests::queue_message_count(&connection, &beyond).await,
         Some(1),
         "the old queue is still there and the drain did not take from it"
     );

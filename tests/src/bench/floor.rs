@@ -292,7 +292,8 @@ async fn measure(config: &FloorConfig, resources: &Resources) -> Result<Throughp
     tokio::time::sleep_until(deadline.into()).await;
     let persisted_in_window = counters.persisted.load(Ordering::SeqCst);
     let elapsed = started.elapsed();
-    let ready_at_end = queue_depth(&resources.publisher_connection, &resources.queue).await;
+    let ready_at_end =
+        crate::queue_message_count(&resources.publisher_connection, &resources.queue).await;
 
     let mut latencies = Latencies::default();
     for publisher in publishers {
@@ -342,24 +343,6 @@ async fn measure(config: &FloorConfig, resources: &Resources) -> Result<Throughp
         elapsed,
         &latencies,
     ))
-}
-
-/// Messages ready (not delivered to the consumer) in `queue`, or `None` if it cannot be read.
-async fn queue_depth(connection: &Connection, queue: &str) -> Option<u32> {
-    let channel = connection.create_channel().await.ok()?;
-    let declared = channel
-        .queue_declare(
-            queue.into(),
-            QueueDeclareOptions {
-                passive: true,
-                ..QueueDeclareOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .ok()?;
-    let _ = channel.close(200, "depth read".into()).await;
-    Some(declared.message_count())
 }
 
 /// One closed-loop publisher: publish, wait for the confirm, repeat until `deadline`.
