@@ -123,6 +123,19 @@ impl Command {
             body,
         }
     }
+
+    /// The id the command's outcome is stored and looked up under, so that applying it again
+    /// replays that outcome: the command's own id, or, for a writer batch the official client
+    /// sent again, the batch's [`AppendRecordsCommand::resend_key`] (shared by every copy).
+    pub fn outcome_key(&self) -> Uuid {
+        match &self.body {
+            CommandBody::AppendRecords(AppendRecordsCommand {
+                resend_key: Some(key),
+                ..
+            }) => *key,
+            _ => self.id,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -190,9 +203,42 @@ pub struct AppendRecordsCommand {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub channel: Option<ChannelName>,
     pub records: Vec<WrittenRecord>,
+    /// Set when the batch can be told apart from every other batch by what it carries (see
+    /// [`AppendRecordsCommand::new`]): every copy of it has the same key, and the worker
+    /// applies the batch once under that key. Absent in envelopes from builds before it; a
+    /// worker from before it ignores it (and applies every copy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resend_key: Option<Uuid>,
 }
 
 impl AppendRecordsCommand {
+    /// A writer batch for `stream` of a session, with its resend key.
+    ///
+    /// After a lost or late ack the official writer opens a new append session and sends the
+    /// batches it had in flight again, unchanged; S2 itself would store them twice. Every data
+    /// record it writes carries a unique `id` in its JSON body (its readers drop repeats by
+    /// it), so a batch holding such a record is a resend exactly when everything it carries is
+    /// the same: the key is a hash of the environment, session, stream and records. A batch of
+    /// control or trim records only (no `id`) gets no key: two identical ones may both be
+    /// meant, so each is applied, as on S2.
+    pub fn new(
+        environment_id: Uuid,
+        session_id: Uuid,
+        stream: Stream,
+        records: Vec<WrittenRecord>,
+    ) -> Self {
+        let resend_key = records
+            .iter()
+            .any(WrittenRecord::carries_an_id)
+            .then(|| batch_content_key(environment_id, session_id, &stream, &records));
+        Self {
+            io: stream.io,
+            channel: stream.channel,
+            records,
+            resend_key,
+        }
+    }
+
     /// The stream the records go to.
     pub fn stream(&self) -> Stream {
         Stream {
@@ -231,6 +277,66 @@ pub enum WrittenRecord {
     },
     /// The S2 trim command record: records below `min(trim_to, tail)` are no longer read.
     Trim { trim_to: u64 },
+}
+
+impl WrittenRecord {
+    /// Whether the record's body is a JSON object with a string `id`, as every data record of
+    /// the official writer is (`{"data":…,"id":"<nanoid>"}`).
+    fn carries_an_id(&self) -> bool {
+        #[derive(Deserialize)]
+        struct WithId<'a> {
+            #[serde(borrow)]
+            id: Option<std::borrow::Cow<'a, str>>,
+        }
+        match self {
+            WrittenRecord::Record { body, .. } => {
+                body.starts_with('{')
+                    && serde_json::from_str::<WithId<'_>>(body)
+                        .is_ok_and(|record| record.id.is_some())
+            }
+            WrittenRecord::Trim { .. } => false,
+        }
+    }
+}
+
+/// A SHA-256 of everything a writer batch carries and where it goes, as a UUID. Each field is
+/// length-prefixed, so two different batches never feed the hash the same bytes.
+fn batch_content_key(
+    environment_id: Uuid,
+    session_id: Uuid,
+    stream: &Stream,
+    records: &[WrittenRecord],
+) -> Uuid {
+    use sha2::{Digest, Sha256};
+    fn field(hash: &mut Sha256, bytes: &[u8]) {
+        hash.update((bytes.len() as u64).to_be_bytes());
+        hash.update(bytes);
+    }
+    let mut hash = Sha256::new();
+    hash.update(environment_id.as_bytes());
+    hash.update(session_id.as_bytes());
+    field(&mut hash, stream.key().as_bytes());
+    for record in records {
+        match record {
+            WrittenRecord::Record { headers, body } => {
+                hash.update([0]);
+                hash.update((headers.len() as u64).to_be_bytes());
+                for (name, value) in headers {
+                    field(&mut hash, name.as_bytes());
+                    field(&mut hash, value.as_bytes());
+                }
+                field(&mut hash, body.as_bytes());
+            }
+            WrittenRecord::Trim { trim_to } => {
+                hash.update([1]);
+                hash.update(trim_to.to_be_bytes());
+            }
+        }
+    }
+    let digest = hash.finalize();
+    let mut bytes = [0_u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(bytes).into_uuid()
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -494,6 +600,74 @@ mod tests {
     }
 
     #[test]
+    fn a_writer_batch_is_keyed_by_all_it_carries_when_it_holds_a_record_with_an_id() {
+        let (environment, session) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let record = |body: &str, headers: &[(&str, &str)]| WrittenRecord::Record {
+            headers: headers
+                .iter()
+                .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+                .collect(),
+            body: body.to_owned(),
+        };
+        let data = || {
+            vec![
+                record(r#"{"data":{"id":"inner"},"id":"Ab3_x9Q"}"#, &[]),
+                WrittenRecord::Trim { trim_to: 4 },
+            ]
+        };
+        let key = |environment, session, stream: Stream, records| {
+            AppendRecordsCommand::new(environment, session, stream, records).resend_key
+        };
+        let out = || Stream::reserved(Io::Out);
+        let first = key(environment, session, out(), data()).expect("a data record has an id");
+        assert_eq!(key(environment, session, out(), data()), Some(first));
+        let mut changed_body = data();
+        changed_body[0] = record(r#"{"data":{"id":"inner"},"id":"Ab3_x9R"}"#, &[]);
+        let mut changed_header = data();
+        changed_header[0] = record(r#"{"data":{"id":"inner"},"id":"Ab3_x9Q"}"#, &[("a", "")]);
+        let mut changed_trim = data();
+        changed_trim[1] = WrittenRecord::Trim { trim_to: 5 };
+        for (label, other) in [
+            ("body", key(environment, session, out(), changed_body)),
+            ("header", key(environment, session, out(), changed_header)),
+            ("trim", key(environment, session, out(), changed_trim)),
+            (
+                "stream",
+                key(environment, session, Stream::reserved(Io::In), data()),
+            ),
+            (
+                "session",
+                key(environment, Uuid::from_u128(3), out(), data()),
+            ),
+            (
+                "environment",
+                key(Uuid::from_u128(3), session, out(), data()),
+            ),
+        ] {
+            assert!(other.is_some_and(|other| other != first), "{label}");
+        }
+        // No record with a top-level string `id`: every copy is a batch of its own.
+        for records in [
+            vec![record("", &[("trigger-control", "turn-complete")])],
+            vec![WrittenRecord::Trim { trim_to: 1 }],
+            vec![record(r#"{"data":{"id":"inner"}}"#, &[])],
+            vec![record(r#"{"id":7}"#, &[]), record("not json", &[])],
+        ] {
+            assert_eq!(key(environment, session, out(), records), None);
+        }
+
+        let mut command = append(None);
+        assert_eq!(command.outcome_key(), command.id);
+        command.body = CommandBody::AppendRecords(AppendRecordsCommand::new(
+            environment,
+            session,
+            out(),
+            data(),
+        ));
+        assert_eq!(command.outcome_key(), first);
+    }
+
+    #[test]
     fn only_envelopes_with_a_named_channel_are_version_2() {
         let reserved = Envelope::new(vec![append(Some("p1"))]);
         assert_eq!(reserved.version, 1);
@@ -506,11 +680,12 @@ mod tests {
         let envelope = Envelope::new(vec![append(None), side]);
         assert_eq!(envelope.version, 2);
         let mut writer = append(None);
-        writer.body = CommandBody::AppendRecords(AppendRecordsCommand {
-            io: Io::Out,
-            channel: None,
-            records: vec![WrittenRecord::Trim { trim_to: 3 }],
-        });
+        writer.body = CommandBody::AppendRecords(AppendRecordsCommand::new(
+            writer.environment_id,
+            writer.session_id,
+            Stream::reserved(Io::Out),
+            vec![WrittenRecord::Trim { trim_to: 3 }],
+        ));
         assert_eq!(Envelope::new(vec![append(None), writer]).version, 3);
         let mut control = append(None);
         if let CommandBody::Append(append) = &mut control.body {

@@ -2,8 +2,9 @@
 //! official SDK does (HTTP/2 with prior knowledge, `s2s/proto` frames; REST over HTTP/1.1):
 //! acks in order with contiguous seqNums, every kind of bad frame refused with a terminal error
 //! and nothing written, REST limits, the idle cut, and a stopped worker answered with a
-//! retryable error in time (the official client gives up on an ack after 5 s). The SDK itself
-//! drives the same endpoint in `tests/js/writer.test.mjs`; tokens are in the authorization matrix.
+//! retryable error in time (the official client gives up on an ack after 5 s) and the batch it
+//! then sends again applied once. The SDK itself drives the same endpoint in
+//! `tests/js/writer.test.mjs`; tokens are in the authorization matrix.
 
 use std::time::{Duration, Instant};
 
@@ -338,7 +339,8 @@ async fn an_append_session_that_sends_nothing_is_cut_after_the_idle_timeout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_the_worker_stopped_a_batch_gets_a_retryable_error_in_time_and_is_kept() {
+async fn with_the_worker_stopped_a_batch_gets_a_retryable_error_in_time_is_kept_and_applied_once_when_sent_again()
+ {
     let app = TestApp::spawn_with(without_worker()).await;
     // The session must exist before the worker stops: create it with a worker running.
     let worker = InProcessWorker::spawn(app.settings.clone()).await;
@@ -347,7 +349,8 @@ async fn with_the_worker_stopped_a_batch_gets_a_retryable_error_in_time_and_is_k
     let (token, stream_name) = initialize(&app, "writer-outage", "out").await;
     let started = Instant::now();
     let mut session = AppendSession::open(&app, &token, &stream_name).await;
-    session.send(input_frame(vec![data_record("kept")])).await;
+    let batch = || input_frame(vec![data_record("kept"), data_record("kept too")]);
+    session.send(batch()).await;
     match session.next(Duration::from_secs(10)).await {
         ServerFrame::Terminal(status, error) => {
             assert_eq!(status, 503, "retryable: {error}");
@@ -363,10 +366,26 @@ async fn with_the_worker_stopped_a_batch_gets_a_retryable_error_in_time_and_is_k
     // The batch was durable in the partition log: a worker that starts applies it.
     let worker = InProcessWorker::spawn(app.settings.clone()).await;
     let records = app
-        .wait_for_records("writer-outage", "out", 1, Duration::from_secs(30))
+        .wait_for_records("writer-outage", "out", 2, Duration::from_secs(30))
         .await;
-    assert_eq!(records.len(), 1);
+    assert_eq!(records.len(), 2);
     assert_eq!(records[0].data, "kept");
+    // As the official client does after a retryable error: a new append session that sends
+    // the batch again, unchanged. It is acknowledged with the seqNums it was written at, and
+    // the next batch follows it.
+    let mut session = AppendSession::open(&app, &token, &stream_name).await;
+    session.send(batch()).await;
+    session.send(input_frame(vec![data_record("next")])).await;
+    session.finish();
+    for expected in [(0, 2, 2), (2, 3, 3)] {
+        match session.next(Duration::from_secs(10)).await {
+            ServerFrame::Ack(ack) => assert_eq!(positions(&ack), expected),
+            other => panic!("expected an ack, got {other:?}"),
+        }
+    }
+    let records = app.records("writer-outage", "out").await;
+    let data: Vec<_> = records.iter().map(|record| record.data.clone()).collect();
+    assert_eq!(data, ["kept", "kept too", "next"]);
     worker.stop().await;
     app.cleanup().await;
 }

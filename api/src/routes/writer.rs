@@ -304,11 +304,12 @@ async fn submit_batch(
         target.caller.environment.id,
         session.id,
         accepted_at,
-        CommandBody::AppendRecords(AppendRecordsCommand {
-            io: target.stream.io,
-            channel: target.stream.channel.clone(),
+        CommandBody::AppendRecords(AppendRecordsCommand::new(
+            target.caller.environment.id,
+            session.id,
+            target.stream.clone(),
             records,
-        }),
+        )),
     );
     let reply = state
         .publisher

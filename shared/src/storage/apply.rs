@@ -42,7 +42,8 @@ pub struct LoadedState {
     pub sessions: HashMap<Uuid, SessionRow>,
     /// Append commands that already produced a record (redelivery): command id → seqNum.
     pub recorded_appends: HashMap<Uuid, i64>,
-    /// Stored outcomes of non-append commands applied before (redelivery).
+    /// Stored outcomes of non-append commands applied before (redelivery), by
+    /// [`Command::outcome_key`].
     pub applied_outcomes: HashMap<Uuid, Outcome>,
     /// Part ids already used, with the record that owns each.
     pub parts: HashMap<DedupKey, PartOwner>,
@@ -91,8 +92,8 @@ pub struct BatchWrites {
     pub updated_sessions: Vec<SessionRow>,
     pub runs: Vec<RunRow>,
     pub records: Vec<RecordRow>,
-    /// Outcomes of non-append commands, replayed on redelivery: `(command id, session id,
-    /// outcome)`.
+    /// Outcomes of non-append commands, replayed on redelivery: `(outcome key, session id,
+    /// outcome)` ([`Command::outcome_key`]).
     pub applied_outcomes: Vec<(Uuid, Uuid, Outcome)>,
     pub outbox: Vec<NewOutboxEvent>,
     /// Waitpoints registered by this batch, as registered (WAITING).
@@ -303,7 +304,7 @@ async fn load_state(
     let other_ids: Vec<Uuid> = commands
         .iter()
         .filter(|c| !matches!(c.body, CommandBody::Append(_)))
-        .map(|c| c.id)
+        .map(Command::outcome_key)
         .collect();
     for chunk in other_ids.chunks(CHUNK) {
         for applied in applied_commands::Entity::find()

@@ -85,12 +85,15 @@ pub fn plan_batch(commands: &[Command], state: LoadedState) -> (BatchWrites, Vec
     };
     let mut outcomes = Vec::with_capacity(commands.len());
     for command in commands {
-        // The same command twice in one batch (a redelivery racing its original) applies once.
-        let outcome = match planner.outcomes_so_far.get(&command.id) {
+        // The same command twice in one batch (a redelivery racing its original, or a writer
+        // batch sent again racing its first copy) applies once.
+        let outcome = match planner.outcomes_so_far.get(&command.outcome_key()) {
             Some(earlier) => earlier.clone(),
             None => {
                 let outcome = planner.apply(command);
-                planner.outcomes_so_far.insert(command.id, outcome.clone());
+                planner
+                    .outcomes_so_far
+                    .insert(command.outcome_key(), outcome.clone());
                 outcome
             }
         };
@@ -124,10 +127,11 @@ impl Planner {
         }
     }
 
-    /// Applies a non-append command once: a redelivery replays the stored outcome instead.
-    /// (Appends need no stored outcome: their record is the proof.)
+    /// Applies a non-append command once: a redelivery (or a writer batch sent again: see
+    /// [`Command::outcome_key`]) replays the stored outcome instead. (Appends need no stored
+    /// outcome: their record is the proof.)
     fn once(&mut self, command: &Command, apply: impl FnOnce(&mut Self) -> Outcome) -> Outcome {
-        let outcome = match self.state.applied_outcomes.get(&command.id) {
+        let outcome = match self.state.applied_outcomes.get(&command.outcome_key()) {
             Some(stored) => stored.clone(),
             None => apply(self),
         };
@@ -137,13 +141,12 @@ impl Planner {
 
     /// Stores a non-append outcome so that a redelivery replays it.
     fn remember(&mut self, command: &Command, outcome: &Outcome) {
-        if !self.state.applied_outcomes.contains_key(&command.id) {
+        let key = command.outcome_key();
+        if !self.state.applied_outcomes.contains_key(&key) {
             self.writes
                 .applied_outcomes
-                .push((command.id, command.session_id, outcome.clone()));
-            self.state
-                .applied_outcomes
-                .insert(command.id, outcome.clone());
+                .push((key, command.session_id, outcome.clone()));
+            self.state.applied_outcomes.insert(key, outcome.clone());
         }
     }
 

@@ -218,6 +218,86 @@ fn redelivered_and_repeated_commands_apply_once() {
     assert_eq!(writes.records.len(), 1);
 }
 
+fn writer_batch(id: u128, bodies: &[&str]) -> Command {
+    let records = bodies
+        .iter()
+        .map(|body| WrittenRecord::Record {
+            headers: Vec::new(),
+            body: (*body).to_owned(),
+        })
+        .collect();
+    Command {
+        id: Uuid::from_u128(id),
+        environment_id: ENV,
+        session_id: SESSION,
+        accepted_at: now(),
+        wants_reply: false,
+        body: CommandBody::AppendRecords(AppendRecordsCommand::new(
+            ENV,
+            SESSION,
+            Stream::reserved(Io::Out),
+            records,
+        )),
+    }
+}
+
+#[test]
+fn a_writer_batch_sent_again_replays_its_first_outcome_in_a_batch_and_across_batches() {
+    let first = writer_batch(
+        20,
+        &[r#"{"data":"a","id":"x1"}"#, r#"{"data":"b","id":"x2"}"#],
+    );
+    let resent = writer_batch(
+        21,
+        &[r#"{"data":"a","id":"x1"}"#, r#"{"data":"b","id":"x2"}"#],
+    );
+    let next = writer_batch(22, &[r#"{"data":"c","id":"x3"}"#]);
+    let (writes, outcomes) = plan_batch(
+        &[first.clone(), resent.clone(), next],
+        state_with(Some(session_row())),
+    );
+    let appended = |start_seq, end_seq| Outcome::RecordsAppended {
+        start_seq,
+        end_seq,
+        timestamp_ms: now().timestamp_millis(),
+    };
+    assert_eq!(
+        outcomes,
+        vec![appended(0, 2), appended(0, 2), appended(2, 3)]
+    );
+    assert_eq!(writes.records.len(), 3);
+
+    // The copy arrives after the first was committed: the stored outcome answers it.
+    let mut state = state_with(Some(session_row()));
+    for (key, _, outcome) in writes.applied_outcomes {
+        state.applied_outcomes.insert(key, outcome);
+    }
+    let (writes, outcomes) = plan_batch(&[resent], state);
+    assert_eq!(outcomes, vec![appended(0, 2)]);
+    assert!(writes.records.is_empty());
+
+    // Control records carry no id: two identical batches of them are both written.
+    let control = |id| {
+        let mut command = writer_batch(id, &[]);
+        if let CommandBody::AppendRecords(batch) = &mut command.body {
+            *batch = AppendRecordsCommand::new(
+                ENV,
+                SESSION,
+                Stream::reserved(Io::Out),
+                vec![WrittenRecord::Record {
+                    headers: vec![("trigger-control".into(), "turn-complete".into())],
+                    body: String::new(),
+                }],
+            );
+        }
+        command
+    };
+    let (writes, outcomes) =
+        plan_batch(&[control(30), control(31)], state_with(Some(session_row())));
+    assert_eq!(outcomes, vec![appended(0, 1), appended(1, 2)]);
+    assert_eq!(writes.records.len(), 2);
+}
+
 #[test]
 fn closed_expired_and_missing_sessions_reject_appends() {
     let mut closed = session_row();
