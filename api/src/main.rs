@@ -31,6 +31,10 @@ async fn main() -> ExitCode {
     };
     let arguments: Vec<String> = std::env::args().skip(1).collect();
     match arguments.first().map(String::as_str) {
+        Some("--help" | "-h" | "help") => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
         Some("admin") => admin(settings, &arguments[1..]).await,
         None | Some("--mode") => match mode(&arguments) {
             Ok(Mode::Production) => serve(settings).await,

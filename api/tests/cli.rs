@@ -85,6 +85,32 @@ async fn bad_configuration_fails_at_start_naming_the_variable() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("SESSIONS_PARTITIONS"));
 }
 
+/// `--help` answers the usage on stdout and starts nothing; a mistyped admin command gets the
+/// usage (exit 2) without opening the database.
+#[tokio::test]
+async fn usage_is_answered_without_serving_or_touching_the_database() {
+    let run = |arguments: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sessions-api"))
+            .args(arguments)
+            .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/unreachable")
+            .output()
+            .expect("runs")
+    };
+    let help = run(&["--help"]);
+    assert_eq!(help.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&help.stdout).starts_with("usage:"));
+    let mistyped = run(&[
+        "admin",
+        "create-enviroment",
+        "--project",
+        "p",
+        "--environment",
+        "e",
+    ]);
+    assert_eq!(mistyped.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&mistyped.stderr).contains("create-environment"));
+}
+
 #[tokio::test]
 async fn keys_rotate_with_a_grace_period_and_revoke_at_once() {
     let name = tests::unique_name();

@@ -14,8 +14,24 @@ async fn main() -> std::process::ExitCode {
         }
     };
     let arguments: Vec<String> = std::env::args().skip(1).collect();
-    if !arguments.is_empty() {
-        return admin(&settings, &arguments).await;
+    let words: Vec<&str> = arguments.iter().map(String::as_str).collect();
+    // The arguments are read before anything is opened: a mistyped command or `--help` must
+    // not connect to (and migrate) the database.
+    match words.as_slice() {
+        [] => {}
+        ["--help" | "-h" | "help"] => {
+            println!("{USAGE}");
+            return std::process::ExitCode::SUCCESS;
+        }
+        words => {
+            return match AdminCommand::parse(words) {
+                Some(command) => admin(&settings, command).await,
+                None => {
+                    eprintln!("{USAGE}");
+                    std::process::ExitCode::from(2)
+                }
+            };
+        }
     }
     shared::telemetry::prometheus();
     let worker_http_addr = settings.worker_http_addr;
@@ -55,11 +71,33 @@ const USAGE: &str = "usage:
   sessions-worker admin logs positions
   sessions-worker admin logs accept-gap --partition <n>";
 
+/// What `sessions-worker admin …` was asked to do.
+enum AdminCommand<'a> {
+    ListDeadLetters,
+    /// The dead letter with this message id or dead letter id (`None`: all of them).
+    ReplayDeadLetters(Option<&'a str>),
+    LogPositions,
+    /// The partition number as typed (checked against `SESSIONS_PARTITIONS` when run).
+    AcceptGap(&'a str),
+}
+
+impl<'a> AdminCommand<'a> {
+    fn parse(words: &[&'a str]) -> Option<Self> {
+        Some(match words {
+            ["admin", "dead-letters", "list"] => Self::ListDeadLetters,
+            ["admin", "dead-letters", "replay", "--all"] => Self::ReplayDeadLetters(None),
+            ["admin", "dead-letters", "replay", id] => Self::ReplayDeadLetters(Some(id)),
+            ["admin", "logs", "positions"] => Self::LogPositions,
+            ["admin", "logs", "accept-gap", "--partition", partition] => Self::AcceptGap(partition),
+            _ => return None,
+        })
+    }
+}
+
 /// `admin dead-letters list|replay` and `admin logs positions|accept-gap`: inspect and re-publish
 /// dead-lettered commands; see where each partition log is applied up to, and restart a
 /// partition stopped at a gap.
-async fn admin(settings: &Settings, arguments: &[String]) -> std::process::ExitCode {
-    let words: Vec<&str> = arguments.iter().map(String::as_str).collect();
+async fn admin(settings: &Settings, command: AdminCommand<'_>) -> std::process::ExitCode {
     let store = match shared::storage::Store::connect(&settings.database_url, 2).await {
         Ok(store) => store,
         Err(error) => {
@@ -71,22 +109,11 @@ async fn admin(settings: &Settings, arguments: &[String]) -> std::process::ExitC
         shared::broker::BrokerConfig::from_settings(settings, "sessions-worker-admin".into(), None),
         None,
     );
-    let result: Result<(), String> = match words.as_slice() {
-        ["admin", "dead-letters", "list"] => list_dead_letters(&store).await,
-        ["admin", "dead-letters", "replay", "--all"] => {
-            replay_dead_letters(&store, &link, None).await
-        }
-        ["admin", "dead-letters", "replay", id] => {
-            replay_dead_letters(&store, &link, Some(id)).await
-        }
-        ["admin", "logs", "positions"] => log_positions(settings, &store).await,
-        ["admin", "logs", "accept-gap", "--partition", partition] => {
-            accept_gap(settings, &store, partition).await
-        }
-        _ => {
-            eprintln!("{USAGE}");
-            return std::process::ExitCode::from(2);
-        }
+    let result: Result<(), String> = match command {
+        AdminCommand::ListDeadLetters => list_dead_letters(&store).await,
+        AdminCommand::ReplayDeadLetters(id) => replay_dead_letters(&store, &link, id).await,
+        AdminCommand::LogPositions => log_positions(settings, &store).await,
+        AdminCommand::AcceptGap(partition) => accept_gap(settings, &store, partition).await,
     };
     link.close().await;
     match result {
