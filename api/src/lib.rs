@@ -32,7 +32,7 @@ use std::sync::Arc;
 
 use shared::broker::{BrokerConfig, BrokerLink, InProcessBroker};
 use shared::config::Settings;
-use shared::shutdown::CancellationToken;
+use shared::shutdown::{CancellationToken, TaskTracker};
 use shared::storage::Store;
 use tokio::net::TcpListener;
 
@@ -56,6 +56,12 @@ pub struct AppState {
     pub rate_limits: Arc<rate_limit::RateLimits>,
     /// Live SSE streams per environment and per token.
     pub live_streams: Arc<rate_limit::LiveStreamSlots>,
+    /// Every task the api spawns (publisher partitions, the reply and notification listeners,
+    /// live feeds, SSE pumps, writer append sessions): a stopping api waits for them to end.
+    pub tasks: TaskTracker,
+    /// Cancelled when the api starts to stop: live readers end their streams and writer append
+    /// sessions stop reading frames, so that the drain is not held by long-lived requests.
+    pub stopping: CancellationToken,
 }
 
 /// Why the api could not start.
@@ -134,17 +140,26 @@ impl Application {
         if let Err(error) = link.ensure_connected().await {
             tracing::warn!(%error, "broker not reachable yet; writes answer 503 until it is");
         }
+        let tasks = TaskTracker::new();
+        let stopping = CancellationToken::new();
         // Keeps the link (and with it the reply and notification consumers) up even when no
         // request publishes, so live readers hear about new records.
-        tokio::spawn(keep_connected(Arc::downgrade(&link)));
+        tasks.spawn(keep_connected(Arc::downgrade(&link)));
         let sessions = Arc::new(session_cache::SessionCache::new(settings.session_cache_ttl));
-        let hub = live::Hub::start(store.clone(), notifications, sessions.clone());
+        let hub = live::Hub::start(
+            store.clone(),
+            notifications,
+            sessions.clone(),
+            &tasks,
+            stopping.clone(),
+        );
         let publisher = Arc::new(Publisher::start(
             link,
             reply_queue,
             replies,
             settings.publish_batch_max,
             settings.reply_timeout,
+            &tasks,
         ));
         let rate_limits = Arc::new(rate_limit::RateLimits::from_settings(&settings));
         let live_streams = Arc::new(rate_limit::LiveStreamSlots::from_settings(&settings));
@@ -161,6 +176,8 @@ impl Application {
                 secret_keys: Arc::default(),
                 rate_limits,
                 live_streams,
+                tasks,
+                stopping,
             },
         })
     }
@@ -187,7 +204,8 @@ impl Application {
     /// in-flight requests finish for at most [`SHUTDOWN_GRACE`].
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> std::io::Result<()> {
         let link = self.state.publisher.clone();
-        let hub = self.state.hub.clone();
+        let tasks = self.state.tasks.clone();
+        let stopping = self.state.stopping.clone();
         let limits = serve::ConnectionLimits::from_settings(&self.state.settings);
         let router = routes::router(self.state);
         tracing::info!(addr = %self.listener.local_addr()?, "api listening");
@@ -204,7 +222,7 @@ impl Application {
         let (draining, drain_started) = tokio::sync::oneshot::channel::<()>();
         let signal = async move {
             shutdown.cancelled().await;
-            hub.stop_readers();
+            stopping.cancel();
             let _ = draining.send(());
         };
         let serving = serve::serve(self.listener, router, limits, signal);
@@ -225,7 +243,21 @@ impl Application {
         if let Some(metrics) = metrics {
             let _ = metrics.await;
         }
+        // The broker link closes (its consumers end the reply and notification listeners) and
+        // the last handle on the publisher goes (its partition tasks end once their queues are
+        // empty); live feeds retire once their readers are gone.
         link.link().close().await;
+        drop(link);
+        tasks.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                remaining = tasks.len(),
+                "background tasks did not end in time; stopping anyway"
+            );
+        }
         Ok(())
     }
 }

@@ -16,6 +16,7 @@ use serde_json::json;
 use shared::broker::Notification;
 use shared::commands::NewRecords;
 use shared::domain::Stream;
+use shared::shutdown::{CancellationToken, TaskTracker};
 use shared::storage::{RecordRow, Store};
 use tokio::sync::{Notify, broadcast, mpsc};
 use uuid::Uuid;
@@ -111,9 +112,12 @@ pub struct Hub {
     /// Told which sessions changed, and to forget everything after a reconnect.
     sessions: Arc<crate::session_cache::SessionCache>,
     feeds: Mutex<HashMap<ChannelKey, Arc<Feed>>>,
-    /// Turns true when the api shuts down: live readers end their streams (clients resume
-    /// with `Last-Event-ID` on another instance), so the drain is not held by long polls.
-    stopping: tokio::sync::watch::Sender<bool>,
+    /// Cancelled when the api shuts down (`AppState::stopping`): live readers end their streams
+    /// (clients resume with `Last-Event-ID` on another instance), so the drain is not held by
+    /// long polls, and feeds stop retrying.
+    stopping: CancellationToken,
+    /// Where the feeds' tasks are spawned (`AppState::tasks`).
+    tasks: TaskTracker,
 }
 
 impl std::fmt::Debug for Hub {
@@ -128,26 +132,23 @@ impl Hub {
         store: Store,
         notifications: mpsc::UnboundedReceiver<Notification>,
         sessions: Arc<crate::session_cache::SessionCache>,
+        tasks: &TaskTracker,
+        stopping: CancellationToken,
     ) -> Arc<Self> {
         let hub = Arc::new(Self {
             store,
             sessions,
             feeds: Mutex::new(HashMap::new()),
-            stopping: tokio::sync::watch::Sender::new(false),
+            stopping,
+            tasks: tasks.clone(),
         });
-        tokio::spawn(listen(Arc::downgrade(&hub), notifications));
+        tasks.spawn(listen(Arc::downgrade(&hub), notifications));
         hub
     }
 
-    /// Ends every live reader's stream now and any that starts later.
-    pub fn stop_readers(&self) {
-        self.stopping.send_replace(true);
-    }
-
-    /// Resolves once [`Hub::stop_readers`] was called.
+    /// Resolves once the api started to stop.
     pub async fn readers_stopped(&self) {
-        let mut stopping = self.stopping.subscribe();
-        let _ = stopping.wait_for(|stopping| *stopping).await;
+        self.stopping.cancelled().await;
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ChannelKey, Arc<Feed>>> {
@@ -169,7 +170,7 @@ impl Hub {
         });
         feeds.insert(key.clone(), feed.clone());
         crate::signals::live_feeds(feeds.len());
-        tokio::spawn(run_feed(self.clone(), key, feed));
+        self.tasks.spawn(run_feed(self.clone(), key, feed));
         receiver
     }
 
@@ -241,6 +242,10 @@ async fn run_feed(hub: Arc<Hub>, key: ChannelKey, feed: Arc<Feed>) {
         {
             Ok(next) => break next - 1,
             Err(error) => {
+                // A stopping api has no reader left to serve.
+                if hub.stopping.is_cancelled() {
+                    return;
+                }
                 tracing::warn!(%error, "feed cannot read the channel head yet");
                 tokio::time::sleep(SAFETY_REREAD).await;
             }

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use shared::broker::{BrokerError, BrokerLink};
 use shared::commands::{Command, Envelope, Outcome, Reply};
 use shared::domain::partition::partition_of;
+use shared::shutdown::TaskTracker;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
 
@@ -59,13 +60,14 @@ impl Publisher {
         replies: mpsc::UnboundedReceiver<Vec<u8>>,
         publish_batch_max: usize,
         reply_timeout: Duration,
+        tasks: &TaskTracker,
     ) -> Self {
         let partition_count = link.names().partitions;
         let mut partitions = Vec::with_capacity(usize::from(partition_count));
         for partition in 0..partition_count {
             let (sender, receiver) = mpsc::channel(PARTITION_QUEUE_CAPACITY);
             partitions.push(sender);
-            tokio::spawn(publish_partition(
+            tasks.spawn(publish_partition(
                 link.clone(),
                 partition,
                 receiver,
@@ -74,7 +76,7 @@ impl Publisher {
             ));
         }
         let waiters: Waiters = Arc::default();
-        tokio::spawn(listen_for_replies(replies, waiters.clone()));
+        tasks.spawn(listen_for_replies(replies, waiters.clone()));
         Self {
             partitions,
             waiters,

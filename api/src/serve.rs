@@ -34,6 +34,7 @@ use axum::body::{Body, Bytes};
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
+use shared::shutdown::CancellationToken;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -93,7 +94,7 @@ pub async fn serve(
     limits: ConnectionLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
-    let (stopping, stop) = watch::channel(false);
+    let stopping = CancellationToken::new();
     let mut connections = JoinSet::new();
     let open = Arc::new(AtomicUsize::new(0));
     crate::signals::connection_budget(limits.max_connections);
@@ -117,7 +118,7 @@ pub async fn serve(
                         limits,
                         Pressure { open: open.clone(), budget: limits.max_connections },
                         OpenConnection(open.clone()),
-                        stop.clone(),
+                        stopping.clone(),
                     ));
                 }
                 Err(error) => {
@@ -128,7 +129,7 @@ pub async fn serve(
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
     }
-    let _ = stopping.send(true);
+    stopping.cancel();
     while connections.join_next().await.is_some() {}
 }
 
@@ -151,7 +152,7 @@ async fn serve_connection(
     limits: ConnectionLimits,
     pressure: Pressure,
     _open: OpenConnection,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     // Small frames (acks, SSE events) must not wait for Nagle's algorithm.
     let _ = stream.set_nodelay(true);
@@ -208,7 +209,7 @@ async fn serve_connection(
                 crate::signals::connection_timed_out("no_request");
                 return;
             }
-            _ = stop.wait_for(|stop| *stop), if !shutting_down => {
+            () = stop.cancelled(), if !shutting_down => {
                 shutting_down = true;
                 connection.as_mut().graceful_shutdown();
             }

@@ -43,10 +43,15 @@ async fn initialize(app: &TestApp, session: &str, io: &str) -> (String, String) 
 }
 
 fn records_url(app: &TestApp, stream_name: &str) -> String {
-    app.url(&format!(
-        "/s2/v1/streams/{}/records",
+    records_url_at(&app.address, stream_name)
+}
+
+/// The records URL of `stream_name` on the api at `address`.
+fn records_url_at(address: &str, stream_name: &str) -> String {
+    format!(
+        "{address}/s2/v1/streams/{}/records",
         encode_segment(stream_name)
-    ))
+    )
 }
 
 fn data_record(text: &str) -> AppendRecord {
@@ -87,6 +92,10 @@ enum ServerFrame {
 
 impl AppendSession {
     async fn open(app: &TestApp, token: &str, stream_name: &str) -> Self {
+        Self::open_at(&records_url(app, stream_name), token).await
+    }
+
+    async fn open_at(url: &str, token: &str) -> Self {
         let client = reqwest::Client::builder()
             .http2_prior_knowledge()
             .build()
@@ -99,7 +108,7 @@ impl AppendSession {
                 .map(|frame| (Ok::<_, std::io::Error>(frame), outgoing))
         });
         let answer = client
-            .post(records_url(app, stream_name))
+            .post(url)
             .bearer_auth(token)
             .header("content-type", "s2s/proto")
             .header("accept", "application/protobuf")
@@ -448,5 +457,61 @@ async fn rest_appends_answer_in_their_own_format_and_keep_the_limits() {
         assert!(error["code"].is_string(), "{label}: {error}");
     }
     assert_eq!(app.records("writer-rest", "out").await.len(), 2);
+    app.cleanup().await;
+}
+
+/// A stopping api does not wait for a writer that keeps its append session open (the official
+/// writer keeps it open between chunks for up to the idle timeout): it acknowledges what it took,
+/// ends the session with a retryable 503 (the client sends the rest elsewhere), ends its live
+/// readers, and every task it spawned (publisher partitions, reply and notification listeners,
+/// feeds, SSE pumps, append sessions) has ended when it returns, without using its grace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_api_ends_open_append_sessions_with_a_retryable_error_and_leaves_no_task() {
+    let app = TestApp::spawn().await;
+    app.create_session("writer-stop").await;
+    let (token, stream_name) = initialize(&app, "writer-stop", "out").await;
+    let second = api::Application::build(app.settings.clone())
+        .await
+        .expect("second api");
+    let second_address = format!("http://{}", second.local_addr());
+    let tasks = second.state().tasks.clone();
+    let stop = shared::shutdown::CancellationToken::new();
+    let serving = tokio::spawn(second.run_until_stopped(stop.clone()));
+    let reader = app
+        .subscribe_at(&second_address, "writer-stop", "out", &[])
+        .await;
+    assert_eq!(reader.status().as_u16(), 200);
+    let mut session =
+        AppendSession::open_at(&records_url_at(&second_address, &stream_name), &token).await;
+    session
+        .send(input_frame(vec![data_record("before the stop")]))
+        .await;
+    match session.next(Duration::from_secs(10)).await {
+        ServerFrame::Ack(ack) => assert_eq!(positions(&ack), (0, 1, 1)),
+        other => panic!("expected an ack, got {other:?}"),
+    }
+    assert!(!tasks.is_empty(), "the api runs tasks while it serves");
+
+    let stopped = Instant::now();
+    stop.cancel();
+    match session.next(Duration::from_secs(10)).await {
+        ServerFrame::Terminal(status, error) => {
+            assert_eq!(status, 503, "retryable: {error}");
+        }
+        other => panic!("expected a terminal error, got {other:?}"),
+    }
+    let ended = tokio::time::timeout(api::SHUTDOWN_GRACE * 3, serving)
+        .await
+        .expect("the api stops")
+        .expect("join");
+    assert!(ended.is_ok());
+    let took = stopped.elapsed();
+    println!("stopped in {took:?}");
+    assert!(
+        took < api::SHUTDOWN_GRACE,
+        "nothing held the drain until its grace ran out: {took:?}"
+    );
+    assert_eq!(tasks.len(), 0, "every task the api spawned has ended");
+    drop(reader);
     app.cleanup().await;
 }

@@ -104,6 +104,7 @@ pub fn router(state: AppState) -> Router {
     let discard_bounds = unread_body::DiscardBounds {
         max_bytes: state.settings.max_discard_bytes,
         timeout: state.settings.discard_timeout,
+        tasks: state.tasks.clone(),
     };
     let mut router = Router::new();
     let metrics_apart = state.settings.metrics_addr.is_some();

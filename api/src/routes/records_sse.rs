@@ -201,7 +201,7 @@ async fn subscribe_to(
     // Subscribe before the first read, so nothing appended in between is missed.
     let feed = state.hub.subscribe(key.clone());
     let (events, receiver) = mpsc::channel::<Event>(CONNECTION_BUFFER);
-    tokio::spawn(async move {
+    state.tasks.clone().spawn(async move {
         serve_reader(
             state.hub.clone(),
             key,

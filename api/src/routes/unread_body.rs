@@ -37,12 +37,15 @@ use axum::http::{HeaderMap, HeaderValue, header};
 use axum::middleware::Next;
 use axum::response::Response;
 use futures_util::StreamExt;
+use shared::shutdown::TaskTracker;
 
 /// How much of an unread body the api reads and discards at most, and for how long.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct DiscardBounds {
     pub max_bytes: u64,
     pub timeout: Duration,
+    /// Where a discard that outlives its answer runs (`AppState::tasks`).
+    pub tasks: TaskTracker,
 }
 
 /// What a handler left of its request body, handed back when it dropped the body.
@@ -205,7 +208,7 @@ pub(crate) async fn discard_unread_body(
         // Not worth reading before answering: answer now, keep reading in the background so
         // that the answer is not lost to a reset while the client still sends.
         crate::signals::unread_body("too_large", started.elapsed());
-        tokio::spawn(tokio::time::timeout(
+        bounds.tasks.spawn(tokio::time::timeout(
             bounds.timeout,
             discard(body, bounds.max_bytes),
         ));
@@ -234,10 +237,13 @@ mod tests {
 
     use super::*;
 
-    const BOUNDS: DiscardBounds = DiscardBounds {
-        max_bytes: 1024,
-        timeout: Duration::from_millis(200),
-    };
+    fn bounds() -> DiscardBounds {
+        DiscardBounds {
+            max_bytes: 1024,
+            timeout: Duration::from_millis(200),
+            tasks: TaskTracker::new(),
+        }
+    }
 
     /// Refuses without reading the body.
     async fn refuse() -> StatusCode {
@@ -257,7 +263,7 @@ mod tests {
             .route("/refuse", post(refuse))
             .route("/accept", post(accept))
             .layer(axum::middleware::from_fn_with_state(
-                BOUNDS,
+                bounds(),
                 discard_unread_body,
             ))
     }
@@ -324,8 +330,8 @@ mod tests {
             .expect("request");
         let started = Instant::now();
         let response = app().call(request).await.expect("infallible");
-        assert!(started.elapsed() >= BOUNDS.timeout);
-        assert!(started.elapsed() < BOUNDS.timeout * 10);
+        assert!(started.elapsed() >= bounds().timeout);
+        assert!(started.elapsed() < bounds().timeout * 10);
         assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(
             response.headers().get(header::CONNECTION),

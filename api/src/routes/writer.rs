@@ -381,7 +381,10 @@ async fn rest_append(
 /// Answers `200` at once and runs the session in its own task: frames in, acks out.
 fn append_session(state: AppState, target: WriterTarget, body: Body) -> Response {
     let (frames, outgoing) = mpsc::channel::<Bytes>(64);
-    tokio::spawn(run_append_session(state, target, body, frames));
+    state
+        .tasks
+        .clone()
+        .spawn(run_append_session(state, target, body, frames));
     let stream = futures_util::stream::unfold(outgoing, |mut outgoing| async move {
         outgoing
             .recv()
@@ -398,7 +401,9 @@ fn append_session(state: AppState, target: WriterTarget, body: Body) -> Response
 /// Reads frames and submits each as a batch while it sends the acks of earlier ones, in order.
 /// Ends after the client's end of stream once every batch is acknowledged, or at the first
 /// failure with a terminal frame (retryable ones make the client retry on a new session), or
-/// when the client sends no frame for `SESSIONS_WRITER_IDLE_TIMEOUT_MS`.
+/// when the client sends no frame for `SESSIONS_WRITER_IDLE_TIMEOUT_MS`, or when the api stops:
+/// then it reads no more frames, sends the acks of the batches it took, and ends with a
+/// retryable 503 (the client sends the rest to another instance).
 async fn run_append_session(
     state: AppState,
     target: WriterTarget,
@@ -412,11 +417,24 @@ async fn run_append_session(
     let mut decoder = FrameDecoder::default();
     let mut acks = FuturesOrdered::new();
     let mut input_ended = false;
+    let mut api_stopping = false;
     let ending: Option<WireError> = loop {
-        if input_ended && acks.is_empty() {
-            break None;
+        if acks.is_empty() {
+            if api_stopping {
+                break Some(WireError::new(
+                    503,
+                    "unavailable",
+                    "the server is shutting down; retry",
+                ));
+            }
+            if input_ended {
+                break None;
+            }
         }
         tokio::select! {
+            () = state.stopping.cancelled(), if !api_stopping && !input_ended => {
+                api_stopping = true;
+            }
             acknowledged = acks.next(), if !acks.is_empty() => match acknowledged {
                 // The client went away: nobody is left to answer.
                 Some(Ok(acknowledged)) if frames.send(ack_frame(&acknowledged)).await.is_err() => {
@@ -426,7 +444,7 @@ async fn run_append_session(
                 Some(Err(error)) => break Some(error),
             },
             chunk = tokio::time::timeout(idle_timeout, incoming.next()),
-                if !input_ended && acks.len() < MAX_UNACKED_BATCHES =>
+                if !input_ended && !api_stopping && acks.len() < MAX_UNACKED_BATCHES =>
             {
                 let bytes = match chunk {
                     Err(_) => break Some(WireError::new(
