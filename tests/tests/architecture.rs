@@ -133,6 +133,19 @@ fn no_handler_and_no_apply_code_knows_which_mode_runs() {
     }
 }
 
+#[test]
+fn the_api_spawns_only_tracked_tasks() {
+    // Every task of the api is spawned on `AppState::tasks`, so a stopping api can wait for
+    // all of them. The embedded server's worker is the one exception: it is joined by handle.
+    assert_eq!(
+        offenders_under("tokio::spawn", &["api/src/"])
+            .into_iter()
+            .filter(|path| path != "api/src/embedded.rs")
+            .collect::<Vec<_>>(),
+        Vec::<String>::new()
+    );
+}
+
 /// Files under `folders` that name `needle` in code.
 fn offenders_under(needle: &str, folders: &[&str]) -> Vec<String> {
     offenders(needle, &[])
@@ -149,4 +162,5 @@ fn the_offender_search_finds_what_it_looks_for() {
     assert!(!offenders_under(".ack(", &["shared/src/broker/"]).is_empty());
     assert!(!offenders_under("pub fn", &["shared/src/domain/", "worker/src/apply/"]).is_empty());
     assert!(!offenders_under("Json", &["api/src/routes/"]).is_empty());
+    assert!(!offenders_under("tokio::spawn", &["api/src/"]).is_empty());
 }
