@@ -29,9 +29,7 @@ use std::time::{Duration, Instant};
 use backon::{ExponentialBuilder, Retryable};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use shared::broker::{
-    BrokerConfig, BrokerLink, InProcessBroker, LegacyPartitionQueues, LogDelivery, PartitionLogs,
-};
+use shared::broker::{BrokerConfig, BrokerLink, LegacyPartitionQueues, LogDelivery, PartitionLogs};
 use shared::cache::Cache;
 use shared::commands::{Command, CommandBody, Envelope, NewRecords, Outcome, Reply};
 use shared::config::Settings;
@@ -61,8 +59,6 @@ pub struct WorkerContext {
     pub link: BrokerLink,
     /// Names this worker in claims, leases and consumer tags.
     pub instance: String,
-    /// The embedded default's in-process broker (`None`: RabbitMQ).
-    pub in_process: Option<Arc<InProcessBroker>>,
 }
 
 impl std::fmt::Debug for WorkerContext {
@@ -85,12 +81,11 @@ const STALLED_RETRY: Duration = Duration::from_secs(30);
 
 /// Runs until `shutdown` turns true: read, apply, acknowledge; rebuild on failure.
 pub async fn run(context: Arc<WorkerContext>, shutdown: CancellationToken) {
-    let config = BrokerConfig::from_settings(
-        &context.settings,
-        format!("{}-consumer", context.instance),
-        context.in_process.clone(),
-    )
-    .with_signals(signals::BROKER);
+    // The publisher's configuration (and so its adapter), under a name of its own.
+    let config = BrokerConfig {
+        connection_name: format!("{}-consumer", context.instance),
+        ..context.link.config().clone()
+    };
     let reconnect = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
         .with_max_delay(Duration::from_secs(5))
@@ -98,7 +93,8 @@ pub async fn run(context: Arc<WorkerContext>, shutdown: CancellationToken) {
         .without_max_times();
     let mut delays = backon::BackoffBuilder::build(reconnect);
     let started = Instant::now();
-    let mut legacy_drained = context.in_process.is_some() || !context.settings.drain_legacy_queues;
+    // (The embedded default has no legacy queues: draining them finds none.)
+    let mut legacy_drained = !context.settings.drain_legacy_queues;
     while !shutdown.is_cancelled() {
         let (sink, deliveries) = mpsc::channel(
             usize::from(context.settings.worker_prefetch)

@@ -73,12 +73,9 @@ impl Worker {
     ) -> Result<Self, WorkerError> {
         let store = Store::connect(&settings.database_url, settings.db_max_connections).await?;
         let instance = format!("worker-{}", uuid::Uuid::now_v7().simple());
-        let config = BrokerConfig::from_settings(
-            &settings,
-            format!("{instance}-publisher"),
-            in_process.clone(),
-        )
-        .with_signals(crate::signals::BROKER);
+        let config =
+            BrokerConfig::from_settings(&settings, format!("{instance}-publisher"), in_process)
+                .with_signals(crate::signals::BROKER);
         if let Some(logs) = config.lasting_partition_logs()
             && let Some(refusal) = store.partition_count_mismatch(&logs).await?
         {
@@ -92,7 +89,6 @@ impl Worker {
                 cache,
                 link,
                 instance,
-                in_process,
             }),
         })
     }

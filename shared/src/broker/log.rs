@@ -101,14 +101,24 @@ struct Subscription {
     reader: Reader,
 }
 
+/// Where a worker's readers read from, per adapter: one RabbitMQ connection (a channel per
+/// reader), or the embedded default's in-process logs.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per worker connection, never in a collection"
+)]
+enum LogSource {
+    Amqp(Connection),
+    InProcess(Arc<InProcessBroker>),
+}
+
 /// A worker's reader connection: one reader per partition it owns, deliveries forwarded to one
 /// sink in per-partition log order.
 pub struct PartitionLogs {
     config: BrokerConfig,
     consumer_name: String,
     prefetch: u16,
-    connection: Option<Connection>,
-    in_process: Option<Arc<InProcessBroker>>,
+    source: LogSource,
     sink: mpsc::Sender<LogDelivery>,
     subscriptions: HashMap<u16, Subscription>,
     next_subscription: u64,
@@ -134,27 +144,28 @@ impl PartitionLogs {
         sink: mpsc::Sender<LogDelivery>,
     ) -> Result<Self, BrokerError> {
         let (broken_tx, broken_rx) = mpsc::channel::<()>(1);
-        let mut logs = Self {
+        let source = match &config.in_process {
+            Some(broker) => LogSource::InProcess(broker.clone()),
+            None => {
+                let connection = connect(config, false).await?;
+                if let Err(error) = declare_topology(&connection, config).await {
+                    let _ = bounded("closing", connection.close(320, "setup failed".into())).await;
+                    return Err(error);
+                }
+                LogSource::Amqp(connection)
+            }
+        };
+        Ok(Self {
             config: config.clone(),
             consumer_name: consumer_name.to_owned(),
             prefetch: prefetch.max(1),
-            connection: None,
-            in_process: config.in_process.clone(),
+            source,
             sink,
             subscriptions: HashMap::new(),
             next_subscription: 1,
             broken_tx,
             broken_rx,
-        };
-        if logs.in_process.is_none() {
-            let connection = connect(config, false).await?;
-            if let Err(error) = declare_topology(&connection, config).await {
-                let _ = bounded("closing", connection.close(320, "setup failed".into())).await;
-                return Err(error);
-            }
-            logs.connection = Some(connection);
-        }
-        Ok(logs)
+        })
     }
 
     /// Whether a reader of `partition` is running.
@@ -169,21 +180,29 @@ impl PartitionLogs {
         self.stop(partition).await;
         let id = self.next_subscription;
         self.next_subscription += 1;
-        if let Some(broker) = &self.in_process {
-            broker.read(partition, resume, id, self.sink.clone());
-            self.subscriptions.insert(
-                partition,
-                Subscription {
-                    id,
-                    reader: Reader::InProcess,
-                },
-            );
-            return Ok(());
-        }
-        let connection = self
-            .connection
-            .as_ref()
-            .ok_or_else(|| BrokerError::Unavailable("no reader connection".into()))?;
+        let reader = match &self.source {
+            LogSource::InProcess(broker) => {
+                broker.read(partition, resume, id, self.sink.clone());
+                Reader::InProcess
+            }
+            LogSource::Amqp(connection) => {
+                self.read_amqp(connection, partition, resume, id).await?
+            }
+        };
+        self.subscriptions
+            .insert(partition, Subscription { id, reader });
+        Ok(())
+    }
+
+    /// A stream consumer of `partition`'s log on a channel of its own, forwarding deliveries
+    /// to the sink until it is stopped or breaks.
+    async fn read_amqp(
+        &self,
+        connection: &Connection,
+        partition: u16,
+        resume: &ResumePoint,
+        id: u64,
+    ) -> Result<Reader, BrokerError> {
         let channel = bounded("opening a channel", connection.create_channel()).await?;
         // A stream consumer needs a prefetch: it is the reader's depth.
         bounded(
@@ -255,14 +274,7 @@ impl PartitionLogs {
                 let _ = broken.try_send(());
             }
         });
-        self.subscriptions.insert(
-            partition,
-            Subscription {
-                id,
-                reader: Reader::Amqp { channel, stopped },
-            },
-        );
-        Ok(())
+        Ok(Reader::Amqp { channel, stopped })
     }
 
     /// Stops reading `partition`. Deliveries of the stopped reader still in the sink are no
@@ -271,8 +283,8 @@ impl PartitionLogs {
         let Some(subscription) = self.subscriptions.remove(&partition) else {
             return;
         };
-        match subscription.reader {
-            Reader::Amqp { channel, stopped } => {
+        match (subscription.reader, &self.source) {
+            (Reader::Amqp { channel, stopped }, _) => {
                 stopped.store(true, Ordering::SeqCst);
                 let _ = bounded(
                     "stopping a partition reader",
@@ -280,11 +292,10 @@ impl PartitionLogs {
                 )
                 .await;
             }
-            Reader::InProcess => {
-                if let Some(broker) = &self.in_process {
-                    broker.stop_reading(partition, subscription.id);
-                }
+            (Reader::InProcess, LogSource::InProcess(broker)) => {
+                broker.stop_reading(partition, subscription.id);
             }
+            (Reader::InProcess, LogSource::Amqp(_)) => {}
         }
     }
 
@@ -300,20 +311,16 @@ impl PartitionLogs {
     /// ended (a node that went away without closing its sockets is detected by missed
     /// heartbeats: `heartbeat=` in `AMQP_URL`).
     pub async fn broken(&mut self) {
-        if self.in_process.is_some() {
+        let LogSource::Amqp(connection) = &self.source else {
             // In-process readers only end when they are stopped.
             return std::future::pending().await;
-        }
+        };
         let mut check = tokio::time::interval(CONNECTION_CHECK);
         loop {
             tokio::select! {
                 _ = self.broken_rx.recv() => return,
                 _ = check.tick() => {
-                    let connected = self
-                        .connection
-                        .as_ref()
-                        .is_some_and(|connection| connection.status().connected());
-                    if !connected {
+                    if !connection.status().connected() {
                         tracing::warn!("reader connection is no longer connected");
                         return;
                     }
@@ -324,21 +331,22 @@ impl PartitionLogs {
 
     /// Stops every reader and closes the connection.
     pub async fn close(&mut self) {
-        let partitions: Vec<u16> = self.subscriptions.keys().copied().collect();
-        if self.in_process.is_some() {
-            for partition in partitions {
-                self.stop(partition).await;
+        match &self.source {
+            LogSource::InProcess(_) => {
+                let partitions: Vec<u16> = self.subscriptions.keys().copied().collect();
+                for partition in partitions {
+                    self.stop(partition).await;
+                }
             }
-            return;
-        }
-        for subscription in self.subscriptions.values() {
-            if let Reader::Amqp { stopped, .. } = &subscription.reader {
-                stopped.store(true, Ordering::SeqCst);
+            LogSource::Amqp(connection) => {
+                for subscription in self.subscriptions.values() {
+                    if let Reader::Amqp { stopped, .. } = &subscription.reader {
+                        stopped.store(true, Ordering::SeqCst);
+                    }
+                }
+                self.subscriptions.clear();
+                let _ = bounded("closing", connection.close(200, "worker closing".into())).await;
             }
-        }
-        self.subscriptions.clear();
-        if let Some(connection) = &self.connection {
-            let _ = bounded("closing", connection.close(200, "worker closing".into())).await;
         }
     }
 }

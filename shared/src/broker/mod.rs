@@ -7,7 +7,10 @@
 //! - [`PartitionLogs`] (`log.rs`): a worker's reader connection: each owned partition log read
 //!   from a given offset at depth, deliveries forwarded as [`LogDelivery`] values.
 //! - [`InProcessBroker`] (`in_process.rs`): the embedded default's logs, replies and
-//!   notifications inside one process, used through the same two types.
+//!   notifications inside one process, used through the same two types: each holds one adapter
+//!   (`LinkAdapter`: `AmqpLink` or the in-process broker; `LogSource` in `log.rs`), chosen once
+//!   from `BrokerConfig::in_process` and matched in each method, so neither adapter's code
+//!   knows of the other.
 //! - [`BrokerAddresses`]: the node URLs (`AMQP_URL` may list the nodes of a cluster); every
 //!   (re)connect tries them in turn, starting after the node last used.
 //!
@@ -399,13 +402,30 @@ struct Live {
     stale: std::sync::atomic::AtomicBool,
 }
 
-/// A connection to the broker that is rebuilt on demand, with a confirm-mode publishing channel.
+/// What the api and the worker publish through: one interface, two adapters. `config`
+/// chooses: RabbitMQ ([`AmqpLink`]), or the embedded default's [`InProcessBroker`]. Each
+/// method dispatches once; neither adapter knows of the other.
 pub struct BrokerLink {
+    config: BrokerConfig,
+    adapter: LinkAdapter,
+}
+
+#[expect(
+    clippy::large_enum_variant,
+    reason = "one per link, never in a collection"
+)]
+enum LinkAdapter {
+    Amqp(AmqpLink),
+    InProcess(Arc<InProcessBroker>),
+}
+
+/// A connection to RabbitMQ that is rebuilt on demand, with a confirm-mode publishing channel.
+struct AmqpLink {
     config: BrokerConfig,
     reply_queue: Option<(String, ReplySink)>,
     notifications: Option<NotificationSink>,
     live: Mutex<Option<Arc<Live>>>,
-    /// Set by [`BrokerLink::close`]: no reconnects after a graceful shutdown.
+    /// Set by [`AmqpLink::close`]: no reconnects after a graceful shutdown.
     closed: std::sync::atomic::AtomicBool,
     /// Whether a connection was ever made (later ones are reported as reconnects).
     connected_once: std::sync::atomic::AtomicBool,
@@ -434,25 +454,31 @@ impl BrokerLink {
     /// A link that connects lazily. With `reply_queue`, every (re)connect declares that queue
     /// (classic, expiring when unused) and forwards its messages to the sink.
     pub fn new(config: BrokerConfig, reply_queue: Option<(String, ReplySink)>) -> Self {
-        if let (Some(broker), Some((queue, sink))) = (&config.in_process, &reply_queue) {
-            broker.register_reply_queue(queue, sink.clone());
-        }
-        Self {
-            config,
-            reply_queue,
-            notifications: None,
-            live: Mutex::new(None),
-            closed: std::sync::atomic::AtomicBool::new(false),
-            connected_once: std::sync::atomic::AtomicBool::new(false),
-        }
+        let adapter = match &config.in_process {
+            Some(broker) => {
+                if let Some((queue, sink)) = &reply_queue {
+                    broker.register_reply_queue(queue, sink.clone());
+                }
+                LinkAdapter::InProcess(broker.clone())
+            }
+            None => LinkAdapter::Amqp(AmqpLink {
+                config: config.clone(),
+                reply_queue,
+                notifications: None,
+                live: Mutex::new(None),
+                closed: std::sync::atomic::AtomicBool::new(false),
+                connected_once: std::sync::atomic::AtomicBool::new(false),
+            }),
+        };
+        Self { config, adapter }
     }
 
     /// Also subscribe to the notification fanout on every (re)connect.
     pub fn with_notifications(mut self, sink: NotificationSink) -> Self {
-        if let Some(broker) = &self.config.in_process {
-            broker.register_notifications(sink.clone());
+        match &mut self.adapter {
+            LinkAdapter::Amqp(link) => link.notifications = Some(sink),
+            LinkAdapter::InProcess(broker) => broker.register_notifications(sink),
         }
-        self.notifications = Some(sink);
         self
     }
 
@@ -460,14 +486,137 @@ impl BrokerLink {
         &self.config.names
     }
 
-    /// Connects now (declaring the topology) if not connected.
-    pub async fn ensure_connected(&self) -> Result<(), BrokerError> {
-        if self.config.in_process.is_some() {
-            return Ok(());
-        }
-        self.live().await.map(|_| ())
+    /// The configuration this link was made with (its adapter included): another link or a
+    /// reader of the same deployment starts from it.
+    pub fn config(&self) -> &BrokerConfig {
+        &self.config
     }
 
+    /// Connects now (declaring the topology) if not connected.
+    pub async fn ensure_connected(&self) -> Result<(), BrokerError> {
+        match &self.adapter {
+            LinkAdapter::Amqp(link) => link.live().await.map(|_| ()),
+            LinkAdapter::InProcess(_) => Ok(()),
+        }
+    }
+
+    /// Publishes an encoded command envelope to `partition`.
+    pub async fn publish_commands(
+        &self,
+        partition: u16,
+        message_id: &str,
+        reply_to: Option<&str>,
+        payload: &[u8],
+    ) -> Result<(), BrokerError> {
+        match &self.adapter {
+            LinkAdapter::Amqp(link) => {
+                link.publish_commands(partition, message_id, reply_to, payload)
+                    .await
+            }
+            LinkAdapter::InProcess(broker) => {
+                broker
+                    .publish_commands(
+                        partition,
+                        message_id,
+                        reply_to,
+                        payload,
+                        self.config.confirm_timeout,
+                    )
+                    .await
+            }
+        }
+    }
+
+    /// Publishes a batch's events (`(routing key, payload)`, on the events exchange) and replies
+    /// (`(reply queue, payload)`) together: every message is sent, then every confirm is awaited
+    /// (one round trip for the lot instead of one per message). A message whose confirm failed
+    /// is published once more on its own. Returns the results in order: events, then replies.
+    pub async fn publish_events_and_replies(
+        &self,
+        events: &[(&str, &[u8])],
+        replies: &[(&str, &[u8])],
+    ) -> (Vec<Result<(), BrokerError>>, Vec<Result<(), BrokerError>>) {
+        match &self.adapter {
+            LinkAdapter::Amqp(link) => link.publish_events_and_replies(events, replies).await,
+            LinkAdapter::InProcess(broker) => {
+                for (routing_key, payload) in events {
+                    broker.publish_event(routing_key, payload);
+                }
+                (
+                    events.iter().map(|_| Ok(())).collect(),
+                    replies
+                        .iter()
+                        .map(|(reply_to, payload)| broker.publish_reply(reply_to, payload))
+                        .collect(),
+                )
+            }
+        }
+    }
+
+    /// Publishes an event (e.g. `run.requested`) on the events exchange. Unrouted events are
+    /// dropped by the broker: runners bind their own queues.
+    pub async fn publish_event(
+        &self,
+        routing_key: &str,
+        payload: &[u8],
+    ) -> Result<(), BrokerError> {
+        match &self.adapter {
+            LinkAdapter::Amqp(link) => link.publish_event(routing_key, payload).await,
+            LinkAdapter::InProcess(broker) => {
+                broker.publish_event(routing_key, payload);
+                Ok(())
+            }
+        }
+    }
+
+    /// Tells every api instance which channels have new records. Not persistent and not
+    /// confirmed (the confirm is not awaited): a lost notification only delays readers until
+    /// their safety re-read, so the worker does not wait a broker round trip for it.
+    pub async fn publish_notification(&self, payload: &[u8]) -> Result<(), BrokerError> {
+        match &self.adapter {
+            LinkAdapter::Amqp(link) => link.publish_notification(payload).await,
+            LinkAdapter::InProcess(broker) => {
+                broker.publish_notification(payload);
+                Ok(())
+            }
+        }
+    }
+
+    /// Sends a reply to an api instance's reply queue.
+    pub async fn publish_reply(&self, reply_to: &str, payload: &[u8]) -> Result<(), BrokerError> {
+        match &self.adapter {
+            LinkAdapter::Amqp(link) => link.publish_reply(reply_to, payload).await,
+            LinkAdapter::InProcess(broker) => broker.publish_reply(reply_to, payload),
+        }
+    }
+
+    /// Whether the broker answers (connecting if needed).
+    pub async fn ping(&self) -> Result<(), BrokerError> {
+        self.ensure_connected().await
+    }
+
+    /// Deletes every queue and exchange of this deployment's prefix (partition logs, and the
+    /// queues of versions before them if they are still there). For tests and teardown. The
+    /// in-process logs live and die with their process: nothing to delete.
+    pub async fn delete_topology(&self) -> Result<(), BrokerError> {
+        match &self.adapter {
+            LinkAdapter::Amqp(link) => link.delete_topology().await,
+            LinkAdapter::InProcess(_) => Ok(()),
+        }
+    }
+
+    /// Closes the connection (graceful shutdown).
+    pub async fn close(&self) {
+        match &self.adapter {
+            LinkAdapter::Amqp(link) => link.close().await,
+            LinkAdapter::InProcess(_) => {}
+        }
+    }
+}
+
+/// RabbitMQ's side of [`BrokerLink`]: each method does what the `BrokerLink` method of the same
+/// name says.
+impl AmqpLink {
     async fn live(&self) -> Result<Arc<Live>, BrokerError> {
         let mut guard = self.live.lock().await;
         if self.closed.load(std::sync::atomic::Ordering::SeqCst) {
@@ -630,25 +779,13 @@ impl BrokerLink {
         result
     }
 
-    /// Publishes an encoded command envelope to `partition`.
-    pub async fn publish_commands(
+    async fn publish_commands(
         &self,
         partition: u16,
         message_id: &str,
         reply_to: Option<&str>,
         payload: &[u8],
     ) -> Result<(), BrokerError> {
-        if let Some(broker) = &self.config.in_process {
-            return broker
-                .publish_commands(
-                    partition,
-                    message_id,
-                    reply_to,
-                    payload,
-                    self.config.confirm_timeout,
-                )
-                .await;
-        }
         let mut properties = persistent(Some(message_id));
         if let Some(reply_to) = reply_to {
             properties = properties.with_reply_to(reply_to.into());
@@ -663,27 +800,11 @@ impl BrokerLink {
         .await
     }
 
-    /// Publishes a batch's events (`(routing key, payload)`, on the events exchange) and replies
-    /// (`(reply queue, payload)`) together: every message is sent, then every confirm is awaited
-    /// (one round trip for the lot instead of one per message). A message whose confirm failed
-    /// is published once more on its own. Returns the results in order: events, then replies.
-    pub async fn publish_events_and_replies(
+    async fn publish_events_and_replies(
         &self,
         events: &[(&str, &[u8])],
         replies: &[(&str, &[u8])],
     ) -> (Vec<Result<(), BrokerError>>, Vec<Result<(), BrokerError>>) {
-        if let Some(broker) = &self.config.in_process {
-            for (routing_key, payload) in events {
-                broker.publish_event(routing_key, payload);
-            }
-            return (
-                events.iter().map(|_| Ok(())).collect(),
-                replies
-                    .iter()
-                    .map(|(reply_to, payload)| broker.publish_reply(reply_to, payload))
-                    .collect(),
-            );
-        }
         let events_exchange = self.config.names.events_exchange();
         let reply_properties =
             BasicProperties::default().with_content_type("application/json".into());
@@ -774,17 +895,7 @@ impl BrokerLink {
         results
     }
 
-    /// Publishes an event (e.g. `run.requested`) on the events exchange. Unrouted events are
-    /// dropped by the broker: runners bind their own queues.
-    pub async fn publish_event(
-        &self,
-        routing_key: &str,
-        payload: &[u8],
-    ) -> Result<(), BrokerError> {
-        if let Some(broker) = &self.config.in_process {
-            broker.publish_event(routing_key, payload);
-            return Ok(());
-        }
+    async fn publish_event(&self, routing_key: &str, payload: &[u8]) -> Result<(), BrokerError> {
         self.publish_confirmed(
             &self.config.names.events_exchange(),
             routing_key,
@@ -795,14 +906,7 @@ impl BrokerLink {
         .await
     }
 
-    /// Tells every api instance which channels have new records. Not persistent and not
-    /// confirmed (the confirm is not awaited): a lost notification only delays readers until
-    /// their safety re-read, so the worker does not wait a broker round trip for it.
-    pub async fn publish_notification(&self, payload: &[u8]) -> Result<(), BrokerError> {
-        if let Some(broker) = &self.config.in_process {
-            broker.publish_notification(payload);
-            return Ok(());
-        }
+    async fn publish_notification(&self, payload: &[u8]) -> Result<(), BrokerError> {
         let live = self.live().await?;
         let published = bounded(
             "publishing a notification",
@@ -823,27 +927,13 @@ impl BrokerLink {
         published.map(drop)
     }
 
-    /// Sends a reply to an api instance's reply queue.
-    pub async fn publish_reply(&self, reply_to: &str, payload: &[u8]) -> Result<(), BrokerError> {
-        if let Some(broker) = &self.config.in_process {
-            return broker.publish_reply(reply_to, payload);
-        }
+    async fn publish_reply(&self, reply_to: &str, payload: &[u8]) -> Result<(), BrokerError> {
         let properties = BasicProperties::default().with_content_type("application/json".into());
         self.publish_confirmed("", reply_to, false, payload, properties)
             .await
     }
 
-    /// Whether the broker answers (connecting if needed).
-    pub async fn ping(&self) -> Result<(), BrokerError> {
-        self.ensure_connected().await
-    }
-
-    /// Deletes every queue and exchange of this deployment's prefix (partition logs, and the
-    /// queues of versions before them if they are still there). For tests and teardown.
-    pub async fn delete_topology(&self) -> Result<(), BrokerError> {
-        if self.config.in_process.is_some() {
-            return Ok(());
-        }
+    async fn delete_topology(&self) -> Result<(), BrokerError> {
         let live = self.live().await?;
         let names = &self.config.names;
         let mut queues: Vec<String> = (0..names.partitions)
@@ -879,8 +969,7 @@ impl BrokerLink {
         Ok(())
     }
 
-    /// Closes the connection (graceful shutdown).
-    pub async fn close(&self) {
+    async fn close(&self) {
         let mut guard = self.live.lock().await;
         self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
         if let Some(live) = guard.take() {
