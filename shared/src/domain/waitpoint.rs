@@ -1,14 +1,65 @@
 //! Waitpoint rules: durations, statuses, outputs and event payloads.
 
 use chrono::{DateTime, TimeDelta, Utc};
+use serde::Serialize;
 use serde_json::{Value, json};
+use uuid::Uuid;
 
-use super::ValidationError;
+use super::{Io, ValidationError};
 
 pub const WAITPOINT_PREFIX: &str = "waitpoint_";
-pub const STATUS_WAITING: &str = "WAITING";
-pub const STATUS_COMPLETED: &str = "COMPLETED";
-pub const STATUS_TIMED_OUT: &str = "TIMED_OUT";
+
+/// Where a waitpoint is in its life; shown to clients as `WAITING`, `COMPLETED`, `TIMED_OUT`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum WaitpointStatus {
+    Waiting,
+    Completed,
+    TimedOut,
+}
+
+impl WaitpointStatus {
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            WaitpointStatus::Waiting => "WAITING",
+            WaitpointStatus::Completed => "COMPLETED",
+            WaitpointStatus::TimedOut => "TIMED_OUT",
+        }
+    }
+
+    /// The status [`as_str`](Self::as_str) wrote, `None` for anything else.
+    pub fn parse(text: &str) -> Option<Self> {
+        [Self::Waiting, Self::Completed, Self::TimedOut]
+            .into_iter()
+            .find(|status| status.as_str() == text)
+    }
+}
+
+/// A waitpoint: a run waiting for the next record of a session's `in` or `out` channel.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Waitpoint {
+    pub id: Uuid,
+    pub friendly_id: String,
+    pub environment_id: Uuid,
+    pub environment_public_id: String,
+    pub run_id: Uuid,
+    pub run_friendly_id: String,
+    pub session_id: Uuid,
+    pub session_friendly_id: String,
+    pub io: Io,
+    /// Completes with the first record whose seqNum is greater than this.
+    pub after_seq: i64,
+    pub status: WaitpointStatus,
+    pub output: Option<String>,
+    pub output_is_error: bool,
+    pub completed_by_seq: Option<i64>,
+    pub completed_at: Option<DateTime<Utc>>,
+    pub timeout_at: Option<DateTime<Utc>>,
+    pub tags: Value,
+    pub idempotency_key: Option<String>,
+    pub idempotency_key_expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+}
 pub const OUTPUT_TYPE: &str = "application/json";
 /// The code the client's `isWaitpointOutputTimeout` looks for.
 pub const TIMEOUT_ERROR_CODE: &str = "TRIGGER_WAITPOINT_TIMEOUT";
@@ -82,7 +133,7 @@ impl WaitpointEvent<'_> {
             "sessionId": self.session_friendly_id,
             "environmentId": self.environment_public_id,
             "io": self.io,
-            "status": if self.kind == WAITPOINT_COMPLETED { STATUS_COMPLETED } else { STATUS_TIMED_OUT },
+            "status": if self.kind == WAITPOINT_COMPLETED { WaitpointStatus::Completed } else { WaitpointStatus::TimedOut },
             "output": self.output,
             "outputType": OUTPUT_TYPE,
             "outputIsError": self.output_is_error,
@@ -94,6 +145,19 @@ impl WaitpointEvent<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statuses_read_back_what_they_write() {
+        for status in [
+            WaitpointStatus::Waiting,
+            WaitpointStatus::Completed,
+            WaitpointStatus::TimedOut,
+        ] {
+            assert_eq!(WaitpointStatus::parse(status.as_str()), Some(status));
+            assert_eq!(json!(status), json!(status.as_str()));
+        }
+        assert_eq!(WaitpointStatus::parse("waiting"), None);
+    }
 
     #[test]
     fn durations_parse_with_units() {

@@ -13,11 +13,12 @@ use sea_orm::{
 use uuid::Uuid;
 
 use super::entities::{applied_commands, outbox_events, records, runs, sessions, waitpoints};
-use super::{OutboxEventRow, RecordRow, RunRow, SessionRow, StorageError, Store, WaitpointRow};
+use super::{
+    OutboxEventRow, RecordRow, RunRow, SessionRow, StorageError, Store, Waitpoint, WaitpointStatus,
+};
 use crate::commands::{Command, CommandBody, Outcome};
 use crate::domain::dedup::DedupKey;
 use crate::domain::session::SessionItem;
-use crate::domain::waitpoint::STATUS_WAITING;
 use crate::domain::{Io, Stream};
 
 /// Rows per multi-row INSERT or per IN list: keeps every statement far below Postgres' 65,535
@@ -50,9 +51,9 @@ pub struct LoadedState {
     /// Friendly ids of the loaded sessions' current runs.
     pub run_friendly_ids: HashMap<Uuid, String>,
     /// Waiting waitpoints of the batch's sessions, per channel.
-    pub waiting_waitpoints: HashMap<(Uuid, Io), Vec<WaitpointRow>>,
+    pub waiting_waitpoints: HashMap<(Uuid, Io), Vec<Waitpoint>>,
     /// Waitpoints whose idempotency key is still live, by `(environment, key)`.
-    pub waitpoints_by_key: HashMap<(Uuid, String), WaitpointRow>,
+    pub waitpoints_by_key: HashMap<(Uuid, String), Waitpoint>,
     /// Bodies of records that registrations with `lastSeqNum` may complete with at once:
     /// `(session, io, seqNum)` → body.
     pub record_bodies: HashMap<(Uuid, Io, i64), String>,
@@ -69,7 +70,7 @@ pub struct LoadedState {
 #[derive(Clone, Debug, PartialEq)]
 pub struct WaitpointCompletion {
     pub waitpoint_id: Uuid,
-    pub status: &'static str,
+    pub status: WaitpointStatus,
     pub output: String,
     pub output_is_error: bool,
     pub completed_by_seq: Option<i64>,
@@ -97,7 +98,7 @@ pub struct BatchWrites {
     pub applied_outcomes: Vec<(Uuid, Uuid, Outcome)>,
     pub outbox: Vec<NewOutboxEvent>,
     /// Waitpoints registered by this batch, as registered (WAITING).
-    pub new_waitpoints: Vec<WaitpointRow>,
+    pub new_waitpoints: Vec<Waitpoint>,
     /// Completions, applied after the inserts, each guarded by `status = 'WAITING'`.
     pub waitpoint_completions: Vec<WaitpointCompletion>,
     /// New trim points, one per `(session, stream key)`; a stored higher point wins.
@@ -361,16 +362,17 @@ async fn load_state(
     for chunk in session_ids.chunks(CHUNK) {
         for waitpoint in waitpoints::Entity::find()
             .filter(id_in(backend, waitpoints::Column::SessionId, chunk))
-            .filter(waitpoints::Column::Status.eq(STATUS_WAITING))
+            .filter(waitpoints::Column::Status.eq(WaitpointStatus::Waiting.as_str()))
             .all(txn)
             .await?
         {
-            let Ok(io) = waitpoint.io.parse::<Io>() else {
+            // A row no build writes cannot be waiting for anything this code knows.
+            let Ok(waitpoint) = super::waitpoint_from_row(waitpoint) else {
                 continue;
             };
             state
                 .waiting_waitpoints
-                .entry((waitpoint.session_id, io))
+                .entry((waitpoint.session_id, waitpoint.io))
                 .or_default()
                 .push(waitpoint);
         }
@@ -468,10 +470,10 @@ async fn load_registration_state(
                         .idempotency_key_expires_at
                         .is_some_and(|expires| expires > command.accepted_at)
             });
-            if let Some(live) = live {
+            if let Some(live) = live.and_then(|live| super::waitpoint_from_row(live.clone()).ok()) {
                 state
                     .waitpoints_by_key
-                    .insert((command.environment_id, key.clone()), live.clone());
+                    .insert((command.environment_id, key.clone()), live);
             }
         }
     }
@@ -574,14 +576,9 @@ async fn write(
         .await?;
     }
     for chunk in writes.new_waitpoints.chunks(CHUNK / 4) {
-        waitpoints::Entity::insert_many(
-            chunk
-                .iter()
-                .cloned()
-                .map(|waitpoint| waitpoint.into_active_model().reset_all()),
-        )
-        .exec_without_returning(txn)
-        .await?;
+        waitpoints::Entity::insert_many(chunk.iter().map(super::waitpoint_row))
+            .exec_without_returning(txn)
+            .await?;
     }
     write_trims(txn, &writes.trims).await?;
     let mut outbox_events = writes.outbox;
@@ -890,7 +887,10 @@ pub(crate) async fn complete_waitpoints(
     let mut events = Vec::with_capacity(completions.len());
     for completion in completions {
         let result = waitpoints::Entity::update_many()
-            .col_expr(waitpoints::Column::Status, Expr::value(completion.status))
+            .col_expr(
+                waitpoints::Column::Status,
+                Expr::value(completion.status.as_str()),
+            )
             .col_expr(waitpoints::Column::Output, Expr::value(completion.output))
             .col_expr(
                 waitpoints::Column::OutputIsError,
@@ -905,7 +905,7 @@ pub(crate) async fn complete_waitpoints(
                 Expr::value(completion.completed_at),
             )
             .filter(waitpoints::Column::Id.eq(completion.waitpoint_id))
-            .filter(waitpoints::Column::Status.eq(STATUS_WAITING))
+            .filter(waitpoints::Column::Status.eq(WaitpointStatus::Waiting.as_str()))
             .exec(txn)
             .await?;
         if result.rows_affected == 1 {

@@ -81,9 +81,9 @@ impl RecordRow {
             .unwrap_or_default()
     }
 }
+pub use crate::domain::waitpoint::{Waitpoint, WaitpointStatus};
 pub use entities::runs::Model as RunRow;
 pub use entities::sessions::Model as SessionRow;
-pub use entities::waitpoints::Model as WaitpointRow;
 pub use listing::{ListError, PageCursor, SessionListQuery, SessionPage, StatusFilter};
 pub use logs::{DeadLetter, LogAdvance, NewDeadLetter};
 pub use purge::RowsPurged;
@@ -92,6 +92,70 @@ use entities::{
     environments, outbox_events, projects, records, runs, secret_keys, session_snapshots, sessions,
     waitpoints,
 };
+
+/// A stored waitpoint as the domain sees it (typed channel and status). A row holding what no
+/// build writes is reported, not guessed at.
+pub(crate) fn waitpoint_from_row(row: waitpoints::Model) -> Result<Waitpoint, StorageError> {
+    let unreadable = |column: &str, value: &str| {
+        StorageError::Inconsistent(format!(
+            "waitpoint {} has an unknown {column} {value:?}",
+            row.id
+        ))
+    };
+    let io = row.io.parse().map_err(|_| unreadable("io", &row.io))?;
+    let status =
+        WaitpointStatus::parse(&row.status).ok_or_else(|| unreadable("status", &row.status))?;
+    Ok(Waitpoint {
+        id: row.id,
+        friendly_id: row.friendly_id,
+        environment_id: row.environment_id,
+        environment_public_id: row.environment_public_id,
+        run_id: row.run_id,
+        run_friendly_id: row.run_friendly_id,
+        session_id: row.session_id,
+        session_friendly_id: row.session_friendly_id,
+        io,
+        after_seq: row.after_seq,
+        status,
+        output: row.output,
+        output_is_error: row.output_is_error,
+        completed_by_seq: row.completed_by_seq,
+        completed_at: row.completed_at,
+        timeout_at: row.timeout_at,
+        tags: row.tags,
+        idempotency_key: row.idempotency_key,
+        idempotency_key_expires_at: row.idempotency_key_expires_at,
+        created_at: row.created_at,
+    })
+}
+
+/// The row a new waitpoint is inserted as.
+pub(crate) fn waitpoint_row(waitpoint: &Waitpoint) -> waitpoints::ActiveModel {
+    use sea_orm::Set;
+    let waitpoint = waitpoint.clone();
+    waitpoints::ActiveModel {
+        id: Set(waitpoint.id),
+        friendly_id: Set(waitpoint.friendly_id),
+        environment_id: Set(waitpoint.environment_id),
+        environment_public_id: Set(waitpoint.environment_public_id),
+        run_id: Set(waitpoint.run_id),
+        run_friendly_id: Set(waitpoint.run_friendly_id),
+        session_id: Set(waitpoint.session_id),
+        session_friendly_id: Set(waitpoint.session_friendly_id),
+        io: Set(waitpoint.io.as_str().to_owned()),
+        after_seq: Set(waitpoint.after_seq),
+        status: Set(waitpoint.status.as_str().to_owned()),
+        output: Set(waitpoint.output),
+        output_is_error: Set(waitpoint.output_is_error),
+        completed_by_seq: Set(waitpoint.completed_by_seq),
+        completed_at: Set(waitpoint.completed_at),
+        timeout_at: Set(waitpoint.timeout_at),
+        tags: Set(waitpoint.tags),
+        idempotency_key: Set(waitpoint.idempotency_key),
+        idempotency_key_expires_at: Set(waitpoint.idempotency_key_expires_at),
+        created_at: Set(waitpoint.created_at),
+    }
+}
 
 /// A storage failure. [`StorageError::is_transient`] tells the worker whether to retry. It
 /// carries no database library type: a failure of the database is classified where it happens
@@ -658,12 +722,14 @@ impl Store {
         &self,
         environment_id: Uuid,
         friendly_id: &str,
-    ) -> Result<Option<WaitpointRow>, StorageError> {
-        Ok(waitpoints::Entity::find()
+    ) -> Result<Option<Waitpoint>, StorageError> {
+        waitpoints::Entity::find()
             .filter(waitpoints::Column::EnvironmentId.eq(environment_id))
             .filter(waitpoints::Column::FriendlyId.eq(friendly_id))
             .one(&self.db)
-            .await?)
+            .await?
+            .map(waitpoint_from_row)
+            .transpose()
     }
 
     /// Times out up to `limit` waiting waitpoints whose `timeout_at` has passed, in one
@@ -673,11 +739,11 @@ impl Store {
         &self,
         now: DateTime<Utc>,
         limit: u64,
-        completion: impl Fn(&WaitpointRow) -> WaitpointCompletion,
+        completion: impl Fn(&Waitpoint) -> WaitpointCompletion,
     ) -> Result<Vec<OutboxEventRow>, StorageError> {
         let txn = self.db.begin().await?;
         let expired = waitpoints::Entity::find()
-            .filter(waitpoints::Column::Status.eq(crate::domain::waitpoint::STATUS_WAITING))
+            .filter(waitpoints::Column::Status.eq(WaitpointStatus::Waiting.as_str()))
             .filter(waitpoints::Column::TimeoutAt.lte(now))
             .order_by_asc(waitpoints::Column::TimeoutAt)
             .limit(limit)
@@ -687,6 +753,11 @@ impl Store {
             txn.commit().await?;
             return Ok(Vec::new());
         }
+        // A row no build writes is left alone rather than stopping every later time-out.
+        let expired: Vec<Waitpoint> = expired
+            .into_iter()
+            .filter_map(|row| waitpoint_from_row(row).ok())
+            .collect();
         let completions = expired.iter().map(completion).collect();
         let events = apply::complete_waitpoints(&txn, completions).await?;
         let rows = apply::insert_outbox(&txn, events).await?;

@@ -24,13 +24,12 @@ use shared::domain::dedup::{DedupKey, body_fingerprint};
 use shared::domain::ids::writer_record_id;
 use shared::domain::session::{SessionItem, SessionState, append_state, session_state};
 use shared::domain::waitpoint::{
-    STATUS_COMPLETED, STATUS_TIMED_OUT, STATUS_WAITING, WAITPOINT_COMPLETED, WAITPOINT_TIMED_OUT,
-    WaitpointEvent, timeout_output,
+    WAITPOINT_COMPLETED, WAITPOINT_TIMED_OUT, WaitpointEvent, timeout_output,
 };
 use shared::domain::{Io, Stream};
 use shared::storage::{
     BatchWrites, LoadedState, NewOutboxEvent, PartOwner, RecordRow, RunRow, SessionRow, StreamTrim,
-    WaitpointCompletion, WaitpointRow,
+    Waitpoint, WaitpointCompletion, WaitpointStatus,
 };
 use uuid::Uuid;
 
@@ -379,7 +378,7 @@ impl Planner {
         else {
             return;
         };
-        let (ready, still_waiting): (Vec<WaitpointRow>, Vec<WaitpointRow>) =
+        let (ready, still_waiting): (Vec<Waitpoint>, Vec<Waitpoint>) =
             waiting.drain(..).partition(|waitpoint| {
                 waitpoint.after_seq < seq_num && waitpoint.environment_id == command.environment_id
             });
@@ -387,7 +386,7 @@ impl Planner {
         for waitpoint in ready {
             self.writes.waitpoint_completions.push(completion(
                 &waitpoint,
-                STATUS_COMPLETED,
+                WaitpointStatus::Completed,
                 body.to_owned(),
                 Some(seq_num),
                 now,
@@ -420,7 +419,7 @@ impl Planner {
             Io::Out => session.next_seq_out,
         };
         let after_seq = register.last_seq_num.unwrap_or(next_seq - 1).max(-1);
-        let waitpoint = WaitpointRow {
+        let waitpoint = Waitpoint {
             id: register.waitpoint_id,
             friendly_id: register.friendly_id.clone(),
             environment_id: command.environment_id,
@@ -429,9 +428,9 @@ impl Planner {
             run_friendly_id: register.run_friendly_id.clone(),
             session_id: command.session_id,
             session_friendly_id: session.friendly_id.clone(),
-            io: register.io.as_str().to_owned(),
+            io: register.io,
             after_seq,
-            status: STATUS_WAITING.to_owned(),
+            status: WaitpointStatus::Waiting,
             output: None,
             output_is_error: false,
             completed_by_seq: None,
@@ -467,7 +466,7 @@ impl Planner {
         match existing_body {
             Some(body) => self.writes.waitpoint_completions.push(completion(
                 &waitpoint,
-                STATUS_COMPLETED,
+                WaitpointStatus::Completed,
                 body,
                 Some(first_after),
                 now,
@@ -718,13 +717,13 @@ impl Planner {
 /// A completion (`COMPLETED` with a record body) or time-out (`TIMED_OUT` with the error
 /// output) of `waitpoint`, with its event.
 pub fn completion(
-    waitpoint: &WaitpointRow,
-    status: &'static str,
+    waitpoint: &Waitpoint,
+    status: WaitpointStatus,
     output: String,
     completed_by_seq: Option<i64>,
     at: DateTime<Utc>,
 ) -> WaitpointCompletion {
-    let output_is_error = status == STATUS_TIMED_OUT;
+    let output_is_error = status == WaitpointStatus::TimedOut;
     let kind = if output_is_error {
         WAITPOINT_TIMED_OUT
     } else {
@@ -736,7 +735,7 @@ pub fn completion(
         run_friendly_id: &waitpoint.run_friendly_id,
         session_friendly_id: &waitpoint.session_friendly_id,
         environment_public_id: &waitpoint.environment_public_id,
-        io: &waitpoint.io,
+        io: waitpoint.io.as_str(),
         output: &output,
         output_is_error,
         at,
@@ -757,11 +756,11 @@ pub fn completion(
 }
 
 /// The time-out of an expired waitpoint.
-pub fn time_out(waitpoint: &WaitpointRow, now: DateTime<Utc>) -> WaitpointCompletion {
+pub fn time_out(waitpoint: &Waitpoint, now: DateTime<Utc>) -> WaitpointCompletion {
     let timeout_at = waitpoint.timeout_at.unwrap_or(now);
     completion(
         waitpoint,
-        STATUS_TIMED_OUT,
+        WaitpointStatus::TimedOut,
         timeout_output(timeout_at),
         None,
         now,

@@ -544,7 +544,7 @@ fn a_waitpoint_completes_with_the_next_record_and_only_once() {
     let completion = &writes.waitpoint_completions[0];
     assert_eq!(completion.output, "next");
     assert_eq!(completion.completed_by_seq, Some(1));
-    assert_eq!(completion.status, STATUS_COMPLETED);
+    assert_eq!(completion.status, WaitpointStatus::Completed);
     assert_eq!(completion.event.routing_key, WAITPOINT_COMPLETED);
 }
 
