@@ -245,8 +245,31 @@ async fn the_binary_runs_embedded_without_contacting_any_configured_service() {
         .await
         .expect("readyz");
     assert_eq!(ready.status(), 200);
-    let _ = child.kill();
-    let _ = child.wait();
+    // SIGTERM: the server stops on its own, every task of it ended, without using its grace
+    // (the in-process broker lets go of the api's reply and notification listeners).
+    let signalled = std::time::Instant::now();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    let exit = loop {
+        if let Some(exit) = child.try_wait().expect("wait") {
+            break exit;
+        }
+        if signalled.elapsed() > api::SHUTDOWN_GRACE * 3 {
+            let _ = child.kill();
+            panic!("the embedded server did not stop after SIGTERM");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    let took = signalled.elapsed();
+    println!("stopped {took:?} after SIGTERM");
+    assert!(exit.success(), "exits 0 on SIGTERM, got {exit}");
+    assert!(
+        took < api::SHUTDOWN_GRACE,
+        "nothing held the shutdown until its grace ran out: {took:?}"
+    );
     assert_eq!(
         contacts.load(Ordering::SeqCst),
         0,

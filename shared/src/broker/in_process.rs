@@ -254,6 +254,20 @@ impl InProcessBroker {
         lock(&self.notifications).push(sink);
     }
 
+    /// Takes back what a closing link registered: its reply queue and its notification sink.
+    pub(super) fn disconnect(
+        &self,
+        reply_queue: Option<&str>,
+        notifications: Option<&NotificationSink>,
+    ) {
+        if let Some(queue) = reply_queue {
+            lock(&self.replies).remove(queue);
+        }
+        if let Some(ours) = notifications {
+            lock(&self.notifications).retain(|sink| !sink.same_channel(ours));
+        }
+    }
+
     pub(super) fn publish_reply(&self, reply_to: &str, payload: &[u8]) -> Result<(), BrokerError> {
         match lock(&self.replies).get(reply_to) {
             Some(sink) => sink

@@ -416,7 +416,16 @@ pub struct BrokerLink {
 )]
 enum LinkAdapter {
     Amqp(AmqpLink),
-    InProcess(Arc<InProcessBroker>),
+    InProcess(InProcessLink),
+}
+
+/// The embedded default's side of [`BrokerLink`]: the process's broker and what this link
+/// registered with it (taken back by [`BrokerLink::close`], so that the api's reply and
+/// notification listeners end with it).
+struct InProcessLink {
+    broker: Arc<InProcessBroker>,
+    reply_queue: Option<String>,
+    notifications: Option<NotificationSink>,
 }
 
 /// A connection to RabbitMQ that is rebuilt on demand, with a confirm-mode publishing channel.
@@ -459,7 +468,11 @@ impl BrokerLink {
                 if let Some((queue, sink)) = &reply_queue {
                     broker.register_reply_queue(queue, sink.clone());
                 }
-                LinkAdapter::InProcess(broker.clone())
+                LinkAdapter::InProcess(InProcessLink {
+                    broker: broker.clone(),
+                    reply_queue: reply_queue.map(|(queue, _)| queue),
+                    notifications: None,
+                })
             }
             None => LinkAdapter::Amqp(AmqpLink {
                 config: config.clone(),
@@ -477,7 +490,10 @@ impl BrokerLink {
     pub fn with_notifications(mut self, sink: NotificationSink) -> Self {
         match &mut self.adapter {
             LinkAdapter::Amqp(link) => link.notifications = Some(sink),
-            LinkAdapter::InProcess(broker) => broker.register_notifications(sink),
+            LinkAdapter::InProcess(link) => {
+                link.broker.register_notifications(sink.clone());
+                link.notifications = Some(sink);
+            }
         }
         self
     }
@@ -513,7 +529,7 @@ impl BrokerLink {
                 link.publish_commands(partition, message_id, reply_to, payload)
                     .await
             }
-            LinkAdapter::InProcess(broker) => {
+            LinkAdapter::InProcess(InProcessLink { broker, .. }) => {
                 broker
                     .publish_commands(
                         partition,
@@ -538,7 +554,7 @@ impl BrokerLink {
     ) -> (Vec<Result<(), BrokerError>>, Vec<Result<(), BrokerError>>) {
         match &self.adapter {
             LinkAdapter::Amqp(link) => link.publish_events_and_replies(events, replies).await,
-            LinkAdapter::InProcess(broker) => {
+            LinkAdapter::InProcess(InProcessLink { broker, .. }) => {
                 for (routing_key, payload) in events {
                     broker.publish_event(routing_key, payload);
                 }
@@ -562,7 +578,7 @@ impl BrokerLink {
     ) -> Result<(), BrokerError> {
         match &self.adapter {
             LinkAdapter::Amqp(link) => link.publish_event(routing_key, payload).await,
-            LinkAdapter::InProcess(broker) => {
+            LinkAdapter::InProcess(InProcessLink { broker, .. }) => {
                 broker.publish_event(routing_key, payload);
                 Ok(())
             }
@@ -575,7 +591,7 @@ impl BrokerLink {
     pub async fn publish_notification(&self, payload: &[u8]) -> Result<(), BrokerError> {
         match &self.adapter {
             LinkAdapter::Amqp(link) => link.publish_notification(payload).await,
-            LinkAdapter::InProcess(broker) => {
+            LinkAdapter::InProcess(InProcessLink { broker, .. }) => {
                 broker.publish_notification(payload);
                 Ok(())
             }
@@ -586,7 +602,9 @@ impl BrokerLink {
     pub async fn publish_reply(&self, reply_to: &str, payload: &[u8]) -> Result<(), BrokerError> {
         match &self.adapter {
             LinkAdapter::Amqp(link) => link.publish_reply(reply_to, payload).await,
-            LinkAdapter::InProcess(broker) => broker.publish_reply(reply_to, payload),
+            LinkAdapter::InProcess(InProcessLink { broker, .. }) => {
+                broker.publish_reply(reply_to, payload)
+            }
         }
     }
 
@@ -605,11 +623,14 @@ impl BrokerLink {
         }
     }
 
-    /// Closes the connection (graceful shutdown).
+    /// Closes the connection (graceful shutdown): the reply queue and the notifications stop
+    /// coming.
     pub async fn close(&self) {
         match &self.adapter {
             LinkAdapter::Amqp(link) => link.close().await,
-            LinkAdapter::InProcess(_) => {}
+            LinkAdapter::InProcess(link) => link
+                .broker
+                .disconnect(link.reply_queue.as_deref(), link.notifications.as_ref()),
         }
     }
 }
