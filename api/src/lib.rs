@@ -219,19 +219,18 @@ impl Application {
                 "metrics listener",
             )
         });
-        let (draining, drain_started) = tokio::sync::oneshot::channel::<()>();
-        let signal = async move {
-            shutdown.cancelled().await;
-            stopping.cancel();
-            let _ = draining.send(());
+        let signal = {
+            let stopping = stopping.clone();
+            async move {
+                shutdown.cancelled().await;
+                stopping.cancel();
+            }
         };
         let serving = serve::serve(self.listener, router, limits, signal);
+        // The grace runs from the moment the api starts to stop.
         let grace = async move {
-            if drain_started.await.is_ok() {
-                tokio::time::sleep(SHUTDOWN_GRACE).await;
-            } else {
-                std::future::pending::<()>().await;
-            }
+            stopping.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
         };
         tokio::select! {
             () = serving => {}

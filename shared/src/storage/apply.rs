@@ -576,7 +576,7 @@ async fn write(
         .await?;
     }
     for chunk in writes.new_waitpoints.chunks(CHUNK / 4) {
-        waitpoints::Entity::insert_many(chunk.iter().map(super::waitpoint_row))
+        waitpoints::Entity::insert_many(chunk.iter().cloned().map(super::waitpoint_row))
             .exec_without_returning(txn)
             .await?;
     }
@@ -722,9 +722,9 @@ async fn execute_with_rows(
 /// whatever their number. Typed arrays travel in the binary protocol; a `jsonb` array of row
 /// objects (what this was before) had to be built as JSON here and parsed there: measured with
 /// 100-record statements (pgbench, arrays given as text), the same insert from arrays cost
-/// Postgres 27–30 % less time. The
-/// driver cannot put NULL inside an array, so a record without a part id sends `''` (part ids
-/// are never empty) and one without headers sends JSON `null` (headers are always an array).
+/// Postgres 27–30 % less time. The driver cannot put NULL inside an array, so a record without
+/// a part id sends `''` (part ids are never empty) and one without headers sends JSON `null`
+/// (headers are always an array).
 const INSERT_RECORDS_SQL: &str = r#"INSERT INTO records
   (session_id, io, seq_num, environment_id, part_id, body, body_fingerprint, command_id, created_at,
    headers, body_is_envelope)

@@ -130,9 +130,8 @@ pub(crate) fn waitpoint_from_row(row: waitpoints::Model) -> Result<Waitpoint, St
 }
 
 /// The row a new waitpoint is inserted as.
-pub(crate) fn waitpoint_row(waitpoint: &Waitpoint) -> waitpoints::ActiveModel {
+pub(crate) fn waitpoint_row(waitpoint: Waitpoint) -> waitpoints::ActiveModel {
     use sea_orm::Set;
-    let waitpoint = waitpoint.clone();
     waitpoints::ActiveModel {
         id: Set(waitpoint.id),
         friendly_id: Set(waitpoint.friendly_id),
