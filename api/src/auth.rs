@@ -23,7 +23,7 @@ use shared::domain::tokens::{
     decrypt_secret, secret_key_digest, unverified_subject, verify_public_token, verify_writer_token,
 };
 use shared::domain::{Io, Stream};
-use shared::storage::{EnvironmentRow, LiveKey, SessionRow};
+use shared::storage::{Environment, LiveKey, Session};
 use uuid::Uuid;
 
 use crate::AppState;
@@ -48,14 +48,14 @@ pub enum Credential {
 /// An authenticated caller.
 #[derive(Clone, Debug)]
 pub struct Caller {
-    pub environment: EnvironmentRow,
+    pub environment: Environment,
     pub credential: Credential,
 }
 
 /// A caller that presented a secret key (routes that need one answer 403 to tokens).
 #[derive(Clone, Debug)]
 pub struct SecretKeyCaller {
-    pub environment: EnvironmentRow,
+    pub environment: Environment,
     pub secret_key: String,
 }
 
@@ -64,7 +64,7 @@ pub struct SecretKeyCaller {
 #[derive(Debug, Default)]
 pub struct VerificationKeys {
     entries: Mutex<HashMap<Uuid, (Instant, Vec<String>)>>,
-    environments: Mutex<HashMap<String, (Instant, EnvironmentRow)>>,
+    environments: Mutex<HashMap<String, (Instant, Environment)>>,
 }
 
 /// Most environments remembered by public id; past it the cache starts over.
@@ -76,7 +76,7 @@ impl VerificationKeys {
         &self,
         state: &AppState,
         public_id: &str,
-    ) -> Result<Option<EnvironmentRow>, ApiError> {
+    ) -> Result<Option<Environment>, ApiError> {
         {
             let environments = self
                 .environments
@@ -152,7 +152,7 @@ impl SecretKeyLookups {
         &self,
         state: &AppState,
         digest: String,
-    ) -> Result<Option<EnvironmentRow>, ApiError> {
+    ) -> Result<Option<Environment>, ApiError> {
         let ttl = state.settings.auth_cache_ttl;
         if !ttl.is_zero() {
             let entries = self.lock();
@@ -205,7 +205,7 @@ pub async fn cached_session(
     state: &AppState,
     environment_id: Uuid,
     address: &SessionAddress,
-) -> Result<Option<std::sync::Arc<SessionRow>>, ApiError> {
+) -> Result<Option<std::sync::Arc<Session>>, ApiError> {
     if let Some(session) = state.sessions.get(environment_id, address) {
         return Ok(Some(session));
     }
@@ -221,7 +221,7 @@ pub async fn cached_session(
 /// `shared::domain::tokens::WriterTokenClaims`).
 #[derive(Clone, Debug)]
 pub struct WriterCaller {
-    pub environment: EnvironmentRow,
+    pub environment: Environment,
     /// The one stream name the token may append to and trim.
     pub stream_name: String,
 }
@@ -267,7 +267,7 @@ pub async fn authenticate_writer(
 async fn token_environment(
     state: &AppState,
     token: &str,
-) -> Result<Option<(EnvironmentRow, Vec<String>)>, ApiError> {
+) -> Result<Option<(Environment, Vec<String>)>, ApiError> {
     let Ok(subject) = unverified_subject(token) else {
         return Ok(None);
     };
@@ -383,7 +383,7 @@ impl Caller {
         &self,
         action: Action,
         address: &SessionAddress,
-        session: Option<&SessionRow>,
+        session: Option<&Session>,
     ) -> Result<(), ApiError> {
         self.authorize_on(action, address, session, Target::Session)
     }
@@ -393,7 +393,7 @@ impl Caller {
         &self,
         action: Action,
         address: &SessionAddress,
-        session: Option<&SessionRow>,
+        session: Option<&Session>,
         target: Target<'_>,
     ) -> Result<(), ApiError> {
         let Credential::PublicToken { scopes, .. } = &self.credential else {
@@ -430,7 +430,7 @@ impl Caller {
         state: &AppState,
         action: Action,
         address: &SessionAddress,
-    ) -> Result<Option<SessionRow>, ApiError> {
+    ) -> Result<Option<Session>, ApiError> {
         self.find_session_on(state, action, address, Target::Session)
             .await
     }
@@ -442,7 +442,7 @@ impl Caller {
         action: Action,
         address: &SessionAddress,
         target: Target<'_>,
-    ) -> Result<Option<SessionRow>, ApiError> {
+    ) -> Result<Option<Session>, ApiError> {
         let session = state
             .store
             .find_session(self.environment.id, address)
@@ -459,7 +459,7 @@ impl Caller {
         state: &AppState,
         address: &SessionAddress,
         stream: &Stream,
-    ) -> Result<std::sync::Arc<SessionRow>, ApiError> {
+    ) -> Result<std::sync::Arc<Session>, ApiError> {
         let session = cached_session(state, self.environment.id, address).await?;
         self.authorize_on(
             Action::Write,
@@ -476,7 +476,7 @@ impl Caller {
         state: &AppState,
         action: Action,
         address: &SessionAddress,
-    ) -> Result<SessionRow, ApiError> {
+    ) -> Result<Session, ApiError> {
         self.find_session(state, action, address)
             .await?
             .ok_or(ApiError::NotFound("Session not found"))

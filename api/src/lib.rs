@@ -123,8 +123,10 @@ impl Application {
         };
         let store = Store::connect(&settings.database_url, settings.db_max_connections).await?;
         let instance = uuid::Uuid::now_v7().simple().to_string();
+        let tasks = TaskTracker::new();
         let config = BrokerConfig::from_settings(&settings, format!("api-{instance}"), in_process)
-            .with_signals(signals::BROKER);
+            .with_signals(signals::BROKER)
+            .with_tasks(tasks.clone());
         if let Some(logs) = config.lasting_partition_logs()
             && let Some(refusal) = store.partition_count_mismatch(&logs).await?
         {
@@ -140,7 +142,6 @@ impl Application {
         if let Err(error) = link.ensure_connected().await {
             tracing::warn!(%error, "broker not reachable yet; writes answer 503 until it is");
         }
-        let tasks = TaskTracker::new();
         let stopping = CancellationToken::new();
         // Keeps the link (and with it the reply and notification consumers) up even when no
         // request publishes, so live readers hear about new records.

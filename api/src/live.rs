@@ -17,7 +17,7 @@ use shared::broker::Notification;
 use shared::commands::NewRecords;
 use shared::domain::Stream;
 use shared::shutdown::{CancellationToken, TaskTracker};
-use shared::storage::{RecordRow, Store};
+use shared::storage::{Store, StoredRecord};
 use tokio::sync::{Notify, broadcast, mpsc};
 use uuid::Uuid;
 
@@ -45,7 +45,7 @@ struct Feed {
 #[derive(Debug)]
 pub struct FeedBatch {
     /// In seqNum order, without gaps.
-    pub rows: Vec<RecordRow>,
+    pub rows: Vec<StoredRecord>,
     /// The SSE `batch` event of all of `rows` (what a reader at the first row sends as is).
     pub event: Event,
 }
@@ -54,7 +54,7 @@ pub struct FeedBatch {
 /// such an envelope (the SDK writer's records) is that string; raw text from the append route is
 /// wrapped as `{"data": <text>, "id": <partId or "">}`, so a raw body that looks like an envelope
 /// is still shown as the text it is.
-pub fn envelope_of(row: &RecordRow) -> String {
+pub fn envelope_of(row: &StoredRecord) -> String {
     if row.body_is_envelope {
         return row.body.clone();
     }
@@ -63,7 +63,7 @@ pub fn envelope_of(row: &RecordRow) -> String {
 
 /// A record as the records route lists it: `data` and `id` out of its envelope (the writer's
 /// chunk is a JSON value; the append route's text stays a string).
-pub fn listed_data_and_id(row: &RecordRow) -> (serde_json::Value, String) {
+pub fn listed_data_and_id(row: &StoredRecord) -> (serde_json::Value, String) {
     if row.body_is_envelope
         && let Ok(serde_json::Value::Object(mut envelope)) = serde_json::from_str(&row.body)
     {
@@ -81,7 +81,7 @@ pub fn listed_data_and_id(row: &RecordRow) -> (serde_json::Value, String) {
 /// `{seq_num, timestamp, headers?, body?}`. `headers` only when the record has some; `body` is
 /// [`envelope_of`] the record, left out for a record with headers and no body (a control or
 /// command record), as the reference stream store does.
-pub fn batch_event(rows: &[RecordRow]) -> Event {
+pub fn batch_event(rows: &[StoredRecord]) -> Event {
     let records: Vec<serde_json::Value> = rows
         .iter()
         .map(|row| {
@@ -89,7 +89,7 @@ pub fn batch_event(rows: &[RecordRow]) -> Event {
                 "seq_num": row.seq_num,
                 "timestamp": row.created_at.timestamp_millis(),
             });
-            let headers = row.header_pairs();
+            let headers = &row.headers;
             if headers.is_empty() || !row.body.is_empty() {
                 record["body"] = json!(envelope_of(row));
             }

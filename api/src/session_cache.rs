@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use shared::domain::SessionAddress;
-use shared::storage::SessionRow;
+use shared::storage::Session;
 use uuid::Uuid;
 
 /// More entries than this and the cache starts over (a bound on memory; 1,000 sessions per
@@ -30,7 +30,7 @@ type Key = (Uuid, SessionAddress);
 #[derive(Debug)]
 pub struct SessionCache {
     ttl: Duration,
-    entries: Mutex<HashMap<Key, (Arc<SessionRow>, Instant)>>,
+    entries: Mutex<HashMap<Key, (Arc<Session>, Instant)>>,
 }
 
 impl SessionCache {
@@ -42,14 +42,14 @@ impl SessionCache {
         }
     }
 
-    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<Key, (Arc<SessionRow>, Instant)>> {
+    fn entries(&self) -> std::sync::MutexGuard<'_, HashMap<Key, (Arc<Session>, Instant)>> {
         self.entries
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The cached session at `address` in `environment`, if fresh.
-    pub fn get(&self, environment: Uuid, address: &SessionAddress) -> Option<Arc<SessionRow>> {
+    pub fn get(&self, environment: Uuid, address: &SessionAddress) -> Option<Arc<Session>> {
         if self.ttl.is_zero() {
             return None;
         }
@@ -66,7 +66,7 @@ impl SessionCache {
     }
 
     /// Remembers `row`, read from the database just now, under `address`.
-    pub fn put(&self, environment: Uuid, address: &SessionAddress, row: Arc<SessionRow>) {
+    pub fn put(&self, environment: Uuid, address: &SessionAddress, row: Arc<Session>) {
         if self.ttl.is_zero() {
             return;
         }
@@ -96,9 +96,9 @@ impl SessionCache {
 mod tests {
     use super::*;
 
-    fn row(id: Uuid, environment: Uuid) -> Arc<SessionRow> {
+    fn row(id: Uuid, environment: Uuid) -> Arc<Session> {
         let now = chrono::Utc::now();
-        Arc::new(SessionRow {
+        Arc::new(Session {
             id,
             environment_id: environment,
             friendly_id: "session_x".into(),
@@ -107,7 +107,7 @@ mod tests {
             task_identifier: "t".into(),
             trigger_config: serde_json::json!({}),
             current_run_id: None,
-            tags: serde_json::json!([]),
+            tags: Vec::new(),
             metadata: None,
             closed_at: None,
             closed_reason: None,

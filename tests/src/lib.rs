@@ -824,7 +824,7 @@ impl TestApp {
 
     /// The stored row of the session `external_id` of the test's environment (for tests that
     /// publish commands themselves, which need its internal id and partition).
-    pub async fn session_row(&self, external_id: &str) -> shared::storage::SessionRow {
+    pub async fn session_row(&self, external_id: &str) -> shared::storage::Session {
         let environment = self
             .store
             .environment_by_public_id(&self.environment_id)

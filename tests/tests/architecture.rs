@@ -80,6 +80,45 @@ fn sea_orm_stays_in_storage() {
     );
 }
 
+/// The storage boundary is the compiler's: `shared/src/storage/mod.rs` holds a `compile_fail`
+/// doc test that names a sea-orm entity from outside the crate, beside one that names the
+/// public domain structs. Runs them (nextest does not run doc tests) and checks both ran.
+#[test]
+fn sea_orm_entities_cannot_be_named_outside_storage() {
+    let output = std::process::Command::new(env!("CARGO"))
+        .current_dir(workspace_root())
+        // The workspace's feature set: the artifacts the suite was built with, nothing rebuilt.
+        .args([
+            "test",
+            "--doc",
+            "--workspace",
+            "--",
+            "storage",
+            "--color",
+            "never",
+        ])
+        .output()
+        .expect("cargo runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "storage doc tests failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("storage (line") && stdout.contains("compile fail ... ok"),
+        "the boundary's doc tests did not run:\n{stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|line| line.starts_with("test shared/src/storage/mod.rs")
+                && !line.contains("compile fail")
+                && line.ends_with("... ok")),
+        "the public side of the boundary did not compile:\n{stdout}"
+    );
+}
+
 #[test]
 fn metrics_are_recorded_only_at_the_defined_instrumentation_points() {
     assert_eq!(
@@ -134,13 +173,21 @@ fn no_handler_and_no_apply_code_knows_which_mode_runs() {
 }
 
 #[test]
-fn the_api_spawns_only_tracked_tasks() {
-    // Every task of the api is spawned on `AppState::tasks`, so a stopping api can wait for
-    // all of them. The embedded server's worker is the one exception: it is joined by handle.
+fn every_task_is_spawned_on_a_tracker() {
+    // The api spawns on `AppState::tasks`, the worker on its own tracker, the broker adapters on
+    // the tracker their `BrokerConfig` was given: a stopping process waits for all of them.
+    // Exceptions, each joined another way: the embedded server's worker (by handle), the probe
+    // listeners (`telemetry::serve_probes` returns its handle, which is awaited) and the OS
+    // signal listener (`shutdown.rs`, alive until the signal that stops the process).
+    let exceptions = [
+        "api/src/embedded.rs",
+        "shared/src/telemetry.rs",
+        "shared/src/shutdown.rs",
+    ];
     assert_eq!(
-        offenders_under("tokio::spawn", &["api/src/"])
+        offenders_under("tokio::spawn", &["api/src/", "worker/src/", "shared/src/"])
             .into_iter()
-            .filter(|path| path != "api/src/embedded.rs")
+            .filter(|path| !exceptions.contains(&path.as_str()))
             .collect::<Vec<_>>(),
         Vec::<String>::new()
     );

@@ -36,7 +36,7 @@ use shared::config::Settings;
 use shared::domain::dedup::DedupKey;
 use shared::domain::log::{FirstMessage, ResumePoint, judge_first_message};
 use shared::shutdown::CancellationToken;
-use shared::storage::{LogAdvance, NewDeadLetter, OutboxEventRow, StorageError, Store};
+use shared::storage::{LogAdvance, NewDeadLetter, OutboxEvent, StorageError, Store};
 use tokio::sync::mpsc;
 
 use crate::apply::plan_batch;
@@ -835,7 +835,7 @@ async fn release_claims(context: &WorkerContext, claims: &[(String, String)]) {
 }
 
 /// Publishes committed outbox events and removes them. Failures leave them to the sweeper.
-pub async fn publish_outbox(context: &WorkerContext, events: Vec<OutboxEventRow>) {
+pub async fn publish_outbox(context: &WorkerContext, events: Vec<OutboxEvent>) {
     let mut published = Vec::with_capacity(events.len());
     for event in events {
         let payload = serde_json::to_vec(&event.payload).unwrap_or_default();
@@ -897,7 +897,7 @@ fn reply_payload(commands: &[Command], outcomes: &[Outcome]) -> Option<Vec<u8>> 
 /// answer its caller with a timeout.
 async fn publish_outbox_and_replies(
     context: &WorkerContext,
-    events: Vec<OutboxEventRow>,
+    events: Vec<OutboxEvent>,
     replies: &[(&str, Vec<u8>)],
 ) {
     let payloads: Vec<Vec<u8>> = events

@@ -55,6 +55,9 @@ pub enum WorkerError {
 #[derive(Debug)]
 pub struct Worker {
     context: Arc<WorkerContext>,
+    /// Every task the worker spawns: the background loops and the broker adapters' log
+    /// readers. Stopping waits for it.
+    tasks: TaskTracker,
 }
 
 impl Worker {
@@ -73,9 +76,11 @@ impl Worker {
     ) -> Result<Self, WorkerError> {
         let store = Store::connect(&settings.database_url, settings.db_max_connections).await?;
         let instance = format!("worker-{}", uuid::Uuid::now_v7().simple());
+        let tasks = TaskTracker::new();
         let config =
             BrokerConfig::from_settings(&settings, format!("{instance}-publisher"), in_process)
-                .with_signals(crate::signals::BROKER);
+                .with_signals(crate::signals::BROKER)
+                .with_tasks(tasks.clone());
         if let Some(logs) = config.lasting_partition_logs()
             && let Some(refusal) = store.partition_count_mismatch(&logs).await?
         {
@@ -90,6 +95,7 @@ impl Worker {
                 link,
                 instance,
             }),
+            tasks,
         })
     }
 
@@ -99,10 +105,10 @@ impl Worker {
     }
 
     /// Consumes until `shutdown` is cancelled, then finishes the current batch, lets the
-    /// background tasks (outbox sweep, waitpoint timer, purge) end their current step, and
-    /// returns.
+    /// background tasks (outbox sweep, waitpoint timer, purge) end their current step, waits
+    /// for the log readers to end with their connection, and returns.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) {
-        let background = TaskTracker::new();
+        let background = self.tasks;
         background.spawn(consumer::sweep_outbox(
             self.context.clone(),
             shutdown.clone(),

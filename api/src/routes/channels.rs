@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use shared::commands::{AppendCommand, Command, CommandBody, Outcome};
 use shared::domain::channel::InvalidChannelName;
 use shared::domain::headers::is_command_record;
-use shared::domain::session::{SessionState, session_state};
+use shared::domain::session::SessionState;
 use shared::domain::{ChannelName, Io, SessionAddress, Stream, validation};
 
 use super::body::{BodyLimits, read_whole_body};
@@ -176,7 +176,7 @@ async fn append_to(
         .map_err(|_| ApiError::BadRequest("Body must be UTF-8 text".into()))?;
     validation::no_nul("body", &text)?;
     let accepted_at = Utc::now();
-    match session_state(session.closed_at, session.expires_at, accepted_at) {
+    match session.state(accepted_at) {
         SessionState::Closed => {
             return Err(ApiError::closed_session(
                 Attempted::Append,
@@ -300,8 +300,8 @@ async fn records_of(
     let records: Vec<Value> = rows
         .into_iter()
         .filter_map(|row| {
-            let headers = row.header_pairs();
-            if is_command_record(&headers) {
+            let headers = &row.headers;
+            if is_command_record(headers) {
                 return None;
             }
             let (data, id) = crate::live::listed_data_and_id(&row);

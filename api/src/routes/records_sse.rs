@@ -23,7 +23,7 @@ use axum::response::{IntoResponse, Response};
 use shared::domain::headers::{is_command_record, is_turn_complete};
 use shared::domain::ids::session_id_for_external_id;
 use shared::domain::{Io, SessionAddress, Stream};
-use shared::storage::RecordRow;
+use shared::storage::StoredRecord;
 use tokio::sync::{broadcast, mpsc};
 use tokio::time::Instant;
 
@@ -250,9 +250,9 @@ async fn turn_is_complete(state: &AppState, key: &ChannelKey) -> Result<bool, Ap
         .await?;
     Ok(newest
         .iter()
-        .map(RecordRow::header_pairs)
+        .map(|record| &record.headers)
         .find(|headers| !is_command_record(headers))
-        .is_some_and(|headers| is_turn_complete(&headers)))
+        .is_some_and(|headers| is_turn_complete(headers)))
 }
 
 /// When a reader ends: at its deadline, or (settled) as soon as it has sent what exists.
@@ -273,7 +273,7 @@ enum Stop {
 /// all its readers): sent as is when the reader is at its first row.
 async fn send_rows(
     events: &mpsc::Sender<Event>,
-    rows: &[RecordRow],
+    rows: &[StoredRecord],
     encoded: Option<&Event>,
     next_seq: i64,
 ) -> Result<i64, Stop> {

@@ -29,10 +29,10 @@ use futures_util::stream::FuturesOrdered;
 use serde_json::json;
 use shared::commands::{AppendRecordsCommand, Command, CommandBody, Outcome, WrittenRecord};
 use shared::domain::scopes::{Action, Target};
-use shared::domain::session::{SessionState, session_state};
+use shared::domain::session::SessionState;
 use shared::domain::tokens::{WRITER_TOKEN_AUDIENCE, WriterTokenClaims, mint_writer_token};
 use shared::domain::{Io, SessionAddress, Stream};
-use shared::storage::SessionRow;
+use shared::storage::Session;
 use tokio::sync::mpsc;
 
 use super::body::{BodyLimits, BodyReadError, read_whole_body};
@@ -94,7 +94,7 @@ async fn initialize(
         .find_session_on(&state, Action::Write, &address, Target::of_stream(&stream))
         .await?
         .ok_or(ApiError::NotFound("Session not found"))?;
-    if session_state(session.closed_at, session.expires_at, Utc::now()) != SessionState::Open {
+    if session.state(Utc::now()) != SessionState::Open {
         return Err(ApiError::BadRequest(
             "Cannot initialize a channel on a closed session".into(),
         ));
@@ -193,7 +193,7 @@ fn parse_stream_name(name: &str) -> Option<(SessionAddress, Stream)> {
 /// Who writes where, checked once per request.
 struct WriterTarget {
     caller: WriterCaller,
-    session: std::sync::Arc<SessionRow>,
+    session: std::sync::Arc<Session>,
     stream: Stream,
 }
 
@@ -293,7 +293,7 @@ async fn submit_batch(
 {
     let accepted_at = Utc::now();
     let session = &target.session;
-    if session_state(session.closed_at, session.expires_at, accepted_at) != SessionState::Open {
+    if session.state(accepted_at) != SessionState::Open {
         return Err(WireError::new(
             409,
             "session_closed",

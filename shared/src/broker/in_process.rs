@@ -164,6 +164,7 @@ impl InProcessBroker {
         resume: &ResumePoint,
         subscription: u64,
         sink: mpsc::Sender<LogDelivery>,
+        tasks: &crate::shutdown::TaskTracker,
     ) {
         let Ok(log_lock) = self.partition(partition) else {
             return;
@@ -186,7 +187,7 @@ impl InProcessBroker {
             log.wake.clone()
         };
         let broker = self.myself.clone();
-        tokio::spawn(async move {
+        tasks.spawn(async move {
             loop {
                 let next = {
                     let Some(broker) = broker.upgrade() else {

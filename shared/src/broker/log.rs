@@ -182,7 +182,7 @@ impl PartitionLogs {
         self.next_subscription += 1;
         let reader = match &self.source {
             LogSource::InProcess(broker) => {
-                broker.read(partition, resume, id, self.sink.clone());
+                broker.read(partition, resume, id, self.sink.clone(), &self.config.tasks);
                 Reader::InProcess
             }
             LogSource::Amqp(connection) => {
@@ -234,7 +234,7 @@ impl PartitionLogs {
         let sink = self.sink.clone();
         let broken = self.broken_tx.clone();
         let intentional = stopped.clone();
-        tokio::spawn(async move {
+        self.config.tasks.spawn(async move {
             loop {
                 match consumer.next().await {
                     Some(Ok(delivery)) => {

@@ -38,6 +38,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::{Mutex, mpsc};
 
+use crate::shutdown::TaskTracker;
+
 mod addresses;
 mod in_process;
 mod legacy;
@@ -190,6 +192,10 @@ pub struct BrokerConfig {
     pub connection_name: String,
     /// The embedded default: route everything through this in-process broker instead of AMQP.
     pub in_process: Option<Arc<InProcessBroker>>,
+    /// Where the adapters spawn their consumer tasks (reply and notification listeners, log
+    /// readers): the process's tracker (`with_tasks`), which it waits on when it stops. Each
+    /// of those tasks ends on its own when its connection, channel or broker goes.
+    pub tasks: TaskTracker,
 }
 
 impl BrokerConfig {
@@ -227,7 +233,14 @@ impl BrokerConfig {
             confirm_timeout: settings.confirm_timeout,
             connection_name,
             in_process,
+            tasks: TaskTracker::new(),
         }
+    }
+
+    /// Spawns the adapters' consumer tasks on `tasks` (see [`BrokerConfig::tasks`]).
+    pub fn with_tasks(mut self, tasks: TaskTracker) -> Self {
+        self.tasks = tasks;
+        self
     }
 
     /// Reports connections and topology surprises to `signals` instead of plain logs.
@@ -680,10 +693,16 @@ impl AmqpLink {
             declare_topology(&connection, &self.config).await?;
             let channel = publishing_channel(&connection).await?;
             if let Some((queue, sink)) = &self.reply_queue {
-                start_reply_consumer(&connection, queue, sink.clone()).await?;
+                start_reply_consumer(&connection, queue, sink.clone(), &self.config.tasks).await?;
             }
             if let Some(sink) = &self.notifications {
-                start_notification_consumer(&connection, &self.config.names, sink.clone()).await?;
+                start_notification_consumer(
+                    &connection,
+                    &self.config.names,
+                    sink.clone(),
+                    &self.config.tasks,
+                )
+                .await?;
             }
             Ok::<_, BrokerError>(channel)
         }
@@ -1039,6 +1058,7 @@ async fn start_reply_consumer(
     connection: &Connection,
     queue: &str,
     sink: ReplySink,
+    tasks: &TaskTracker,
 ) -> Result<(), BrokerError> {
     let channel = bounded("opening a channel", connection.create_channel()).await?;
     let mut arguments = FieldTable::default();
@@ -1062,7 +1082,7 @@ async fn start_reply_consumer(
         ),
     )
     .await?;
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         // Ends with the connection; the next publish rebuilds both.
         while let Some(Ok(delivery)) = consumer.next().await {
             if sink.send(delivery.data).is_err() {
@@ -1078,6 +1098,7 @@ async fn start_notification_consumer(
     connection: &Connection,
     names: &BrokerNames,
     sink: NotificationSink,
+    tasks: &TaskTracker,
 ) -> Result<(), BrokerError> {
     let channel = bounded("opening a channel", connection.create_channel()).await?;
     let queue = bounded(
@@ -1119,7 +1140,7 @@ async fn start_notification_consumer(
     )
     .await?;
     let _ = sink.send(Notification::Reconnected);
-    tokio::spawn(async move {
+    tasks.spawn(async move {
         while let Some(Ok(delivery)) = consumer.next().await {
             if sink.send(Notification::Message(delivery.data)).is_err() {
                 break;

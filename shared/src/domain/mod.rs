@@ -3,10 +3,12 @@
 
 pub mod channel;
 pub mod dedup;
+pub mod environment;
 pub mod headers;
 pub mod ids;
 pub mod log;
 pub mod partition;
+pub mod record;
 pub mod scopes;
 pub mod session;
 pub mod snapshots;

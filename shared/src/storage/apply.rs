@@ -7,18 +7,16 @@ use chrono::{DateTime, SubsecRound, Utc};
 use sea_orm::sea_query::extension::postgres::PgFunc;
 use sea_orm::sea_query::{CaseStatement, Expr, ExprTrait};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, DbBackend,
-    EntityTrait, IntoActiveModel, QueryFilter, Statement, TransactionTrait, Value,
+    ColumnTrait, Condition, ConnectionTrait, DatabaseTransaction, DbBackend, EntityTrait,
+    QueryFilter, Statement, TransactionTrait, Value,
 };
 use uuid::Uuid;
 
 use super::entities::{applied_commands, outbox_events, records, runs, sessions, waitpoints};
-use super::{
-    OutboxEventRow, RecordRow, RunRow, SessionRow, StorageError, Store, Waitpoint, WaitpointStatus,
-};
+use super::rows;
+use super::{Run, Session, StorageError, Store, StoredRecord, Waitpoint, WaitpointStatus};
 use crate::commands::{Command, CommandBody, Outcome};
 use crate::domain::dedup::DedupKey;
-use crate::domain::session::SessionItem;
 use crate::domain::{Io, Stream};
 
 /// Rows per multi-row INSERT or per IN list: keeps every statement far below Postgres' 65,535
@@ -40,7 +38,7 @@ pub struct LoadedState {
     /// When the transaction started; the apply time of every command of the batch.
     pub now: DateTime<Utc>,
     /// Sessions the commands target (by internal id).
-    pub sessions: HashMap<Uuid, SessionRow>,
+    pub sessions: HashMap<Uuid, Session>,
     /// Append commands that already produced a record (redelivery): command id → seqNum.
     pub recorded_appends: HashMap<Uuid, i64>,
     /// Stored outcomes of non-append commands applied before (redelivery), by
@@ -88,11 +86,11 @@ pub struct NewOutboxEvent {
 /// What a batch writes. Applied in one transaction.
 #[derive(Debug, Default)]
 pub struct BatchWrites {
-    pub inserted_sessions: Vec<SessionRow>,
+    pub inserted_sessions: Vec<Session>,
     /// Sessions whose counters, close state or run changed.
-    pub updated_sessions: Vec<SessionRow>,
-    pub runs: Vec<RunRow>,
-    pub records: Vec<RecordRow>,
+    pub updated_sessions: Vec<Session>,
+    pub runs: Vec<Run>,
+    pub records: Vec<StoredRecord>,
     /// Outcomes of non-append commands, replayed on redelivery: `(outcome key, session id,
     /// outcome)` ([`Command::outcome_key`]).
     pub applied_outcomes: Vec<(Uuid, Uuid, Outcome)>,
@@ -113,30 +111,13 @@ pub struct StreamTrim {
     pub trim_seq: i64,
 }
 
-/// The wire form of a stored session.
-pub(crate) fn session_item(session: &SessionRow, run_friendly_id: Option<String>) -> SessionItem {
-    SessionItem {
-        id: session.friendly_id.clone(),
-        external_id: session.external_id.clone(),
-        session_type: session.session_type.clone(),
-        task_identifier: session.task_identifier.clone(),
-        trigger_config: session.trigger_config.clone(),
-        current_run_id: run_friendly_id,
-        tags: serde_json::from_value(session.tags.clone()).unwrap_or_default(),
-        metadata: session.metadata.clone(),
-        closed_at: session.closed_at,
-        closed_reason: session.closed_reason.clone(),
-        expires_at: session.expires_at,
-        created_at: session.created_at,
-        updated_at: session.updated_at,
-    }
-}
-
-impl SessionRow {
-    /// The wire form, given the friendly id of the current run.
-    pub fn to_item(&self, run_friendly_id: Option<String>) -> SessionItem {
-        session_item(self, run_friendly_id)
-    }
+/// An outbox event as written: published after commit, deleted once published.
+#[derive(Clone, Debug, PartialEq)]
+pub struct OutboxEvent {
+    pub id: Uuid,
+    pub routing_key: String,
+    pub payload: serde_json::Value,
+    pub created_at: DateTime<Utc>,
 }
 
 impl Store {
@@ -150,7 +131,7 @@ impl Store {
         dead_letters: &[super::NewDeadLetter],
         commands: &[Command],
         decide: impl FnOnce(LoadedState) -> (BatchWrites, T),
-    ) -> Result<(T, Vec<OutboxEventRow>), StorageError> {
+    ) -> Result<(T, Vec<OutboxEvent>), StorageError> {
         let txn = self.connection().begin().await?;
         if txn.get_database_backend() == DbBackend::Postgres {
             // Plan the batch's statements for their actual arguments. A generic plan cached
@@ -199,7 +180,7 @@ JOIN unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[]) AS k(environment_id,
 async fn part_owner_rows(
     txn: &DatabaseTransaction,
     keys: &[DedupKey],
-) -> Result<Vec<RecordRow>, StorageError> {
+) -> Result<Vec<records::Model>, StorageError> {
     if txn.get_database_backend() == DbBackend::Postgres {
         let values = [
             Value::from(keys.iter().map(|k| k.environment_id).collect::<Vec<_>>()),
@@ -281,6 +262,7 @@ async fn load_state(
             .all(txn)
             .await?
         {
+            let session = rows::session_from_row(session)?;
             state.sessions.insert(session.id, session);
         }
     }
@@ -367,7 +349,7 @@ async fn load_state(
             .await?
         {
             // A row no build writes cannot be waiting for anything this code knows.
-            let Ok(waitpoint) = super::waitpoint_from_row(waitpoint) else {
+            let Ok(waitpoint) = rows::waitpoint_from_row(waitpoint) else {
                 continue;
             };
             state
@@ -470,7 +452,7 @@ async fn load_registration_state(
                         .idempotency_key_expires_at
                         .is_some_and(|expires| expires > command.accepted_at)
             });
-            if let Some(live) = live.and_then(|live| super::waitpoint_from_row(live.clone()).ok()) {
+            if let Some(live) = live.and_then(|live| rows::waitpoint_from_row(live.clone()).ok()) {
                 state
                     .waitpoints_by_key
                     .insert((command.environment_id, key.clone()), live);
@@ -543,9 +525,9 @@ async fn load_registration_state(
 async fn write(
     txn: &DatabaseTransaction,
     writes: BatchWrites,
-) -> Result<Vec<OutboxEventRow>, StorageError> {
+) -> Result<Vec<OutboxEvent>, StorageError> {
     for chunk in writes.inserted_sessions.chunks(CHUNK / 4) {
-        sessions::Entity::insert_many(chunk.iter().cloned().map(fresh_session))
+        sessions::Entity::insert_many(chunk.iter().cloned().map(rows::session_row))
             .exec_without_returning(txn)
             .await?;
     }
@@ -555,28 +537,18 @@ async fn write(
     } else {
         update_sessions_generic(txn, &writes.updated_sessions).await?;
         for chunk in writes.records.chunks(CHUNK) {
-            records::Entity::insert_many(
-                chunk
-                    .iter()
-                    .cloned()
-                    .map(|record| record.into_active_model().reset_all()),
-            )
-            .exec_without_returning(txn)
-            .await?;
+            records::Entity::insert_many(chunk.iter().cloned().map(rows::record_row))
+                .exec_without_returning(txn)
+                .await?;
         }
     }
     for chunk in writes.runs.chunks(CHUNK) {
-        runs::Entity::insert_many(
-            chunk
-                .iter()
-                .cloned()
-                .map(|run| run.into_active_model().reset_all()),
-        )
-        .exec_without_returning(txn)
-        .await?;
+        runs::Entity::insert_many(chunk.iter().cloned().map(rows::run_row))
+            .exec_without_returning(txn)
+            .await?;
     }
     for chunk in writes.new_waitpoints.chunks(CHUNK / 4) {
-        waitpoints::Entity::insert_many(chunk.iter().cloned().map(super::waitpoint_row))
+        waitpoints::Entity::insert_many(chunk.iter().cloned().map(rows::waitpoint_row))
             .exec_without_returning(txn)
             .await?;
     }
@@ -602,13 +574,13 @@ async fn write(
 /// The touched sessions' mutable columns (SQLite).
 async fn update_sessions_generic(
     txn: &DatabaseTransaction,
-    updated_sessions: &[SessionRow],
+    updated_sessions: &[Session],
 ) -> Result<(), StorageError> {
     // One UPDATE per chunk of sessions, not one per session: a batch touches many sessions and
     // each round trip costs more than the row (per-column CASE on the id; every row of the
     // chunk matches a branch, so no ELSE is needed and JSON values keep their own type).
     for chunk in updated_sessions.chunks(SESSION_UPDATE_CHUNK) {
-        let per_session = |value: &dyn Fn(&SessionRow) -> sea_orm::Value| {
+        let per_session = |value: &dyn Fn(&Session) -> sea_orm::Value| {
             let mut case = CaseStatement::new();
             for session in chunk {
                 case = case.case(
@@ -642,7 +614,7 @@ async fn update_sessions_generic(
             )
             .col_expr(
                 sessions::Column::Tags,
-                per_session(&|session| session.tags.clone().into()),
+                per_session(&|session| serde_json::json!(session.tags).into()),
             )
             .col_expr(
                 sessions::Column::Metadata,
@@ -678,7 +650,7 @@ WHERE s.id = u.id"#;
 
 async fn update_sessions_postgres(
     txn: &DatabaseTransaction,
-    updated: &[SessionRow],
+    updated: &[Session],
 ) -> Result<(), StorageError> {
     if updated.is_empty() {
         return Ok(());
@@ -737,7 +709,7 @@ FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::uuid[], $5::text[], $6::text
 
 async fn insert_records_postgres(
     txn: &DatabaseTransaction,
-    new_records: Vec<RecordRow>,
+    new_records: Vec<StoredRecord>,
 ) -> Result<(), StorageError> {
     if new_records.is_empty() {
         return Ok(());
@@ -755,8 +727,9 @@ async fn insert_records_postgres(
     let mut headers = Vec::with_capacity(count);
     let mut envelopes = Vec::with_capacity(count);
     for row in new_records {
+        headers.push(rows::stored_headers(&row).unwrap_or(serde_json::Value::Null));
         session_ids.push(row.session_id);
-        streams.push(row.io);
+        streams.push(row.stream.key());
         seq_nums.push(row.seq_num);
         environment_ids.push(row.environment_id);
         part_ids.push(row.part_id.unwrap_or_default());
@@ -764,7 +737,6 @@ async fn insert_records_postgres(
         fingerprints.push(row.body_fingerprint);
         command_ids.push(row.command_id);
         created_ats.push(row.created_at);
-        headers.push(row.headers.unwrap_or(serde_json::Value::Null));
         envelopes.push(row.body_is_envelope);
     }
     txn.execute_raw(Statement::from_sql_and_values(
@@ -822,10 +794,6 @@ async fn write_trims(txn: &DatabaseTransaction, trims: &[StreamTrim]) -> Result<
 /// Sessions per batched UPDATE (8 columns × 2 parameters each, well within both backends'
 /// parameter limits).
 const SESSION_UPDATE_CHUNK: usize = 64;
-
-fn fresh_session(session: SessionRow) -> sessions::ActiveModel {
-    session.into_active_model().reset_all()
-}
 
 /// The completions of a batch (Postgres): one guarded `UPDATE … FROM jsonb_to_recordset`,
 /// returning the waitpoints it changed.
@@ -919,11 +887,11 @@ pub(crate) async fn complete_waitpoints(
 pub(crate) async fn insert_outbox(
     txn: &DatabaseTransaction,
     events: Vec<NewOutboxEvent>,
-) -> Result<Vec<OutboxEventRow>, StorageError> {
+) -> Result<Vec<OutboxEvent>, StorageError> {
     let now = Utc::now();
-    let outbox: Vec<OutboxEventRow> = events
+    let outbox: Vec<OutboxEvent> = events
         .into_iter()
-        .map(|event| OutboxEventRow {
+        .map(|event| OutboxEvent {
             id: Uuid::now_v7(),
             routing_key: event.routing_key,
             payload: event.payload,
@@ -931,14 +899,9 @@ pub(crate) async fn insert_outbox(
         })
         .collect();
     for chunk in outbox.chunks(CHUNK) {
-        outbox_events::Entity::insert_many(
-            chunk
-                .iter()
-                .cloned()
-                .map(|event| event.into_active_model().reset_all()),
-        )
-        .exec_without_returning(txn)
-        .await?;
+        outbox_events::Entity::insert_many(chunk.iter().cloned().map(rows::outbox_event_row))
+            .exec_without_returning(txn)
+            .await?;
     }
     Ok(outbox)
 }

@@ -1,7 +1,7 @@
-//! sea-orm entities: one module per table. These types never leave the `storage` module's API;
-//! callers see the plain row structs re-exported by [`super`].
+//! sea-orm entities: one module per table, visible only inside `storage` (the compiler keeps
+//! them there). Callers see the domain structs that `rows` converts them to and from.
 
-pub mod projects {
+pub(super) mod projects {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
@@ -19,7 +19,7 @@ pub mod projects {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-pub mod environments {
+pub(super) mod environments {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
@@ -39,7 +39,7 @@ pub mod environments {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-pub mod secret_keys {
+pub(super) mod secret_keys {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
@@ -75,7 +75,7 @@ pub mod secret_keys {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-pub mod sessions {
+pub(super) mod sessions {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
@@ -109,7 +109,7 @@ pub mod sessions {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-pub mod runs {
+pub(super) mod runs {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
@@ -129,7 +129,7 @@ pub mod runs {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-pub mod records {
+pub(super) mod records {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
@@ -161,7 +161,7 @@ pub mod records {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-pub mod applied_commands {
+pub(super) mod applied_commands {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
@@ -183,7 +183,7 @@ pub mod applied_commands {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-pub mod outbox_events {
+pub(super) mod outbox_events {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
@@ -202,7 +202,7 @@ pub mod outbox_events {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-pub mod waitpoints {
+pub(super) mod waitpoints {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
@@ -238,7 +238,7 @@ pub mod waitpoints {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-pub mod session_snapshots {
+pub(super) mod session_snapshots {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
@@ -257,7 +257,7 @@ pub mod session_snapshots {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-pub mod log_positions {
+pub(super) mod log_positions {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
@@ -277,7 +277,7 @@ pub mod log_positions {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-pub mod partition_leases {
+pub(super) mod partition_leases {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
@@ -296,7 +296,7 @@ pub mod partition_leases {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
-pub mod dead_letters {
+pub(super) mod dead_letters {
     use sea_orm::entity::prelude::*;
 
     #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]

@@ -6,7 +6,7 @@ use sea_orm::{ColumnTrait, Condition, EntityTrait, QueryFilter, QueryOrder, Quer
 use uuid::Uuid;
 
 use super::entities::{runs, sessions};
-use super::{SessionRow, StorageError, Store};
+use super::{Session, StorageError, Store};
 use crate::domain::session::SessionItem;
 
 /// The status filter values of the list route.
@@ -164,7 +164,13 @@ impl Store {
                 .order_by_desc(sessions::Column::CreatedAt)
                 .order_by_desc(sessions::Column::Id)
         };
-        let mut rows: Vec<SessionRow> = select.limit(query.size + 1).all(self.connection()).await?;
+        let mut rows: Vec<Session> = select
+            .limit(query.size + 1)
+            .all(self.connection())
+            .await?
+            .into_iter()
+            .map(super::rows::session_from_row)
+            .collect::<Result<_, _>>()?;
         let more = rows.len() as u64 > query.size;
         rows.truncate(usize::try_from(query.size).unwrap_or(usize::MAX));
         if before {

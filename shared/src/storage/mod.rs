@@ -1,8 +1,21 @@
 //! Persistence: sea-orm entities, migrations and every query of the service.
 //!
-//! The rest of the workspace sees [`Store`], plain row types and [`StorageError`]; sea-orm's
-//! `Entity`, `ActiveModel` and `Column` types never leave this module. Postgres is the production
-//! backend; SQLite (same entities, same migrations) serves the embedded default.
+//! The rest of the workspace sees [`Store`], the domain structs it reads and writes
+//! ([`Session`], [`StoredRecord`], [`Waitpoint`], …, defined in `crate::domain` with typed
+//! fields) and [`StorageError`]. sea-orm's `Model`, `Entity`, `ActiveModel` and `Column` types
+//! never leave this module: `entities` is private and `rows` converts between the two, so the
+//! compiler, not a convention, keeps them here:
+//!
+//! ```
+//! use shared::storage::{Session, StoredRecord};
+//! ```
+//!
+//! ```compile_fail
+//! use shared::storage::entities::sessions::Model;
+//! ```
+//!
+//! Postgres is the production backend; SQLite (same entities, same migrations) serves the
+//! embedded default.
 
 mod apply;
 mod entities;
@@ -10,6 +23,7 @@ mod listing;
 mod logs;
 mod migrations;
 mod purge;
+mod rows;
 
 use std::time::Duration;
 
@@ -26,12 +40,13 @@ use crate::domain::ids::{self, ENVIRONMENT_PREFIX};
 use crate::domain::session::SessionItem;
 use crate::domain::{Io, SessionAddress, Stream};
 
+pub use crate::domain::environment::Environment;
+pub use crate::domain::record::StoredRecord;
+pub use crate::domain::session::{Run, Session};
+pub use apply::OutboxEvent;
 pub use apply::{
     BatchWrites, LoadedState, NewOutboxEvent, PartOwner, StreamTrim, WaitpointCompletion,
 };
-pub use entities::environments::Model as EnvironmentRow;
-pub use entities::outbox_events::Model as OutboxEventRow;
-pub use entities::records::Model as RecordRow;
 
 /// The seqNum the next record of a named-channel stream gets: one past its last record (found
 /// through the records primary key), 0 for a stream with none. Named streams keep no counter of
@@ -72,18 +87,7 @@ fn above_trim_point(session_id: Uuid, key: &str) -> sea_orm::sea_query::Expr {
         .gte(Expr::from(Func::coalesce([trim_point, Expr::val(0_i64)])))
 }
 
-impl RecordRow {
-    /// The record's headers (`domain::headers`), empty when it has none.
-    pub fn header_pairs(&self) -> crate::domain::headers::RecordHeaders {
-        self.headers
-            .as_ref()
-            .and_then(|headers| serde::Deserialize::deserialize(headers).ok())
-            .unwrap_or_default()
-    }
-}
 pub use crate::domain::waitpoint::{Waitpoint, WaitpointStatus};
-pub use entities::runs::Model as RunRow;
-pub use entities::sessions::Model as SessionRow;
 pub use listing::{ListError, PageCursor, SessionListQuery, SessionPage, StatusFilter};
 pub use logs::{DeadLetter, LogAdvance, NewDeadLetter};
 pub use purge::RowsPurged;
@@ -92,69 +96,6 @@ use entities::{
     environments, outbox_events, projects, records, runs, secret_keys, session_snapshots, sessions,
     waitpoints,
 };
-
-/// A stored waitpoint as the domain sees it (typed channel and status). A row holding what no
-/// build writes is reported, not guessed at.
-pub(crate) fn waitpoint_from_row(row: waitpoints::Model) -> Result<Waitpoint, StorageError> {
-    let unreadable = |column: &str, value: &str| {
-        StorageError::Inconsistent(format!(
-            "waitpoint {} has an unknown {column} {value:?}",
-            row.id
-        ))
-    };
-    let io = row.io.parse().map_err(|_| unreadable("io", &row.io))?;
-    let status =
-        WaitpointStatus::parse(&row.status).ok_or_else(|| unreadable("status", &row.status))?;
-    Ok(Waitpoint {
-        id: row.id,
-        friendly_id: row.friendly_id,
-        environment_id: row.environment_id,
-        environment_public_id: row.environment_public_id,
-        run_id: row.run_id,
-        run_friendly_id: row.run_friendly_id,
-        session_id: row.session_id,
-        session_friendly_id: row.session_friendly_id,
-        io,
-        after_seq: row.after_seq,
-        status,
-        output: row.output,
-        output_is_error: row.output_is_error,
-        completed_by_seq: row.completed_by_seq,
-        completed_at: row.completed_at,
-        timeout_at: row.timeout_at,
-        tags: row.tags,
-        idempotency_key: row.idempotency_key,
-        idempotency_key_expires_at: row.idempotency_key_expires_at,
-        created_at: row.created_at,
-    })
-}
-
-/// The row a new waitpoint is inserted as.
-pub(crate) fn waitpoint_row(waitpoint: Waitpoint) -> waitpoints::ActiveModel {
-    use sea_orm::Set;
-    waitpoints::ActiveModel {
-        id: Set(waitpoint.id),
-        friendly_id: Set(waitpoint.friendly_id),
-        environment_id: Set(waitpoint.environment_id),
-        environment_public_id: Set(waitpoint.environment_public_id),
-        run_id: Set(waitpoint.run_id),
-        run_friendly_id: Set(waitpoint.run_friendly_id),
-        session_id: Set(waitpoint.session_id),
-        session_friendly_id: Set(waitpoint.session_friendly_id),
-        io: Set(waitpoint.io.as_str().to_owned()),
-        after_seq: Set(waitpoint.after_seq),
-        status: Set(waitpoint.status.as_str().to_owned()),
-        output: Set(waitpoint.output),
-        output_is_error: Set(waitpoint.output_is_error),
-        completed_by_seq: Set(waitpoint.completed_by_seq),
-        completed_at: Set(waitpoint.completed_at),
-        timeout_at: Set(waitpoint.timeout_at),
-        tags: Set(waitpoint.tags),
-        idempotency_key: Set(waitpoint.idempotency_key),
-        idempotency_key_expires_at: Set(waitpoint.idempotency_key_expires_at),
-        created_at: Set(waitpoint.created_at),
-    }
-}
 
 /// A storage failure. [`StorageError::is_transient`] tells the worker whether to retry. It
 /// carries no database library type: a failure of the database is classified where it happens
@@ -251,7 +192,7 @@ fn sqlstate_is_transient(code: &str) -> bool {
 /// An environment that the admin CLI created or found.
 #[derive(Clone, Debug)]
 pub struct CreatedEnvironment {
-    pub environment: EnvironmentRow,
+    pub environment: Environment,
     /// The new secret key, shown once. `None` if the environment existed and kept its keys.
     pub secret_key: Option<String>,
 }
@@ -412,7 +353,7 @@ impl Store {
         {
             txn.commit().await?;
             return Ok(CreatedEnvironment {
-                environment,
+                environment: rows::environment_from_row(environment),
                 secret_key: None,
             });
         }
@@ -441,7 +382,7 @@ impl Store {
         .await?;
         txn.commit().await?;
         Ok(CreatedEnvironment {
-            environment,
+            environment: rows::environment_from_row(environment),
             secret_key: Some(secret_key),
         })
     }
@@ -451,7 +392,7 @@ impl Store {
         &self,
         project_slug: &str,
         environment_slug: &str,
-    ) -> Result<Option<EnvironmentRow>, StorageError> {
+    ) -> Result<Option<Environment>, StorageError> {
         let Some(project) = projects::Entity::find()
             .filter(projects::Column::Slug.eq(project_slug))
             .one(&self.db)
@@ -463,7 +404,8 @@ impl Store {
             .filter(environments::Column::ProjectId.eq(project.id))
             .filter(environments::Column::Slug.eq(environment_slug))
             .one(&self.db)
-            .await?)
+            .await?
+            .map(rows::environment_from_row))
     }
 
     /// Rotates an environment's keys: a new key (returned once) and every live key set to stop
@@ -549,7 +491,7 @@ impl Store {
     pub async fn environment_for_key_digest(
         &self,
         digest: &str,
-    ) -> Result<Option<EnvironmentRow>, StorageError> {
+    ) -> Result<Option<Environment>, StorageError> {
         Ok(self
             .live_key(digest)
             .await?
@@ -567,7 +509,7 @@ impl Store {
             .await?;
         Ok(found.and_then(|(key, environment)| {
             environment.map(|environment| LiveKey {
-                environment,
+                environment: rows::environment_from_row(environment),
                 revoked_at: key.revoked_at,
             })
         }))
@@ -577,11 +519,12 @@ impl Store {
     pub async fn environment_by_public_id(
         &self,
         public_id: &str,
-    ) -> Result<Option<EnvironmentRow>, StorageError> {
+    ) -> Result<Option<Environment>, StorageError> {
         Ok(environments::Entity::find()
             .filter(environments::Column::PublicId.eq(public_id))
             .one(&self.db)
-            .await?)
+            .await?
+            .map(rows::environment_from_row))
     }
 
     /// The encrypted copies of an environment's unrevoked secret keys (newest first): the only
@@ -608,7 +551,7 @@ impl Store {
         &self,
         environment_id: Uuid,
         address: &SessionAddress,
-    ) -> Result<Option<SessionRow>, StorageError> {
+    ) -> Result<Option<Session>, StorageError> {
         let query =
             sessions::Entity::find().filter(sessions::Column::EnvironmentId.eq(environment_id));
         let query = match address {
@@ -619,12 +562,16 @@ impl Store {
                 query.filter(sessions::Column::ExternalId.eq(id.as_str()))
             }
         };
-        Ok(query.one(&self.db).await?)
+        query
+            .one(&self.db)
+            .await?
+            .map(rows::session_from_row)
+            .transpose()
     }
 
     /// The wire form of a session, with its current run's friendly id resolved in the same
     /// environment (a pointer to another environment's run resolves to `null`).
-    pub async fn session_item(&self, session: &SessionRow) -> Result<SessionItem, StorageError> {
+    pub async fn session_item(&self, session: &Session) -> Result<SessionItem, StorageError> {
         let run_friendly_id = match session.current_run_id {
             None => None,
             Some(run_id) => runs::Entity::find_by_id(run_id)
@@ -633,7 +580,7 @@ impl Store {
                 .await?
                 .map(|run| run.friendly_id),
         };
-        Ok(apply::session_item(session, run_friendly_id))
+        Ok(session.to_item(run_friendly_id))
     }
 
     /// Records of one channel with `seq_num > after` (all if `None`), in order, at most `limit`;
@@ -645,7 +592,7 @@ impl Store {
         stream: &Stream,
         after: Option<i64>,
         limit: u64,
-    ) -> Result<Vec<RecordRow>, StorageError> {
+    ) -> Result<Vec<StoredRecord>, StorageError> {
         let key = stream.key();
         let mut query = records::Entity::find()
             .filter(records::Column::EnvironmentId.eq(environment_id))
@@ -655,11 +602,13 @@ impl Store {
         if let Some(after) = after {
             query = query.filter(records::Column::SeqNum.gt(after));
         }
-        Ok(query
-            .order_by_asc(records::Column::SeqNum)
-            .limit(limit)
-            .all(&self.db)
-            .await?)
+        rows::records_from_rows(
+            query
+                .order_by_asc(records::Column::SeqNum)
+                .limit(limit)
+                .all(&self.db)
+                .await?,
+        )
     }
 
     /// The last `limit` records of a stream above its trim point, newest first.
@@ -669,17 +618,19 @@ impl Store {
         session_id: Uuid,
         stream: &Stream,
         limit: u64,
-    ) -> Result<Vec<RecordRow>, StorageError> {
+    ) -> Result<Vec<StoredRecord>, StorageError> {
         let key = stream.key();
-        Ok(records::Entity::find()
-            .filter(records::Column::EnvironmentId.eq(environment_id))
-            .filter(records::Column::SessionId.eq(session_id))
-            .filter(records::Column::Io.eq(key.as_str()))
-            .filter(above_trim_point(session_id, &key))
-            .order_by_desc(records::Column::SeqNum)
-            .limit(limit)
-            .all(&self.db)
-            .await?)
+        rows::records_from_rows(
+            records::Entity::find()
+                .filter(records::Column::EnvironmentId.eq(environment_id))
+                .filter(records::Column::SessionId.eq(session_id))
+                .filter(records::Column::Io.eq(key.as_str()))
+                .filter(above_trim_point(session_id, &key))
+                .order_by_desc(records::Column::SeqNum)
+                .limit(limit)
+                .all(&self.db)
+                .await?,
+        )
     }
 
     /// The seqNum the next record of a stream will get (0 when the session does not exist):
@@ -708,12 +659,13 @@ impl Store {
         &self,
         environment_id: Uuid,
         friendly_id: &str,
-    ) -> Result<Option<RunRow>, StorageError> {
+    ) -> Result<Option<Run>, StorageError> {
         Ok(runs::Entity::find()
             .filter(runs::Column::EnvironmentId.eq(environment_id))
             .filter(runs::Column::FriendlyId.eq(friendly_id))
             .one(&self.db)
-            .await?)
+            .await?
+            .map(rows::run_from_row))
     }
 
     /// The waitpoint with this friendly id in this environment.
@@ -727,7 +679,7 @@ impl Store {
             .filter(waitpoints::Column::FriendlyId.eq(friendly_id))
             .one(&self.db)
             .await?
-            .map(waitpoint_from_row)
+            .map(rows::waitpoint_from_row)
             .transpose()
     }
 
@@ -739,7 +691,7 @@ impl Store {
         now: DateTime<Utc>,
         limit: u64,
         completion: impl Fn(&Waitpoint) -> WaitpointCompletion,
-    ) -> Result<Vec<OutboxEventRow>, StorageError> {
+    ) -> Result<Vec<OutboxEvent>, StorageError> {
         let txn = self.db.begin().await?;
         let expired = waitpoints::Entity::find()
             .filter(waitpoints::Column::Status.eq(WaitpointStatus::Waiting.as_str()))
@@ -755,7 +707,7 @@ impl Store {
         // A row no build writes is left alone rather than stopping every later time-out.
         let expired: Vec<Waitpoint> = expired
             .into_iter()
-            .filter_map(|row| waitpoint_from_row(row).ok())
+            .filter_map(|row| rows::waitpoint_from_row(row).ok())
             .collect();
         let completions = expired.iter().map(completion).collect();
         let events = apply::complete_waitpoints(&txn, completions).await?;
@@ -812,13 +764,16 @@ impl Store {
         &self,
         older_than: DateTime<Utc>,
         limit: u64,
-    ) -> Result<Vec<OutboxEventRow>, StorageError> {
+    ) -> Result<Vec<OutboxEvent>, StorageError> {
         Ok(outbox_events::Entity::find()
             .filter(outbox_events::Column::CreatedAt.lt(older_than))
             .order_by_asc(outbox_events::Column::CreatedAt)
             .limit(limit)
             .all(&self.db)
-            .await?)
+            .await?
+            .into_iter()
+            .map(rows::outbox_event_from_row)
+            .collect())
     }
 
     /// Removes published outbox events.
@@ -854,7 +809,7 @@ impl Store {
 /// ends, or a future revocation); `None`: until it is revoked.
 #[derive(Clone, Debug)]
 pub struct LiveKey {
-    pub environment: EnvironmentRow,
+    pub environment: Environment,
     pub revoked_at: Option<DateTime<Utc>>,
 }
 

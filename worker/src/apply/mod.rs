@@ -22,20 +22,20 @@ use shared::commands::{
 };
 use shared::domain::dedup::{DedupKey, body_fingerprint};
 use shared::domain::ids::writer_record_id;
-use shared::domain::session::{SessionItem, SessionState, append_state, session_state};
+use shared::domain::session::{SessionItem, SessionState, append_state};
 use shared::domain::waitpoint::{
     WAITPOINT_COMPLETED, WAITPOINT_TIMED_OUT, WaitpointEvent, timeout_output,
 };
 use shared::domain::{Io, Stream};
 use shared::storage::{
-    BatchWrites, LoadedState, NewOutboxEvent, PartOwner, RecordRow, RunRow, SessionRow, StreamTrim,
+    BatchWrites, LoadedState, NewOutboxEvent, PartOwner, Run, Session, StoredRecord, StreamTrim,
     Waitpoint, WaitpointCompletion, WaitpointStatus,
 };
 use uuid::Uuid;
 
 /// The message a close appends to `in` (as the reference server does), which also wakes a run
 /// waiting there: `{"kind":"message","payload":{"chatId":<key>,"trigger":"close","closedReason"?}}`.
-fn close_message(session: &SessionRow, reason: Option<&str>) -> String {
+fn close_message(session: &Session, reason: Option<&str>) -> String {
     let mut payload = json!({
         "chatId": session.external_id.as_deref().unwrap_or(&session.friendly_id),
         "trigger": "close",
@@ -150,7 +150,7 @@ impl Planner {
     }
 
     /// The command's session, if it exists in the command's environment.
-    fn session(&self, command: &Command) -> Option<&SessionRow> {
+    fn session(&self, command: &Command) -> Option<&Session> {
         self.state
             .sessions
             .get(&command.session_id)
@@ -161,7 +161,7 @@ impl Planner {
     /// rejection. Expiry is judged by the time the command was accepted; a close refuses the
     /// appends accepted after it (past the api's session cache TTL: `append_state`), and every
     /// other command applied after it.
-    fn open_session(&self, command: &Command) -> Result<&SessionRow, Outcome> {
+    fn open_session(&self, command: &Command) -> Result<&Session, Outcome> {
         let session = self.session(command).ok_or(Outcome::SessionNotFound)?;
         let state = if matches!(
             command.body,
@@ -174,7 +174,7 @@ impl Planner {
                 self.state.close_grace,
             )
         } else {
-            session_state(session.closed_at, session.expires_at, command.accepted_at)
+            session.state(command.accepted_at)
         };
         match state {
             SessionState::Closed => Err(Outcome::SessionClosed {
@@ -185,7 +185,7 @@ impl Planner {
         }
     }
 
-    fn session_mut(&mut self, command: &Command) -> Option<&mut SessionRow> {
+    fn session_mut(&mut self, command: &Command) -> Option<&mut Session> {
         self.state
             .sessions
             .get_mut(&command.session_id)
@@ -351,9 +351,9 @@ impl Planner {
             *next += 1;
             seq_num
         };
-        self.writes.records.push(RecordRow {
+        self.writes.records.push(StoredRecord {
             session_id,
-            io: key,
+            stream: stream.clone(),
             seq_num,
             environment_id: command.environment_id,
             part_id,
@@ -361,7 +361,7 @@ impl Planner {
             body_fingerprint: fingerprint,
             command_id: record_id,
             created_at: now,
-            headers: (!headers.is_empty()).then(|| json!(headers)),
+            headers: headers.to_vec(),
             body_is_envelope,
         });
         Some(seq_num)
@@ -414,10 +414,7 @@ impl Planner {
         let Some(session) = self.session(command) else {
             return Outcome::SessionNotFound;
         };
-        let next_seq = match register.io {
-            Io::In => session.next_seq_in,
-            Io::Out => session.next_seq_out,
-        };
+        let next_seq = session.next_seq(register.io);
         let after_seq = register.last_seq_num.unwrap_or(next_seq - 1).max(-1);
         let waitpoint = Waitpoint {
             id: register.waitpoint_id,
@@ -450,7 +447,7 @@ impl Planner {
                 .iter()
                 .find(|record| {
                     record.session_id == command.session_id
-                        && record.io == register.io.as_str()
+                        && record.stream == Stream::reserved(register.io)
                         && record.seq_num == first_after
                 })
                 .map(|record| record.body.clone())
@@ -499,7 +496,7 @@ impl Planner {
         ))
     }
 
-    fn current_run_friendly_id(&self, session: &SessionRow) -> Option<String> {
+    fn current_run_friendly_id(&self, session: &Session) -> Option<String> {
         session
             .current_run_id
             .and_then(|run_id| self.state.run_friendly_ids.get(&run_id).cloned())
@@ -541,7 +538,7 @@ impl Planner {
         {
             return Outcome::SessionExpired;
         }
-        let session = SessionRow {
+        let session = Session {
             id: command.session_id,
             friendly_id: create.friendly_id.clone(),
             environment_id: command.environment_id,
@@ -549,7 +546,7 @@ impl Planner {
             session_type: create.session_type.clone(),
             task_identifier: create.task_identifier.clone(),
             trigger_config: create.trigger_config.clone(),
-            tags: json!(create.tags),
+            tags: create.tags.clone(),
             metadata: create.metadata.clone(),
             expires_at: create.expires_at,
             closed_at: None,
@@ -560,7 +557,7 @@ impl Planner {
             created_at: now,
             updated_at: now,
         };
-        self.writes.runs.push(RunRow {
+        self.writes.runs.push(Run {
             id: create.run_id,
             friendly_id: create.run_friendly_id.clone(),
             environment_id: command.environment_id,
@@ -628,9 +625,8 @@ impl Planner {
         };
         let mut changed = false;
         if let Some(tags) = &patch.tags {
-            let tags = json!(tags);
-            changed |= session.tags != tags;
-            session.tags = tags;
+            changed |= session.tags != *tags;
+            session.tags.clone_from(tags);
         }
         let new_metadata = if patch.clear_metadata {
             Some(None)
@@ -674,7 +670,7 @@ impl Planner {
             now,
         );
         self.writes.outbox.push(event);
-        self.writes.runs.push(RunRow {
+        self.writes.runs.push(Run {
             id: end.new_run_id,
             friendly_id: end.new_run_friendly_id.clone(),
             environment_id: command.environment_id,
@@ -769,7 +765,7 @@ pub fn time_out(waitpoint: &Waitpoint, now: DateTime<Utc>) -> WaitpointCompletio
 
 /// The `run.requested` event that asks runners to start `run_friendly_id` for `session`.
 fn run_requested_event(
-    session: &SessionRow,
+    session: &Session,
     run_friendly_id: &str,
     environment_public_id: &str,
     reason: &str,

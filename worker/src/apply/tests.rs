@@ -9,8 +9,8 @@ fn now() -> DateTime<Utc> {
     DateTime::from_timestamp(1_900_000_000, 0).unwrap_or_default()
 }
 
-fn session_row() -> SessionRow {
-    SessionRow {
+fn stored_session() -> Session {
+    Session {
         id: SESSION,
         friendly_id: "session_a".into(),
         environment_id: ENV,
@@ -18,7 +18,7 @@ fn session_row() -> SessionRow {
         session_type: "chat.agent".into(),
         task_identifier: "agent".into(),
         trigger_config: json!({"basePayload": {}}),
-        tags: json!([]),
+        tags: Vec::new(),
         metadata: None,
         expires_at: None,
         closed_at: None,
@@ -31,7 +31,7 @@ fn session_row() -> SessionRow {
     }
 }
 
-fn state_with(session: Option<SessionRow>) -> LoadedState {
+fn state_with(session: Option<Session>) -> LoadedState {
     let mut state = LoadedState {
         now: now(),
         ..LoadedState::default()
@@ -76,7 +76,7 @@ fn append_to_channel(
 
 #[test]
 fn side_channels_count_on_their_own_and_wake_no_waitpoint() {
-    let mut state = state_with(Some(session_row()));
+    let mut state = state_with(Some(stored_session()));
     // The batch state says notes/in already holds records 0..=4.
     state
         .named_stream_heads
@@ -100,10 +100,10 @@ fn side_channels_count_on_their_own_and_wake_no_waitpoint() {
             Outcome::Appended { seq_num: 0 },
         ]
     );
-    let keys: Vec<&str> = writes
+    let keys: Vec<String> = writes
         .records
         .iter()
-        .map(|record| record.io.as_str())
+        .map(|record| record.stream.key())
         .collect();
     assert_eq!(
         keys,
@@ -129,7 +129,7 @@ fn seq_nums_are_gapless_per_channel_in_order() {
         append(11, Io::Out, None, "b"),
         append(12, Io::In, None, "c"),
     ];
-    let (writes, outcomes) = plan_batch(&commands, state_with(Some(session_row())));
+    let (writes, outcomes) = plan_batch(&commands, state_with(Some(stored_session())));
     assert_eq!(
         outcomes,
         vec![
@@ -152,7 +152,7 @@ fn part_id_retries_are_duplicates_or_conflicts_and_write_nothing() {
         append(12, Io::In, Some("p"), "other"),
         append(13, Io::Out, Some("p"), "first"),
     ];
-    let (writes, outcomes) = plan_batch(&commands, state_with(Some(session_row())));
+    let (writes, outcomes) = plan_batch(&commands, state_with(Some(stored_session())));
     assert_eq!(
         outcomes,
         vec![
@@ -167,7 +167,7 @@ fn part_id_retries_are_duplicates_or_conflicts_and_write_nothing() {
 
 #[test]
 fn stored_part_owner_decides_across_batches() {
-    let mut state = state_with(Some(session_row()));
+    let mut state = state_with(Some(stored_session()));
     state.parts.insert(
         DedupKey {
             environment_id: ENV,
@@ -199,7 +199,7 @@ fn stored_part_owner_decides_across_batches() {
 
 #[test]
 fn redelivered_and_repeated_commands_apply_once() {
-    let mut state = state_with(Some(session_row()));
+    let mut state = state_with(Some(stored_session()));
     state.recorded_appends.insert(Uuid::from_u128(10), 7);
     let commands = vec![
         append(10, Io::In, None, "a"),
@@ -254,7 +254,7 @@ fn a_writer_batch_sent_again_replays_its_first_outcome_in_a_batch_and_across_bat
     let next = writer_batch(22, &[r#"{"data":"c","id":"x3"}"#]);
     let (writes, outcomes) = plan_batch(
         &[first.clone(), resent.clone(), next],
-        state_with(Some(session_row())),
+        state_with(Some(stored_session())),
     );
     let appended = |start_seq, end_seq| Outcome::RecordsAppended {
         start_seq,
@@ -268,7 +268,7 @@ fn a_writer_batch_sent_again_replays_its_first_outcome_in_a_batch_and_across_bat
     assert_eq!(writes.records.len(), 3);
 
     // The copy arrives after the first was committed: the stored outcome answers it.
-    let mut state = state_with(Some(session_row()));
+    let mut state = state_with(Some(stored_session()));
     for (key, _, outcome) in writes.applied_outcomes {
         state.applied_outcomes.insert(key, outcome);
     }
@@ -292,15 +292,17 @@ fn a_writer_batch_sent_again_replays_its_first_outcome_in_a_batch_and_across_bat
         }
         command
     };
-    let (writes, outcomes) =
-        plan_batch(&[control(30), control(31)], state_with(Some(session_row())));
+    let (writes, outcomes) = plan_batch(
+        &[control(30), control(31)],
+        state_with(Some(stored_session())),
+    );
     assert_eq!(outcomes, vec![appended(0, 1), appended(1, 2)]);
     assert_eq!(writes.records.len(), 2);
 }
 
 #[test]
 fn closed_expired_and_missing_sessions_reject_appends() {
-    let mut closed = session_row();
+    let mut closed = stored_session();
     closed.closed_at = Some(now());
     closed.closed_reason = Some("done".into());
     let (writes, outcomes) = plan_batch(&[append(10, Io::In, None, "a")], state_with(Some(closed)));
@@ -312,13 +314,13 @@ fn closed_expired_and_missing_sessions_reject_appends() {
     );
     assert!(writes.records.is_empty());
 
-    let mut expired = session_row();
+    let mut expired = stored_session();
     expired.expires_at = Some(now() - TimeDelta::seconds(1));
     let (_, outcomes) = plan_batch(&[append(10, Io::In, None, "a")], state_with(Some(expired)));
     assert_eq!(outcomes, vec![Outcome::SessionExpired]);
 
     // Accepted before the expiry: applied even if the worker runs later.
-    let mut expires_later = session_row();
+    let mut expires_later = stored_session();
     expires_later.expires_at = Some(now() + TimeDelta::seconds(1));
     let mut state = state_with(Some(expires_later));
     state.now = now() + TimeDelta::seconds(60);
@@ -333,7 +335,7 @@ fn closed_expired_and_missing_sessions_reject_appends() {
 fn another_environment_cannot_touch_the_session() {
     let mut command = append(10, Io::In, None, "a");
     command.environment_id = Uuid::from_u128(99);
-    let (writes, outcomes) = plan_batch(&[command], state_with(Some(session_row())));
+    let (writes, outcomes) = plan_batch(&[command], state_with(Some(stored_session())));
     assert_eq!(outcomes, vec![Outcome::SessionNotFound]);
     assert!(writes.records.is_empty());
 }
@@ -404,7 +406,7 @@ fn close_is_idempotent_and_blocks_later_appends() {
         append(11, Io::In, None, "after"),
         second_close,
     ];
-    let (writes, outcomes) = plan_batch(&commands, state_with(Some(session_row())));
+    let (writes, outcomes) = plan_batch(&commands, state_with(Some(stored_session())));
     assert_eq!(outcomes[0], Outcome::Appended { seq_num: 0 });
     let Outcome::SessionClosedNow { session } = &outcomes[1] else {
         panic!("expected a close outcome, got {:?}", outcomes[1]);
@@ -445,9 +447,9 @@ fn close_by(id: u128, calling_run_id: Option<Uuid>) -> Command {
 #[test]
 fn the_close_message_wakes_a_waiting_run_unless_that_run_closed_the_session() {
     let current_run = Uuid::from_u128(500);
-    let session = SessionRow {
+    let session = Session {
         current_run_id: Some(current_run),
-        ..session_row()
+        ..stored_session()
     };
     let (writes, _) = plan_batch(
         &[register(20, None), close_by(30, Some(Uuid::from_u128(999)))],
@@ -482,7 +484,7 @@ fn a_cached_create_refreshes_the_trigger_config_only() {
         create.trigger_config = json!({"basePayload": {"v": 2}});
         create.tags = vec!["ignored".into()];
     }
-    let (writes, outcomes) = plan_batch(&[again], state_with(Some(session_row())));
+    let (writes, outcomes) = plan_batch(&[again], state_with(Some(stored_session())));
     let Outcome::SessionCreated {
         session, cached, ..
     } = &outcomes[0]
@@ -533,7 +535,7 @@ fn a_waitpoint_completes_with_the_next_record_and_only_once() {
         append(12, Io::In, None, "next"),
         append(13, Io::In, None, "later"),
     ];
-    let (writes, outcomes) = plan_batch(&commands, state_with(Some(session_row())));
+    let (writes, outcomes) = plan_batch(&commands, state_with(Some(stored_session())));
     assert!(matches!(
         &outcomes[1],
         Outcome::WaitpointRegistered { cached: false, .. }
@@ -555,11 +557,11 @@ fn registering_after_the_record_completes_at_once_with_it() {
         append(11, Io::In, None, "r1"),
         register(20, Some(0)),
     ];
-    let (writes, _) = plan_batch(&commands, state_with(Some(session_row())));
+    let (writes, _) = plan_batch(&commands, state_with(Some(stored_session())));
     assert_eq!(writes.waitpoint_completions.len(), 1);
     assert_eq!(writes.waitpoint_completions[0].output, "r1");
     // From the database when the record is older than the batch.
-    let mut session = session_row();
+    let mut session = stored_session();
     session.next_seq_in = 3;
     let mut state = state_with(Some(session));
     state
@@ -577,7 +579,7 @@ fn replays_never_complete_later_waitpoints_and_conflicts_complete_nothing() {
         append(11, Io::In, Some("p"), "original"),
         append(12, Io::In, Some("p"), "different"),
     ];
-    let (writes, outcomes) = plan_batch(&commands, state_with(Some(session_row())));
+    let (writes, outcomes) = plan_batch(&commands, state_with(Some(stored_session())));
     assert_eq!(outcomes[2], Outcome::Duplicate { seq_num: 0 });
     assert_eq!(outcomes[3], Outcome::Conflict { seq_num: 0 });
     assert!(writes.waitpoint_completions.is_empty());
@@ -586,7 +588,7 @@ fn replays_never_complete_later_waitpoints_and_conflicts_complete_nothing() {
 #[test]
 fn a_duplicate_drains_waitpoints_left_waiting_with_the_stored_body() {
     // A crash left a waitpoint waiting although its record (seq 0) was persisted.
-    let mut session = session_row();
+    let mut session = stored_session();
     session.next_seq_in = 1;
     let mut state = state_with(Some(session));
     state.parts.insert(
@@ -602,7 +604,10 @@ fn a_duplicate_drains_waitpoints_left_waiting_with_the_stored_body() {
             body: "stored".into(),
         },
     );
-    let (mut writes, _) = plan_batch(&[register(20, Some(-1))], state_with(Some(session_row())));
+    let (mut writes, _) = plan_batch(
+        &[register(20, Some(-1))],
+        state_with(Some(stored_session())),
+    );
     let mut waiting = writes.new_waitpoints.remove(0);
     waiting.after_seq = -1;
     state
@@ -617,7 +622,7 @@ fn a_duplicate_drains_waitpoints_left_waiting_with_the_stored_body() {
 #[test]
 fn appends_answered_before_the_api_could_know_of_a_close_are_written() {
     let closed_at = now();
-    let mut closed = session_row();
+    let mut closed = stored_session();
     closed.closed_at = Some(closed_at);
     let accepted = |offset_ms: i64| {
         let mut command = append(10, Io::In, None, "late");
