@@ -93,8 +93,10 @@ pub async fn run(context: Arc<WorkerContext>, shutdown: CancellationToken) {
         .without_max_times();
     let mut delays = backon::BackoffBuilder::build(reconnect);
     let started = Instant::now();
-    // (The embedded default has no legacy queues: draining them finds none.)
-    let mut legacy_drained = !context.settings.drain_legacy_queues;
+    // Only a broker whose logs outlast a restart can hold a previous version's queues (the
+    // embedded default's live in memory).
+    let mut legacy_drained =
+        !context.settings.drain_legacy_queues || config.lasting_partition_logs().is_none();
     while !shutdown.is_cancelled() {
         let (sink, deliveries) = mpsc::channel(
             usize::from(context.settings.worker_prefetch)
@@ -711,12 +713,9 @@ async fn apply_messages(
 /// each queue once it is empty. Only home partitions: two workers taking from one queue would
 /// interleave its messages. (Old api instances must be stopped first: README, "Upgrading".)
 async fn drain_legacy_queues(context: &WorkerContext, config: &BrokerConfig) -> Result<(), String> {
-    let Some(mut legacy) = LegacyPartitionQueues::connect(config)
+    let mut legacy = LegacyPartitionQueues::connect(config)
         .await
-        .map_err(|error| error.to_string())?
-    else {
-        return Ok(());
-    };
+        .map_err(|error| error.to_string())?;
     let present = legacy.present().await.map_err(|error| error.to_string())?;
     if present.contains(&context.settings.partitions) {
         // Draining only the first queues would leave accepted appends in the others for good.

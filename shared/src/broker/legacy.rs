@@ -64,17 +64,15 @@ impl std::fmt::Debug for LegacyPartitionQueues {
 }
 
 impl LegacyPartitionQueues {
-    /// Connects (the embedded default has no legacy queues: `None`).
-    pub async fn connect(config: &BrokerConfig) -> Result<Option<Self>, BrokerError> {
-        if config.in_process.is_some() {
-            return Ok(None);
-        }
+    /// Connects to RabbitMQ (the only broker whose queues outlast a restart: the caller
+    /// drains only where [`BrokerConfig::lasting_partition_logs`] says there are any).
+    pub async fn connect(config: &BrokerConfig) -> Result<Self, BrokerError> {
         let connection = connect(config, false).await?;
-        Ok(Some(Self {
+        Ok(Self {
             config: config.clone(),
             connection,
             consumers: HashMap::new(),
-        }))
+        })
     }
 
     /// The partitions whose legacy queue still exists, among `0..=partitions`: one past the
