@@ -69,6 +69,21 @@ pub(crate) async fn next_seq_of_named_stream(
     Ok(last.flatten().map_or(0, |last| last + 1))
 }
 
+/// The records of one stream of a session that readers may see: those at or above its trim
+/// point.
+fn readable_records(
+    environment_id: Uuid,
+    session_id: Uuid,
+    stream: &Stream,
+) -> sea_orm::Select<records::Entity> {
+    let key = stream.key();
+    records::Entity::find()
+        .filter(records::Column::EnvironmentId.eq(environment_id))
+        .filter(records::Column::SessionId.eq(session_id))
+        .filter(above_trim_point(session_id, &key))
+        .filter(records::Column::Io.eq(key))
+}
+
 /// Records at or above the stream's trim point (`stream_trims`; 0 when it was never trimmed).
 fn above_trim_point(session_id: Uuid, key: &str) -> sea_orm::sea_query::Expr {
     use sea_orm::sea_query::{Alias, Expr, ExprTrait, Func, Query, SubQueryStatement};
@@ -593,12 +608,7 @@ impl Store {
         after: Option<i64>,
         limit: u64,
     ) -> Result<Vec<StoredRecord>, StorageError> {
-        let key = stream.key();
-        let mut query = records::Entity::find()
-            .filter(records::Column::EnvironmentId.eq(environment_id))
-            .filter(records::Column::SessionId.eq(session_id))
-            .filter(records::Column::Io.eq(key.as_str()))
-            .filter(above_trim_point(session_id, &key));
+        let mut query = readable_records(environment_id, session_id, stream);
         if let Some(after) = after {
             query = query.filter(records::Column::SeqNum.gt(after));
         }
@@ -619,13 +629,8 @@ impl Store {
         stream: &Stream,
         limit: u64,
     ) -> Result<Vec<StoredRecord>, StorageError> {
-        let key = stream.key();
         rows::records_from_rows(
-            records::Entity::find()
-                .filter(records::Column::EnvironmentId.eq(environment_id))
-                .filter(records::Column::SessionId.eq(session_id))
-                .filter(records::Column::Io.eq(key.as_str()))
-                .filter(above_trim_point(session_id, &key))
+            readable_records(environment_id, session_id, stream)
                 .order_by_desc(records::Column::SeqNum)
                 .limit(limit)
                 .all(&self.db)
