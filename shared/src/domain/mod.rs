@@ -1,5 +1,7 @@
-//! Pure domain rules: identifiers, channels, validation, dedup key encoding, partitioning,
-//! body fingerprints and token minting. Nothing in here performs IO; everything is unit-tested.
+//! Pure domain rules and the domain's data: identifiers, channels and streams, validation, dedup
+//! key encoding, partitioning, body fingerprints, token minting, and the structs storage reads
+//! and writes (`Session`, `Run`, `StoredRecord`, `Environment`, `Waitpoint`). Nothing in here
+//! performs IO; the rules are unit-tested.
 
 pub mod channel;
 pub mod dedup;
