@@ -108,25 +108,25 @@ impl Worker {
     /// background tasks (outbox sweep, waitpoint timer, purge) end their current step, waits
     /// for the log readers to end with their connection, and returns.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) {
-        let background = self.tasks;
-        background.spawn(consumer::sweep_outbox(
+        let tasks = self.tasks;
+        tasks.spawn(consumer::sweep_outbox(
             self.context.clone(),
             shutdown.clone(),
         ));
-        background.spawn(timeouts::run(self.context.clone(), shutdown.clone()));
-        background.spawn(purge::run(self.context.clone(), shutdown.clone()));
-        background.close();
+        tasks.spawn(timeouts::run(self.context.clone(), shutdown.clone()));
+        tasks.spawn(purge::run(self.context.clone(), shutdown.clone()));
+        tasks.close();
         signals::log_retention(&self.context.settings.log_max_age);
         consumer::run(self.context.clone(), shutdown.clone()).await;
         // Consuming can also end on its own only when cancelled; make sure the rest stops too.
         shutdown.cancel();
-        if tokio::time::timeout(BACKGROUND_STOP_GRACE, background.wait())
+        if tokio::time::timeout(BACKGROUND_STOP_GRACE, tasks.wait())
             .await
             .is_err()
         {
             tracing::warn!(
                 grace = ?BACKGROUND_STOP_GRACE,
-                "a background task did not finish its step in time; stopping anyway"
+                "a background task or log reader did not end in time; stopping anyway"
             );
         }
         self.context.link.close().await;

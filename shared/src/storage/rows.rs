@@ -4,18 +4,21 @@
 //! at.
 
 use sea_orm::Set;
+use serde::Deserialize;
 
 use super::StorageError;
 use super::entities::{environments, outbox_events, records, runs, sessions, waitpoints};
 use super::{Environment, OutboxEvent, Run, Session, StoredRecord, Waitpoint, WaitpointStatus};
 use crate::domain::Stream;
+use crate::domain::headers::RecordHeaders;
 
 fn unreadable(table: &str, id: impl std::fmt::Display, column: &str, value: &str) -> StorageError {
     StorageError::Inconsistent(format!("{table} {id} has an unreadable {column} {value:?}"))
 }
 
 pub(crate) fn session_from_row(row: sessions::Model) -> Result<Session, StorageError> {
-    let tags = serde_json::from_value(row.tags.clone())
+    // Read in place: every batch loads its sessions, so no copy of the JSON first.
+    let tags = Vec::<String>::deserialize(&row.tags)
         .map_err(|_| unreadable("session", row.id, "tags", &row.tags.to_string()))?;
     Ok(Session {
         id: row.id,
@@ -94,7 +97,7 @@ pub(crate) fn record_from_row(row: records::Model) -> Result<StoredRecord, Stora
     let stream = Stream::from_key(&row.io).ok_or_else(|| record("stream", &row.io))?;
     let headers = match &row.headers {
         None => Vec::new(),
-        Some(headers) => serde_json::from_value(headers.clone())
+        Some(headers) => RecordHeaders::deserialize(headers)
             .map_err(|_| record("headers", &headers.to_string()))?,
     };
     Ok(StoredRecord {
