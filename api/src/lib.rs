@@ -158,7 +158,10 @@ impl Application {
             link,
             reply_queue,
             replies,
-            settings.publish_batch_max,
+            publisher::GroupCommit {
+                max_commands: settings.publish_batch_max,
+                linger: settings.publish_linger,
+            },
             settings.reply_timeout,
             &tasks,
         ));

@@ -3,8 +3,10 @@
 //! Each partition has one task and one queue of pending commands. The task takes everything
 //! that is waiting (up to `SESSIONS_PUBLISH_BATCH_MAX` commands or 4 MiB), publishes it as ONE
 //! broker message, waits for the publisher confirm, and only then answers every request in the
-//! batch. While a publish is in flight new commands accumulate, so batches grow with load
-//! without any timer. Order within a partition is the order commands were queued.
+//! batch. While a publish is in flight new commands accumulate, so batches grow with load.
+//! `SESSIONS_PUBLISH_LINGER_US` adds a wait after a batch's first command for more to arrive:
+//! the broker's cost is mostly per message, so under load fewer, larger messages leave more
+//! CPU for everything else. Order within a partition is the order commands were queued.
 //!
 //! Commands that need the worker's result register a waiter under their command id before they
 //! are published; the reply listener completes it when the worker's reply arrives.
@@ -35,6 +37,15 @@ struct Pending {
 
 type Waiters = Arc<Mutex<HashMap<Uuid, oneshot::Sender<Outcome>>>>;
 
+/// How a partition's task groups commands into one broker message.
+#[derive(Debug, Clone, Copy)]
+pub struct GroupCommit {
+    /// Most commands in one message.
+    pub max_commands: usize,
+    /// After the first command, how long to wait for more (zero: take only what is waiting).
+    pub linger: Duration,
+}
+
 /// Publishes commands to their session's partition.
 pub struct Publisher {
     partitions: Vec<mpsc::Sender<Pending>>,
@@ -58,7 +69,7 @@ impl Publisher {
         link: Arc<BrokerLink>,
         reply_queue: String,
         replies: mpsc::UnboundedReceiver<Vec<u8>>,
-        publish_batch_max: usize,
+        group_commit: GroupCommit,
         reply_timeout: Duration,
         tasks: &TaskTracker,
     ) -> Self {
@@ -71,7 +82,7 @@ impl Publisher {
                 link.clone(),
                 partition,
                 receiver,
-                publish_batch_max,
+                group_commit,
                 reply_queue.clone(),
             ));
         }
@@ -175,20 +186,26 @@ async fn publish_partition(
     link: Arc<BrokerLink>,
     partition: u16,
     mut receiver: mpsc::Receiver<Pending>,
-    publish_batch_max: usize,
+    group_commit: GroupCommit,
     reply_queue: String,
 ) {
     while let Some(first) = receiver.recv().await {
+        let linger_until = tokio::time::Instant::now() + group_commit.linger;
         let mut bytes = first.command_size();
         let mut batch = vec![first];
-        while batch.len() < publish_batch_max && bytes < MAX_BATCH_BYTES {
-            match receiver.try_recv() {
-                Ok(next) => {
-                    bytes += next.command_size();
-                    batch.push(next);
+        while batch.len() < group_commit.max_commands && bytes < MAX_BATCH_BYTES {
+            let next = match receiver.try_recv() {
+                Ok(next) => next,
+                Err(mpsc::error::TryRecvError::Empty) if !group_commit.linger.is_zero() => {
+                    match tokio::time::timeout_at(linger_until, receiver.recv()).await {
+                        Ok(Some(next)) => next,
+                        Ok(None) | Err(_) => break,
+                    }
                 }
                 Err(_) => break,
-            }
+            };
+            bytes += next.command_size();
+            batch.push(next);
         }
         let wants_reply = batch.iter().any(|pending| pending.command.wants_reply);
         let (commands, done): (Vec<Command>, Vec<_>) = batch

@@ -113,6 +113,9 @@ pub struct Settings {
     pub discard_timeout: Duration,
     /// `SESSIONS_PUBLISH_BATCH_MAX`: most commands in one broker message.
     pub publish_batch_max: usize,
+    /// `SESSIONS_PUBLISH_LINGER_US`: after a partition's first pending command, how long the
+    /// api waits for more before it publishes them as one broker message.
+    pub publish_linger: Duration,
     /// `SESSIONS_WORKER_BATCH_MAX`: most broker messages applied in one transaction.
     pub worker_batch_max: usize,
     /// `SESSIONS_WORKER_BATCH_LINGER_MS`: after a batch's first message, how long the worker
@@ -675,6 +678,16 @@ impl Settings {
                 1,
                 10_000,
             )?,
+            publish_linger: Duration::from_micros(in_range(
+                "SESSIONS_PUBLISH_LINGER_US",
+                parse(
+                    "SESSIONS_PUBLISH_LINGER_US",
+                    get("SESSIONS_PUBLISH_LINGER_US"),
+                    500_u64,
+                )?,
+                0,
+                100_000,
+            )?),
             worker_batch_max: in_range(
                 "SESSIONS_WORKER_BATCH_MAX",
                 parse(
@@ -854,6 +867,7 @@ impl Settings {
             max_discard_bytes,
             discard_timeout,
             publish_batch_max,
+            publish_linger,
             worker_batch_max,
             worker_batch_linger,
             retention_after_close,
@@ -935,6 +949,10 @@ impl Settings {
             ("SESSIONS_MAX_DISCARD_BYTES", max_discard_bytes.to_string()),
             ("SESSIONS_DISCARD_TIMEOUT_MS", millis(discard_timeout)),
             ("SESSIONS_PUBLISH_BATCH_MAX", publish_batch_max.to_string()),
+            (
+                "SESSIONS_PUBLISH_LINGER_US",
+                publish_linger.as_micros().to_string(),
+            ),
             ("SESSIONS_WORKER_BATCH_MAX", worker_batch_max.to_string()),
             (
                 "SESSIONS_WORKER_BATCH_LINGER_MS",
@@ -1049,6 +1067,7 @@ mod tests {
         changed.writer_token_ttl = Duration::from_secs(3600);
         changed.discard_timeout = Duration::ZERO;
         changed.worker_batch_linger = Duration::from_millis(5);
+        changed.publish_linger = Duration::from_micros(1_750);
         changed.retention_after_close = Some(Duration::from_secs(86_400));
         changed.worker_index = 2;
         changed.worker_count = 3;
