@@ -734,3 +734,93 @@ async fn an_in_append_answers_without_seq_when_no_worker_applies_it_in_time() {
     assert_eq!(retried["duplicate"], json!(true));
     app.cleanup().await;
 }
+
+/// `sessions_api_publish_batch_size` as (messages published, commands they carried).
+async fn published_batches(app: &TestApp) -> (f64, f64) {
+    let metrics = app
+        .client
+        .get(app.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics text");
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|line| {
+                line.strip_prefix(name)?
+                    .strip_prefix(' ')?
+                    .parse::<f64>()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    };
+    (
+        value("sessions_api_publish_batch_size_count"),
+        value("sessions_api_publish_batch_size_sum"),
+    )
+}
+
+/// With a linger (`SESSIONS_PUBLISH_LINGER_US`), appends that arrive while a partition's task
+/// waits go out in one broker message, and every one of them is still persisted once. The
+/// appends are sent 10 ms apart, so without the linger each would find the partition idle and go
+/// alone (one message each); with 100 ms they all arrive within the first one's wait.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn appends_within_the_publish_linger_share_broker_messages() {
+    let app = TestApp::spawn_with(SpawnOptions {
+        overrides: &[("SESSIONS_PUBLISH_LINGER_US", "100000")],
+        ..SpawnOptions::default()
+    })
+    .await;
+    assert_eq!(app.settings.publish_linger, Duration::from_millis(100));
+    app.create_session("linger").await;
+    let (messages_before, commands_before) = published_batches(&app).await;
+    let app = std::sync::Arc::new(app);
+    let appends = 4;
+    let mut producers = JoinSet::new();
+    for n in 0..appends {
+        let app = app.clone();
+        producers.spawn(async move {
+            let response = app
+                .append("linger", "out", &body_for(0, n), Some(&format!("part-{n}")))
+                .await;
+            assert_eq!(response.status(), 200, "append {n}");
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    while let Some(result) = producers.join_next().await {
+        result.expect("producer");
+    }
+    let (messages_after, commands_after) = published_batches(&app).await;
+    assert_eq!(
+        commands_after - commands_before,
+        appends as f64,
+        "every append was published"
+    );
+    let messages = messages_after - messages_before;
+    // One message; two leave room for a very slow machine delaying a send past the linger.
+    assert!(
+        messages <= 2.0,
+        "{appends} appends sent 10 ms apart within a 100 ms linger took {messages} broker messages"
+    );
+    let mut records = app.wait_for_records("linger", "out", appends, WAIT).await;
+    assert_eq!(
+        records.len(),
+        appends,
+        "every append persisted exactly once"
+    );
+    records.sort_by_key(|record| record.id.clone());
+    assert_eq!(
+        records
+            .iter()
+            .map(|record| record.id.clone())
+            .collect::<Vec<_>>(),
+        (0..appends)
+            .map(|n| format!("part-{n}"))
+            .collect::<Vec<_>>()
+    );
+    let app = std::sync::Arc::into_inner(app).expect("producers finished");
+    app.cleanup().await;
+}
