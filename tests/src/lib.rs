@@ -64,6 +64,18 @@ pub fn process_memory_mib(pid: u32, field: &str) -> f64 {
 }
 
 /// A loopback port that was free a moment ago (for child processes' listeners).
+/// The sum of every series of metric `name` (any labels) in a Prometheus text exposition.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let metric = series.split('{').next()?;
+            (metric == name).then(|| value.parse::<f64>().ok())?
+        })
+        .fold(0.0, |total, value| total + value)
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
@@ -645,6 +657,18 @@ impl TestApp {
 
     pub fn url(&self, path: &str) -> String {
         format!("{}{path}", self.address)
+    }
+
+    /// The api's `/metrics` text (in-process worker series included).
+    pub async fn metrics_text(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("metrics text")
     }
 
     pub async fn create_session_with(&self, key: &str, body: Value) -> reqwest::Response {

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use tests::{ChildWorker, SpawnOptions, TestApp, proxy::TcpProxy};
+use tests::{ChildWorker, SpawnOptions, TestApp, metric_sum, proxy::TcpProxy};
 use tokio::task::JoinSet;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -737,29 +737,10 @@ async fn an_in_append_answers_without_seq_when_no_worker_applies_it_in_time() {
 
 /// `sessions_api_publish_batch_size` as (messages published, commands they carried).
 async fn published_batches(app: &TestApp) -> (f64, f64) {
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
-    let value = |name: &str| {
-        metrics
-            .lines()
-            .find_map(|line| {
-                line.strip_prefix(name)?
-                    .strip_prefix(' ')?
-                    .parse::<f64>()
-                    .ok()
-            })
-            .unwrap_or(0.0)
-    };
+    let metrics = app.metrics_text().await;
     (
-        value("sessions_api_publish_batch_size_count"),
-        value("sessions_api_publish_batch_size_sum"),
+        metric_sum(&metrics, "sessions_api_publish_batch_size_count"),
+        metric_sum(&metrics, "sessions_api_publish_batch_size_sum"),
     )
 }
 

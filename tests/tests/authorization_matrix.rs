@@ -25,7 +25,7 @@ use shared::domain::tokens::{
     PublicTokenClaims, WRITER_TOKEN_AUDIENCE, WriterTokenClaims, mint_public_token,
     mint_writer_token,
 };
-use tests::{TestApp, encode_segment};
+use tests::{TestApp, encode_segment, metric_sum};
 
 const POLICY: &str = include_str!("../policy/authorization.csv");
 /// The side channel every session of the matrix has records on (`{name}` in the paths).
@@ -287,17 +287,6 @@ struct World {
     worker_commands: f64,
     waitpoints_completed: f64,
     waiting_waitpoints: i64,
-}
-
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter_map(|line| {
-            let (series, value) = line.rsplit_once(' ')?;
-            let metric = series.split('{').next()?;
-            (metric == name).then(|| value.parse::<f64>().ok())?
-        })
-        .fold(0.0, |total, value| total + value)
 }
 
 /// The body of an SSE answer up to its first complete `batch` event (or 3 s, or its end).
@@ -943,16 +932,7 @@ impl Fixture {
     }
 
     async fn api_counters(&self) -> ApiCounters {
-        let text = self
-            .app
-            .client
-            .get(self.app.url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text");
+        let text = self.app.metrics_text().await;
         ApiCounters {
             appends_accepted: metric_sum(&text, "sessions_api_appends_accepted_total"),
             published_messages: metric_sum(&text, "sessions_api_publish_batch_size_count"),
@@ -996,16 +976,7 @@ impl Fixture {
             .expect("a row")
             .try_get::<i64>("", "n")
             .expect("n");
-        let text = self
-            .app
-            .client
-            .get(self.app.url("/metrics"))
-            .send()
-            .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text");
+        let text = self.app.metrics_text().await;
         World {
             tables,
             worker_commands: metric_sum(&text, "sessions_worker_commands_total"),

@@ -498,15 +498,7 @@ async fn hostile_requests_get_4xx_json_errors_and_never_a_5xx_or_a_panic() {
         "the corpus reached validation"
     );
 
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("metrics text");
+    let metrics = app.metrics_text().await;
     assert_eq!(
         panics_total(&metrics),
         Some(0.0),

@@ -221,15 +221,7 @@ async fn api_metrics_use_route_templates_never_ids() {
         .await
         .expect("retrieve");
     app.append("metered", "in", "x", None).await;
-    let metrics = app
-        .client
-        .get(app.url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = app.metrics_text().await;
     assert!(metrics.contains("sessions_api_requests_total{route=\"/api/v1/sessions/{session}\",method=\"GET\",status=\"200\"}"), "{metrics}");
     assert!(metrics.contains("sessions_api_request_duration_seconds_bucket"));
     assert!(metrics.contains("sessions_api_appends_accepted_total{io=\"in\"}"));
