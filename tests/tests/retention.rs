@@ -15,9 +15,10 @@ const PURGED_WITHIN: Duration = Duration::from_secs(40);
 
 /// Every table that holds rows of a session, with the column naming the session: the purge
 /// must empty each of them.
-const SESSION_TABLES: [(&str, &str); 7] = [
+const SESSION_TABLES: [(&str, &str); 8] = [
     ("sessions", "id"),
     ("records", "session_id"),
+    ("record_part_ids", "session_id"),
     ("waitpoints", "session_id"),
     ("applied_commands", "session_id"),
     ("session_snapshots", "session_id"),

@@ -1,13 +1,17 @@
 //! Upgrading from the version whose partitions were quorum queues: commands still in an old
 //! partition queue are applied before anything of the new partition logs, in queue order, and
-//! the old queue is deleted once empty (`SESSIONS_DRAIN_LEGACY_QUEUES=1`).
+//! the old queue is deleted once empty (`SESSIONS_DRAIN_LEGACY_QUEUES=1`). And the schema
+//! migration that moved the `X-Part-Id` fence out of `records`: part ids used before it stay
+//! fenced after it.
 
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
+use sea_orm::{ConnectionTrait, DbBackend, Statement};
 use shared::commands::{AppendCommand, Command, CommandBody, Envelope};
 use shared::domain::partition::partition_of;
+use shared::storage::Store;
 use tests::{InProcessWorker, SpawnOptions, TestApp};
 
 /// The arguments the previous version declared its partition queues with.
@@ -203,5 +207,77 @@ async fn a_drain_refuses_when_the_old_version_had_more_partitions() {
         .queue_delete(beyond.as_str().into(), Default::default())
         .await;
     let _ = connection.close(200, "done".into()).await;
+    app.cleanup().await;
+}
+
+/// Part ids taken before the migration that gave the `X-Part-Id` fence a table of its own
+/// (`record_part_ids`) stay taken after it: the migration copies them from `records`. The test
+/// puts the schema back as the previous version left it (no such table, the fence a unique
+/// index of `records`), runs the migrations as a starting process does, and retries.
+#[tokio::test]
+async fn part_ids_used_before_the_fence_moved_to_its_own_table_stay_fenced() {
+    let app = TestApp::spawn().await;
+    app.create_session("upgraded").await;
+    assert_eq!(
+        app.append("upgraded", "in", "{\"v\":1}", Some("before"))
+            .await
+            .status(),
+        200
+    );
+    app.wait_for_records("upgraded", "in", 1, Duration::from_secs(30))
+        .await;
+    let db = sea_orm::Database::connect(&app.settings.database_url)
+        .await
+        .expect("database");
+    for sql in [
+        "DROP TABLE record_part_ids",
+        "CREATE UNIQUE INDEX records_part_id_fence \
+         ON records (environment_id, session_id, io, part_id)",
+        "DELETE FROM seaql_migrations WHERE version = 'm20261209_000009_record_part_ids'",
+    ] {
+        db.execute_unprepared(sql).await.expect(sql);
+    }
+    Store::connect(&app.settings.database_url, 1)
+        .await
+        .expect("the new version starts and migrates");
+    let copied = db
+        .query_one_raw(Statement::from_string(
+            DbBackend::Postgres,
+            "SELECT count(*) AS n FROM record_part_ids WHERE part_id = 'before'",
+        ))
+        .await
+        .expect("count")
+        .expect("a row")
+        .try_get::<i64>("", "n")
+        .expect("n");
+    assert_eq!(copied, 1);
+
+    // A retry of the same part id and body is the same append; another body is refused.
+    assert_eq!(
+        app.append("upgraded", "in", "{\"v\":1}", Some("before"))
+            .await
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.append("upgraded", "in", "{\"v\":2}", Some("before"))
+            .await
+            .status(),
+        409
+    );
+    assert_eq!(
+        app.append("upgraded", "in", "after", Some("after"))
+            .await
+            .status(),
+        200
+    );
+    let records = app
+        .wait_for_records("upgraded", "in", 2, Duration::from_secs(30))
+        .await;
+    let ids: Vec<(&str, &str)> = records
+        .iter()
+        .map(|record| (record.id.as_str(), record.data.as_str()))
+        .collect();
+    assert_eq!(ids, [("before", "{\"v\":1}"), ("after", "after")]);
     app.cleanup().await;
 }

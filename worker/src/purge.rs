@@ -6,7 +6,7 @@
 //! Why in the worker rather than a separate command: every deployment already runs workers, so
 //! retention needs no extra scheduler; each step is short and re-checked, so several workers
 //! purging at once only share the work. One round does at most [`SESSIONS_PER_ROUND`] sessions
-//! and deletes records [`RECORDS_PER_STATEMENT`] at a time, so a purge never holds a long
+//! and deletes records and part ids [`RECORDS_PER_STATEMENT`] at a time, so a purge never holds a long
 //! lock or starves the apply transactions; a round that found a full page starts the next one
 //! at once.
 
@@ -96,6 +96,16 @@ async fn purge_round(
                 .purge_records_chunk(session_id, cutoff, RECORDS_PER_STATEMENT)
                 .await?;
             purged.records += deleted;
+            if deleted < RECORDS_PER_STATEMENT || shutdown.is_cancelled() {
+                break;
+            }
+        }
+        loop {
+            let deleted = context
+                .store
+                .purge_part_ids_chunk(session_id, cutoff, RECORDS_PER_STATEMENT)
+                .await?;
+            purged.record_part_ids += deleted;
             if deleted < RECORDS_PER_STATEMENT || shutdown.is_cancelled() {
                 break;
             }

@@ -12,7 +12,9 @@ use sea_orm::{
 };
 use uuid::Uuid;
 
-use super::entities::{applied_commands, outbox_events, records, runs, sessions, waitpoints};
+use super::entities::{
+    applied_commands, outbox_events, record_part_ids, records, runs, sessions, waitpoints,
+};
 use super::rows;
 use super::{Run, Session, StorageError, Store, StoredRecord, Waitpoint, WaitpointStatus};
 use crate::commands::{Command, CommandBody, Outcome};
@@ -170,12 +172,13 @@ fn id_in(backend: DbBackend, column: impl ColumnTrait, ids: &[Uuid]) -> Expr {
     }
 }
 
-/// The records owning `keys` (Postgres): one join against the unnested key arrays, one
-/// statement shape, resolved by the `(environment, session, io, part_id)` unique index.
-const PART_OWNERS_SQL: &str = r#"SELECT r.* FROM records AS r
-JOIN unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[]) AS k(environment_id, session_id, io, part_id)
-  ON r.environment_id = k.environment_id AND r.session_id = k.session_id
- AND r.io = k.io AND r.part_id = k.part_id"#;
+/// The records owning `keys` (Postgres): the unnested keys joined to `record_part_ids` through
+/// its primary key (its only index), then each hit to its record through the records primary
+/// key. One statement shape whatever the number of keys; keys not yet used cost one probe.
+const PART_OWNERS_SQL: &str = r#"SELECT r.* FROM unnest($1::uuid[], $2::text[], $3::text[]) AS k(session_id, stream, part_id)
+JOIN record_part_ids AS p
+  ON p.session_id = k.session_id AND p.stream = k.stream AND p.part_id = k.part_id
+JOIN records AS r ON r.session_id = p.session_id AND r.io = p.stream AND r.seq_num = p.seq_num"#;
 
 async fn part_owner_rows(
     txn: &DatabaseTransaction,
@@ -183,7 +186,6 @@ async fn part_owner_rows(
 ) -> Result<Vec<records::Model>, StorageError> {
     if txn.get_database_backend() == DbBackend::Postgres {
         let values = [
-            Value::from(keys.iter().map(|k| k.environment_id).collect::<Vec<_>>()),
             Value::from(keys.iter().map(|k| k.session_id).collect::<Vec<_>>()),
             Value::from(keys.iter().map(|k| k.stream.key()).collect::<Vec<_>>()),
             Value::from(keys.iter().map(|k| k.part_id.clone()).collect::<Vec<_>>()),
@@ -197,17 +199,35 @@ async fn part_owner_rows(
             .all(txn)
             .await?);
     }
-    let mut any = Condition::any();
+    let mut used = Condition::any();
     for key in keys {
-        any = any.add(
+        used = used.add(
             Condition::all()
-                .add(records::Column::EnvironmentId.eq(key.environment_id))
-                .add(records::Column::SessionId.eq(key.session_id))
-                .add(records::Column::Io.eq(key.stream.key()))
-                .add(records::Column::PartId.eq(key.part_id.as_str())),
+                .add(record_part_ids::Column::SessionId.eq(key.session_id))
+                .add(record_part_ids::Column::Stream.eq(key.stream.key()))
+                .add(record_part_ids::Column::PartId.eq(key.part_id.as_str())),
         );
     }
-    Ok(records::Entity::find().filter(any).all(txn).await?)
+    let owners = record_part_ids::Entity::find()
+        .filter(used)
+        .all(txn)
+        .await?;
+    if owners.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut records_of_owners = Condition::any();
+    for owner in &owners {
+        records_of_owners = records_of_owners.add(
+            Condition::all()
+                .add(records::Column::SessionId.eq(owner.session_id))
+                .add(records::Column::Io.eq(owner.stream.as_str()))
+                .add(records::Column::SeqNum.eq(owner.seq_num)),
+        );
+    }
+    Ok(records::Entity::find()
+        .filter(records_of_owners)
+        .all(txn)
+        .await?)
 }
 
 /// The next seqNum of every named-channel stream `commands` append to: one past the last
@@ -541,6 +561,23 @@ async fn write(
                 .exec_without_returning(txn)
                 .await?;
         }
+        let part_ids: Vec<record_part_ids::ActiveModel> = writes
+            .records
+            .iter()
+            .filter_map(|record| {
+                Some(record_part_ids::ActiveModel {
+                    session_id: sea_orm::Set(record.session_id),
+                    stream: sea_orm::Set(record.stream.key()),
+                    part_id: sea_orm::Set(record.part_id.clone()?),
+                    seq_num: sea_orm::Set(record.seq_num),
+                })
+            })
+            .collect();
+        for chunk in part_ids.chunks(CHUNK) {
+            record_part_ids::Entity::insert_many(chunk.iter().cloned())
+                .exec_without_returning(txn)
+                .await?;
+        }
     }
     for chunk in writes.runs.chunks(CHUNK) {
         runs::Entity::insert_many(chunk.iter().cloned().map(rows::run_row))
@@ -696,8 +733,10 @@ async fn execute_with_rows(
 /// 100-record statements (pgbench, arrays given as text), the same insert from arrays cost
 /// Postgres 27–30 % less time. The driver cannot put NULL inside an array, so a record without
 /// a part id sends `''` (part ids are never empty) and one without headers sends JSON `null`
-/// (headers are always an array).
-const INSERT_RECORDS_SQL: &str = r#"INSERT INTO records
+/// (headers are always an array). The same statement writes the part ids of the records that
+/// have one into `record_part_ids` (the fence; a part id already taken fails the statement).
+const INSERT_RECORDS_SQL: &str = r#"WITH inserted AS (
+INSERT INTO records
   (session_id, io, seq_num, environment_id, part_id, body, body_fingerprint, command_id, created_at,
    headers, body_is_envelope)
 SELECT session_id, io, seq_num, environment_id, NULLIF(part_id, ''), body, body_fingerprint,
@@ -705,7 +744,10 @@ SELECT session_id, io, seq_num, environment_id, NULLIF(part_id, ''), body, body_
 FROM unnest($1::uuid[], $2::text[], $3::int8[], $4::uuid[], $5::text[], $6::text[], $7::text[],
             $8::uuid[], $9::timestamptz[], $10::jsonb[], $11::bool[])
   AS r(session_id, io, seq_num, environment_id, part_id, body, body_fingerprint, command_id,
-       created_at, headers, body_is_envelope)"#;
+       created_at, headers, body_is_envelope)
+RETURNING session_id, io, part_id, seq_num)
+INSERT INTO record_part_ids (session_id, stream, part_id, seq_num)
+SELECT session_id, io, part_id, seq_num FROM inserted WHERE part_id IS NOT NULL"#;
 
 async fn insert_records_postgres(
     txn: &DatabaseTransaction,

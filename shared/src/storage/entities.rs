@@ -161,6 +161,29 @@ pub(super) mod records {
     impl ActiveModelBehavior for ActiveModel {}
 }
 
+pub(super) mod record_part_ids {
+    use sea_orm::entity::prelude::*;
+
+    /// The `X-Part-Id` fence: which record of a stream took a part id (written with it).
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    #[sea_orm(table_name = "record_part_ids")]
+    pub struct Model {
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub session_id: Uuid,
+        /// The stream key, as `records.io`.
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub stream: String,
+        #[sea_orm(primary_key, auto_increment = false)]
+        pub part_id: String,
+        pub seq_num: i64,
+    }
+
+    #[derive(Copy, Clone, Debug, EnumIter, DeriveRelation)]
+    pub enum Relation {}
+
+    impl ActiveModelBehavior for ActiveModel {}
+}
+
 pub(super) mod applied_commands {
     use sea_orm::entity::prelude::*;
 

@@ -17,6 +17,7 @@ impl MigratorTrait for Migrator {
             Box::new(NamedChannels),
             Box::new(StreamTrims),
             Box::new(DataLifecycle),
+            Box::new(RecordPartIds),
         ]
     }
 }
@@ -497,6 +498,62 @@ impl MigrationTrait for DataLifecycle {
                 "sessions",
                 &["expires_at"],
             ))
+            .await
+    }
+}
+
+/// The `X-Part-Id` fence moves out of `records` into a table of its own, keyed by exactly what
+/// a duplicate is looked up by. On `records` it was a fourth column set beside the primary key
+/// `(session_id, io, seq_num)`, and a planner without statistics for the table (young tables,
+/// or autovacuum off) chose the primary key for the lookup and filtered every record of the
+/// stream: the batch's most expensive statement though it finds nothing. A table whose only
+/// index is the key leaves no such choice.
+struct RecordPartIds;
+
+impl MigrationName for RecordPartIds {
+    fn name(&self) -> &str {
+        "m20261209_000009_record_part_ids"
+    }
+}
+
+#[sea_orm_migration::async_trait::async_trait]
+impl MigrationTrait for RecordPartIds {
+    async fn up(&self, manager: &SchemaManager) -> Result<(), DbErr> {
+        manager
+            .create_table(
+                Table::create()
+                    .table("record_part_ids")
+                    .if_not_exists()
+                    .col(uuid("session_id"))
+                    .col(text("stream"))
+                    .col(text("part_id"))
+                    .col(big_integer("seq_num"))
+                    .primary_key(
+                        Index::create()
+                            .col("session_id")
+                            .col("stream")
+                            .col("part_id"),
+                    )
+                    .to_owned(),
+            )
+            .await?;
+        // Every part id already used stays fenced. (A session id belongs to one environment,
+        // so the old key's environment column adds nothing to uniqueness.)
+        manager
+            .get_connection()
+            .execute_unprepared(
+                "INSERT INTO record_part_ids (session_id, stream, part_id, seq_num) \
+                 SELECT session_id, io, part_id, seq_num FROM records WHERE part_id IS NOT NULL",
+            )
+            .await?;
+        manager
+            .drop_index(
+                Index::drop()
+                    .name("records_part_id_fence")
+                    .table("records")
+                    .if_exists()
+                    .to_owned(),
+            )
             .await
     }
 }

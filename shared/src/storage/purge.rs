@@ -29,6 +29,7 @@ use super::{StorageError, Store};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RowsPurged {
     pub records: u64,
+    pub record_part_ids: u64,
     pub waitpoints: u64,
     pub applied_commands: u64,
     pub snapshots: u64,
@@ -39,9 +40,10 @@ pub struct RowsPurged {
 
 impl RowsPurged {
     /// `(table, rows)` for metrics.
-    pub fn by_table(&self) -> [(&'static str, u64); 7] {
+    pub fn by_table(&self) -> [(&'static str, u64); 8] {
         [
             ("records", self.records),
+            ("record_part_ids", self.record_part_ids),
             ("waitpoints", self.waitpoints),
             ("applied_commands", self.applied_commands),
             ("session_snapshots", self.snapshots),
@@ -53,6 +55,7 @@ impl RowsPurged {
 
     pub fn add(&mut self, other: RowsPurged) {
         self.records += other.records;
+        self.record_part_ids += other.record_part_ids;
         self.waitpoints += other.waitpoints;
         self.applied_commands += other.applied_commands;
         self.snapshots += other.snapshots;
@@ -65,6 +68,12 @@ impl RowsPurged {
 /// Records of session `$1`, which must still be closed or expired before `$2`, at most `$3`.
 /// `{row}` is the physical row id (see [`Store::delete_records_by_row`]).
 const RECORDS_OF_PURGEABLE_SESSION: &str = "SELECT r.{row} FROM records r WHERE r.session_id = $1 \
+AND EXISTS (SELECT 1 FROM sessions s WHERE s.id = $1 AND (s.closed_at < $2 OR s.expires_at < $2)) \
+LIMIT $3";
+
+/// Part ids of session `$1` (see [`RECORDS_OF_PURGEABLE_SESSION`]), at most `$3`.
+const PART_IDS_OF_PURGEABLE_SESSION: &str = "SELECT p.{row} FROM record_part_ids p \
+WHERE p.session_id = $1 \
 AND EXISTS (SELECT 1 FROM sessions s WHERE s.id = $1 AND (s.closed_at < $2 OR s.expires_at < $2)) \
 LIMIT $3";
 
@@ -85,28 +94,29 @@ impl Store {
     /// of their part id for as long as the session exists) and each stream's last record (a
     /// side channel's next sequence number is read from it).
     pub async fn delete_trimmed_records(&self, chunk: u64) -> Result<u64, StorageError> {
-        self.delete_records_by_row(TRIMMED_RECORDS, vec![chunk_value(chunk)])
+        self.delete_rows("records", TRIMMED_RECORDS, vec![chunk_value(chunk)])
             .await
     }
 
-    /// Deletes the records whose physical row id (`ctid` on Postgres, `rowid` on SQLite)
-    /// `select` returns; `select` names that column `{row}` and numbers its parameters `$n`.
-    /// One statement: a bounded chunk, no long lock.
-    async fn delete_records_by_row(
+    /// Deletes the rows of `table` whose physical row id (`ctid` on Postgres, `rowid` on
+    /// SQLite) `select` returns; `select` names that column `{row}` and numbers its parameters
+    /// `$n`. One statement: a bounded chunk, no long lock.
+    async fn delete_rows(
         &self,
+        table: &str,
         select: &str,
         values: Vec<Value>,
     ) -> Result<u64, StorageError> {
         let backend = self.db.get_database_backend();
         let sql = if backend == DbBackend::Postgres {
             format!(
-                "DELETE FROM records WHERE ctid = ANY(ARRAY({}))",
+                "DELETE FROM {table} WHERE ctid = ANY(ARRAY({}))",
                 select.replace("{row}", "ctid")
             )
         } else {
             // SQLite numbers its parameters `?n`.
             format!(
-                "DELETE FROM records WHERE rowid IN ({})",
+                "DELETE FROM {table} WHERE rowid IN ({})",
                 select.replace("{row}", "rowid").replace('$', "?")
             )
         };
@@ -156,7 +166,8 @@ impl Store {
         cutoff: DateTime<Utc>,
         chunk: u64,
     ) -> Result<u64, StorageError> {
-        self.delete_records_by_row(
+        self.delete_rows(
+            "records",
             RECORDS_OF_PURGEABLE_SESSION,
             vec![
                 Value::from(session_id),
@@ -167,9 +178,30 @@ impl Store {
         .await
     }
 
+    /// Deletes at most `chunk` part ids of `session_id` (its `X-Part-Id` fence) if the session
+    /// is still past the retention at `cutoff`; returns how many (0: none left, or not
+    /// purgeable).
+    pub async fn purge_part_ids_chunk(
+        &self,
+        session_id: Uuid,
+        cutoff: DateTime<Utc>,
+        chunk: u64,
+    ) -> Result<u64, StorageError> {
+        self.delete_rows(
+            "record_part_ids",
+            PART_IDS_OF_PURGEABLE_SESSION,
+            vec![
+                Value::from(session_id),
+                Value::from(cutoff),
+                chunk_value(chunk),
+            ],
+        )
+        .await
+    }
+
     /// Deletes everything else of `session_id` and the session itself, in one transaction, if
-    /// the session is still past the retention at `cutoff` (call it once its records are gone:
-    /// records left over are deleted too, in the same transaction).
+    /// the session is still past the retention at `cutoff` (call it once its records and part
+    /// ids are gone: any left over are deleted too, in the same transaction).
     pub async fn purge_session(
         &self,
         session_id: Uuid,
@@ -208,6 +240,7 @@ impl Store {
         };
         let purged = RowsPurged {
             records: delete("records", "session_id").await?,
+            record_part_ids: delete("record_part_ids", "session_id").await?,
             stream_trims: delete("stream_trims", "session_id").await?,
             waitpoints: delete("waitpoints", "session_id").await?,
             applied_commands: delete("applied_commands", "session_id").await?,
