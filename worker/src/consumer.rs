@@ -2,11 +2,11 @@
 //!
 //! The worker reads every partition log it holds a lease on ([`crate::ownership`]) from the
 //! position stored in the database, at depth (`SESSIONS_WORKER_PREFETCH` messages ahead), and
-//! applies whatever has arrived across partitions in one database transaction: one Redis
-//! pipeline of claims, then the transaction that first moves each log's stored position
+//! applies whatever has arrived across partitions in one database transaction (while one Redis
+//! pipeline takes the batch's claims): the transaction first moves each log's stored position
 //! forward with a compare-and-set (the offsets fence), then writes; after the commit it
-//! publishes events, replies and the "new records" notification, and acknowledges (on a
-//! stream, an acknowledgement is only flow control). The next batch is read while one commits.
+//! publishes events, replies and the "new records" notification (while the claims are
+//! released), and acknowledges (on a stream, an acknowledgement is only flow control). The next batch is read while one commits.
 //!
 //! Order and exactly-once application come from the fence alone: a batch commits only if every
 //! log it read is still where the batch started, so a failover, a restart or two workers on one
@@ -628,8 +628,11 @@ enum ApplyFailure {
     Fenced(String),
 }
 
-/// Claims, applies in one transaction (retrying transient failures), then publishes events,
-/// replies and the notification.
+/// Applies in one transaction (retrying transient failures) while the batch's Redis claims are
+/// taken, then publishes events, replies and the notification while the claims are released.
+/// The claims decide nothing (the database fences do; a contended claim is only counted), so
+/// neither Redis round trip waits for the other work: under load each round trip costs a
+/// millisecond or two of scheduling, and a batch waits for the one before it.
 async fn apply_messages(
     context: &WorkerContext,
     advances: &[LogAdvance],
@@ -637,7 +640,6 @@ async fn apply_messages(
     commands: &[Command],
     messages: &[Decoded],
 ) -> Result<(), ApplyFailure> {
-    let claims = claim_parts(context, commands).await;
     let close_grace =
         chrono::TimeDelta::from_std(context.settings.session_cache_ttl).unwrap_or_default();
     let started = Instant::now();
@@ -647,25 +649,33 @@ async fn apply_messages(
         .with_jitter()
         .with_total_delay(Some(context.settings.retry_budget))
         .without_max_times();
-    let applied = (|| async {
-        context
-            .store
-            .apply_batch(advances, dead_letters, commands, |mut state| {
-                state.close_grace = close_grace;
-                plan_batch(commands, state)
-            })
-            .await
-    })
-    .retry(policy)
-    .when(StorageError::is_transient)
-    .notify(|error, delay| signals::apply_retrying(error, delay))
-    .await;
-    release_claims(context, &claims).await;
+    let apply = async {
+        (|| async {
+            context
+                .store
+                .apply_batch(advances, dead_letters, commands, |mut state| {
+                    state.close_grace = close_grace;
+                    plan_batch(commands, state)
+                })
+                .await
+        })
+        .retry(policy)
+        .when(StorageError::is_transient)
+        .notify(|error, delay| signals::apply_retrying(error, delay))
+        .await
+    };
+    let (claims, applied) = tokio::join!(claim_parts(context, commands), apply);
+    let release = release_claims(context, &claims);
     let (outcomes, outbox) = match applied {
         Ok(result) => result,
-        Err(StorageError::Fenced(reason)) => return Err(ApplyFailure::Fenced(reason)),
-        Err(error) if error.is_transient() => return Err(ApplyFailure::Transient),
-        Err(error) => return Err(ApplyFailure::Permanent(error.to_string())),
+        Err(error) => {
+            release.await;
+            return Err(match error {
+                StorageError::Fenced(reason) => ApplyFailure::Fenced(reason),
+                error if error.is_transient() => ApplyFailure::Transient,
+                error => ApplyFailure::Permanent(error.to_string()),
+            });
+        }
     };
     signals::batch_committed(commands, started.elapsed());
     #[cfg(feature = "test-failpoints")]
@@ -698,13 +708,16 @@ async fn apply_messages(
             Some((reply_to, payload))
         })
         .collect();
-    publish_outbox_and_replies(context, outbox, &replies).await;
-    if !new_records.is_empty() {
-        let payload = serde_json::to_vec(&new_records).unwrap_or_default();
-        if let Err(error) = context.link.publish_notification(&payload).await {
-            tracing::debug!(%error, "notification lost; readers catch up on their safety re-read");
+    let publish = async {
+        publish_outbox_and_replies(context, outbox, &replies).await;
+        if !new_records.is_empty() {
+            let payload = serde_json::to_vec(&new_records).unwrap_or_default();
+            if let Err(error) = context.link.publish_notification(&payload).await {
+                tracing::debug!(%error, "notification lost; readers catch up on their safety re-read");
+            }
         }
-    }
+    };
+    tokio::join!(release, publish);
     Ok(())
 }
 
