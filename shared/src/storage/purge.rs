@@ -88,6 +88,15 @@ fn chunk_value(chunk: u64) -> Value {
     Value::from(i64::try_from(chunk).unwrap_or(i64::MAX))
 }
 
+/// The parameters of the `…_OF_PURGEABLE_SESSION` selects: `$1` session, `$2` cutoff, `$3` chunk.
+fn purgeable_session_values(session_id: Uuid, cutoff: DateTime<Utc>, chunk: u64) -> Vec<Value> {
+    vec![
+        Value::from(session_id),
+        Value::from(cutoff),
+        chunk_value(chunk),
+    ]
+}
+
 impl Store {
     /// Deletes at most `chunk` records that lie below their stream's trim point; returns how
     /// many. Kept: records with a part id (hidden from every read, they stay as the dedup fence
@@ -169,11 +178,7 @@ impl Store {
         self.delete_rows(
             "records",
             RECORDS_OF_PURGEABLE_SESSION,
-            vec![
-                Value::from(session_id),
-                Value::from(cutoff),
-                chunk_value(chunk),
-            ],
+            purgeable_session_values(session_id, cutoff, chunk),
         )
         .await
     }
@@ -190,11 +195,7 @@ impl Store {
         self.delete_rows(
             "record_part_ids",
             PART_IDS_OF_PURGEABLE_SESSION,
-            vec![
-                Value::from(session_id),
-                Value::from(cutoff),
-                chunk_value(chunk),
-            ],
+            purgeable_session_values(session_id, cutoff, chunk),
         )
         .await
     }
