@@ -63,7 +63,6 @@ pub fn process_memory_mib(pid: u32, field: &str) -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
-/// A loopback port that was free a moment ago (for child processes' listeners).
 /// The sum of every series of metric `name` (any labels) in a Prometheus text exposition.
 pub fn metric_sum(text: &str, name: &str) -> f64 {
     text.lines()
@@ -76,6 +75,7 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         .fold(0.0, |total, value| total + value)
 }
 
+/// A loopback port that was free a moment ago (for child processes' listeners).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
