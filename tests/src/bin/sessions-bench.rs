@@ -33,6 +33,8 @@ const USAGE: &str = "usage: sessions-bench [--runs N (3)] [--duration SECONDS (2
 [--purge-backlog N (0): sessions of 1,000 records the retention purge deletes in purge windows] \
 [--purge-pairs N (3): control and purge max windows, alternating, with --purge-backlog] \
 [--drain-records N (200000; 0 skips the drain)] [--tools DIR (target/bench-tools)] \
+[--half-rate APPENDS_PER_SECOND (half the run's max): the offered rate of the append half-rate \
+windows (`out`, `in`, fan-out; not the writer's), fixed so that two builds meet the same load] \
 [--writers N (64; 0 skips the writer windows)] [--writer-batch N (100 records per frame)] \
 [--json PATH (target/bench/latest.json)] [--markdown PATH] [--skip-references] \
 [--amqp-url URL[,URL…] (the default broker; e.g. `deploy/rabbitmq-cluster.sh urls`)]";
@@ -55,6 +57,8 @@ struct Options {
     writers: usize,
     /// Records per frame of the writer's closed loop.
     writer_batch: usize,
+    /// The offered rate of the append half-rate windows (`None`: half of each run's max).
+    half_rate: Option<f64>,
     tools: PathBuf,
     json: PathBuf,
     markdown: Option<PathBuf>,
@@ -81,6 +85,7 @@ fn parse_options() -> Result<Options, String> {
         drain_records: 200_000,
         writers: 64,
         writer_batch: 100,
+        half_rate: None,
         tools: PathBuf::from("target/bench-tools"),
         json: PathBuf::from("target/bench/latest.json"),
         markdown: None,
@@ -120,6 +125,7 @@ fn parse_options() -> Result<Options, String> {
             "--purge-pairs" => options.purge_pairs = number()?.max(1),
             "--writers" => options.writers = number()?,
             "--writer-batch" => options.writer_batch = number()?.clamp(1, 1000),
+            "--half-rate" => options.half_rate = Some(number()?.max(1) as f64),
             "--tools" => options.tools = PathBuf::from(value),
             "--json" => options.json = PathBuf::from(value),
             "--markdown" => options.markdown = Some(PathBuf::from(value)),
@@ -901,6 +907,7 @@ impl Bench {
             )
             .await?;
         let max_rate = max.accepted as f64 / max.elapsed.as_secs_f64();
+        let half_rate = self.options.half_rate.unwrap_or(max_rate / 2.0);
         let while_purging = if run == 0 && self.options.purge_backlog > 0 {
             Some(self.purge_alternation().await?)
         } else {
@@ -908,18 +915,18 @@ impl Bench {
         };
         let (half, _, _) = self
             .measure(
-                &format!("half: open loop at {:.0}/s", max_rate / 2.0),
-                &self.load(Some(max_rate / 2.0), 0.0, duration),
+                &format!("half: open loop at {:.0}/s", half_rate),
+                &self.load(Some(half_rate), 0.0, duration),
             )
             .await?;
         let (half_in, _, _) = self
             .measure(
-                &format!("half on `in`: open loop at {:.0}/s", max_rate / 2.0),
-                &self.load_on(Channel::In, Some(max_rate / 2.0), 0.0, duration),
+                &format!("half on `in`: open loop at {:.0}/s", half_rate),
+                &self.load_on(Channel::In, Some(half_rate), 0.0, duration),
             )
             .await?;
         let fanout = if self.options.fanout_readers > 0 {
-            Some(self.fanout(max_rate / 2.0).await?)
+            Some(self.fanout(half_rate).await?)
         } else {
             None
         };
@@ -1570,6 +1577,7 @@ mod checks {
             drain_records: 200_000,
             writers: 64,
             writer_batch: 100,
+            half_rate: None,
             tools: PathBuf::new(),
             json: PathBuf::new(),
             markdown: None,
