@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use shared::cache::Cache;
-use shared::storage::Store;
+use shared::storage::{StatementPlans, Store};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_starts_migrate_once_and_all_succeed() {
@@ -30,6 +30,31 @@ async fn concurrent_starts_migrate_once_and_all_succeed() {
     );
     tests::drop_database(&url).await;
     tests::drop_database(&alone).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_pool_plans_each_execution_and_the_default_pool_caches_plans() {
+    let url = format!(
+        "{}/sessions_{}",
+        tests::POSTGRES_SERVER,
+        tests::unique_name()
+    );
+    let each = Store::connect_planning(&url, 2, StatementPlans::EachExecution)
+        .await
+        .expect("connect");
+    let cached = Store::connect(&url, 2).await.expect("connect");
+    // Twice each: the pool may hand out either of its connections; both have the setting.
+    for _ in 0..2 {
+        assert_eq!(
+            each.statement_plan_mode().await.expect("read").as_deref(),
+            Some("force_custom_plan")
+        );
+        assert_eq!(
+            cached.statement_plan_mode().await.expect("read").as_deref(),
+            Some("auto")
+        );
+    }
+    tests::drop_database(&url).await;
 }
 
 /// The versions recorded in `seaql_migrations`, as many times as each is recorded.

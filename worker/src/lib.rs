@@ -31,7 +31,7 @@ use shared::broker::{BrokerConfig, BrokerLink, InProcessBroker};
 use shared::cache::{Cache, CacheError};
 use shared::config::Settings;
 use shared::shutdown::{CancellationToken, TaskTracker};
-use shared::storage::{StorageError, Store};
+use shared::storage::{StatementPlans, StorageError, Store};
 
 use consumer::WorkerContext;
 
@@ -74,7 +74,14 @@ impl Worker {
         in_process: Option<Arc<InProcessBroker>>,
         cache: Cache,
     ) -> Result<Self, WorkerError> {
-        let store = Store::connect(&settings.database_url, settings.db_max_connections).await?;
+        // Batch transactions are almost all the worker's statements: each planned for its own
+        // arguments, set once per connection rather than once per batch.
+        let store = Store::connect_planning(
+            &settings.database_url,
+            settings.db_max_connections,
+            StatementPlans::EachExecution,
+        )
+        .await?;
         let instance = format!("worker-{}", uuid::Uuid::now_v7().simple());
         let tasks = TaskTracker::new();
         let config =

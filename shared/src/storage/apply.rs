@@ -135,13 +135,15 @@ impl Store {
         decide: impl FnOnce(LoadedState) -> (BatchWrites, T),
     ) -> Result<(T, Vec<OutboxEvent>), StorageError> {
         let txn = self.connection().begin().await?;
-        if txn.get_database_backend() == DbBackend::Postgres {
-            // Plan the batch's statements for their actual arguments. A generic plan cached
-            // on a long-lived connection while the tables were small (e.g. part ids looked up
-            // through the records primary key, scanning whole channels) stays in use until the
-            // tables are analyzed again; with autovacuum off (as on the benchmark machine) that
-            // is never, and the worker slowed down as channels grew (measured: 100+ ms
-            // lookups, drain rate falling from ~1,000 to ~300 records/s).
+        if txn.get_database_backend() == DbBackend::Postgres && !self.plans_each_execution {
+            // Plan the batch's statements for their actual arguments (the worker's pool does so
+            // on every connection: `StatementPlans::EachExecution`, one round trip less per
+            // batch). A generic plan cached on a long-lived connection while the tables were
+            // small (e.g. part ids looked up through the records primary key, scanning whole
+            // channels) stays in use until the tables are analyzed again; with autovacuum off
+            // (as on the benchmark machine) that is never, and the worker slowed down as
+            // channels grew (measured: 100+ ms lookups, drain rate falling from ~1,000 to ~300
+            // records/s).
             txn.execute_unprepared("SET LOCAL plan_cache_mode = force_custom_plan")
                 .await?;
         }
@@ -172,33 +174,47 @@ fn id_in(backend: DbBackend, column: impl ColumnTrait, ids: &[Uuid]) -> Expr {
     }
 }
 
-/// The records owning `keys` (Postgres): the unnested keys joined to `record_part_ids` through
-/// its primary key (its only index), then each hit to its record through the records primary
-/// key. One statement shape whatever the number of keys; keys not yet used cost one probe.
-const PART_OWNERS_SQL: &str = r#"SELECT r.* FROM unnest($1::uuid[], $2::text[], $3::text[]) AS k(session_id, stream, part_id)
+/// The records of a batch's append commands that were already applied (found by command id),
+/// and the records owning its part ids (the unnested keys joined to `record_part_ids` through its
+/// primary key, its only index, then each hit to its record through the records primary key):
+/// one statement and one round trip for both, the same text whatever the batch's size.
+/// (Postgres; a row found both ways comes twice.)
+const RECORDED_OR_PART_OWNERS_SQL: &str = r#"SELECT r.* FROM records AS r WHERE r.command_id = ANY($1::uuid[])
+UNION ALL
+SELECT r.* FROM unnest($2::uuid[], $3::text[], $4::text[]) AS k(session_id, stream, part_id)
 JOIN record_part_ids AS p
   ON p.session_id = k.session_id AND p.stream = k.stream AND p.part_id = k.part_id
 JOIN records AS r ON r.session_id = p.session_id AND r.io = p.stream AND r.seq_num = p.seq_num"#;
 
-async fn part_owner_rows(
+async fn recorded_or_part_owner_rows(
+    txn: &DatabaseTransaction,
+    append_ids: &[Uuid],
+    keys: &[DedupKey],
+) -> Result<Vec<records::Model>, StorageError> {
+    if append_ids.is_empty() && keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let values = [
+        Value::from(append_ids.to_vec()),
+        Value::from(keys.iter().map(|k| k.session_id).collect::<Vec<_>>()),
+        Value::from(keys.iter().map(|k| k.stream.key()).collect::<Vec<_>>()),
+        Value::from(keys.iter().map(|k| k.part_id.clone()).collect::<Vec<_>>()),
+    ];
+    Ok(records::Entity::find()
+        .from_raw_sql(Statement::from_sql_and_values(
+            DbBackend::Postgres,
+            RECORDED_OR_PART_OWNERS_SQL,
+            values,
+        ))
+        .all(txn)
+        .await?)
+}
+
+/// The records owning `keys` (SQLite, the embedded default): the part-id rows, then their records.
+async fn part_owner_rows_sqlite(
     txn: &DatabaseTransaction,
     keys: &[DedupKey],
 ) -> Result<Vec<records::Model>, StorageError> {
-    if txn.get_database_backend() == DbBackend::Postgres {
-        let values = [
-            Value::from(keys.iter().map(|k| k.session_id).collect::<Vec<_>>()),
-            Value::from(keys.iter().map(|k| k.stream.key()).collect::<Vec<_>>()),
-            Value::from(keys.iter().map(|k| k.part_id.clone()).collect::<Vec<_>>()),
-        ];
-        return Ok(records::Entity::find()
-            .from_raw_sql(Statement::from_sql_and_values(
-                DbBackend::Postgres,
-                PART_OWNERS_SQL,
-                values,
-            ))
-            .all(txn)
-            .await?);
-    }
     let mut used = Condition::any();
     for key in keys {
         used = used.add(
@@ -292,15 +308,62 @@ async fn load_state(
         .filter(|c| matches!(c.body, CommandBody::Append(_)))
         .map(|c| c.id)
         .collect();
-    for chunk in append_ids.chunks(CHUNK) {
-        for record in records::Entity::find()
-            .filter(id_in(backend, records::Column::CommandId, chunk))
-            .all(txn)
-            .await?
-        {
+    let part_keys: Vec<DedupKey> = commands
+        .iter()
+        .filter_map(|c| match &c.body {
+            CommandBody::Append(append) => append.part_id.as_ref().map(|part_id| DedupKey {
+                environment_id: c.environment_id,
+                session_id: c.session_id,
+                stream: append.stream(),
+                part_id: part_id.clone(),
+            }),
+            _ => None,
+        })
+        .collect();
+    let known_records = if backend == DbBackend::Postgres {
+        recorded_or_part_owner_rows(txn, &append_ids, &part_keys).await?
+    } else {
+        let mut rows = Vec::new();
+        for chunk in append_ids.chunks(CHUNK) {
+            rows.extend(
+                records::Entity::find()
+                    .filter(id_in(backend, records::Column::CommandId, chunk))
+                    .all(txn)
+                    .await?,
+            );
+        }
+        for chunk in part_keys.chunks(CHUNK / 4) {
+            rows.extend(part_owner_rows_sqlite(txn, chunk).await?);
+        }
+        rows
+    };
+    // A row may have come for either reason, or both; each fact below holds of any row found.
+    let wanted_parts: std::collections::HashSet<&DedupKey> = part_keys.iter().collect();
+    let appended: std::collections::HashSet<Uuid> = append_ids.iter().copied().collect();
+    for record in known_records {
+        if appended.contains(&record.command_id) {
             state
                 .recorded_appends
                 .insert(record.command_id, record.seq_num);
+        }
+        let (Some(part_id), Some(stream)) = (record.part_id, Stream::from_key(&record.io)) else {
+            continue;
+        };
+        let key = DedupKey {
+            environment_id: record.environment_id,
+            session_id: record.session_id,
+            stream,
+            part_id,
+        };
+        if wanted_parts.contains(&key) {
+            state.parts.insert(
+                key,
+                PartOwner {
+                    seq_num: record.seq_num,
+                    body_fingerprint: record.body_fingerprint,
+                    body: record.body,
+                },
+            );
         }
     }
 
@@ -322,40 +385,6 @@ async fn load_state(
                 ))
             })?;
             state.applied_outcomes.insert(applied.command_id, outcome);
-        }
-    }
-
-    let part_keys: Vec<DedupKey> = commands
-        .iter()
-        .filter_map(|c| match &c.body {
-            CommandBody::Append(append) => append.part_id.as_ref().map(|part_id| DedupKey {
-                environment_id: c.environment_id,
-                session_id: c.session_id,
-                stream: append.stream(),
-                part_id: part_id.clone(),
-            }),
-            _ => None,
-        })
-        .collect();
-    for chunk in part_keys.chunks(CHUNK / 4) {
-        for record in part_owner_rows(txn, chunk).await? {
-            let (Some(part_id), Some(stream)) = (record.part_id, Stream::from_key(&record.io))
-            else {
-                continue;
-            };
-            state.parts.insert(
-                DedupKey {
-                    environment_id: record.environment_id,
-                    session_id: record.session_id,
-                    stream,
-                    part_id,
-                },
-                PartOwner {
-                    seq_num: record.seq_num,
-                    body_fingerprint: record.body_fingerprint,
-                    body: record.body,
-                },
-            );
         }
     }
 
