@@ -1,7 +1,8 @@
 //! The sessions load generator: appends of fixed-size JSON bodies with `X-Part-Id` to many
 //! sessions over several environments, closed loop (each client sends its next append when the
-//! previous one was answered) or open loop (a fixed schedule; latency counted from the
-//! scheduled time, so a slow server cannot hide its queueing), an optional share of retries of
+//! previous one was answered) or open loop (a fixed schedule: each append leaves when it is due,
+//! whether or not earlier ones were answered, and its latency counts from then, so a slow
+//! server cannot hide its queueing), an optional share of retries of
 //! earlier part ids, and SSE readers that measure the time from send to delivery and check
 //! that each receives its session's records in order, without gap or repeat, and all of those
 //! accepted during the window. A run may also stop after a number of appends (the drain
@@ -515,6 +516,8 @@ async fn run_client(
     // Earlier appends of this client, for retries: (session slot, part id, body).
     let mut sent: Vec<(usize, String, String)> = Vec::new();
     let mut rng = rand::rngs::StdRng::from_os_rng();
+    // Open loop: the appends sent and not answered yet.
+    let mut in_flight = tokio::task::JoinSet::new();
     loop {
         let scheduled = match interval {
             Some(interval) => {
@@ -550,41 +553,106 @@ async fn run_client(
             (slot, part_id, body)
         };
         let (session_index, session) = &sessions[slot];
-        let response = client
+        let append = Append {
+            session_index: *session_index,
+            slot,
+            part_id,
+            body,
+            retry,
+            scheduled,
+        };
+        let request = client
             .post(format!(
                 "{}/realtime/v1/sessions/{}/{}/append",
                 config.api_url, session.external_id, config.channel
             ))
             .bearer_auth(&session.secret_key)
-            .header("X-Part-Id", &part_id)
+            .header("X-Part-Id", &append.part_id)
             .header("Content-Type", "application/json")
-            .body(body.clone())
-            .send()
-            .await;
-        match response {
-            Ok(response) if response.status().is_success() => {
-                outcome.accept.record(scheduled.elapsed());
-                outcome.accepted += 1;
-                progress.accepted.fetch_add(1, Ordering::Relaxed);
-                if retry {
-                    outcome.retries += 1;
-                } else {
-                    progress.accepted_per_session[*session_index].fetch_add(1, Ordering::Relaxed);
-                    if sent.len() < 1024 {
-                        sent.push((slot, part_id, body));
-                    } else {
-                        let victim = rng.random_range(0..sent.len());
-                        sent[victim] = (slot, part_id, body);
-                    }
-                }
+            .body(append.body.clone())
+            .send();
+        if interval.is_some() {
+            // Open loop: the next append leaves on its schedule whether or not this one was
+            // answered (a client that waited would stop offering the rate once an answer takes
+            // longer than its interval, and the queue would form here instead of at the server).
+            in_flight.spawn(async move {
+                let answered =
+                    matches!(request.await, Ok(response) if response.status().is_success());
+                let latency = append.scheduled.elapsed();
+                (append, answered.then_some(latency))
+            });
+            while let Some(Ok((append, answered))) = in_flight.try_join_next() {
+                outcome.count(&progress, &mut sent, &mut rng, append, answered);
             }
-            _ => {
+        } else {
+            let answered = matches!(request.await, Ok(response) if response.status().is_success());
+            let latency = append.scheduled.elapsed();
+            outcome.count(
+                &progress,
+                &mut sent,
+                &mut rng,
+                append,
+                answered.then_some(latency),
+            );
+        }
+    }
+    while let Some(finished) = in_flight.join_next().await {
+        match finished {
+            Ok((append, answered)) => {
+                outcome.count(&progress, &mut sent, &mut rng, append, answered);
+            }
+            Err(_) => {
                 outcome.errors += 1;
                 progress.errors.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
     outcome
+}
+
+/// One append a client sent: what its answer is counted against.
+struct Append {
+    session_index: usize,
+    slot: usize,
+    part_id: String,
+    body: String,
+    retry: bool,
+    /// When it was due (open loop) or sent (closed loop): its latency counts from here.
+    scheduled: Instant,
+}
+
+impl ClientOutcome {
+    /// Counts one append: answered with a 2xx after `latency` (from when it was due), or
+    /// failed (`None`); keeps accepted ones for later retries.
+    fn count(
+        &mut self,
+        progress: &Progress,
+        sent: &mut Vec<(usize, String, String)>,
+        rng: &mut rand::rngs::StdRng,
+        append: Append,
+        answered: Option<Duration>,
+    ) {
+        let Some(latency) = answered else {
+            self.errors += 1;
+            progress.errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        self.accept.record(latency);
+        self.accepted += 1;
+        progress.accepted.fetch_add(1, Ordering::Relaxed);
+        if append.retry {
+            self.retries += 1;
+            return;
+        }
+        progress.accepted_per_session[append.session_index].fetch_add(1, Ordering::Relaxed);
+        let kept = (append.slot, append.part_id, append.body);
+        if sent.len() < 1024 {
+            sent.push(kept);
+        } else {
+            let victim = rng.random_range(0..sent.len());
+            sent[victim] = kept;
+        }
+    }
 }
 
 /// `{"records":[{"seq_num","timestamp","body"}]}` of an SSE `batch` event.
