@@ -581,8 +581,8 @@ async fn run_client(
                 let latency = append.scheduled.elapsed();
                 (append, answered.then_some(latency))
             });
-            while let Some(Ok((append, answered))) = in_flight.try_join_next() {
-                outcome.count(&progress, &mut sent, &mut rng, append, answered);
+            while let Some(finished) = in_flight.try_join_next() {
+                outcome.finished(&progress, &mut sent, &mut rng, finished);
             }
         } else {
             let answered = matches!(request.await, Ok(response) if response.status().is_success());
@@ -597,15 +597,7 @@ async fn run_client(
         }
     }
     while let Some(finished) = in_flight.join_next().await {
-        match finished {
-            Ok((append, answered)) => {
-                outcome.count(&progress, &mut sent, &mut rng, append, answered);
-            }
-            Err(_) => {
-                outcome.errors += 1;
-                progress.errors.fetch_add(1, Ordering::Relaxed);
-            }
-        }
+        outcome.finished(&progress, &mut sent, &mut rng, finished);
     }
     outcome
 }
@@ -622,6 +614,23 @@ struct Append {
 }
 
 impl ClientOutcome {
+    /// Counts an open-loop append whose task ended (a task that failed counts as an error).
+    fn finished(
+        &mut self,
+        progress: &Progress,
+        sent: &mut Vec<(usize, String, String)>,
+        rng: &mut rand::rngs::StdRng,
+        finished: Result<(Append, Option<Duration>), tokio::task::JoinError>,
+    ) {
+        match finished {
+            Ok((append, answered)) => self.count(progress, sent, rng, append, answered),
+            Err(_) => {
+                self.errors += 1;
+                progress.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
     /// Counts one append: answered with a 2xx after `latency` (from when it was due), or
     /// failed (`None`); keeps accepted ones for later retries.
     fn count(
