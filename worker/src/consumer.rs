@@ -6,7 +6,8 @@
 //! pipeline takes the batch's claims): the transaction first moves each log's stored position
 //! forward with a compare-and-set (the offsets fence), then writes; after the commit it
 //! publishes events, replies and the "new records" notification (while the claims are
-//! released), and acknowledges (on a stream, an acknowledgement is only flow control). The next batch is read while one commits.
+//! released), and acknowledges (on a stream, an acknowledgement is only flow control). The
+//! next batch is read while one commits.
 //!
 //! Order and exactly-once application come from the fence alone: a batch commits only if every
 //! log it read is still where the batch started, so a failover, a restart or two workers on one

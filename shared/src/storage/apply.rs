@@ -1,7 +1,7 @@
 //! The worker's batch transaction: load the state a batch of commands needs, let the caller
 //! decide (pure code in the worker), write the decision, commit. One transaction per batch.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, SubsecRound, Utc};
 use sea_orm::sea_query::extension::postgres::PgFunc;
@@ -135,7 +135,9 @@ impl Store {
         decide: impl FnOnce(LoadedState) -> (BatchWrites, T),
     ) -> Result<(T, Vec<OutboxEvent>), StorageError> {
         let txn = self.connection().begin().await?;
-        if txn.get_database_backend() == DbBackend::Postgres && !self.plans_each_execution {
+        if txn.get_database_backend() == DbBackend::Postgres
+            && self.statement_plans == super::StatementPlans::Cached
+        {
             // Plan the batch's statements for their actual arguments (the worker's pool does so
             // on every connection: `StatementPlans::EachExecution`, one round trip less per
             // batch). A generic plan cached on a long-lived connection while the tables were
@@ -338,8 +340,8 @@ async fn load_state(
         rows
     };
     // A row may have come for either reason, or both; each fact below holds of any row found.
-    let wanted_parts: std::collections::HashSet<&DedupKey> = part_keys.iter().collect();
-    let appended: std::collections::HashSet<Uuid> = append_ids.iter().copied().collect();
+    let wanted_parts: HashSet<&DedupKey> = part_keys.iter().collect();
+    let appended: HashSet<Uuid> = append_ids.iter().copied().collect();
     for record in known_records {
         if appended.contains(&record.command_id) {
             state
@@ -885,7 +887,7 @@ pub(crate) async fn complete_waitpoints(
 ) -> Result<Vec<NewOutboxEvent>, StorageError> {
     // A waitpoint listed twice changes once, with its first completion in batch order (an
     // `UPDATE … FROM` with two matching rows would pick one of them unpredictably).
-    let mut seen = std::collections::HashSet::new();
+    let mut seen = HashSet::new();
     let completions: Vec<WaitpointCompletion> = completions
         .into_iter()
         .filter(|completion| seen.insert(completion.waitpoint_id))
@@ -907,7 +909,7 @@ pub(crate) async fn complete_waitpoints(
                 })
             })
             .collect();
-        let changed: std::collections::HashSet<Uuid> = txn
+        let changed: HashSet<Uuid> = txn
             .query_all_raw(Statement::from_sql_and_values(
                 DbBackend::Postgres,
                 COMPLETE_WAITPOINTS_SQL,

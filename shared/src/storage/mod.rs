@@ -216,10 +216,9 @@ pub struct CreatedEnvironment {
 #[derive(Clone, Debug)]
 pub struct Store {
     db: DatabaseConnection,
-    /// Whether every connection of the pool plans each execution of a prepared statement for
-    /// its arguments (Postgres `plan_cache_mode = force_custom_plan`, set when it connects).
-    /// Without it, a batch transaction asks for that itself ([`Store::apply_batch`]).
-    plans_each_execution: bool,
+    /// How the pool's connections plan statements; with [`StatementPlans::Cached`], a batch
+    /// transaction asks for plans of its own arguments itself ([`Store::apply_batch`]).
+    statement_plans: StatementPlans,
 }
 
 /// How the pool's connections plan prepared statements (Postgres; SQLite ignores it).
@@ -289,8 +288,7 @@ impl Store {
             .connect_timeout(Duration::from_secs(5))
             .acquire_timeout(Duration::from_secs(5))
             .sqlx_logging(false);
-        let plans_each_execution = plans == StatementPlans::EachExecution;
-        if plans_each_execution {
+        if plans == StatementPlans::EachExecution {
             // A startup parameter: the connection has it before its first statement.
             options.map_sqlx_postgres_opts(|postgres| {
                 postgres.options([("plan_cache_mode", "force_custom_plan")])
@@ -299,7 +297,7 @@ impl Store {
         let db = Database::connect(options).await?;
         let store = Self {
             db,
-            plans_each_execution,
+            statement_plans: plans,
         };
         store.migrate(url).await?;
         Ok(store)

@@ -571,29 +571,22 @@ async fn run_client(
             .header("Content-Type", "application/json")
             .body(append.body.clone())
             .send();
+        let answer = async move {
+            let answered = matches!(request.await, Ok(response) if response.status().is_success());
+            let latency = append.scheduled.elapsed();
+            (append, answered.then_some(latency))
+        };
         if interval.is_some() {
             // Open loop: the next append leaves on its schedule whether or not this one was
             // answered (a client that waited would stop offering the rate once an answer takes
             // longer than its interval, and the queue would form here instead of at the server).
-            in_flight.spawn(async move {
-                let answered =
-                    matches!(request.await, Ok(response) if response.status().is_success());
-                let latency = append.scheduled.elapsed();
-                (append, answered.then_some(latency))
-            });
+            in_flight.spawn(answer);
             while let Some(finished) = in_flight.try_join_next() {
                 outcome.finished(&progress, &mut sent, &mut rng, finished);
             }
         } else {
-            let answered = matches!(request.await, Ok(response) if response.status().is_success());
-            let latency = append.scheduled.elapsed();
-            outcome.count(
-                &progress,
-                &mut sent,
-                &mut rng,
-                append,
-                answered.then_some(latency),
-            );
+            let (append, answered) = answer.await;
+            outcome.count(&progress, &mut sent, &mut rng, append, answered);
         }
     }
     while let Some(finished) = in_flight.join_next().await {
@@ -624,11 +617,13 @@ impl ClientOutcome {
     ) {
         match finished {
             Ok((append, answered)) => self.count(progress, sent, rng, append, answered),
-            Err(_) => {
-                self.errors += 1;
-                progress.errors.fetch_add(1, Ordering::Relaxed);
-            }
+            Err(_) => self.failed(progress),
         }
+    }
+
+    fn failed(&mut self, progress: &Progress) {
+        self.errors += 1;
+        progress.errors.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts one append: answered with a 2xx after `latency` (from when it was due), or
@@ -642,8 +637,7 @@ impl ClientOutcome {
         answered: Option<Duration>,
     ) {
         let Some(latency) = answered else {
-            self.errors += 1;
-            progress.errors.fetch_add(1, Ordering::Relaxed);
+            self.failed(progress);
             return;
         };
         self.accept.record(latency);
