@@ -46,8 +46,13 @@ pub struct LogDelivery {
 
 /// How a [`LogDelivery`] is acknowledged.
 pub(super) enum LogAcker {
-    /// Credit on the reader's channel (`multiple`: everything up to this delivery).
-    Amqp(lapin::Acker),
+    /// Credit on the reader's channel (`multiple`: everything up to this delivery), and the
+    /// offset the reader's channel has acknowledged through so far (shared by all its
+    /// deliveries).
+    Amqp {
+        acker: lapin::Acker,
+        acknowledged_through: Arc<tokio::sync::Mutex<i64>>,
+    },
     /// Tells the in-process log that everything up to this offset is committed (its publishers'
     /// confirms wait for that).
     InProcess(std::sync::Weak<InProcessBroker>),
@@ -66,14 +71,29 @@ impl std::fmt::Debug for LogDelivery {
 impl LogDelivery {
     /// Acknowledges this delivery and every earlier one of its reader. Call it once the batch
     /// that holds it has committed (the in-process log confirms its publishers then).
+    ///
+    /// Batches may finish out of order (more than one apply lane): a delivery already covered
+    /// by a later one's acknowledgement is not acknowledged again, because RabbitMQ answers a
+    /// second acknowledgement of a delivery tag by closing the channel (406 PRECONDITION_FAILED,
+    /// unknown delivery tag), which stops the reader.
     pub async fn ack_through(&self) -> Result<(), BrokerError> {
         match &self.acker {
-            LogAcker::Amqp(acker) => {
+            LogAcker::Amqp {
+                acker,
+                acknowledged_through,
+            } => {
+                // Held across the send, so that two acknowledgements of one channel leave in
+                // offset order.
+                let mut through = acknowledged_through.lock().await;
+                if self.offset <= *through {
+                    return Ok(());
+                }
                 bounded(
                     "acknowledging",
                     acker.ack(BasicAckOptions { multiple: true }),
                 )
                 .await?;
+                *through = self.offset;
             }
             LogAcker::InProcess(broker) => {
                 if let Some(broker) = broker.upgrade() {
@@ -231,6 +251,7 @@ impl PartitionLogs {
         )
         .await?;
         let stopped = Arc::new(AtomicBool::new(false));
+        let acknowledged_through = Arc::new(tokio::sync::Mutex::new(i64::MIN));
         let sink = self.sink.clone();
         let broken = self.broken_tx.clone();
         let intentional = stopped.clone();
@@ -255,7 +276,10 @@ impl PartitionLogs {
                             reply_to,
                             payload: delivery.data,
                             subscription: id,
-                            acker: LogAcker::Amqp(delivery.acker),
+                            acker: LogAcker::Amqp {
+                                acker: delivery.acker,
+                                acknowledged_through: acknowledged_through.clone(),
+                            },
                         };
                         if sink.send(delivery).await.is_err() {
                             break;
