@@ -78,7 +78,8 @@ pub(super) mod secret_keys {
 pub(super) mod sessions {
     use sea_orm::entity::prelude::*;
 
-    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    /// Deserialize: the worker's batch reads these rows as `to_jsonb` (`apply.rs`).
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel, serde::Deserialize)]
     #[sea_orm(table_name = "sessions")]
     pub struct Model {
         #[sea_orm(primary_key, auto_increment = false)]
@@ -132,7 +133,8 @@ pub(super) mod runs {
 pub(super) mod records {
     use sea_orm::entity::prelude::*;
 
-    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    /// Deserialize: the worker's batch reads these rows as `to_jsonb` (`apply.rs`).
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel, serde::Deserialize)]
     #[sea_orm(table_name = "records")]
     pub struct Model {
         #[sea_orm(primary_key, auto_increment = false)]
@@ -228,7 +230,8 @@ pub(super) mod outbox_events {
 pub(super) mod waitpoints {
     use sea_orm::entity::prelude::*;
 
-    #[derive(Clone, Debug, PartialEq, DeriveEntityModel)]
+    /// Deserialize: the worker's batch reads these rows as `to_jsonb` (`apply.rs`).
+    #[derive(Clone, Debug, PartialEq, DeriveEntityModel, serde::Deserialize)]
     #[sea_orm(table_name = "waitpoints")]
     pub struct Model {
         #[sea_orm(primary_key, auto_increment = false)]

@@ -55,76 +55,79 @@ pub struct DeadLetter {
 }
 
 /// The compare-and-set of every log a batch read (Postgres): one statement, whatever the number
-/// of logs. The caller compares the rows it changed with the number of logs.
-const ADVANCE_LOGS_SQL: &str = r#"UPDATE log_positions AS p
+/// of logs, returning a row per log it moved. The batch transaction runs it as the first part of
+/// its first statement (`apply.rs`); the caller compares the rows with the number of logs.
+pub(super) const ADVANCE_LOGS_SQL: &str = r#"UPDATE log_positions AS p
 SET applied_offset = u.to_offset, applied_message_id = u.message_id,
     resume_from_first = false, updated_at = now()
 FROM jsonb_to_recordset($1::jsonb) AS u(log text, from_offset int8, to_offset int8, message_id text)
-WHERE p.log = u.log AND p.applied_offset IS NOT DISTINCT FROM u.from_offset"#;
+WHERE p.log = u.log AND p.applied_offset IS NOT DISTINCT FROM u.from_offset
+RETURNING p.log"#;
 
 /// The same for one log (SQLite, the embedded default).
 const ADVANCE_LOG_SQLITE: &str = r#"UPDATE log_positions
 SET applied_offset = ?, applied_message_id = ?, resume_from_first = 0, updated_at = ?
 WHERE log = ? AND applied_offset IS ?"#;
 
-/// Moves every log of `advances` forward, or fails with [`StorageError::Fenced`] if any of them
-/// is no longer where the batch started (another reader applied it, or an earlier batch of this
-/// reader failed). Runs first in the batch transaction: the row locks it takes make a later
-/// batch of the same log wait for this one's commit.
-pub(super) async fn advance_logs(
-    txn: &DatabaseTransaction,
+/// `$1` of [`ADVANCE_LOGS_SQL`]: the batch's advances as one `jsonb` array.
+pub(super) fn advances_parameter(advances: &[LogAdvance]) -> Value {
+    let rows: Vec<serde_json::Value> = advances
+        .iter()
+        .map(|advance| {
+            serde_json::json!({
+                "log": advance.log,
+                "from_offset": advance.from,
+                "to_offset": advance.to,
+                "message_id": advance.to_message_id,
+            })
+        })
+        .collect();
+    Value::from(serde_json::Value::Array(rows))
+}
+
+/// Fails with [`StorageError::Fenced`] unless the compare-and-set moved every log of
+/// `advances` (`moved` of them did): any other outcome means another reader applied one of
+/// them, or an earlier batch of this reader failed, and this batch must write nothing.
+pub(super) fn fenced_unless_all_moved(
+    moved: u64,
     advances: &[LogAdvance],
 ) -> Result<(), StorageError> {
-    if advances.is_empty() {
-        return Ok(());
-    }
-    let changed = if txn.get_database_backend() == DbBackend::Postgres {
-        let rows: Vec<serde_json::Value> = advances
-            .iter()
-            .map(|advance| {
-                serde_json::json!({
-                    "log": advance.log,
-                    "from_offset": advance.from,
-                    "to_offset": advance.to,
-                    "message_id": advance.to_message_id,
-                })
-            })
-            .collect();
-        txn.execute_raw(Statement::from_sql_and_values(
-            DbBackend::Postgres,
-            ADVANCE_LOGS_SQL,
-            [Value::from(serde_json::Value::Array(rows))],
-        ))
-        .await?
-        .rows_affected()
-    } else {
-        let mut changed = 0;
-        for advance in advances {
-            changed += txn
-                .execute_raw(Statement::from_sql_and_values(
-                    DbBackend::Sqlite,
-                    ADVANCE_LOG_SQLITE,
-                    [
-                        Value::from(advance.to),
-                        Value::from(advance.to_message_id.clone()),
-                        Value::from(Utc::now()),
-                        Value::from(advance.log.clone()),
-                        Value::from(advance.from),
-                    ],
-                ))
-                .await?
-                .rows_affected();
-        }
-        changed
-    };
-    if changed != advances.len() as u64 {
+    if moved != advances.len() as u64 {
         return Err(StorageError::Fenced(format!(
             "{} of {} partition logs were not where this batch started",
-            advances.len() as u64 - changed,
+            (advances.len() as u64).saturating_sub(moved),
             advances.len()
         )));
     }
     Ok(())
+}
+
+/// Moves every log of `advances` forward (SQLite, the embedded default; Postgres does this in
+/// the batch's first statement), or fails with [`StorageError::Fenced`]. Runs first in the
+/// batch transaction: the row locks it takes make a later batch of the same log wait for this
+/// one's commit.
+pub(super) async fn advance_logs_sqlite(
+    txn: &DatabaseTransaction,
+    advances: &[LogAdvance],
+) -> Result<(), StorageError> {
+    let mut moved = 0;
+    for advance in advances {
+        moved += txn
+            .execute_raw(Statement::from_sql_and_values(
+                DbBackend::Sqlite,
+                ADVANCE_LOG_SQLITE,
+                [
+                    Value::from(advance.to),
+                    Value::from(advance.to_message_id.clone()),
+                    Value::from(Utc::now()),
+                    Value::from(advance.log.clone()),
+                    Value::from(advance.from),
+                ],
+            ))
+            .await?
+            .rows_affected();
+    }
+    fenced_unless_all_moved(moved, advances)
 }
 
 pub(super) async fn insert_dead_letters(
