@@ -7,7 +7,8 @@
 //! forward with a compare-and-set (the offsets fence), then writes; after the commit it
 //! publishes events, replies and the "new records" notification (while the claims are
 //! released), and acknowledges (on a stream, an acknowledgement is only flow control). The
-//! next batch is read while one commits.
+//! next batch is read while one commits, and applied while the one before finishes its work
+//! after commit ([`AfterCommit`]): none of that work decides anything.
 //!
 //! Order and exactly-once application come from the fence alone: a batch commits only if every
 //! log it read is still where the batch started, so a failover, a restart or two workers on one
@@ -327,11 +328,18 @@ async fn consume_loop(
     // Batches being applied. Two of them may hold messages of one partition: the later one's
     // compare-and-set waits on the earlier one's row lock, and fails if that one failed.
     let mut in_flight = FuturesUnordered::new();
+    // Batches whose transaction ended, still publishing and acknowledging ([`Finish`]): they
+    // overlap the next batches' transactions.
+    let mut finishing = FuturesUnordered::new();
     let mut ending: Option<LoopEnd> = None;
     // Partitions whose readers restart from the stored positions once no batch is in flight.
     let mut restart_due: BTreeSet<u16> = BTreeSet::new();
     loop {
-        if !restart_due.is_empty() && in_flight.is_empty() && ending.is_none() {
+        if !restart_due.is_empty()
+            && in_flight.is_empty()
+            && finishing.is_empty()
+            && ending.is_none()
+        {
             let due: Vec<u16> = std::mem::take(&mut restart_due)
                 .into_iter()
                 .filter(|&partition| ownership.holds(partition))
@@ -342,15 +350,22 @@ async fn consume_loop(
             }
         }
         if let Some(end) = ending.take() {
-            // Let the batches already applying finish first.
-            while in_flight.next().await.is_some() {}
+            // Let the batches already applying finish first, with their work after commit.
+            while let Some((_, finish)) = in_flight.next().await {
+                finishing.push(Finish::run(finish, context));
+            }
+            while finishing.next().await.is_some() {}
             return end;
         }
-        let take_more = in_flight.len() < lanes;
+        // A lane takes the next batch while the previous one still finishes, but not while two
+        // do (bounded: publishing slower than applying holds the reader back).
+        let take_more = in_flight.len() < lanes && finishing.len() <= lanes;
         let first = tokio::select! {
             _ = shutdown.cancelled() => { ending = Some(LoopEnd::Shutdown); continue; }
             _ = logs.broken() => { ending = Some(LoopEnd::ConnectionBroken); continue; }
-            Some(result) = in_flight.next(), if !in_flight.is_empty() => {
+            Some(()) = finishing.next(), if !finishing.is_empty() => continue,
+            Some((result, finish)) = in_flight.next(), if !in_flight.is_empty() => {
+                finishing.push(Finish::run(finish, context));
                 match result {
                     BatchEnd::Committed => {}
                     BatchEnd::Fenced(partitions) => restart_due.extend(partitions),
@@ -483,11 +498,28 @@ struct Decoded {
     reply_to: Option<String>,
 }
 
+/// What follows a batch's transaction: the work after its commit (if it committed as one
+/// transaction) and the acknowledgement (or not) of its deliveries.
+struct Finish {
+    after_commit: Option<AfterCommit>,
+    batch: Vec<LogDelivery>,
+    outcome: BatchOutcome,
+}
+
+impl Finish {
+    async fn run(self, context: &WorkerContext) {
+        if let Some(after_commit) = self.after_commit {
+            after_commit.run(context).await;
+        }
+        settle(&self.batch, self.outcome).await;
+    }
+}
+
 async fn process_batch(
     context: &WorkerContext,
     batch: Vec<LogDelivery>,
     advances: Vec<LogAdvance>,
-) -> BatchEnd {
+) -> (BatchEnd, Finish) {
     signals::batch_taken(batch.len());
     let partitions: Vec<u16> = {
         let unique: BTreeSet<u16> = batch.iter().map(|delivery| delivery.partition).collect();
@@ -510,8 +542,10 @@ async fn process_batch(
         }
     }
     let result = apply_messages(context, &advances, &dead_letters, &commands, &decoded).await;
+    let mut after_commit = None;
     let end = match result {
-        Ok(()) => {
+        Ok(after) => {
+            after_commit = Some(after);
             for letter in &dead_letters {
                 signals::dead_lettered(
                     letter.partition,
@@ -536,8 +570,14 @@ async fn process_batch(
         BatchEnd::Fenced(_) => BatchOutcome::Fenced,
         BatchEnd::BudgetExhausted => BatchOutcome::Abandoned,
     };
-    settle(&batch, outcome).await;
-    end
+    (
+        end,
+        Finish {
+            after_commit,
+            batch,
+            outcome,
+        },
+    )
 }
 
 /// Isolates the message(s) that fail deterministically: each message alone, in order, each
@@ -566,7 +606,10 @@ async fn apply_one_by_one(
             Err(reason) => Some(reason),
             Ok((commands, decoded)) => {
                 match apply_messages(context, &advance, &[], &commands, &decoded).await {
-                    Ok(()) => None,
+                    Ok(after_commit) => {
+                        after_commit.run(context).await;
+                        None
+                    }
                     Err(ApplyFailure::Permanent(reason)) => Some(reason),
                     Err(ApplyFailure::Fenced(reason)) => {
                         signals::batch_fenced(&reason);
@@ -579,11 +622,14 @@ async fn apply_one_by_one(
         if let Some(reason) = failure {
             let letter = [dead_letter(context, delivery, reason)];
             match apply_messages(context, &advance, &letter, &[], &[]).await {
-                Ok(()) => signals::dead_lettered(
-                    delivery.partition,
-                    delivery.message_id.as_deref(),
-                    &letter[0].reason,
-                ),
+                Ok(after_commit) => {
+                    after_commit.run(context).await;
+                    signals::dead_lettered(
+                        delivery.partition,
+                        delivery.message_id.as_deref(),
+                        &letter[0].reason,
+                    );
+                }
                 Err(ApplyFailure::Transient) => return BatchEnd::BudgetExhausted,
                 Err(ApplyFailure::Fenced(reason) | ApplyFailure::Permanent(reason)) => {
                     signals::batch_fenced(&reason);
@@ -630,17 +676,17 @@ enum ApplyFailure {
 }
 
 /// Applies in one transaction (retrying transient failures) while the batch's Redis claims are
-/// taken, then publishes events, replies and the notification while the claims are released.
-/// The claims decide nothing (the database fences do; a contended claim is only counted), so
-/// neither Redis round trip waits for the other work: under load each round trip costs a
-/// millisecond or two of scheduling, and a batch waits for the one before it.
+/// taken, and returns what is left to do after the commit ([`AfterCommit`]). The claims decide
+/// nothing (the database fences do; a contended claim is only counted), so neither Redis round
+/// trip waits for the other work: under load each round trip costs a millisecond or two of
+/// scheduling, and a batch waits for the one before it.
 async fn apply_messages(
     context: &WorkerContext,
     advances: &[LogAdvance],
     dead_letters: &[NewDeadLetter],
     commands: &[Command],
     messages: &[Decoded],
-) -> Result<(), ApplyFailure> {
+) -> Result<AfterCommit, ApplyFailure> {
     let close_grace =
         chrono::TimeDelta::from_std(context.settings.session_cache_ttl).unwrap_or_default();
     let started = Instant::now();
@@ -666,11 +712,10 @@ async fn apply_messages(
         .await
     };
     let (claims, applied) = tokio::join!(claim_parts(context, commands), apply);
-    let release = release_claims(context, &claims);
     let (outcomes, outbox) = match applied {
         Ok(result) => result,
         Err(error) => {
-            release.await;
+            release_claims(context, &claims).await;
             return Err(match error {
                 StorageError::Fenced(reason) => ApplyFailure::Fenced(reason),
                 error if error.is_transient() => ApplyFailure::Transient,
@@ -695,13 +740,10 @@ async fn apply_messages(
         .count();
     signals::waitpoints_completed(completed);
     signals::commands_settled(commands, &outcomes);
-    let new_records = NewRecords::from_outcomes(commands, &outcomes);
-    // Events and replies go out together and are confirmed together; the notification is not
-    // confirmed (best effort).
-    let replies: Vec<(&str, Vec<u8>)> = messages
+    let replies: Vec<(String, Vec<u8>)> = messages
         .iter()
         .filter_map(|message| {
-            let reply_to = message.reply_to.as_deref()?;
+            let reply_to = message.reply_to.clone()?;
             let payload = reply_payload(
                 &commands[message.commands.clone()],
                 &outcomes[message.commands.clone()],
@@ -709,17 +751,40 @@ async fn apply_messages(
             Some((reply_to, payload))
         })
         .collect();
-    let publish = async {
-        publish_outbox_and_replies(context, outbox, &replies).await;
-        if !new_records.is_empty() {
-            let payload = serde_json::to_vec(&new_records).unwrap_or_default();
-            if let Err(error) = context.link.publish_notification(&payload).await {
-                tracing::debug!(%error, "notification lost; readers catch up on their safety re-read");
+    Ok(AfterCommit {
+        outbox,
+        replies,
+        new_records: NewRecords::from_outcomes(commands, &outcomes),
+        claims,
+    })
+}
+
+/// What a committed batch still has to do: publish its outbox events and replies (together,
+/// confirmed together) and its "new records" notification (not confirmed: best effort), and
+/// release its Redis claims. None of it decides anything (the database holds the outcome, the
+/// outbox sweeper re-publishes events a crash left behind, a lost reply makes the api answer
+/// with a timeout), so it runs while the next batch applies.
+struct AfterCommit {
+    outbox: Vec<OutboxEvent>,
+    replies: Vec<(String, Vec<u8>)>,
+    new_records: NewRecords,
+    claims: Vec<(String, String)>,
+}
+
+impl AfterCommit {
+    async fn run(self, context: &WorkerContext) {
+        let release = release_claims(context, &self.claims);
+        let publish = async {
+            publish_outbox_and_replies(context, self.outbox, &self.replies).await;
+            if !self.new_records.is_empty() {
+                let payload = serde_json::to_vec(&self.new_records).unwrap_or_default();
+                if let Err(error) = context.link.publish_notification(&payload).await {
+                    tracing::debug!(%error, "notification lost; readers catch up on their safety re-read");
+                }
             }
-        }
-    };
-    tokio::join!(release, publish);
-    Ok(())
+        };
+        tokio::join!(release, publish);
+    }
 }
 
 /// After an upgrade from the version with quorum partition queues: applies what this worker's
@@ -756,7 +821,10 @@ async fn drain_legacy_queues(context: &WorkerContext, config: &BrokerConfig) -> 
                 Err(reason) => Some(reason),
                 Ok((commands, decoded)) => {
                     match apply_messages(context, &[], &[], &commands, &decoded).await {
-                        Ok(()) => None,
+                        Ok(after_commit) => {
+                            after_commit.run(context).await;
+                            None
+                        }
                         Err(ApplyFailure::Permanent(reason) | ApplyFailure::Fenced(reason)) => {
                             Some(reason)
                         }
@@ -777,7 +845,9 @@ async fn drain_legacy_queues(context: &WorkerContext, config: &BrokerConfig) -> 
                 }];
                 apply_messages(context, &[], &letter, &[], &[])
                     .await
-                    .map_err(|_| "legacy queue drain: could not record a dead letter".to_owned())?;
+                    .map_err(|_| "legacy queue drain: could not record a dead letter".to_owned())?
+                    .run(context)
+                    .await;
                 signals::dead_lettered(partition, message.message_id.as_deref(), &letter[0].reason);
             }
             crate::outcome::settle_legacy(&message).await?;
@@ -911,7 +981,7 @@ fn reply_payload(commands: &[Command], outcomes: &[Outcome]) -> Option<Vec<u8>> 
 async fn publish_outbox_and_replies(
     context: &WorkerContext,
     events: Vec<OutboxEvent>,
-    replies: &[(&str, Vec<u8>)],
+    replies: &[(String, Vec<u8>)],
 ) {
     let payloads: Vec<Vec<u8>> = events
         .iter()
@@ -924,7 +994,7 @@ async fn publish_outbox_and_replies(
         .collect();
     let reply_messages: Vec<(&str, &[u8])> = replies
         .iter()
-        .map(|(reply_to, payload)| (*reply_to, payload.as_slice()))
+        .map(|(reply_to, payload)| (reply_to.as_str(), payload.as_slice()))
         .collect();
     let (event_results, reply_results) = context
         .link
