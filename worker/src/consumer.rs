@@ -332,7 +332,8 @@ async fn consume_loop(
     // overlap the next batches' transactions.
     let mut finishing = FuturesUnordered::new();
     let mut ending: Option<LoopEnd> = None;
-    // Partitions whose readers restart from the stored positions once no batch is in flight.
+    // Partitions whose readers restart from the stored positions once no batch is in flight or
+    // finishing (a restarted reader's channel no longer takes the old deliveries' acknowledgements).
     let mut restart_due: BTreeSet<u16> = BTreeSet::new();
     loop {
         if !restart_due.is_empty()
