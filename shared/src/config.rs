@@ -127,8 +127,8 @@ pub struct Settings {
     /// `SESSIONS_WORKER_PREFETCH`: how many messages of each partition log a worker reads
     /// ahead of what it has applied (the stream consumer's prefetch).
     pub worker_prefetch: u16,
-    /// `SESSIONS_WORKER_APPLY_LANES`: batches a worker applies at once (each its own
-    /// transaction; batches of one partition are serialized by its offset row).
+    /// `SESSIONS_WORKER_APPLY_LANES`: batches a worker applies at once, each its own
+    /// transaction over its own share of the partitions (`domain::partition::apply_lane_of`).
     pub worker_apply_lanes: usize,
     /// `SESSIONS_CLAIM_TTL_MS`: lifetime of a dedup claim in Redis.
     pub claim_ttl: Duration,
@@ -736,7 +736,7 @@ impl Settings {
                 parse(
                     "SESSIONS_WORKER_APPLY_LANES",
                     get("SESSIONS_WORKER_APPLY_LANES"),
-                    1,
+                    2,
                 )?,
                 1,
                 64,

@@ -24,7 +24,7 @@
 //! whose first message shows a gap (retention removed messages not yet applied) stops that
 //! partition and says so ([`crate::signals::log_gap`]); it never skips silently.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,6 +37,7 @@ use shared::commands::{Command, CommandBody, Envelope, NewRecords, Outcome, Repl
 use shared::config::Settings;
 use shared::domain::dedup::DedupKey;
 use shared::domain::log::{FirstMessage, ResumePoint, judge_first_message};
+use shared::domain::partition::apply_lane_of;
 use shared::shutdown::CancellationToken;
 use shared::storage::{LogAdvance, NewDeadLetter, OutboxEvent, StorageError, Store};
 use tokio::sync::mpsc;
@@ -324,9 +325,22 @@ async fn consume_loop(
     };
     let mut lease_tick = tokio::time::interval(ownership.renew_every());
     lease_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let lanes = context.settings.worker_apply_lanes;
-    // Batches being applied. Two of them may hold messages of one partition: the later one's
-    // compare-and-set waits on the earlier one's row lock, and fails if that one failed.
+    let lanes = context.settings.worker_apply_lanes.max(1);
+    // Deliveries read but not yet taken into a batch, one queue per lane. A lane holds a fixed
+    // share of the partitions (`apply_lane_of`) and applies one batch at a time, so two batches
+    // applying at once never hold messages of one partition: neither waits on the other's row
+    // locks, and a batch refused by the fence never drags another one down with it.
+    let lane_of = |partition: u16| apply_lane_of(partition, context.settings.worker_count, lanes);
+    let mut waiting: Vec<VecDeque<LogDelivery>> = (0..lanes).map(|_| VecDeque::new()).collect();
+    let mut lane_applying = vec![false; lanes];
+    // Stops reading ahead once this many deliveries wait (the broker's prefetch bounds a reader
+    // too; the in-process log does not).
+    let waiting_limit = context
+        .settings
+        .worker_batch_max
+        .saturating_mul(lanes + 1)
+        .max(usize::from(context.settings.worker_prefetch));
+    // Batches being applied, at most one per lane.
     let mut in_flight = FuturesUnordered::new();
     // Batches whose transaction ended, still publishing and acknowledging ([`Finish`]): they
     // overlap the next batches' transactions.
@@ -352,20 +366,40 @@ async fn consume_loop(
         }
         if let Some(end) = ending.take() {
             // Let the batches already applying finish first, with their work after commit.
-            while let Some((_, finish)) = in_flight.next().await {
+            while let Some((_, (_, finish))) = in_flight.next().await {
                 finishing.push(Finish::run(finish, context));
             }
             while finishing.next().await.is_some() {}
             return end;
         }
-        // A lane takes the next batch while the previous one still finishes, but not while two
-        // do (bounded: publishing slower than applying holds the reader back).
-        let take_more = in_flight.len() < lanes && finishing.len() <= lanes;
-        let first = tokio::select! {
-            _ = shutdown.cancelled() => { ending = Some(LoopEnd::Shutdown); continue; }
-            _ = logs.broken() => { ending = Some(LoopEnd::ConnectionBroken); continue; }
-            Some(()) = finishing.next(), if !finishing.is_empty() => continue,
-            Some((result, finish)) = in_flight.next(), if !in_flight.is_empty() => {
+        // Each idle lane takes a batch of what waits for it, while at most one batch per lane
+        // is still finishing (bounded: publishing slower than applying holds the reader back).
+        for lane in 0..lanes {
+            if lane_applying[lane] || waiting[lane].is_empty() || finishing.len() > lanes {
+                continue;
+            }
+            linger_for(context, &mut deliveries, &mut waiting, lane).await;
+            let take = waiting[lane].len().min(context.settings.worker_batch_max);
+            let mut batch = Vec::with_capacity(take);
+            for delivery in waiting[lane].drain(..take).collect::<Vec<_>>() {
+                if let Some(admitted) = readers.admit(context, logs, ownership, delivery).await {
+                    batch.push(admitted);
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let advances = readers.advances(context, &batch);
+            lane_applying[lane] = true;
+            in_flight.push(async move { (lane, process_batch(context, batch, advances).await) });
+        }
+        let read_more = waiting.iter().map(VecDeque::len).sum::<usize>() < waiting_limit;
+        tokio::select! {
+            _ = shutdown.cancelled() => { ending = Some(LoopEnd::Shutdown); }
+            _ = logs.broken() => { ending = Some(LoopEnd::ConnectionBroken); }
+            Some(()) = finishing.next(), if !finishing.is_empty() => {}
+            Some((lane, (result, finish))) = in_flight.next(), if !in_flight.is_empty() => {
+                lane_applying[lane] = false;
                 finishing.push(Finish::run(finish, context));
                 match result {
                     BatchEnd::Committed => {}
@@ -375,49 +409,50 @@ async fn consume_loop(
                 if ending.is_none() && shutdown.is_cancelled() {
                     ending = Some(LoopEnd::Shutdown);
                 }
-                continue;
             }
             _ = lease_tick.tick() => {
                 if let Err(error) = renew_leases(context, logs, ownership, &mut readers, &mut restart_due).await {
                     tracing::warn!(%error, "partition readers could not follow the leases; reconnecting");
                     ending = Some(LoopEnd::ConnectionBroken);
                 }
-                continue;
             }
-            first = deliveries.recv(), if take_more => match first {
-                Some(first) => first,
-                None => { ending = Some(LoopEnd::ConnectionBroken); continue; }
-            },
-        };
-        let mut batch = Vec::new();
-        if let Some(admitted) = readers.admit(context, logs, ownership, first).await {
-            batch.push(admitted);
-        }
-        // Whatever has arrived, and what arrives within the linger: under load a few
-        // milliseconds of waiting turn many small transactions (and notifications) into one.
-        let linger_until = tokio::time::Instant::now() + context.settings.worker_batch_linger;
-        while batch.len() < context.settings.worker_batch_max {
-            let next = match deliveries.try_recv() {
-                Ok(next) => next,
-                Err(mpsc::error::TryRecvError::Empty)
-                    if !context.settings.worker_batch_linger.is_zero() =>
-                {
-                    match tokio::time::timeout_at(linger_until, deliveries.recv()).await {
-                        Ok(Some(next)) => next,
-                        Ok(None) | Err(_) => break,
+            received = deliveries.recv(), if read_more => match received {
+                Some(first) => {
+                    waiting[lane_of(first.partition)].push_back(first);
+                    // And whatever else has arrived.
+                    while let Ok(next) = deliveries.try_recv() {
+                        waiting[lane_of(next.partition)].push_back(next);
                     }
                 }
-                Err(_) => break,
-            };
-            if let Some(admitted) = readers.admit(context, logs, ownership, next).await {
-                batch.push(admitted);
+                None => { ending = Some(LoopEnd::ConnectionBroken); }
+            },
+        }
+    }
+}
+
+/// `SESSIONS_WORKER_BATCH_LINGER_MS`: before `lane` takes its batch, waits up to the linger for
+/// more deliveries (sorting them into their lanes' queues) unless a full batch already waits.
+/// Under load a few milliseconds of waiting turn many small transactions (and notifications)
+/// into one.
+async fn linger_for(
+    context: &WorkerContext,
+    deliveries: &mut mpsc::Receiver<LogDelivery>,
+    waiting: &mut [VecDeque<LogDelivery>],
+    lane: usize,
+) {
+    if context.settings.worker_batch_linger.is_zero() {
+        return;
+    }
+    let lanes = waiting.len();
+    let worker_count = context.settings.worker_count;
+    let linger_until = tokio::time::Instant::now() + context.settings.worker_batch_linger;
+    while waiting[lane].len() < context.settings.worker_batch_max {
+        match tokio::time::timeout_at(linger_until, deliveries.recv()).await {
+            Ok(Some(next)) => {
+                waiting[apply_lane_of(next.partition, worker_count, lanes)].push_back(next);
             }
+            Ok(None) | Err(_) => break,
         }
-        if batch.is_empty() {
-            continue;
-        }
-        let advances = readers.advances(context, &batch);
-        in_flight.push(process_batch(context, batch, advances));
     }
 }
 

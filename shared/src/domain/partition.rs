@@ -29,6 +29,15 @@ pub fn home_worker_of(partition: u16, worker_count: u16) -> u16 {
     partition % worker_count.max(1)
 }
 
+/// The apply lane of a worker that applies `partition`'s messages, among its `lanes`. A worker
+/// applies one batch per lane at a time, so two of its transactions never hold messages of one
+/// partition (and never wait on each other's rows). Home partitions are every `worker_count`-th
+/// one, so they are counted in that step before being dealt out: a worker's home partitions
+/// spread evenly over its lanes whatever the two counts.
+pub fn apply_lane_of(partition: u16, worker_count: u16, lanes: usize) -> usize {
+    usize::from(partition / worker_count.max(1)) % lanes.max(1)
+}
+
 /// Why a process must not start with the partition logs it would use (`expected`, one per
 /// configured partition), given every log the deployment's database has recorded a position for
 /// (`recorded`); `None` when they are the same logs, or when none is recorded yet (a new
@@ -100,6 +109,27 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn a_workers_home_partitions_spread_evenly_over_its_lanes() {
+        for (partitions, workers, lanes) in [(8, 1, 2), (8, 2, 2), (8, 3, 2), (64, 4, 3), (8, 1, 1)]
+        {
+            for worker in 0..workers {
+                let mut per_lane = vec![0_usize; lanes];
+                for partition in (0..partitions).filter(|&p| home_worker_of(p, workers) == worker) {
+                    per_lane[apply_lane_of(partition, workers, lanes)] += 1;
+                }
+                let (fewest, most) = (per_lane.iter().min(), per_lane.iter().max());
+                assert!(
+                    most.zip(fewest)
+                        .is_some_and(|(most, fewest)| most - fewest <= 1),
+                    "{partitions} partitions, worker {worker} of {workers}, {lanes} lanes: {per_lane:?}"
+                );
+            }
+        }
+        // No lanes configured still means one.
+        assert_eq!(apply_lane_of(5, 2, 0), 0);
+    }
 
     #[test]
     fn fnv1a_matches_reference_vectors() {
