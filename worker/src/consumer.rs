@@ -374,8 +374,15 @@ async fn consume_loop(
         }
         // Each idle lane takes a batch of what waits for it, while at most one batch per lane
         // is still finishing (bounded: publishing slower than applying holds the reader back).
+        // None does while readers wait to restart: under steady load some batch would always be
+        // in flight and the restart would wait for good, while every batch of a fenced
+        // partition is fenced again.
         for lane in 0..lanes {
-            if lane_applying[lane] || waiting[lane].is_empty() || finishing.len() > lanes {
+            if lane_applying[lane]
+                || waiting[lane].is_empty()
+                || finishing.len() > lanes
+                || !restart_due.is_empty()
+            {
                 continue;
             }
             linger_for(context, &mut deliveries, &mut waiting, lane).await;
