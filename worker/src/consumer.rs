@@ -3,11 +3,11 @@
 //! The worker reads every partition log it holds a lease on ([`crate::ownership`]) from the
 //! position stored in the database, at depth (`SESSIONS_WORKER_PREFETCH` messages ahead). Its
 //! partitions are dealt out over its apply lanes (`SESSIONS_WORKER_APPLY_LANES`); each lane
-//! applies whatever has arrived for its partitions in one database transaction at a time (while
-//! one Redis pipeline takes the batch's claims): the transaction first moves each log's stored position
-//! forward with a compare-and-set (the offsets fence), then writes; after the commit it
-//! publishes events, replies and the "new records" notification (while the claims are
-//! released), and acknowledges (on a stream, an acknowledgement is only flow control). The
+//! applies whatever has arrived for its partitions in one database transaction at a time
+//! (while one Redis pipeline takes the batch's claims): the transaction first moves each log's
+//! stored position forward with a compare-and-set (the offsets fence), then writes; after the
+//! commit it publishes events, replies and the "new records" notification (while the claims
+//! are released), and acknowledges (on a stream, an acknowledgement is only flow control). The
 //! next batch is read while one commits, and applied while the one before finishes its work
 //! after commit ([`AfterCommit`]): none of that work decides anything.
 //!
