@@ -52,6 +52,10 @@ pub enum ApiError {
         "Rate limit exceeded for this environment; retry after {retry_after_seconds} second(s)"
     )]
     TooManyRequests { retry_after_seconds: u64 },
+    /// The instance already handles `SESSIONS_MAX_APPENDS_IN_FLIGHT` appends; answered with
+    /// `Retry-After` before anything was read or written.
+    #[error("The service is at capacity; retry after {retry_after_seconds} second(s)")]
+    AtCapacity { retry_after_seconds: u64 },
     /// The broker did not durably queue the command.
     #[error("broker: {0}")]
     Broker(#[from] BrokerError),
@@ -125,7 +129,9 @@ impl ApiError {
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Broker(_) | ApiError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::AtCapacity { .. } | ApiError::Broker(_) | ApiError::Storage(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::ReplyTimeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -176,7 +182,9 @@ impl Attempted {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        if status.is_server_error() {
+        // A refusal at capacity is counted, not logged: under overload a line per refusal
+        // would cost what the refusal saves.
+        if status.is_server_error() && !matches!(self, ApiError::AtCapacity { .. }) {
             let publish_failure = match &self {
                 ApiError::Broker(error) => Some(error.reason()),
                 _ => None,
@@ -209,6 +217,9 @@ impl IntoResponse for ApiError {
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         if let ApiError::TooManyRequests {
+            retry_after_seconds,
+        }
+        | ApiError::AtCapacity {
             retry_after_seconds,
         } = self
         {

@@ -56,6 +56,8 @@ pub struct AppState {
     pub rate_limits: Arc<rate_limit::RateLimits>,
     /// Live SSE streams per environment and per token.
     pub live_streams: Arc<rate_limit::LiveStreamSlots>,
+    /// Appends being handled, at most `SESSIONS_MAX_APPENDS_IN_FLIGHT` (admission control).
+    pub append_slots: Arc<tokio::sync::Semaphore>,
     /// Every task the api spawns (publisher partitions, the reply and notification listeners,
     /// live feeds, SSE pumps, writer append sessions): a stopping api waits for them to end.
     pub tasks: TaskTracker,
@@ -167,6 +169,7 @@ impl Application {
         ));
         let rate_limits = Arc::new(rate_limit::RateLimits::from_settings(&settings));
         let live_streams = Arc::new(rate_limit::LiveStreamSlots::from_settings(&settings));
+        let append_slots = Arc::new(tokio::sync::Semaphore::new(settings.max_appends_in_flight));
         Ok(Self {
             listener,
             metrics_listener,
@@ -180,6 +183,7 @@ impl Application {
                 secret_keys: Arc::default(),
                 rate_limits,
                 live_streams,
+                append_slots,
                 tasks,
                 stopping,
             },

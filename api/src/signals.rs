@@ -207,3 +207,8 @@ pub fn live_stream_refused(scope: &'static str) {
     tracing::debug!(scope, "live stream refused: cap reached");
     metrics::counter!("sessions_api_sse_refused_total", "scope" => scope).increment(1);
 }
+
+/// An append was refused because the instance already handles `SESSIONS_MAX_APPENDS_IN_FLIGHT`.
+pub fn append_refused_at_capacity() {
+    metrics::counter!("sessions_api_appends_refused_at_capacity_total").increment(1);
+}

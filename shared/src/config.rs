@@ -97,6 +97,9 @@ pub struct Settings {
     /// `SESSIONS_MAX_SSE_PER_TOKEN`: live SSE streams one public access token may hold open on
     /// one api instance (past it: 429).
     pub max_sse_per_token: usize,
+    /// `SESSIONS_MAX_APPENDS_IN_FLIGHT`: appends one api instance handles at once (past it: 503
+    /// with `Retry-After`, nothing read or written).
+    pub max_appends_in_flight: usize,
     /// `SESSIONS_MAX_APPEND_BYTES`: largest append body.
     pub max_append_bytes: usize,
     /// `SESSIONS_MAX_JSON_BYTES`: largest JSON request body of the other routes.
@@ -603,6 +606,16 @@ impl Settings {
                 1,
                 1_000_000,
             )?,
+            max_appends_in_flight: in_range(
+                "SESSIONS_MAX_APPENDS_IN_FLIGHT",
+                parse(
+                    "SESSIONS_MAX_APPENDS_IN_FLIGHT",
+                    get("SESSIONS_MAX_APPENDS_IN_FLIGHT"),
+                    1_000,
+                )?,
+                1,
+                1_000_000,
+            )?,
             http2_max_concurrent_streams: in_range(
                 "SESSIONS_HTTP2_MAX_CONCURRENT_STREAMS",
                 parse(
@@ -861,6 +874,7 @@ impl Settings {
             http2_keep_alive,
             max_sse_per_environment,
             max_sse_per_token,
+            max_appends_in_flight,
             max_append_bytes,
             max_json_bytes,
             max_snapshot_bytes,
@@ -940,6 +954,10 @@ impl Settings {
                 max_sse_per_environment.to_string(),
             ),
             ("SESSIONS_MAX_SSE_PER_TOKEN", max_sse_per_token.to_string()),
+            (
+                "SESSIONS_MAX_APPENDS_IN_FLIGHT",
+                max_appends_in_flight.to_string(),
+            ),
             ("SESSIONS_MAX_APPEND_BYTES", max_append_bytes.to_string()),
             ("SESSIONS_MAX_JSON_BYTES", max_json_bytes.to_string()),
             (

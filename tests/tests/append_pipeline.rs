@@ -805,3 +805,80 @@ async fn appends_within_the_publish_linger_share_broker_messages() {
     let app = std::sync::Arc::into_inner(app).expect("producers finished");
     app.cleanup().await;
 }
+
+/// Admission control: an instance handles at most `SESSIONS_MAX_APPENDS_IN_FLIGHT` appends at
+/// once; one more is answered 503 with `Retry-After` at once and writes nothing, and a slot is
+/// free again as soon as an append is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn appends_past_the_in_flight_bound_get_503_with_retry_after_and_write_nothing() {
+    let app = std::sync::Arc::new(
+        TestApp::spawn_with(SpawnOptions {
+            overrides: &[
+                ("SESSIONS_MAX_APPENDS_IN_FLIGHT", "2"),
+                ("SESSIONS_IN_APPEND_WAIT_MS", "3000"),
+            ],
+            without_worker: true,
+            ..SpawnOptions::default()
+        })
+        .await,
+    );
+    assert_eq!(app.settings.max_appends_in_flight, 2);
+    let setup = ChildWorker::spawn(&app.settings);
+    app.create_session("capacity").await;
+    setup.kill_9().await;
+    // Two `in` appends wait for a worker that is not there (up to the 3 s wait): both slots
+    // are taken while they do.
+    let mut held = JoinSet::new();
+    for n in 0..2 {
+        let app = app.clone();
+        held.spawn(async move {
+            app.append(
+                "capacity",
+                "in",
+                &format!("held-{n}"),
+                Some(&format!("h{n}")),
+            )
+            .await
+            .status()
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let refused = app
+        .append("capacity", "out", "refused", Some("refused"))
+        .await;
+    assert_eq!(refused.status(), 503);
+    assert_eq!(
+        refused
+            .headers()
+            .get("retry-after")
+            .and_then(|value| value.to_str().ok()),
+        Some("1")
+    );
+    let body: Value = refused.json().await.expect("json");
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|error| error.contains("capacity")),
+        "{body}"
+    );
+    while let Some(status) = held.join_next().await {
+        assert_eq!(status.expect("held append"), 200);
+    }
+    // Answered appends give their slots back.
+    let after = app.append("capacity", "out", "after", Some("after")).await;
+    assert_eq!(after.status(), 200);
+    let _worker = ChildWorker::spawn(&app.settings);
+    let held_records = app.wait_for_records("capacity", "in", 2, WAIT).await;
+    assert_eq!(held_records.len(), 2);
+    // One partition holds the session in publish order: had the refused append been
+    // published, it would be applied before `after`.
+    let out = app.wait_for_records("capacity", "out", 1, WAIT).await;
+    assert_eq!(
+        out.iter()
+            .map(|record| record.data.as_str())
+            .collect::<Vec<_>>(),
+        ["after"]
+    );
+    let app = std::sync::Arc::into_inner(app).expect("appends finished");
+    app.cleanup().await;
+}

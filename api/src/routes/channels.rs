@@ -150,6 +150,9 @@ pub async fn append_to_channel(
     append_to(state, caller, address, stream, headers, body).await
 }
 
+/// How long an append refused at capacity is told to wait.
+const APPEND_RETRY_AFTER_SECONDS: u64 = 1;
+
 async fn append_to(
     state: AppState,
     caller: Caller,
@@ -166,6 +169,18 @@ async fn append_to(
     declared_length(&headers, limit)?;
     let part_id = part_id(&headers)?;
     let prefer_wait = prefer_wait(&headers)?;
+    // Admission control: past the bound, answer at once instead of holding one more request
+    // (and its connection) in memory while every request waits longer.
+    let _slot = state
+        .append_slots
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| {
+            crate::signals::append_refused_at_capacity();
+            ApiError::AtCapacity {
+                retry_after_seconds: APPEND_RETRY_AFTER_SECONDS,
+            }
+        })?;
     let session = caller.session_for_append(&state, &address, &stream).await?;
     let bytes = read_whole_body(body, BodyLimits::from_settings(&state.settings, limit))
         .await
