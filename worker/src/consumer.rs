@@ -386,10 +386,10 @@ async fn consume_loop(
             {
                 continue;
             }
-            linger_for(context, &mut deliveries, &mut waiting, lane).await;
+            linger_for(context, &mut deliveries, &mut waiting, lane, lane_of).await;
             let take = waiting[lane].len().min(context.settings.worker_batch_max);
             let mut batch = Vec::with_capacity(take);
-            for delivery in waiting[lane].drain(..take).collect::<Vec<_>>() {
+            for delivery in waiting[lane].drain(..take) {
                 if let Some(admitted) = readers.admit(context, logs, ownership, delivery).await {
                     batch.push(admitted);
                 }
@@ -447,18 +447,15 @@ async fn linger_for(
     deliveries: &mut mpsc::Receiver<LogDelivery>,
     waiting: &mut [VecDeque<LogDelivery>],
     lane: usize,
+    lane_of: impl Fn(u16) -> usize,
 ) {
     if context.settings.worker_batch_linger.is_zero() {
         return;
     }
-    let lanes = waiting.len();
-    let worker_count = context.settings.worker_count;
     let linger_until = tokio::time::Instant::now() + context.settings.worker_batch_linger;
     while waiting[lane].len() < context.settings.worker_batch_max {
         match tokio::time::timeout_at(linger_until, deliveries.recv()).await {
-            Ok(Some(next)) => {
-                waiting[apply_lane_of(next.partition, worker_count, lanes)].push_back(next);
-            }
+            Ok(Some(next)) => waiting[lane_of(next.partition)].push_back(next),
             Ok(None) | Err(_) => break,
         }
     }
